@@ -1,0 +1,41 @@
+# One command for the main job (`make train-export`), one for the tests (`make test`).
+# Every target installs what it needs into .venv first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EPOCHS ?= 48
+MODEL_IDS := cifar100-712868 cifar100-5735844
+TRAIN_FLAGS ?=
+
+.PHONY: setup train-export test lint format serve
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Train, evaluate on the test set and export each model to models/<id>.onnx.
+train-export: setup
+	@for id in $(MODEL_IDS); do \
+		$(PY) -m training train --model $$id --epochs $(EPOCHS) $(TRAIN_FLAGS) && \
+		$(PY) -m training evaluate --model $$id && \
+		$(PY) -m training export --model $$id || exit 1; \
+	done
+
+test: setup lint
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+serve: setup
+	$(PY) -m uvicorn service.main:app --host 0.0.0.0 --port 8000

@@ -1,0 +1,67 @@
+"""The contract between training and serving: what an exported ONNX file carries.
+
+Training writes a ModelCard into the file's `metadata_props`; the service reads it back.
+This module is the only place that knows the key names, so the two sides cannot drift.
+It imports neither TensorFlow nor onnxruntime.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = "1"
+INPUT_NAME = "images"  # uint8 [batch, 32, 32, 3], RGB, unscaled: the graph scales it
+OUTPUT_NAME = "probabilities"  # float32 [batch, 100], softmax over the fine classes
+IMAGE_SIZE = 32
+NUM_CLASSES = 100
+NUM_SUPERCLASSES = 20
+
+_JSON_FIELDS = ("class_names", "superclass_names", "fine_to_coarse", "training", "evaluation")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    model_id: str
+    class_names: list[str]
+    superclass_names: list[str]
+    fine_to_coarse: list[int]  # superclass index of each fine class
+    parameter_count: int
+    training: dict[str, Any] = field(default_factory=dict)  # recipe, or where weights came from
+    evaluation: dict[str, Any] | None = None  # test-set numbers; None if never evaluated
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != NUM_CLASSES:
+            raise ValueError(f"expected {NUM_CLASSES} class names, got {len(self.class_names)}")
+        if len(self.superclass_names) != NUM_SUPERCLASSES:
+            raise ValueError(
+                f"expected {NUM_SUPERCLASSES} superclass names, got {len(self.superclass_names)}"
+            )
+        if len(self.fine_to_coarse) != NUM_CLASSES or not all(
+            0 <= c < NUM_SUPERCLASSES for c in self.fine_to_coarse
+        ):
+            raise ValueError("fine_to_coarse must map each of the 100 classes to one of 20")
+
+    def to_metadata(self) -> dict[str, str]:
+        """The card as ONNX metadata_props: strings only, structured values as JSON."""
+        props = {"format_version": FORMAT_VERSION}
+        for key, value in asdict(self).items():
+            props[key] = json.dumps(value) if key in _JSON_FIELDS else str(value)
+        return props
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> "ModelCard":
+        """Read a card back; ValueError with a readable reason if the file is not one of ours."""
+        if props.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                "no CIFAR-100 model card in the ONNX metadata "
+                f"(format_version={props.get('format_version')!r}, expected {FORMAT_VERSION!r})"
+            )
+        try:
+            values: dict[str, Any] = {k: json.loads(props[k]) for k in _JSON_FIELDS}
+            values["model_id"] = props["model_id"]
+            values["parameter_count"] = int(props["parameter_count"])
+        except KeyError as missing:
+            raise ValueError(f"model card is missing {missing}") from None
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(f"model card has an unreadable field: {err}") from None
+        return cls(**values)

@@ -1,0 +1,55 @@
+"""Session fixtures: a small dataset in the official format, and models trained and
+exported from it by the real command line, shared by the training and service tests."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tests.synthetic import write_cifar100, write_tarball  # noqa: E402
+
+VAL_SIZE = 500
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """<tmp>/cifar-100-python: 40 training and 5 test images per class."""
+    return write_cifar100(tmp_path_factory.mktemp("data"), train_per_class=40, test_per_class=5)
+
+
+@pytest.fixture(scope="session")
+def cifar_tarball(cifar_dir, tmp_path_factory) -> Path:
+    return write_tarball(cifar_dir, tmp_path_factory.mktemp("archive") / "cifar-100-python.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def workspace(cifar_tarball, tmp_path_factory) -> Path:
+    """Both models trained, evaluated and exported by `python -m training`.
+
+    The small model trains long enough to learn the synthetic classes; the large one
+    trains one epoch, enough to exercise every path.
+    """
+    from training.__main__ import main
+
+    root = tmp_path_factory.mktemp("workspace")
+    common = ["--data-dir", str(cifar_tarball), "--val-size", str(VAL_SIZE)]
+    common += ["--runs-dir", str(root / "runs")]
+    for model_id, epochs in (("cifar100-712868", "5"), ("cifar100-5735844", "1")):
+        train = ["train", "--model", model_id, "--epochs", epochs, "--batch-size", "64"]
+        assert main([*train, "--no-augment", *common]) == 0
+        assert main(["export", "--model", model_id, "--models-dir", str(root / "models"), *common]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def models_dir(workspace) -> Path:
+    return workspace / "models"
+
+
+@pytest.fixture
+def model_copy(models_dir, tmp_path) -> Path:
+    """A private models folder a test may add broken files to."""
+    return Path(shutil.copytree(models_dir, tmp_path / "models"))

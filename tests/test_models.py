@@ -1,0 +1,116 @@
+"""The two architectures match the original Keras summaries, and the original Keras 2
+HDF5 weight files load into them."""
+
+import h5py
+import numpy as np
+import pytest
+
+from training.models import MODEL_IDS, build_model, load_original_weights
+
+# (layer, output shape without batch, parameters), from the original experiments' summaries.
+ORIGINAL_SUMMARIES = {
+    "cifar100-712868": [
+        ("conv2d_1", (30, 30, 32), 896),
+        ("conv2d_2", (28, 28, 64), 18496),
+        ("max_pooling2d_1", (14, 14, 64), 0),
+        ("dropout_1", (14, 14, 64), 0),
+        ("conv2d_3", (14, 14, 128), 73856),
+        ("activation_1", (14, 14, 128), 0),
+        ("max_pooling2d_2", (7, 7, 128), 0),
+        ("dropout_2", (7, 7, 128), 0),
+        ("conv2d_4", (7, 7, 256), 295168),
+        ("activation_2", (7, 7, 256), 0),
+        ("max_pooling2d_3", (3, 3, 256), 0),
+        ("dropout_3", (3, 3, 256), 0),
+        ("flatten_1", (2304,), 0),
+        ("dense_1", (128,), 295040),
+        ("dropout_4", (128,), 0),
+        ("dense_2", (128,), 16512),
+        ("dropout_5", (128,), 0),
+        ("predictions", (100,), 12900),
+    ],
+    "cifar100-5735844": [
+        ("conv2d_9", (32, 32, 32), 896),
+        ("conv2d_10", (32, 32, 64), 18496),
+        ("max_pooling2d_7", (16, 16, 64), 0),
+        ("dropout_11", (16, 16, 64), 0),
+        ("conv2d_11", (16, 16, 128), 73856),
+        ("activation_5", (16, 16, 128), 0),
+        ("max_pooling2d_8", (8, 8, 128), 0),
+        ("dropout_12", (8, 8, 128), 0),
+        ("conv2d_12", (8, 8, 256), 295168),
+        ("activation_6", (8, 8, 256), 0),
+        ("max_pooling2d_9", (4, 4, 256), 0),
+        ("dropout_13", (4, 4, 256), 0),
+        ("flatten_3", (4096,), 0),
+        ("dense_5", (1024,), 4195328),
+        ("dropout_14", (1024,), 0),
+        ("dense_6", (1024,), 1049600),
+        ("dropout_15", (1024,), 0),
+        ("predictions", (100,), 102500),
+    ],
+}
+TOTALS = {"cifar100-712868": 712_868, "cifar100-5735844": 5_735_844}
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_architecture_matches_the_original_summary(model_id):
+    model = build_model(model_id)
+    assert model.name == model_id
+    # Our first layer scales uint8 pixels to [0, 1]; it has no weights and keeps the shape.
+    scale, *layers = model.layers
+    assert scale.name == "scale" and scale.count_params() == 0
+    assert model.inputs[0].dtype == "uint8"
+    got = [(tuple(layer.output.shape[1:]), layer.count_params()) for layer in layers]
+    assert got == [(shape, params) for _, shape, params in ORIGINAL_SUMMARIES[model_id]]
+    assert model.count_params() == TOTALS[model_id]
+
+
+def test_unknown_model_id_is_refused():
+    with pytest.raises(ValueError, match="unknown model id"):
+        build_model("cifar100-42")
+
+
+def write_keras2_weights(path, model_id, seed=0):
+    """A weights file laid out as Keras 2's `model.save_weights('x.hdf5')` wrote it.
+
+    Returns the arrays written, in layer order."""
+    rng = np.random.default_rng(seed)
+    shapes = [w.shape for w in build_model(model_id).weights]
+    arrays = [rng.normal(0, 0.05, size=shape).astype("float32") for shape in shapes]
+    with h5py.File(path, "w") as f:
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.2.4"
+        f.attrs["layer_names"] = [name.encode() for name, _, _ in ORIGINAL_SUMMARIES[model_id]]
+        remaining = iter(arrays)
+        for name, _, params in ORIGINAL_SUMMARIES[model_id]:
+            group = f.create_group(name)
+            if not params:
+                group.attrs["weight_names"] = np.array([], dtype="S")
+                continue
+            names = [f"{name}/kernel:0", f"{name}/bias:0"]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for weight_name in names:
+                group.create_dataset(weight_name, data=next(remaining))
+    return arrays
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_original_hdf5_weights_load_into_the_matching_model(tmp_path, model_id):
+    path = tmp_path / f"{model_id}-48-0.37.hdf5"
+    arrays = write_keras2_weights(path, model_id)
+    model = load_original_weights(path)
+    assert model.name == model_id
+    for loaded, written in zip(model.get_weights(), arrays, strict=True):
+        np.testing.assert_array_equal(loaded, written)
+
+
+def test_hdf5_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "other.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("dense/kernel:0", data=np.zeros((10, 10), "float32"))
+    with pytest.raises(ValueError, match="100 parameters"):
+        load_original_weights(path)
+    (tmp_path / "junk.hdf5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="not a readable HDF5"):
+        load_original_weights(tmp_path / "junk.hdf5")

@@ -1,0 +1,161 @@
+"""python -m training {train,evaluate,export}: the command line of the training package."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import keras
+
+from service.modelcard import ModelCard
+from training import data as cifar
+from training.atomic import write_text
+from training.evaluate import evaluate_test_set
+from training.export import ExportError, export
+from training.models import MODEL_IDS, load_original_weights
+from training.train import Recipe, best_checkpoint, train
+
+DEFAULT_RUNS_DIR = Path("runs")
+DEFAULT_MODELS_DIR = Path("models")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.command(args)
+    except (cifar.DataError, ExportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = root.add_subparsers(required=True, metavar="COMMAND")
+
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=os.environ.get("CIFAR100_DIR") or None,
+        help="a cifar-100-python folder or the .tar.gz (default: $CIFAR100_DIR, else download)",
+    )
+    data.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("CIFAR100_CACHE") or cifar.DEFAULT_CACHE_DIR),
+        help="where the download is kept (default: $CIFAR100_CACHE or %(default)s)",
+    )
+    data.add_argument("--val-size", type=int, default=5000, help="held-out training images")
+    data.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+
+    train = commands.add_parser("train", parents=[data], help="train one model")
+    train.add_argument("--model", required=True, choices=MODEL_IDS)
+    train.add_argument("--epochs", type=int, default=48)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-augment", dest="augment", action="store_false")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.set_defaults(command=run_train)
+
+    evaluate = commands.add_parser("evaluate", parents=[data], help="score the best checkpoint")
+    evaluate.add_argument("--model", required=True, choices=MODEL_IDS)
+    evaluate.set_defaults(command=run_evaluate)
+
+    export = commands.add_parser("export", parents=[data], help="write models/<id>.onnx")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=MODEL_IDS, help="export the run's best checkpoint")
+    source.add_argument("--weights", type=Path, help="export a Keras 2 .hdf5 weights file")
+    export.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    export.set_defaults(command=run_export)
+    return root
+
+
+def run_train(args: argparse.Namespace) -> None:
+    recipe = Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        augment=args.augment,
+        seed=args.seed,
+    )
+    data = load_data(args)
+    best = train(args.model, data, args.runs_dir / args.model, recipe, resume=args.resume)
+    print(f"Best checkpoint: {best}")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    checkpoint = best_checkpoint(args.runs_dir / args.model)
+    print_metrics(evaluation_of(checkpoint, load_data(args)))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    data = load_data(args)
+    if args.weights:
+        model = load_original_weights(args.weights)
+        model_id = model.name
+        training = {"source": args.weights.name, "recipe": "original Keras 2 experiment"}
+        evaluation = evaluate_model(model, data)
+    else:
+        model_id = args.model
+        checkpoint = best_checkpoint(args.runs_dir / model_id)
+        model = keras.models.load_model(checkpoint)
+        recipe = json.loads((checkpoint.parent / "recipe.json").read_text())["recipe"]
+        training = {"source": checkpoint.name, "recipe": recipe}
+        evaluation = evaluation_of(checkpoint, data)
+    card = ModelCard(
+        model_id=model_id,
+        class_names=data.class_names,
+        superclass_names=data.superclass_names,
+        fine_to_coarse=data.fine_to_coarse,
+        parameter_count=model.count_params(),
+        training=training,
+        evaluation=evaluation,
+    )
+    path = args.models_dir / f"{model_id}.onnx"
+    export(model, card, path, parity_images=data.test.images[:256])
+    print(f"Wrote {path}")
+
+
+def load_data(args: argparse.Namespace) -> cifar.Cifar100:
+    data = cifar.load(args.data_dir, args.cache_dir, args.val_size)
+    print(
+        f"CIFAR-100 from {data.source}: {len(data.train)} train, {len(data.val)} validation, "
+        f"{len(data.test)} test images",
+        flush=True,
+    )
+    return data
+
+
+def evaluation_of(checkpoint: Path, data: cifar.Cifar100) -> dict:
+    """The checkpoint's test-set metrics, from evaluation.json when it is for this checkpoint."""
+    saved = checkpoint.parent / "evaluation.json"
+    if (
+        saved.exists()
+        and (result := json.loads(saved.read_text())).get("checkpoint") == checkpoint.name
+    ):
+        return result
+    result = {
+        "checkpoint": checkpoint.name,
+        **evaluate_model(keras.models.load_model(checkpoint), data),
+    }
+    write_text(saved, json.dumps(result, indent=2))
+    print(f"Wrote {saved}")
+    return result
+
+
+def evaluate_model(model: keras.Model, data: cifar.Cifar100) -> dict:
+    return evaluate_test_set(lambda images: model.predict(images, batch_size=512, verbose=0), data)
+
+
+def print_metrics(evaluation: dict) -> None:
+    print(
+        f"top-1 {evaluation['top1_accuracy']:.4f}  top-5 {evaluation['top5_accuracy']:.4f}  "
+        f"superclass {evaluation['superclass_accuracy']:.4f}  on {evaluation['images']} test images"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Test-set numbers for a model, computed from its probabilities (NumPy only).
+
+Superclass accuracy maps the fine prediction to its superclass: a model that calls a
+maple a willow is wrong on the fine label but right on "trees".
+"""
+
+import numpy as np
+
+from training.data import Cifar100
+
+
+def compute_metrics(
+    probabilities: np.ndarray,
+    fine_labels: np.ndarray,
+    fine_to_coarse: list[int],
+    class_names: list[str],
+    superclass_names: list[str],
+) -> dict:
+    """Top-1, top-5, superclass accuracy and the per-class and per-superclass breakdowns."""
+    to_coarse = np.asarray(fine_to_coarse)
+    predicted = probabilities.argmax(axis=1)
+    top5 = np.argsort(-probabilities, axis=1)[:, :5]
+    correct = predicted == fine_labels
+    true_coarse = to_coarse[fine_labels]
+    coarse_correct = to_coarse[predicted] == true_coarse
+    return {
+        "images": len(fine_labels),
+        "top1_accuracy": float(correct.mean()),
+        "top5_accuracy": float((top5 == fine_labels[:, None]).any(axis=1).mean()),
+        "superclass_accuracy": float(coarse_correct.mean()),
+        "per_class_accuracy": {
+            name: _mean(correct[fine_labels == i]) for i, name in enumerate(class_names)
+        },
+        "per_superclass_accuracy": {
+            name: _mean(coarse_correct[true_coarse == i]) for i, name in enumerate(superclass_names)
+        },
+    }
+
+
+def evaluate_test_set(predict, data: Cifar100) -> dict:
+    """Metrics of `predict` (uint8 images -> probabilities) on the test set."""
+    probabilities = predict(data.test.images)
+    return compute_metrics(
+        probabilities, data.test.fine, data.fine_to_coarse, data.class_names, data.superclass_names
+    )
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None

@@ -1,0 +1,118 @@
+"""The two CNNs of the original experiments, layer for layer (see the README's table).
+
+Both take uint8 images and scale them in their first layer, so the exported ONNX graph
+carries its own preprocessing and nothing else in the project ever scales pixels.
+The scaling layer has no weights: parameter counts and every other layer's output shape
+match the original Keras summaries, and Keras 2 weight files load in layer order.
+"""
+
+from pathlib import Path
+
+import h5py
+import keras
+from keras import layers
+
+MODEL_IDS = ("cifar100-712868", "cifar100-5735844")
+
+
+def build_model(model_id: str) -> keras.Model:
+    """A fresh, uncompiled model for one of MODEL_IDS."""
+    if model_id == "cifar100-712868":
+        return build_712868()
+    if model_id == "cifar100-5735844":
+        return build_5735844()
+    raise ValueError(f"unknown model id {model_id!r}; choose one of {', '.join(MODEL_IDS)}")
+
+
+def build_712868() -> keras.Model:
+    """conv30 + conv14 + conv7 + conv3 + fc128: 0.37 validation accuracy after 48 epochs."""
+    return keras.Sequential(
+        [
+            *_input(),
+            layers.Conv2D(32, 3, activation="relu"),  # valid padding: 32 -> 30
+            layers.Conv2D(64, 3, activation="relu"),  # 30 -> 28
+            layers.MaxPooling2D(),
+            layers.Dropout(0.25),
+            layers.Conv2D(128, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(0.25),
+            layers.Conv2D(256, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),  # 7 -> 3
+            layers.Dropout(0.25),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(100, activation="softmax", name="predictions"),
+        ],
+        name="cifar100-712868",
+    )
+
+
+def build_5735844() -> keras.Model:
+    """conv32 + conv16 + conv8 + conv4 + fc1024 + fc1024: 0.54 after 48 epochs."""
+    return keras.Sequential(
+        [
+            *_input(),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(0.25),
+            layers.Conv2D(128, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(0.25),
+            layers.Conv2D(256, 3, padding="same"),
+            layers.Activation("relu"),
+            layers.MaxPooling2D(),
+            layers.Dropout(0.25),
+            layers.Flatten(),
+            layers.Dense(1024, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(1024, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(100, activation="softmax", name="predictions"),
+        ],
+        name="cifar100-5735844",
+    )
+
+
+def _input() -> list:
+    return [
+        keras.Input(shape=(32, 32, 3), dtype="uint8", name="images"),
+        layers.Rescaling(1 / 255, name="scale"),  # the one place pixels become [0, 1] floats
+    ]
+
+
+def load_original_weights(path: Path) -> keras.Model:
+    """A Keras 2 HDF5 weights file of the original runs, in the architecture it fits.
+
+    The file does not name its architecture, so we count its parameters: 712,868 or
+    5,735,844. Keras loads such files layer by layer in order, checking every shape.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            group = (
+                f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+            )
+            sizes: list[int] = []
+            group.visititems(
+                lambda _, item: sizes.append(item.size) if isinstance(item, h5py.Dataset) else None
+            )
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable HDF5 file: {err}") from None
+    count = sum(sizes)
+    for model_id in MODEL_IDS:
+        model = build_model(model_id)
+        if model.count_params() == count:
+            try:
+                model.load_weights(path)
+            except ValueError as err:
+                raise ValueError(f"{path} does not fit {model_id}: {err}") from None
+            return model
+    raise ValueError(
+        f"{path} holds {count:,} parameters; the original models have 712,868 and 5,735,844"
+    )
