@@ -38,4 +38,4 @@ format: setup
 	$(PY) -m ruff format .
 
 serve: setup
-	$(PY) -m uvicorn service.main:app --host 0.0.0.0 --port 8000
+	$(PY) -m uvicorn --factory service.main:create_app --host 0.0.0.0 --port 8000

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tests.synthetic import write_cifar100, write_tarball  # noqa: E402
+from tests.synthetic import write_cifar100, write_tarball
 
 VAL_SIZE = 500
 
@@ -40,7 +40,10 @@ def workspace(cifar_tarball, tmp_path_factory) -> Path:
     for model_id, epochs in (("cifar100-712868", "5"), ("cifar100-5735844", "1")):
         train = ["train", "--model", model_id, "--epochs", epochs, "--batch-size", "64"]
         assert main([*train, "--no-augment", *common]) == 0
-        assert main(["export", "--model", model_id, "--models-dir", str(root / "models"), *common]) == 0
+        assert (
+            main(["export", "--model", model_id, "--models-dir", str(root / "models"), *common])
+            == 0
+        )
     return root
 
 

@@ -43,7 +43,9 @@ def test_exported_file_is_self_describing(models_dir, workspace, model_id):
     assert card.model_id == model_id
     assert card.class_names == CLASS_NAMES and card.superclass_names == SUPERCLASS_NAMES
     assert card.fine_to_coarse == FINE_TO_COARSE
-    assert card.parameter_count == {"cifar100-712868": 712868, "cifar100-5735844": 5735844}[model_id]
+    assert (
+        card.parameter_count == {"cifar100-712868": 712868, "cifar100-5735844": 5735844}[model_id]
+    )
     assert card.training["source"] == best_checkpoint(run_dir).name
     assert card.training["recipe"]["batch_size"] == 64
     assert card.evaluation == json.loads((run_dir / "evaluation.json").read_text())
@@ -51,7 +53,9 @@ def test_exported_file_is_self_describing(models_dir, workspace, model_id):
 
 def test_onnx_matches_keras_on_any_batch_size(models_dir, workspace):
     model = keras.models.load_model(best_checkpoint(workspace / "runs" / "cifar100-712868"))
-    session = ort.InferenceSession(models_dir / "cifar100-712868.onnx", providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        models_dir / "cifar100-712868.onnx", providers=["CPUExecutionProvider"]
+    )
     for n in (1, 7, 64):
         images = make_images(np.arange(n) % 100, seed=n)
         (probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})

@@ -68,7 +68,9 @@ def test_same_seed_same_weights(cifar_dir, tmp_path):
     recipe = Recipe(epochs=1, batch_size=64, seed=3)
     weights = []
     for name in ("a", "b"):
-        model = keras.models.load_model(train("cifar100-712868", small, tmp_path / name, recipe, False))
+        model = keras.models.load_model(
+            train("cifar100-712868", small, tmp_path / name, recipe, False)
+        )
         weights.append(model.get_weights())
     for a, b in zip(*weights, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -79,7 +81,9 @@ def test_augmentation_crops_and_flips_reproducibly(cifar_dir):
     recipe = Recipe(batch_size=500, seed=5)
     images, labels = next(iter(train_dataset(split, recipe)))
     again, _ = next(iter(train_dataset(split, recipe)))
-    plain, plain_labels = next(iter(train_dataset(split, Recipe(batch_size=500, seed=5, augment=False))))
+    plain, plain_labels = next(
+        iter(train_dataset(split, Recipe(batch_size=500, seed=5, augment=False)))
+    )
     assert images.dtype == "uint8" and images.shape == (500, 32, 32, 3)
     np.testing.assert_array_equal(images, again)
     np.testing.assert_array_equal(labels, plain_labels)  # same shuffle, same order
@@ -96,7 +100,9 @@ def test_interrupted_run_resumes_where_it_stopped(cifar_tarball, tmp_path):
         "--val-size", str(VAL_SIZE), "--runs-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not (run_dir / "backup" / "training_metadata.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no epoch finished"

@@ -91,6 +91,7 @@ def train(model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, resume: 
         train_dataset(data.train, recipe),
         validation_data=eval_dataset(data.val, recipe.batch_size),
         epochs=recipe.epochs,
+        shuffle=False,  # the dataset shuffles itself, with the seed
         callbacks=[
             keras.callbacks.ModelCheckpoint(
                 str(run_dir / f"{model_id}-{{epoch:02d}}-{{val_accuracy:.2f}}.keras"),

@@ -1,0 +1,31 @@
+"""For operators: liveness, readiness and Prometheus metrics."""
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import CatalogDep, MetricsDep
+from service.schemas import Health
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health/live", response_model=Health)
+def live() -> Health:
+    """The process is up and answering."""
+    return Health(status="ok")
+
+
+@router.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
+def ready(catalog: CatalogDep) -> Health | JSONResponse:
+    """200 once at least one model is loaded and warmed up; 503 with the reason otherwise."""
+    if catalog.ready:
+        return Health(status="ready")
+    body = Health(status="not ready", detail=catalog.not_ready_reason())
+    return JSONResponse(body.model_dump(), status_code=503)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format: requests and latency per route, model and status; batch sizes."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,100 @@
+"""Response bodies of the API, with the examples shown in /docs."""
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from service.classifier import Classifier
+
+
+class ClassScore(BaseModel):
+    class_id: int = Field(examples=[3])
+    label: str = Field(examples=["bear"])
+    superclass: str = Field(examples=["large_carnivores"])
+    probability: float = Field(examples=[0.71])
+
+
+class SuperclassScore(BaseModel):
+    superclass_id: int = Field(examples=[8])
+    label: str = Field(examples=["large_carnivores"])
+    probability: float = Field(
+        description="sum of the fine probabilities of the superclass's classes", examples=[0.86]
+    )
+
+
+class ImagePrediction(BaseModel):
+    filename: str | None = Field(examples=["bear.png"])
+    top_k: list[ClassScore] = Field(description="most probable fine classes, best first")
+    superclass: SuperclassScore = Field(description="most probable of the 20 superclasses")
+
+
+class PredictResponse(BaseModel):
+    model_id: str = Field(examples=["cifar100-5735844"])
+    inference_ms: float = Field(
+        description="from handing the images to the model until its probabilities came back, "
+        "micro-batching wait included",
+        examples=[3.2],
+    )
+    predictions: list[ImagePrediction] = Field(description="one per uploaded image, in order")
+
+
+def describe(
+    model: Classifier, probabilities: np.ndarray, top_k: int, filename: str | None
+) -> ImagePrediction:
+    """One image's probabilities as the API reports them."""
+    card = model.card
+    best = np.argsort(-probabilities, kind="stable")[:top_k]
+    superclasses = model.superclass_probabilities(probabilities)
+    top_super = int(superclasses.argmax())
+    return ImagePrediction(
+        filename=filename,
+        top_k=[
+            ClassScore(
+                class_id=int(i),
+                label=card.class_names[i],
+                superclass=card.superclass_names[card.fine_to_coarse[i]],
+                probability=float(probabilities[i]),
+            )
+            for i in best
+        ],
+        superclass=SuperclassScore(
+            superclass_id=top_super,
+            label=card.superclass_names[top_super],
+            probability=float(superclasses[top_super]),
+        ),
+    )
+
+
+class ModelInfo(BaseModel):
+    model_id: str = Field(examples=["cifar100-5735844"])
+    file: str = Field(examples=["cifar100-5735844.onnx"])
+    provider: str = Field(
+        description="onnxruntime execution provider in use", examples=["CUDAExecutionProvider"]
+    )
+    ready: bool
+    default: bool = Field(description="used when /predict is called without `model`")
+    parameter_count: int = Field(examples=[5735844])
+    evaluation: dict[str, Any] | None = Field(description="test-set numbers from training")
+
+
+class ModelDetail(ModelInfo):
+    class_names: list[str]
+    superclass_names: list[str]
+    fine_to_coarse: list[int] = Field(description="superclass index of each fine class")
+    training: dict[str, Any] = Field(description="recipe, or where the weights came from")
+
+
+class ModelList(BaseModel):
+    default_model: str | None
+    models: list[ModelInfo]
+    failed: dict[str, str] = Field(description=".onnx files that could not be served, and why")
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(examples=["the image is 64x48; the model takes 32x32. ..."])
