@@ -20,11 +20,7 @@ setup: $(VENV)/.installed
 
 # Train, evaluate on the test set and export each model to models/<id>.onnx.
 train-export: setup
-	@for id in $(MODEL_IDS); do \
-		$(PY) -m training train --model $$id --epochs $(EPOCHS) $(TRAIN_FLAGS) && \
-		$(PY) -m training evaluate --model $$id && \
-		$(PY) -m training export --model $$id || exit 1; \
-	done
+	$(PY) -m training train-export --epochs $(EPOCHS) $(TRAIN_FLAGS)
 
 test: setup lint
 	$(PY) -m pytest

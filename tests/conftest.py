@@ -1,13 +1,10 @@
 """Session fixtures: a small dataset in the official format, and models trained and
 exported from it by the real command line, shared by the training and service tests."""
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tests.synthetic import write_cifar100, write_tarball
 

@@ -120,3 +120,16 @@ def test_export_original_hdf5_weights(cifar_tarball, tmp_path):
 def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["export", "--model", "cifar100-712868", "--data-dir", str(tmp_path / "no")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_export_runs_the_whole_pipeline(cifar_dir, tmp_path):
+    """What `make train-export` and the train container run, on one epoch each."""
+    args = ["train-export", "--epochs", "1", "--batch-size", "128", "--data-dir", str(cifar_dir)]
+    args += ["--val-size", "500", "--runs-dir", str(tmp_path / "runs")]
+    assert main([*args, "--models-dir", str(tmp_path / "models")]) == 0
+    for model_id in MODEL_IDS:
+        assert (tmp_path / "runs" / model_id / "evaluation.json").exists()
+        proto = onnx.load(tmp_path / "models" / f"{model_id}.onnx")
+        card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+        assert card.model_id == model_id and card.training["recipe"]["epochs"] == 1
+        assert card.training["recipe"]["augment"] is True  # the default recipe

@@ -16,7 +16,13 @@ import pytest
 
 from tests.conftest import VAL_SIZE
 from training import data as cifar
-from training.train import Recipe, best_checkpoint, train, train_dataset
+from training.train import (
+    Recipe,
+    _forget_epochs_after_backup,
+    best_checkpoint,
+    train,
+    train_dataset,
+)
 
 
 def history(run_dir):
@@ -129,3 +135,13 @@ def test_resume_without_an_interrupted_run_is_an_error(cifar_dir, tmp_path):
     data = cifar.load(cifar_dir, val_size=VAL_SIZE)
     with pytest.raises(cifar.DataError, match="nothing to resume"):
         train("cifar100-712868", data, tmp_path / "run", Recipe(epochs=1), resume=True)
+
+
+def test_resume_drops_history_rows_the_backup_does_not_cover(tmp_path):
+    """Killed after an epoch's row was logged but before its backup: that epoch reruns."""
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "training_metadata.json").write_text('{"epoch": 2}')
+    history_file = tmp_path / "history.csv"
+    history_file.write_text("epoch,loss\n0,4.6\n1,4.1\n2,3.9\n")
+    _forget_epochs_after_backup(history_file, tmp_path / "backup")
+    assert history_file.read_text().split() == ["epoch,loss", "0,4.6", "1,4.1"]

@@ -1,4 +1,4 @@
-"""python -m training {train,evaluate,export}: the command line of the training package."""
+"""python -m training {train,evaluate,export,train-export}: train, score and export the models."""
 
 import argparse
 import json
@@ -23,7 +23,7 @@ DEFAULT_MODELS_DIR = Path("models")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.command(args)
+        args.command(args, load_data(args))
     except (cifar.DataError, ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -50,30 +50,51 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--val-size", type=int, default=5000, help="held-out training images")
     data.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
 
-    train = commands.add_parser("train", parents=[data], help="train one model")
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--epochs", type=int, default=48)
+    recipe.add_argument("--batch-size", type=int, default=128)
+    recipe.add_argument("--learning-rate", type=float, default=1e-3)
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--no-augment", dest="augment", action="store_false")
+    recipe.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+    models_dir = argparse.ArgumentParser(add_help=False)
+    models_dir.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+
+    train = commands.add_parser("train", parents=[data, recipe], help="train one model")
     train.add_argument("--model", required=True, choices=MODEL_IDS)
-    train.add_argument("--epochs", type=int, default=48)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-augment", dest="augment", action="store_false")
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.set_defaults(command=run_train)
 
     evaluate = commands.add_parser("evaluate", parents=[data], help="score the best checkpoint")
     evaluate.add_argument("--model", required=True, choices=MODEL_IDS)
     evaluate.set_defaults(command=run_evaluate)
 
-    export = commands.add_parser("export", parents=[data], help="write models/<id>.onnx")
+    export = commands.add_parser(
+        "export", parents=[data, models_dir], help="write models/<id>.onnx"
+    )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODEL_IDS, help="export the run's best checkpoint")
     source.add_argument("--weights", type=Path, help="export a Keras 2 .hdf5 weights file")
-    export.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     export.set_defaults(command=run_export)
+
+    everything = commands.add_parser(
+        "train-export",
+        parents=[data, recipe, models_dir],
+        help="train, evaluate and export both models (what `make train-export` runs)",
+    )
+    everything.set_defaults(command=run_train_export, weights=None)
     return root
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    for model_id in MODEL_IDS:
+        args.model = model_id
+        run_train(args, data)
+        run_evaluate(args, data)
+        run_export(args, data)
+
+
+def run_train(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     recipe = Recipe(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -81,18 +102,16 @@ def run_train(args: argparse.Namespace) -> None:
         augment=args.augment,
         seed=args.seed,
     )
-    data = load_data(args)
     best = train(args.model, data, args.runs_dir / args.model, recipe, resume=args.resume)
     print(f"Best checkpoint: {best}")
 
 
-def run_evaluate(args: argparse.Namespace) -> None:
+def run_evaluate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     checkpoint = best_checkpoint(args.runs_dir / args.model)
-    print_metrics(evaluation_of(checkpoint, load_data(args)))
+    print_metrics(evaluation_of(checkpoint, data))
 
 
-def run_export(args: argparse.Namespace) -> None:
-    data = load_data(args)
+def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     if args.weights:
         model = load_original_weights(args.weights)
         model_id = model.name
