@@ -22,8 +22,12 @@ RUN pip install . \
     && useradd --system --uid 10001 --no-create-home api
 USER 10001
 
-ENV MODELS_DIR=/models
+# WEB_CONCURRENCY: uvicorn worker processes (on a CPU-only host, one per core).
+# Their Prometheus values meet in PROMETHEUS_MULTIPROC_DIR, emptied at every start.
+ENV MODELS_DIR=/models \
+    WEB_CONCURRENCY=1 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"]
-CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn --factory service.main:create_app --host 0.0.0.0 --port 8000"]

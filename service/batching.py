@@ -1,7 +1,7 @@
 """Micro-batching: concurrent requests to one model share one onnxruntime call.
 
 Requests put their images on a queue and await a future. One loop per model takes
-what is queued (waiting at most `max_wait` for more when the queue runs dry), runs the
+what is queued (under concurrent load, waiting at most `max_wait` for more), runs the
 batch in the model's own worker thread, so the event loop never blocks, and hands each
 request its rows. A batch that fails is retried request by request, so one bad request
 cannot fail the others.
@@ -54,12 +54,16 @@ class MicroBatcher:
         return await future
 
     async def _serve(self) -> None:
+        concurrent = False  # did the last batch hold more than one request?
         while True:
             batch = [await self._queue.get()]
             self._take_queued(batch)
-            if self._size(batch) < self._max_batch and self._max_wait > 0:
+            # Waiting only pays when requests come in parallel; a lone client would just
+            # be slowed down by max_wait on every request.
+            if concurrent and self._size(batch) < self._max_batch and self._max_wait > 0:
                 await asyncio.sleep(self._max_wait)  # let concurrent requests catch up
                 self._take_queued(batch)
+            concurrent = len(batch) > 1
             await self._run(batch)
 
     def _take_queued(self, batch: list) -> None:

@@ -31,6 +31,9 @@ class Classifier:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle onnxruntime threads spin by default, burning the CPU that the event loop
+        # needs to parse the next requests; let them sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 self.path, sess_options=options, providers=requested_providers(device)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings
 
 MIB = 1 << 20
@@ -14,6 +14,7 @@ MIB = 1 << 20
 
 class Settings(BaseSettings):
     models_dir: Path = Field(Path("models"), description="every *.onnx file here is served")
+    reports_dir: Path = Field(Path("reports"), description="reports/<id>/ from `make report`")
     default_model: str | None = Field(None, description="model id; else the largest model")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA if it works, else CPU; cuda: CUDA or fail at startup"
@@ -27,7 +28,13 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, gt=0, description="images per onnxruntime call")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
 
-    intra_op_threads: int = Field(0, ge=0, description="0: one per CPU available to us")
+    workers: int = Field(
+        1,
+        ge=1,
+        validation_alias=AliasChoices("WEB_CONCURRENCY", "WORKERS"),
+        description="uvicorn worker processes (uvicorn reads WEB_CONCURRENCY too)",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="0: the CPUs available, shared by workers")
     inter_op_threads: int = Field(1, ge=1)
 
     log_level: str = "INFO"
@@ -40,7 +47,8 @@ class Settings(BaseSettings):
 
     @property
     def onnx_threads(self) -> int:
-        return self.intra_op_threads or available_cpus()
+        # Each worker process has its own sessions: split the CPUs, do not oversubscribe.
+        return self.intra_op_threads or max(1, available_cpus() // self.workers)
 
 
 @lru_cache

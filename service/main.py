@@ -1,6 +1,7 @@
 """The FastAPI app: `uvicorn --factory service.main:create_app`. Models load in the lifespan."""
 
 import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -37,7 +38,10 @@ async def lifespan(app: FastAPI):
         "default_model": catalog.default_id,
         "batching": settings.batching,
         "onnx_threads": settings.onnx_threads,
+        "workers": settings.workers,
     })  # fmt: skip
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
     yield
     for batcher in catalog.batchers.values():
         await batcher.stop()

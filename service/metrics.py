@@ -1,11 +1,14 @@
 """Prometheus metrics: requests and latency per route, model and status; batch sizes.
 
 Each app gets its own registry, so apps built side by side (as in tests) do not clash.
+With several uvicorn workers, set PROMETHEUS_MULTIPROC_DIR (make serve and the image do):
+every worker then writes its values there and /metrics adds them up across workers.
 """
 
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -36,6 +39,15 @@ class Metrics:
         self.images = Counter(
             "images_classified_total", "Images classified", ["model"], registry=self.registry
         )
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The text format for /metrics: this process's values, or every worker's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(metrics.registry)
 
 
 class MetricsMiddleware:

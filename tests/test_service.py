@@ -3,10 +3,14 @@
 import contextlib
 import io
 import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -436,3 +440,55 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
+    """uvicorn --workers 2: /metrics counts every worker's requests, not one worker's."""
+    prometheus_dir = tmp_path / "prometheus"
+    prometheus_dir.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ, "MODELS_DIR": str(models_dir), "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir), "LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    command = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app"]
+    command += ["--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1)
+                break
+            time.sleep(0.2)
+        body, content_type = encode_multipart(encode(images[0]))
+        for _ in range(40):  # a new connection each: the kernel spreads them over the workers
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/predict",
+                data=body,
+                headers={"Content-Type": content_type},
+            )
+            assert urllib.request.urlopen(request, timeout=10).status == 200
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    pids = {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
+    assert len(pids) == 2  # both workers served requests
+    assert _metric(text, f'images_classified_total{{model="{LARGE}"}}') == 40
+
+
+def encode_multipart(image: bytes) -> tuple[bytes, str]:
+    boundary = "testboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"

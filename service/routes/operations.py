@@ -2,9 +2,10 @@
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import CatalogDep, MetricsDep
+from service.metrics import exposition
 from service.schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -28,4 +29,4 @@ def ready(catalog: CatalogDep) -> Health | JSONResponse:
 @router.get("/metrics", response_class=Response)
 def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format: requests and latency per route, model and status; batch sizes."""
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(metrics), media_type=CONTENT_TYPE_LATEST)
