@@ -8,7 +8,7 @@ EPOCHS ?= 48
 MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
-.PHONY: setup train-export test lint format serve
+.PHONY: setup train-export report test lint format serve bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ setup: $(VENV)/.installed
 train-export: setup
 	$(PY) -m training train-export --epochs $(EPOCHS) $(TRAIN_FLAGS)
 
+# reports/<id>/index.html for every model in models/ (needs the dataset, like training).
+report: setup
+	$(PY) -m training report
+
 test: setup lint
 	$(PY) -m pytest
 
@@ -33,5 +37,12 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# WORKERS: uvicorn processes; on a CPU-only machine, one per core serves the most requests.
+WORKERS ?= 1
 serve: setup
-	$(PY) -m uvicorn --factory service.main:create_app --host 0.0.0.0 --port 8000
+	rm -rf .prometheus && mkdir -p .prometheus
+	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/.prometheus WEB_CONCURRENCY=$(WORKERS) \
+		$(PY) -m uvicorn --factory service.main:create_app --host 0.0.0.0 --port 8000
+
+bench: setup
+	$(PY) -m bench
