@@ -39,6 +39,10 @@ class UnknownModel(ServiceError):
     status_code = 404
 
 
+class ReportNotFound(ServiceError):
+    status_code = 404
+
+
 class NotReady(ServiceError):
     """No model is loaded (yet); the message says why."""
 

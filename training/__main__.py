@@ -14,10 +14,12 @@ from training.atomic import write_text
 from training.evaluate import evaluate_test_set
 from training.export import ExportError, export
 from training.models import MODEL_IDS, load_original_weights
+from training.report import write_report
 from training.train import Recipe, best_checkpoint, train
 
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("models")
+DEFAULT_REPORTS_DIR = Path("reports")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--model", choices=MODEL_IDS, help="export the run's best checkpoint")
     source.add_argument("--weights", type=Path, help="export a Keras 2 .hdf5 weights file")
     export.set_defaults(command=run_export)
+
+    report = commands.add_parser(
+        "report", parents=[data, models_dir], help="write reports/<id>/ for exported models"
+    )
+    report.add_argument("--model", choices=MODEL_IDS, help="default: every model in --models-dir")
+    report.add_argument("--reports-dir", type=Path, default=DEFAULT_REPORTS_DIR)
+    report.set_defaults(command=run_report)
 
     everything = commands.add_parser(
         "train-export",
@@ -136,6 +145,21 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     path = args.models_dir / f"{model_id}.onnx"
     export(model, card, path, parity_images=data.test.images[:256])
     print(f"Wrote {path}")
+
+
+def run_report(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    ids = [args.model] if args.model else MODEL_IDS
+    paths = [args.models_dir / f"{model_id}.onnx" for model_id in ids]
+    found = [path for path in paths if path.exists()]
+    if not found:
+        raise cifar.DataError(f"no exported model in {args.models_dir}; run train-export first")
+    for path in found:
+        out = args.reports_dir / path.stem
+        report = write_report(path, data, out)
+        print(
+            f"Wrote {out / 'index.html'}: top-1 {report['top1_accuracy']:.4f} "
+            f"(original {report['original_accuracy']:.2f})"
+        )
 
 
 def load_data(args: argparse.Namespace) -> cifar.Cifar100:

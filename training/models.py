@@ -13,6 +13,8 @@ import keras
 from keras import layers
 
 MODEL_IDS = ("cifar100-712868", "cifar100-5735844")
+# What the original experiments reached: validation accuracy after 48 epochs.
+ORIGINAL_ACCURACY = {"cifar100-712868": 0.37, "cifar100-5735844": 0.54}
 
 
 def build_model(model_id: str) -> keras.Model:

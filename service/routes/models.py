@@ -1,10 +1,14 @@
 """GET /models, GET /models/{model_id}: what is served, read from the ONNX files."""
 
+import re
+
 from fastapi import APIRouter
+from fastapi.responses import FileResponse, RedirectResponse
 
 from service.catalog import Catalog
 from service.classifier import Classifier
-from service.deps import CatalogDep
+from service.deps import CatalogDep, SettingsDep
+from service.errors import ReportNotFound
 from service.schemas import ErrorBody, ModelDetail, ModelInfo, ModelList
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -32,6 +36,32 @@ def get_model(model_id: str, catalog: CatalogDep) -> ModelDetail:
         fine_to_coarse=card.fine_to_coarse,
         training=card.training,
     )
+
+
+@router.get("/{model_id}/report", response_class=RedirectResponse, status_code=307)
+async def get_report(model_id: str, catalog: CatalogDep) -> RedirectResponse:
+    """The model's report (`make report`): what makes CIFAR-100 hard for it.
+
+    Redirects to the page inside the report's folder, so its plots load beside it."""
+    return RedirectResponse(f"/models/{catalog.get(model_id).model_id}/report/index.html")
+
+
+@router.get(
+    "/{model_id}/report/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"text/html": {}, "image/png": {}}}, 404: {"model": ErrorBody}},
+)
+async def get_report_file(
+    model_id: str, name: str, catalog: CatalogDep, settings: SettingsDep
+) -> FileResponse:
+    """A file of the model's report: index.html, report.json or a plot."""
+    folder = settings.reports_dir / catalog.get(model_id).model_id
+    # Flat file names only: nothing outside the report's folder can be asked for.
+    if not re.fullmatch(r"[\w-]+\.(html|json|png)", name) or not (folder / name).is_file():
+        if name == "index.html":
+            raise ReportNotFound(f"no report for {model_id!r} yet; run `make report`")
+        raise ReportNotFound(f"the report of {model_id!r} has no file {name!r}")
+    return FileResponse(folder / name)
 
 
 def _info(model: Classifier, catalog: Catalog) -> ModelInfo:
