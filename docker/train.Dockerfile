@@ -13,8 +13,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
 RUN pip install ".[train-gpu]" \
-    && mkdir -p /cache /app/models /app/runs \
-    && chmod 1777 /cache /app/models /app/runs
+    && mkdir -p /cache /app/models /app/runs /app/reports \
+    && chmod 1777 /cache /app/models /app/runs /app/reports
 
 # docker-compose.yml runs this as the host user (HOST_UID), so its files are theirs.
 USER 65534

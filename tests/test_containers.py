@@ -14,7 +14,7 @@ import yaml
 
 from service.config import Settings
 from service.main import create_app
-from training.__main__ import DEFAULT_MODELS_DIR, DEFAULT_RUNS_DIR, parser
+from training.__main__ import DEFAULT_MODELS_DIR, DEFAULT_REPORTS_DIR, DEFAULT_RUNS_DIR, parser
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -108,9 +108,27 @@ def test_api_healthcheck_settings_and_volume_match_the_app():
               for a in f.validation_alias.choices}  # fmt: skip
     for variable in api["environment"]:
         assert variable.lower() in names, variable
-    host, container, mode = api["volumes"][0].split(":")
-    assert (ROOT / host).is_dir() and mode == "ro"
-    assert api["environment"]["MODELS_DIR"] == container
+    mounts = {v.split(":")[1]: v.split(":") for v in api["volumes"]}
+    for variable in ("MODELS_DIR", "REPORTS_DIR"):
+        host, _, mode = mounts[api["environment"][variable]]
+        assert mode == "ro" and host.startswith("./")
+
+
+def test_bind_mounted_folders_exist_in_a_fresh_clone():
+    # Docker would create a missing one as root, and the training user could not write it.
+    for service in SERVICES.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).is_dir(), source
+                assert (
+                    subprocess.run(
+                        ["git", "ls-files", "--error-unmatch", source],
+                        cwd=ROOT,
+                        capture_output=True,
+                    ).returncode
+                    == 0
+                ), f"{source} is not in git"
 
 
 def test_train_service_runs_the_training_cli_into_the_mounted_folders():
@@ -123,6 +141,7 @@ def test_train_service_runs_the_training_cli_into_the_mounted_folders():
     mounts = dict(v.split(":")[:2] for v in train["volumes"])
     assert mounts["./models"] == f"{workdir}/{DEFAULT_MODELS_DIR}"
     assert mounts["./runs"] == f"{workdir}/{DEFAULT_RUNS_DIR}"
+    assert mounts["./reports"] == f"{workdir}/{DEFAULT_REPORTS_DIR}"
     cache = train["environment"]["CIFAR100_CACHE"]
     assert cache in mounts.values() and f"CIFAR100_CACHE={cache}" in text
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
