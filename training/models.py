@@ -1,9 +1,10 @@
-"""The two CNNs of the original experiments, layer for layer (see the README's table).
+"""The two CNNs of the original experiments, layer for layer (summaries: tests/test_models.py).
 
 Both take uint8 images and scale them in their first layer, so the exported ONNX graph
 carries its own preprocessing and nothing else in the project ever scales pixels.
 The scaling layer has no weights: parameter counts and every other layer's output shape
 match the original Keras summaries, and Keras 2 weight files load in layer order.
+The summaries do not give dropout rates; we use 0.25 after conv blocks, 0.5 after dense.
 """
 
 from pathlib import Path
@@ -27,40 +28,29 @@ def build_model(model_id: str) -> keras.Model:
 
 
 def build_712868() -> keras.Model:
-    """conv30 + conv14 + conv7 + conv3 + fc128: 0.37 validation accuracy after 48 epochs."""
-    return keras.Sequential(
-        [
-            *_input(),
-            layers.Conv2D(32, 3, activation="relu"),  # valid padding: 32 -> 30
-            layers.Conv2D(64, 3, activation="relu"),  # 30 -> 28
-            layers.MaxPooling2D(),
-            layers.Dropout(0.25),
-            layers.Conv2D(128, 3, padding="same"),
-            layers.Activation("relu"),
-            layers.MaxPooling2D(),
-            layers.Dropout(0.25),
-            layers.Conv2D(256, 3, padding="same"),
-            layers.Activation("relu"),
-            layers.MaxPooling2D(),  # 7 -> 3
-            layers.Dropout(0.25),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dropout(0.5),
-            layers.Dense(128, activation="relu"),
-            layers.Dropout(0.5),
-            layers.Dense(100, activation="softmax", name="predictions"),
-        ],
-        name="cifar100-712868",
-    )
+    """conv30 + conv14 + conv7 + conv3 + fc128: 0.37 validation accuracy after 48 epochs.
+
+    Its first two convolutions are unpadded (32 -> 30 -> 28), so the last pooling
+    floors 7 to 3 and the dense layers see 3 x 3 x 256 = 2304 values."""
+    return _cnn("cifar100-712868", first_padding="valid", dense_units=128)
 
 
 def build_5735844() -> keras.Model:
-    """conv32 + conv16 + conv8 + conv4 + fc1024 + fc1024: 0.54 after 48 epochs."""
+    """conv32 + conv16 + conv8 + conv4 + fc1024 + fc1024: 0.54 after 48 epochs.
+
+    Same layers, padded throughout (4 x 4 x 256 = 4096 values into the dense layers) and
+    1024-wide dense layers: eight times the parameters, almost all in the first dense."""
+    return _cnn("cifar100-5735844", first_padding="same", dense_units=1024)
+
+
+def _cnn(name: str, first_padding: str, dense_units: int) -> keras.Model:
+    """The layer sequence both originals share, as in their Keras summaries."""
     return keras.Sequential(
         [
-            *_input(),
-            layers.Conv2D(32, 3, padding="same", activation="relu"),
-            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            keras.Input(shape=(32, 32, 3), dtype="uint8", name="images"),
+            layers.Rescaling(1 / 255, name="scale"),  # the one place pixels become [0, 1]
+            layers.Conv2D(32, 3, padding=first_padding, activation="relu"),
+            layers.Conv2D(64, 3, padding=first_padding, activation="relu"),
             layers.MaxPooling2D(),
             layers.Dropout(0.25),
             layers.Conv2D(128, 3, padding="same"),
@@ -72,21 +62,14 @@ def build_5735844() -> keras.Model:
             layers.MaxPooling2D(),
             layers.Dropout(0.25),
             layers.Flatten(),
-            layers.Dense(1024, activation="relu"),
+            layers.Dense(dense_units, activation="relu"),
             layers.Dropout(0.5),
-            layers.Dense(1024, activation="relu"),
+            layers.Dense(dense_units, activation="relu"),
             layers.Dropout(0.5),
             layers.Dense(100, activation="softmax", name="predictions"),
         ],
-        name="cifar100-5735844",
+        name=name,
     )
-
-
-def _input() -> list:
-    return [
-        keras.Input(shape=(32, 32, 3), dtype="uint8", name="images"),
-        layers.Rescaling(1 / 255, name="scale"),  # the one place pixels become [0, 1] floats
-    ]
 
 
 def load_original_weights(path: Path) -> keras.Model:
