@@ -130,8 +130,8 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         model_id = args.model
         checkpoint = best_checkpoint(args.runs_dir / model_id)
         model = keras.models.load_model(checkpoint)
-        recipe = json.loads((checkpoint.parent / "recipe.json").read_text())["recipe"]
-        training = {"source": checkpoint.name, "recipe": recipe}
+        saved = json.loads((checkpoint.parent / "recipe.json").read_text())
+        training = {"source": checkpoint.name, "recipe": saved["recipe"], "method": saved["method"]}
         evaluation = evaluation_of(checkpoint, data)
     card = ModelCard(
         model_id=model_id,

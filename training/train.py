@@ -36,14 +36,15 @@ class Recipe:
     augment: bool = True
     seed: int = 0
 
-    def describe(self) -> dict:
+    def method(self) -> dict:
+        """What the numbers above drive, in words, for the model card."""
         return {
-            **asdict(self),
-            "optimizer": "AdamW",
-            "schedule": "cosine decay to 0 over all steps",
+            "optimizer": f"AdamW, weight decay {self.weight_decay}",
+            "schedule": f"cosine decay from {self.learning_rate} to 0 over {self.epochs} epochs",
             "augmentation": "4px reflect pad + random 32x32 crop, horizontal flip"
             if self.augment
             else "none",
+            "checkpoint_selection": "best validation accuracy",
         }
 
 
@@ -67,7 +68,10 @@ def train(model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, resume: 
         run_dir.mkdir(parents=True)
         write_text(
             run_dir / "recipe.json",
-            json.dumps({"model_id": model_id, "recipe": asdict(recipe)}, indent=2),
+            json.dumps(
+                {"model_id": model_id, "recipe": asdict(recipe), "method": recipe.method()},
+                indent=2,
+            ),
         )
 
     gpus = tf.config.list_physical_devices("GPU")
