@@ -371,6 +371,9 @@ def test_docs_work_offline(client):
     spec = client.get("/openapi.json").json()
     predict = spec["paths"]["/predict"]["post"]
     assert "multipart/form-data" in predict["requestBody"]["content"]
+    # What makes Swagger UI show a file picker for each image ("Try it out" can upload).
+    body = spec["components"]["schemas"]["Body_predict_predict_post"]["properties"]["files"]
+    assert body["type"] == "array" and body["items"] == {"type": "string", "format": "binary"}
     assert {"200", "404", "413", "422", "503"} <= set(predict["responses"])
     for path in ("/models", "/models/{model_id}", "/health/live", "/health/ready", "/metrics"):
         assert path in spec["paths"]

@@ -30,7 +30,12 @@ async def predict(
     request: Request,
     files: Annotated[
         list[UploadFile],
-        File(description="One or more 32x32 images: PNG, JPEG, BMP, GIF, WebP or TIFF"),
+        File(
+            description="One or more 32x32 images: PNG, JPEG, BMP, GIF, WebP or TIFF",
+            # Swagger UI shows a file picker for `format: binary`, not for the OpenAPI 3.1
+            # `contentMediaType` FastAPI writes: without this, /docs could not upload.
+            json_schema_extra={"items": {"type": "string", "format": "binary"}},
+        ),
     ],
     catalog: CatalogDep,
     settings: SettingsDep,
