@@ -2,6 +2,8 @@
 
 import contextlib
 import io
+import struct
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,3 +49,20 @@ def onnx_probabilities(path, images: np.ndarray) -> np.ndarray:
     """What the exported file says, asked directly."""
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+def png_16_bit(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB or RGBA PNG, written by hand (Pillow cannot write one)."""
+    height, width, channels = pixels.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if channels == 3 else 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip

@@ -24,7 +24,7 @@ from PIL import Image
 from service.config import get_settings
 from service.errors import DeviceUnavailable
 from service.main import create_app
-from tests.service_helpers import encode, onnx_probabilities, serve, upload
+from tests.service_helpers import encode, onnx_probabilities, png_16_bit, serve, upload
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
@@ -155,6 +155,13 @@ def test_16_bit_grayscale_keeps_its_top_8_bits(client, models_dir, images):
     data = encode(Image.fromarray(gray16))
     assert Image.open(io.BytesIO(data)).mode.startswith("I")
     assert_served_as(client, models_dir, data, np.stack([gray8] * 3, axis=-1))
+
+
+def test_16_bit_colour_keeps_its_top_8_bits(client, models_dir, images):
+    wide = images[5].astype(np.uint16) * 256 + 100  # the low bytes are to be dropped
+    assert_served_as(client, models_dir, png_16_bit(wide), images[5])
+    opaque = np.concatenate([wide, np.full((32, 32, 1), 65535, np.uint16)], axis=-1)
+    assert_served_as(client, models_dir, png_16_bit(opaque), images[5])
 
 
 def test_other_sizes_need_resize(client, models_dir, images):
