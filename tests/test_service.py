@@ -3,11 +3,8 @@
 import contextlib
 import io
 import json
-import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +18,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from bench.__main__ import uvicorn_process
 from service.config import get_settings
 from service.errors import DeviceUnavailable
 from service.main import create_app
@@ -456,24 +454,11 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
     """uvicorn --workers 2: /metrics counts every worker's requests, not one worker's."""
     prometheus_dir = tmp_path / "prometheus"
     prometheus_dir.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {
-        **os.environ, "MODELS_DIR": str(models_dir), "WEB_CONCURRENCY": "2",
+        "MODELS_DIR": str(models_dir), "WEB_CONCURRENCY": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir), "LOG_LEVEL": "WARNING",
     }  # fmt: skip
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app"]
-    command += ["--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(command, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1)
-                break
-            time.sleep(0.2)
+    with uvicorn_process(["--factory", "service.main:create_app"], env) as port:
         body, content_type = encode_multipart(encode(images[0]))
         for _ in range(40):  # a new connection each: the kernel spreads them over the workers
             request = urllib.request.Request(
@@ -483,9 +468,6 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
             )
             assert urllib.request.urlopen(request, timeout=10).status == 200
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     pids = {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
     assert len(pids) == 2  # both workers served requests
     assert _metric(text, f'images_classified_total{{model="{LARGE}"}}') == 40
