@@ -148,3 +148,11 @@ def test_train_service_runs_the_training_cli_into_the_mounted_folders():
         "optional-dependencies"
     ]
     assert re.search(r'pip install "\.\[([\w-]+)\]"', text)[1] in extras
+
+
+def test_only_the_gpu_build_of_onnxruntime_is_installed():
+    """onnxruntime and onnxruntime-gpu own the same module; side by side they break."""
+    import importlib.metadata
+
+    names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    assert "onnxruntime-gpu" in names and "onnxruntime" not in names
