@@ -8,7 +8,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from service.errors import InvalidImage, UploadTooLarge
 from service.modelcard import IMAGE_SIZE
@@ -28,7 +28,7 @@ def decode_image(data: bytes, resize: bool, max_pixels: int) -> np.ndarray:
             image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except Image.DecompressionBombError as err:  # claims more pixels than Pillow allows
         raise UploadTooLarge(f"the image header claims too many pixels: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Exception:  # UnidentifiedImageError mostly; hostile headers can raise others
         raise InvalidImage(f"not an image we can read; send {', '.join(FORMATS)}") from None
     width, height = image.size
     if width * height > max_pixels:
@@ -47,7 +47,7 @@ def decode_image(data: bytes, resize: bool, max_pixels: int) -> np.ndarray:
         image = to_rgb(image)
         if resize:
             image = centre_crop_resize(image)
-    except (OSError, ValueError, SyntaxError) as err:
+    except Exception as err:  # Pillow on damaged data: OSError mostly, but not only
         raise InvalidImage(f"the image is truncated or corrupt ({err})") from None
     return np.asarray(image, dtype=np.uint8)
 
