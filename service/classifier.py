@@ -44,7 +44,7 @@ class Classifier:
             raise DeviceUnavailable(
                 f"DEVICE=cuda but onnxruntime could not use CUDA for {self.path.name} "
                 f"(it fell back to {self.session.get_providers()}); check the NVIDIA driver, "
-                "CUDA 12 and cuDNN 9, or set DEVICE=auto or DEVICE=cpu"
+                "CUDA 13 and cuDNN 9 (what onnxruntime-gpu 1.31 needs), or set DEVICE=auto or cpu"
             )
         self._check_signature()
         try:
