@@ -1,7 +1,7 @@
 # The API: onnxruntime-gpu on CUDA 13 + cuDNN 9 (what onnxruntime-gpu 1.31 is built for).
 # No TensorFlow: only the service package and its base dependencies are installed.
 # On a machine without an NVIDIA GPU it runs on the CPU (DEVICE=auto).
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:13.1.1-cudnn-runtime-ubuntu24.04
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
