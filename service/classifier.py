@@ -77,7 +77,10 @@ class Classifier:
 
     def warm_up(self) -> None:
         """One inference, so the first request does not pay for allocations."""
-        self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+        try:
+            self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+        except Exception as err:  # loads but cannot run here (an op, the device, memory)
+            raise InvalidModel(f"{self.path.name}: its warm-up inference failed ({err})") from None
         self.ready = True
 
     def _check_signature(self) -> None:

@@ -32,6 +32,7 @@ def test_every_format_decodes_to_32x32_rgb(fmt):
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
+@pytest.mark.filterwarnings("ignore:.*:UserWarning")  # Pillow warns about the damage, rightly
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_damaged_files_fail_cleanly(fmt):
     """Truncations and random byte flips: decoded, or refused with a domain error."""
