@@ -337,6 +337,32 @@ def test_broken_files_are_reported_and_do_not_take_others_down(monkeypatch, mode
         assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
 
 
+def test_model_that_loads_but_cannot_run_is_skipped(monkeypatch, model_copy):
+    """Right signature and card, but inference fails: reported, the others still serve."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [
+            h.make_node("Cast", ["images"], ["pixels"], to=onnx.TensorProto.FLOAT),
+            h.make_node("Reshape", ["pixels", "shape"], ["probabilities"]),  # 3072 % 100 != 0
+        ],
+        "broken",
+        [h.make_tensor_value_info("images", onnx.TensorProto.UINT8, ["batch", 32, 32, 3])],
+        [h.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", 100])],
+        initializer=[h.make_tensor("shape", onnx.TensorProto.INT64, [2], [-1, 100])],
+    )
+    broken = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    broken.ir_version = 8
+    card = onnx.load(model_copy / f"{SMALL}.onnx").metadata_props
+    broken.metadata_props.extend(card)
+    (model_copy / f"{SMALL}.onnx").unlink()
+    onnx.save(broken, model_copy / "broken.onnx")
+    with serve(monkeypatch, model_copy) as client:
+        listing = client.get("/models").json()
+        assert "warm-up inference failed" in listing["failed"]["broken.onnx"]
+        assert [m["model_id"] for m in listing["models"]] == [LARGE]
+        assert client.get("/health/ready").status_code == 200
+
+
 def test_file_with_the_wrong_signature_is_refused(monkeypatch, tmp_path):
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["y"])],
