@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from tqdm import tqdm
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -86,9 +87,15 @@ def download(cache_dir: Path) -> Path:
     print(f"Downloading CIFAR-100 from {URL} to {archive}", flush=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(URL, timeout=60) as response:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(URL, timeout=60) as response,
+            tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
+                 unit_scale=True, desc="CIFAR-100") as progress,
+        ):  # fmt: skip
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+                progress.update(len(chunk))
         if (actual := md5sum(Path(tmp))) != MD5:
             raise DataError(f"downloaded archive has md5 {actual}, expected {MD5}; not using it")
         os.replace(tmp, archive)
