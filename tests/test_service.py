@@ -1,5 +1,6 @@
 """The HTTP service, driven through the real app with models exported by the training CLI."""
 
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -486,13 +487,17 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
     }  # fmt: skip
     with uvicorn_process(["--factory", "service.main:create_app"], env) as port:
         body, content_type = encode_multipart(encode(images[0]))
-        for _ in range(40):  # a new connection each: the kernel spreads them over the workers
+
+        def post(_) -> int:  # a new connection each, eight at a time: both workers get some
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/predict",
                 data=body,
                 headers={"Content-Type": content_type},
             )
-            assert urllib.request.urlopen(request, timeout=10).status == 200
+            return urllib.request.urlopen(request, timeout=30).status
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(post, range(40))) == [200] * 40
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     pids = {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
     assert len(pids) == 2  # both workers served requests
