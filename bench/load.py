@@ -29,20 +29,26 @@ def png_images(count: int, seed: int = 0) -> list[bytes]:
     return images
 
 
-def multipart_request(path: str, host: str, image: bytes, index: int) -> bytes:
+def multipart_body(image: bytes, filename: str) -> tuple[bytes, str]:
+    """One PNG as the `files` field of a multipart form: (body, Content-Type)."""
     boundary = "benchboundary7d93"
     body = (
         (
             f"--{boundary}\r\n"
-            f'Content-Disposition: form-data; name="files"; filename="bench{index}.png"\r\n'
+            f'Content-Disposition: form-data; name="files"; filename="{filename}"\r\n'
             "Content-Type: image/png\r\n\r\n"
         ).encode()
         + image
         + f"\r\n--{boundary}--\r\n".encode()
     )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def multipart_request(path: str, host: str, image: bytes, index: int) -> bytes:
+    body, content_type = multipart_body(image, f"bench{index}.png")
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

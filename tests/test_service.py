@@ -20,6 +20,7 @@ import uvicorn
 from PIL import Image
 
 from bench.__main__ import uvicorn_process
+from bench.load import multipart_body
 from service.config import get_settings
 from service.errors import DeviceUnavailable
 from service.main import create_app
@@ -486,7 +487,7 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
         "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir), "LOG_LEVEL": "WARNING",
     }  # fmt: skip
     with uvicorn_process(["--factory", "service.main:create_app"], env) as port:
-        body, content_type = encode_multipart(encode(images[0]))
+        body, content_type = multipart_body(encode(images[0]), "a.png")
 
         def post(_) -> int:  # a new connection each, eight at a time: both workers get some
             request = urllib.request.Request(
@@ -502,16 +503,3 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
     pids = {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
     assert len(pids) == 2  # both workers served requests
     assert _metric(text, f'images_classified_total{{model="{LARGE}"}}') == 40
-
-
-def encode_multipart(image: bytes) -> tuple[bytes, str]:
-    boundary = "testboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
