@@ -42,6 +42,7 @@ def test_every_model_gets_a_page_with_all_its_pictures(reports_dir):
 def test_numbers_agree_with_each_other(report, workspace):
     confusion = np.array(report["confusion_matrix"])
     counts = report["dataset"]["test_images_per_class"]
+    assert report["dataset"]["train_images_per_class"] == [40] * 100  # train + validation
     assert confusion.sum(axis=1).tolist() == counts
     assert np.trace(confusion) / confusion.sum() == pytest.approx(report["top1_accuracy"])
     # A balanced test set: per-class accuracies average to top-1.

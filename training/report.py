@@ -80,7 +80,12 @@ def analyse(model_id: str, probabilities: np.ndarray, features: np.ndarray, data
     ]  # fmt: skip
 
     per_class = sorted(metrics["per_class_accuracy"].items(), key=lambda kv: (-kv[1], kv[0]))
-    exact, near = duplicates(test.images, data.train.images)
+    # The official training file is our train split plus the held-out validation images.
+    training_file = (
+        np.concatenate([data.train.images, data.val.images]),
+        np.concatenate([data.train.fine, data.val.fine]),
+    )
+    exact, near = duplicates(test.images, training_file[0])
     return {
         "model_id": model_id,
         "images": len(test),
@@ -99,7 +104,7 @@ def analyse(model_id: str, probabilities: np.ndarray, features: np.ndarray, data
         "most_confused_pairs": pairs,
         "calibration": calibration(probabilities, test.fine),
         "dataset": {
-            "train_images_per_class": np.bincount(data.train.fine, minlength=100).tolist(),
+            "train_images_per_class": np.bincount(training_file[1], minlength=100).tolist(),
             "test_images_per_class": np.bincount(test.fine, minlength=100).tolist(),
             "mean_colour_per_class": [
                 [round(float(v), 1) for v in test.images[test.fine == c].mean(axis=(0, 1, 2))]
