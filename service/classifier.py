@@ -4,6 +4,7 @@ A file is accepted only if it is one of ours: uint8 [batch, 32, 32, 3] in,
 probabilities [batch, 100] out, and a model card in its metadata.
 """
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -39,7 +40,8 @@ class Classifier:
                 self.path, sess_options=options, providers=requested_providers(device)
             )
         except Exception as err:  # onnxruntime raises its own types for bad files
-            raise InvalidModel(f"{self.path.name}: onnxruntime cannot load it ({err})") from None
+            # The short reason is shown to clients; onnxruntime's text goes to the log.
+            raise InvalidModel(f"{self.path.name}: onnxruntime cannot load it") from err
         if device == "cuda" and self.session.get_providers()[0] != CUDA:
             raise DeviceUnavailable(
                 f"DEVICE=cuda but onnxruntime could not use CUDA for {self.path.name} "
@@ -51,6 +53,9 @@ class Classifier:
             self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         except ValueError as err:
             raise InvalidModel(f"{self.path.name}: {err}") from None
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.output_widths = {o.name: o.shape[-1] for o in self.session.get_outputs()}
+        self.version = file_version(self.path)
         # Summing fine probabilities within each superclass is a matrix product.
         self.to_superclasses = np.zeros((NUM_CLASSES, NUM_SUPERCLASSES), dtype=np.float32)
         self.to_superclasses[np.arange(NUM_CLASSES), self.card.fine_to_coarse] = 1
@@ -67,10 +72,15 @@ class Classifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, 32, 32, 3] -> float32 [N, 100] probabilities."""
+        return self.run(images)[OUTPUT_NAME]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the graph, by name: probabilities, and features where the file
+        has them (the graph computes them anyway; asking costs one copy)."""
         if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
-        (probabilities,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
-        return probabilities
+        outputs = self.session.run(self.output_names, {INPUT_NAME: images})
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def superclass_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         return probabilities @ self.to_superclasses
@@ -80,7 +90,7 @@ class Classifier:
         try:
             self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
         except Exception as err:  # loads but cannot run here (an op, the device, memory)
-            raise InvalidModel(f"{self.path.name}: its warm-up inference failed ({err})") from None
+            raise InvalidModel(f"{self.path.name}: its warm-up inference failed") from err
         self.ready = True
 
     def _check_signature(self) -> None:
@@ -112,3 +122,12 @@ def requested_providers(device: str) -> list[str]:
     # falls back to the CPU by itself if the CUDA libraries are missing; we log its choice.
     has_gpu = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
     return [CUDA, CPU] if has_gpu and CUDA in ort.get_available_providers() else [CPU]
+
+
+def file_version(path: Path) -> str:
+    """A short content hash: which weights answered, whatever the file is called."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]

@@ -22,11 +22,42 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(MIB, gt=0, description="per image")
     max_images_per_request: int = Field(64, gt=0)
-    max_image_pixels: int = Field(4096 * 4096, gt=0, description="refused before decoding")
+    max_image_pixels: int = Field(
+        2048 * 2048,
+        gt=0,
+        description="pixels one image may decode to (JPEGs count at their reduced decode "
+        "size with resize=true); larger headers are refused before decoding",
+    )
+    max_request_pixels: int = Field(
+        4096 * 4096, gt=0, description="pixels all images of one request may decode to"
+    )
+    max_large_decodes: int = Field(
+        2, gt=0, description="requests decoding images other than 32x32 at once; more: 503"
+    )
 
     batching: bool = Field(True, description="micro-batch concurrent requests per model")
     batch_max_size: int = Field(64, gt=0, description="images per onnxruntime call")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
+    max_queue_images: int = Field(
+        256, gt=0, description="images waiting per model; beyond it requests are shed (503)"
+    )
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="deadline per request (X-Request-Timeout may shorten it): 504"
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    max_header_bytes: int = Field(64 * 1024, gt=0, description="request line + headers: 431")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="to send the headers: 408")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="between two body reads: 408")
+    keep_alive_seconds: int = Field(5, ge=1, description="idle keep-alive connections close")
+    shutdown_drain_seconds: float = Field(
+        2.0, ge=0, description="after SIGTERM: readiness 503, still serving, before closing"
+    )
+    graceful_shutdown_seconds: int = Field(
+        20, ge=1, description="then: in-flight requests get this long to finish"
+    )
+    model_load_timeout_seconds: float = Field(60.0, gt=0, description="per file, at startup")
 
     workers: int = Field(
         1,

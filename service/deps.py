@@ -25,6 +25,12 @@ async def metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def deadline(request: Request) -> float:
+    """When this request must be answered by, on the event loop's clock (LimitsMiddleware)."""
+    return request.state.deadline
+
+
 SettingsDep = Annotated[Settings, Depends(settings)]
 CatalogDep = Annotated[Catalog, Depends(catalog)]
 MetricsDep = Annotated[Metrics, Depends(metrics)]
+DeadlineDep = Annotated[float, Depends(deadline)]

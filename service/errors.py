@@ -1,18 +1,27 @@
 """The service's domain errors and, in one place, the HTTP status each one maps to.
 
-Model and image code raise these; only `install_handlers` knows about HTTP.
+Model and image code raise these; only `install_handlers` knows about HTTP. Every error
+body is JSON, 5xx included: `{"detail": "..."}` on our routes, `{"error": "..."}` under
+/v2 (the Open Inference Protocol's shape).
 """
 
+import logging
+from typing import ClassVar
+
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.config import Settings
 
+log = logging.getLogger(__name__)
+
 
 class ServiceError(Exception):
     status_code = 500
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,8 +34,14 @@ class InvalidImage(ServiceError):
     status_code = 422
 
 
+class InvalidTensor(ServiceError):
+    """An inference request whose tensors do not fit the model (wrong name, shape, type)."""
+
+    status_code = 400
+
+
 class UploadTooLarge(ServiceError):
-    """Too many bytes, or a header claiming more pixels than we will decode."""
+    """Too many bytes, or more pixels than we will decode (per image or per request)."""
 
     status_code = 413
 
@@ -44,9 +59,28 @@ class ReportNotFound(ServiceError):
 
 
 class NotReady(ServiceError):
-    """No model is loaded (yet); the message says why."""
+    """No model is loaded (yet), or the server is shutting down; the message says why."""
 
     status_code = 503
+
+
+class Overloaded(ServiceError):
+    """Shed at once: the model's queue or the large-image decoders are full."""
+
+    status_code = 503
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it could be answered; its work was skipped."""
+
+    status_code = 504
+
+
+class ClientGone(ServiceError):
+    """The client closed the connection while its request waited (nginx's 499)."""
+
+    status_code = 499
 
 
 class InvalidModel(ServiceError):
@@ -57,20 +91,44 @@ class DeviceUnavailable(ServiceError):
     """DEVICE=cuda and the CUDA provider cannot be used: startup fails."""
 
 
+def body_too_large(settings: Settings) -> str:
+    return (
+        f"the request body is above {settings.max_request_bytes:,} bytes: at most "
+        f"{settings.max_upload_bytes:,} bytes per image and "
+        f"{settings.max_images_per_request} images per request"
+    )
+
+
+def error_response(request: Request, status: int, message: str, headers=None) -> JSONResponse:
+    key = "error" if request.url.path.startswith("/v2") else "detail"
+    return JSONResponse({key: message}, status_code=status, headers=headers)
+
+
 def install_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        return error_response(request, exc.status_code, exc.message, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        if exc.status_code == 413:  # the body limit, hit while the upload streamed in
-            return JSONResponse(
-                {
-                    "detail": f"the request body is above {settings.max_request_bytes:,} bytes: "
-                    f"at most {settings.max_upload_bytes:,} bytes per image and "
-                    f"{settings.max_images_per_request} images per request"
-                },
-                status_code=413,
-            )
-        return await http_exception_handler(request, exc)
+        message = body_too_large(settings) if exc.status_code == 413 else str(exc.detail)
+        return error_response(request, exc.status_code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v2"):  # the protocol's shape: one message
+            return error_response(request, 400, _first_problem(exc))
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The detail goes to the log, not to whoever sent the request.
+        log.exception("unexpected error", extra={"path": request.url.path})
+        return error_response(request, 500, "internal server error; the log has the detail")
+
+
+def _first_problem(exc: RequestValidationError) -> str:
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+    ]
+    return "invalid request: " + "; ".join(problems[:3])

@@ -1,19 +1,23 @@
-"""The FastAPI app: `uvicorn --factory service.main:create_app`. Models load in the lifespan."""
+"""The FastAPI app: `python -m service` (or `uvicorn --factory service.main:create_app`).
+
+Models load in the lifespan, never at import."""
 
 import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service.batching import MicroBatcher
 from service.catalog import load_catalog
 from service.config import get_settings
 from service.errors import install_handlers
+from service.limits import DecodeSlots, LimitsMiddleware
 from service.logs import configure_logging
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import models, operations, predict
+from service.routes import models, operations, page, predict, v2
+from service.server import drain_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +25,8 @@ log = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = get_settings()
-    catalog = load_catalog(settings)  # raises DeviceUnavailable: DEVICE=cuda without CUDA
-    if settings.batching:
-        for model_id, model in catalog.models.items():
-            batcher = MicroBatcher(
-                model.predict,
-                max_batch=settings.batch_max_size,
-                max_wait=settings.batch_max_wait_ms / 1000,
-                on_batch=app.state.metrics.batch_size.labels(model_id).observe,
-            )
-            batcher.start()
-            catalog.batchers[model_id] = batcher
+    catalog = await load_catalog(settings)  # raises DeviceUnavailable: DEVICE=cuda without CUDA
+    catalog.start_batchers(settings, app.state.metrics)
     app.state.catalog = catalog
     log.info("ready" if catalog.ready else "started without a model", extra={
         "models": {m.model_id: m.provider for m in catalog.models.values()},
@@ -42,9 +37,9 @@ async def lifespan(app: FastAPI):
     })  # fmt: skip
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
+    drain_on_sigterm(app.state.draining, settings.shutdown_drain_seconds)
     yield
-    for batcher in catalog.batchers.values():
-        await batcher.stop()
+    await catalog.stop()
 
 
 def create_app() -> FastAPI:
@@ -58,8 +53,11 @@ def create_app() -> FastAPI:
         max_body_size=settings.max_request_bytes,  # refused while streaming, never buffered
     )
     app.state.metrics = Metrics()
+    app.state.draining = threading.Event()
+    app.state.decode_slots = DecodeSlots(settings.max_large_decodes)
+    app.add_middleware(LimitsMiddleware, settings=settings, draining=app.state.draining)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_handlers(app, settings)
-    for router in (predict.router, models.router, operations.router):
+    for router in (predict.router, v2.router, models.router, operations.router, page.router):
         app.include_router(router)
     return app

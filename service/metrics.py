@@ -9,6 +9,7 @@ import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -38,6 +39,13 @@ class Metrics:
         )
         self.images = Counter(
             "images_classified_total", "Images classified", ["model"], registry=self.registry
+        )
+        self.dropped = Counter(
+            "images_dropped_total",
+            "Images not computed: shed (queue full), expired (deadline passed), abandoned "
+            "(client gone), failed (inference error)",
+            ["model", "reason"],
+            registry=self.registry,
         )
 
 
@@ -70,11 +78,22 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
             labels = (
-                getattr(route, "path", "unmatched"),
+                route_template(scope),
                 scope.get("state", {}).get("model_id", ""),  # set by /predict
                 str(status),
             )
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (/models/{model_id}), never the raw path: a label per
+    URL ever asked for would grow without bound. Unknown paths share one bucket."""
+    route = scope.get("route")  # set by FastAPI's own routes
+    if route is None:  # /openapi.json, /docs and mounts are plain Starlette routes
+        for candidate in scope["app"].router.routes:
+            if candidate.matches(scope)[0] == Match.FULL:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"

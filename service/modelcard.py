@@ -6,6 +6,7 @@ It imports neither TensorFlow nor onnxruntime.
 """
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ OUTPUT_NAME = "probabilities"  # float32 [batch, 100], softmax over the fine cla
 IMAGE_SIZE = 32
 NUM_CLASSES = 100
 NUM_SUPERCLASSES = 20
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _JSON_FIELDS = ("class_names", "superclass_names", "fine_to_coarse", "training", "evaluation")
 
@@ -28,8 +30,19 @@ class ModelCard:
     parameter_count: int
     training: dict[str, Any] = field(default_factory=dict)  # recipe, or where weights came from
     evaluation: dict[str, Any] | None = None  # test-set numbers; None if never evaluated
+    # The graph's outputs: OUTPUT_NAME always, "features" (penultimate activations, which
+    # the report needs) when the file has them. Cards from before this key: read as
+    # probabilities only, since nothing promised more.
+    outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
 
     def __post_init__(self) -> None:
+        # The id names URLs (/models/{id}, /v2/models/{id}) and folders (reports/{id}/):
+        # a strict pattern keeps "..", slashes and odd bytes out of both.
+        if not MODEL_ID_PATTERN.fullmatch(self.model_id):
+            raise ValueError(
+                f"model id {self.model_id!r} is not allowed: letters, digits, '.', '_' and "
+                "'-', starting with a letter or digit, at most 64 characters"
+            )
         if len(self.class_names) != NUM_CLASSES:
             raise ValueError(f"expected {NUM_CLASSES} class names, got {len(self.class_names)}")
         if len(self.superclass_names) != NUM_SUPERCLASSES:
@@ -45,7 +58,7 @@ class ModelCard:
         """The card as ONNX metadata_props: strings only, structured values as JSON."""
         props = {"format_version": FORMAT_VERSION}
         for key, value in asdict(self).items():
-            props[key] = json.dumps(value) if key in _JSON_FIELDS else str(value)
+            props[key] = json.dumps(value) if key in (*_JSON_FIELDS, "outputs") else str(value)
         return props
 
     @classmethod
@@ -60,6 +73,8 @@ class ModelCard:
             values: dict[str, Any] = {k: json.loads(props[k]) for k in _JSON_FIELDS}
             values["model_id"] = props["model_id"]
             values["parameter_count"] = int(props["parameter_count"])
+            if "outputs" in props:
+                values["outputs"] = json.loads(props["outputs"])
         except KeyError as missing:
             raise ValueError(f"model card is missing {missing}") from None
         except (json.JSONDecodeError, ValueError) as err:

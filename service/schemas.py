@@ -98,3 +98,49 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str = Field(examples=["the image is 64x48; the model takes 32x32. ..."])
+
+
+# --- the Open Inference Protocol (v2) -------------------------------------------------
+
+
+class V2ServerMetadata(BaseModel):
+    name: str = Field(examples=["cifar100-classifier"])
+    version: str = Field(examples=["0.1.0"])
+    extensions: list[str] = Field(examples=[["binary_tensor_data", "classification"]])
+
+
+class V2ModelMetadata(BaseModel):
+    name: str = Field(examples=["cifar100-5735844"])
+    versions: list[str] = Field(description="content hashes of the files served")
+    platform: str = Field(examples=["onnxruntime_onnx"])
+    inputs: list[dict[str, Any]] = Field(
+        examples=[[{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]]
+    )
+    outputs: list[dict[str, Any]] = Field(
+        examples=[[{"name": "probabilities", "datatype": "FP32", "shape": [-1, 100]}]]
+    )
+
+
+class V2InferenceRequest(BaseModel):
+    """The protocol's inference request (documentation; the route parses it itself, so
+    that binary tensor data can follow the JSON)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='`{"binary_data_output": true}`: every output in binary'
+    )
+    inputs: list[dict[str, Any]] = Field(
+        description="exactly one: `images`, UINT8, shape [N, 32, 32, 3], `data` flat or "
+        "nested, or `parameters.binary_data_size` with the bytes after the JSON",
+        examples=[[{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+                    "data": [0] * 3072}]],
+    )  # fmt: skip
+    outputs: list[dict[str, Any]] | None = Field(
+        None,
+        description="`probabilities` (default) and/or `features`; `parameters`: "
+        '`{"binary_data": true}` or `{"classification": k}` ("score:index:label")',
+    )
+
+
+class V2Error(BaseModel):
+    error: str = Field(examples=["input 'images' must have datatype UINT8, got 'FP32'"])

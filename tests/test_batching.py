@@ -1,4 +1,5 @@
-"""The micro-batcher on its own: batching, order, and one failure not failing the rest."""
+"""The micro-batcher on its own: batching, order, bounds, deadlines, and failures that
+never leave a request hanging."""
 
 import asyncio
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from service.batching import MicroBatcher
+from service.errors import DeadlineExceeded, NotReady, Overloaded
 
 POISON = 13
 
@@ -13,13 +15,13 @@ POISON = 13
 def fake_model(calls: list[int]):
     """Probability row = the image's first pixel, as one-hot; fails on a poisoned image."""
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> dict[str, np.ndarray]:
         calls.append(len(images))
         if (images[:, 0, 0, 0] == POISON).any():
             raise ValueError("poisoned image")
         out = np.zeros((len(images), 100), np.float32)
         out[np.arange(len(images)), images[:, 0, 0, 0]] = 1
-        return out
+        return {"probabilities": out, "features": images[:, 0, 0, :].astype(np.float32)}
 
     return predict
 
@@ -28,43 +30,158 @@ def image(value: int, n: int = 1) -> np.ndarray:
     return np.full((n, 32, 32, 3), value, np.uint8)
 
 
-async def run_requests(batcher: MicroBatcher, requests: list[np.ndarray]):
+def batcher_of(predict, **options) -> MicroBatcher:
+    defaults = {"max_batch": 8, "max_wait": 0.05, "max_queue": 1000}
+    return MicroBatcher(predict, **(defaults | options))
+
+
+async def run_requests(batcher: MicroBatcher, requests: list[np.ndarray], timeout: float = 30):
     batcher.start()
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        return await asyncio.gather(*(batcher.predict(r) for r in requests), return_exceptions=True)
+        return await asyncio.gather(
+            *(batcher.predict(r, deadline) for r in requests), return_exceptions=True
+        )
     finally:
         await batcher.stop()
 
 
 def test_concurrent_requests_share_calls_and_get_their_own_rows():
     calls, sizes = [], []
-    batcher = MicroBatcher(fake_model(calls), max_batch=8, max_wait=0.05, on_batch=sizes.append)
+    batcher = batcher_of(fake_model(calls), on_batch=sizes.append)
     requests = [image(i) for i in range(10)] + [image(50, n=3)]
     results = asyncio.run(run_requests(batcher, requests))
     for request, result in zip(requests, results, strict=True):
-        assert result.shape == (len(request), 100)
-        assert (result.argmax(axis=1) == request[:, 0, 0, 0]).all()
+        assert result["probabilities"].shape == (len(request), 100)
+        assert (result["probabilities"].argmax(axis=1) == request[:, 0, 0, 0]).all()
+        assert (result["features"][:, 0] == request[:, 0, 0, 0]).all()  # every output split
     assert sum(calls) == 13 and len(calls) < 11
-    assert max(calls) <= 8 + 3  # a request's images stay together
     assert sizes == calls
 
 
-def test_one_bad_request_does_not_fail_its_batch():
+def test_batch_max_size_is_a_hard_cap_on_every_call():
+    """A request that does not fit joins the next call; one above the cap runs in slices."""
     calls = []
-    batcher = MicroBatcher(fake_model(calls), max_batch=16, max_wait=0.05)
+    batcher = batcher_of(fake_model(calls), max_batch=8)
+    requests = [image(1, n=5), image(2, n=5), image(3, n=3), image(4, n=20), image(5, n=8)]
+    results = asyncio.run(run_requests(batcher, requests))
+    assert max(calls) == 8  # exactly the cap, never above it
+    assert sum(calls) == 41
+    for request, result in zip(requests, results, strict=True):
+        assert (result["probabilities"].argmax(axis=1) == request[:, 0, 0, 0]).all()
+
+
+def test_one_bad_request_does_not_fail_its_batch():
+    calls, drops = [], []
+    batcher = batcher_of(fake_model(calls), max_batch=16, on_drop=lambda *d: drops.append(d))
     results = asyncio.run(run_requests(batcher, [image(1), image(POISON), image(2)]))
-    assert results[0].argmax() == 1 and results[2].argmax() == 2
+    assert results[0]["probabilities"].argmax() == 1
+    assert results[2]["probabilities"].argmax() == 2
     assert isinstance(results[1], ValueError)
     assert calls[0] == 3  # they were batched, then retried one by one
+    assert drops == [("failed", 1)]
+
+
+def test_a_full_queue_sheds_at_once():
+    async def scenario():
+        drops = []
+        batcher = batcher_of(fake_model([]), max_queue=4, on_drop=lambda *d: drops.append(d))
+        batcher.start()
+        deadline = asyncio.get_running_loop().time() + 30
+        accepted = [batcher.submit(image(1, n=2), deadline) for _ in range(2)]
+        with pytest.raises(Overloaded, match="4 images queued") as shed:
+            batcher.submit(image(1), deadline)
+        assert shed.value.headers == {"Retry-After": "1"}
+        assert [len((await f)["probabilities"]) for f in accepted] == [2, 2]
+        assert drops == [("shed", 1)]
+        batcher.submit(image(1), deadline)  # room again once the queue drained
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_expired_requests_are_answered_504_and_never_computed():
+    async def scenario():
+        calls, drops = [], []
+        batcher = batcher_of(fake_model(calls), on_drop=lambda *d: drops.append(d))
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        # Queued with a deadline already past: dropped before it is computed.
+        late = batcher.submit(image(7), loop.time() - 1)
+        on_time = batcher.submit(image(8), loop.time() + 30)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert (await on_time)["probabilities"].argmax() == 8
+        assert calls == [1] and drops == [("expired", 1)]
+        # Waiting past the deadline: predict gives up with 504 at the deadline.
+        with pytest.raises(DeadlineExceeded):
+            await batcher.predict(image(9), loop.time())
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_abandoned_requests_are_skipped_and_counted():
+    async def scenario():
+        calls, drops = [], []
+        batcher = batcher_of(fake_model(calls), max_wait=0, on_drop=lambda *d: drops.append(d))
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        gone = batcher.submit(image(3), loop.time() + 30)
+        gone.cancel()  # what the route does when its client disconnects
+        kept = batcher.submit(image(4), loop.time() + 30)
+        assert (await kept)["probabilities"].argmax() == 4
+        assert calls == [1] and drops == [("abandoned", 1)]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_crashed_loop_fails_pending_requests_and_restarts():
+    """An error escaping the loop (here: the batch-size callback) must not leave requests
+    waiting forever: they get 503, the loop restarts, and later requests are served."""
+
+    async def scenario():
+        crashes = [1]
+
+        def on_batch(size):
+            if crashes:
+                crashes.pop()
+                raise RuntimeError("metrics backend broke")
+
+        batcher = batcher_of(fake_model([]), max_wait=0, on_batch=on_batch)
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        with pytest.raises(NotReady, match="failed"):
+            await batcher.predict(image(1), loop.time() + 30)
+        assert batcher.restarts == 1
+        while not batcher.alive:  # restarting after a short backoff
+            with pytest.raises(NotReady, match="restarting"):
+                batcher.submit(image(1), loop.time() + 30)
+            await asyncio.sleep(0.01)
+        result = await batcher.predict(image(2), loop.time() + 30)
+        assert result["probabilities"].argmax() == 2
+        await batcher.stop()
+
+    asyncio.run(scenario())
 
 
 def test_stop_fails_pending_requests_instead_of_hanging():
     async def scenario():
-        batcher = MicroBatcher(fake_model([]), max_batch=4, max_wait=0)
-        pending = asyncio.ensure_future(batcher.predict(image(1)))  # never started
-        await asyncio.sleep(0)
-        await batcher.stop()
-        with pytest.raises(RuntimeError, match="shutting down"):
+        batcher = batcher_of(fake_model([]), max_wait=0)
+        batcher.start()
+        pending = batcher.submit(image(1), asyncio.get_running_loop().time() + 30)
+        await batcher.stop()  # before the loop ever ran
+        with pytest.raises(NotReady, match="shutting down"):
             await pending
+        with pytest.raises(NotReady, match="shutting down"):
+            batcher.submit(image(1), asyncio.get_running_loop().time() + 30)
 
     asyncio.run(scenario())
+
+
+def test_batching_off_runs_one_request_per_call():
+    calls = []
+    batcher = batcher_of(fake_model(calls), combine=False)
+    asyncio.run(run_requests(batcher, [image(i, n=2) for i in range(5)]))
+    assert calls == [2] * 5

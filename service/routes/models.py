@@ -38,7 +38,12 @@ def get_model(model_id: str, catalog: CatalogDep) -> ModelDetail:
     )
 
 
-@router.get("/{model_id}/report", response_class=RedirectResponse, status_code=307)
+@router.get(
+    "/{model_id}/report",
+    response_class=RedirectResponse,
+    status_code=307,
+    responses={404: {"model": ErrorBody, "description": "Unknown model"}},
+)
 async def get_report(model_id: str, catalog: CatalogDep) -> RedirectResponse:
     """The model's report (`make report`): what makes CIFAR-100 hard for it.
 
@@ -55,13 +60,19 @@ async def get_report_file(
     model_id: str, name: str, catalog: CatalogDep, settings: SettingsDep
 ) -> FileResponse:
     """A file of the model's report: index.html, report.json or a plot."""
-    folder = settings.reports_dir / catalog.get(model_id).model_id
-    # Flat file names only: nothing outside the report's folder can be asked for.
-    if not re.fullmatch(r"[\w-]+\.(html|json|png)", name) or not (folder / name).is_file():
+    model_id = catalog.get(model_id).model_id  # a served id: it matches MODEL_ID_PATTERN
+    reports = settings.reports_dir.resolve()
+    path = (reports / model_id / name).resolve()
+    # Flat file names only, and nothing outside REPORTS_DIR, through a symlink or not.
+    if (
+        not re.fullmatch(r"[\w-]+\.(html|json|png)", name)
+        or not path.is_relative_to(reports)
+        or not path.is_file()
+    ):
         if name == "index.html":
             raise ReportNotFound(f"no report for {model_id!r} yet; run `make report`")
         raise ReportNotFound(f"the report of {model_id!r} has no file {name!r}")
-    return FileResponse(folder / name)
+    return FileResponse(path)
 
 
 def _info(model: Classifier, catalog: Catalog) -> ModelInfo:

@@ -1,6 +1,6 @@
 """For operators: liveness, readiness and Prometheus metrics."""
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -18,11 +18,15 @@ def live() -> Health:
 
 
 @router.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
-def ready(catalog: CatalogDep) -> Health | JSONResponse:
-    """200 once at least one model is loaded and warmed up; 503 with the reason otherwise."""
-    if catalog.ready:
+def ready(request: Request, catalog: CatalogDep) -> Health | JSONResponse:
+    """200 once a model is loaded, warmed up and its batcher running; 503 with the reason
+    otherwise, and from the moment the server is told to stop (SIGTERM)."""
+    if request.app.state.draining.is_set():
+        body = Health(status="not ready", detail="shutting down")
+    elif not catalog.ready:
+        body = Health(status="not ready", detail=catalog.not_ready_reason())
+    else:
         return Health(status="ready")
-    body = Health(status="not ready", detail=catalog.not_ready_reason())
     return JSONResponse(body.model_dump(), status_code=503)
 
 

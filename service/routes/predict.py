@@ -1,27 +1,34 @@
 """POST /predict: decode the uploads, call the model, encode the answer."""
 
-import time
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, File, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from PIL import Image
 
-from service.deps import CatalogDep, MetricsDep, SettingsDep
+from service.config import Settings
+from service.deps import CatalogDep, DeadlineDep, MetricsDep, SettingsDep
 from service.errors import InvalidImage, TooManyImages, UploadTooLarge
-from service.images import decode_image
+from service.images import decode, decoded_pixels, open_image
+from service.routes.inference import infer
 from service.schemas import ErrorBody, PredictResponse, describe
 
 router = APIRouter(tags=["predict"])
 
 ERRORS = {
     404: {"model": ErrorBody, "description": "Unknown model"},
+    408: {"model": ErrorBody, "description": "The body did not arrive in time"},
     413: {
         "model": ErrorBody,
         "description": "Upload too large, too many images, or too many pixels",
     },
     422: {"description": "Not an image, truncated, empty, not 32x32, or bad parameters"},
-    503: {"model": ErrorBody, "description": "No model loaded"},
+    503: {
+        "model": ErrorBody,
+        "description": "No model loaded, shutting down, or overloaded (shed at once, with "
+        "Retry-After)",
+    },
+    504: {"model": ErrorBody, "description": "Not answered before the request's deadline"},
 }
 
 
@@ -32,6 +39,7 @@ async def predict(
         list[UploadFile],
         File(
             description="One or more 32x32 images: PNG, JPEG, BMP, GIF, WebP or TIFF",
+            min_length=1,
             # Swagger UI shows a file picker for `format: binary`, not for the OpenAPI 3.1
             # `contentMediaType` FastAPI writes: without this, /docs could not upload.
             json_schema_extra={"items": {"type": "string", "format": "binary"}},
@@ -40,6 +48,7 @@ async def predict(
     catalog: CatalogDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    deadline: DeadlineDep,
     model: Annotated[str | None, Query(description="Model id; default: DEFAULT_MODEL")] = None,
     top_k: Annotated[int, Query(ge=1, le=100, description="Fine classes to return")] = 5,
     resize: Annotated[
@@ -60,41 +69,48 @@ async def predict(
                 f"the limit is {settings.max_upload_bytes:,} per image"
             )
     contents = [await upload.read() for upload in files]
-    if resize:  # images of any size (up to MAX_IMAGE_PIXELS): decode off the event loop
-        images = await run_in_threadpool(
-            _decode_all, contents, files, resize, settings.max_image_pixels
-        )
-    else:  # 32x32 or refused from the header: microseconds, cheaper than a thread hop
-        images = _decode_all(contents, files, resize, settings.max_image_pixels)
-
-    start = time.perf_counter()
-    batcher = catalog.batchers.get(classifier.model_id)
-    if batcher is not None:
-        probabilities = await batcher.predict(images)
-    else:
-        probabilities = await run_in_threadpool(classifier.predict, images)
-    inference_ms = (time.perf_counter() - start) * 1000
-    metrics.images.labels(classifier.model_id).inc(len(images))
-
+    opened = _open_all(contents, files, resize, settings)  # headers only: cheap
+    if any(image.size != (32, 32) for image in opened):  # real decoding work: bounded
+        images = await request.app.state.decode_slots.run(lambda: _decode_all(opened, files))
+    else:  # 32x32: microseconds, cheaper than a thread hop
+        images = _decode_all(opened, files)
+    outputs, inference_ms = await infer(request, catalog, metrics, classifier, images, deadline)
     return PredictResponse(
         model_id=classifier.model_id,
         inference_ms=round(inference_ms, 3),
         predictions=[
             describe(classifier, row, top_k, upload.filename)
-            for row, upload in zip(probabilities, files, strict=True)
+            for row, upload in zip(outputs["probabilities"], files, strict=True)
         ],
     )
 
 
-def _decode_all(
-    contents: list[bytes], files: list[UploadFile], resize: bool, max_pixels: int
-) -> np.ndarray:
-    images = []
+def _open_all(
+    contents: list[bytes], files: list[UploadFile], resize: bool, settings: Settings
+) -> list[Image.Image]:
+    """Every header, checked before any pixel is decoded: per image and per request."""
+    opened = []
     for index, (data, upload) in enumerate(zip(contents, files, strict=True)):
         try:
-            images.append(decode_image(data, resize, max_pixels))
+            opened.append(open_image(data, resize, settings.max_image_pixels))
         except (InvalidImage, UploadTooLarge) as err:
             raise type(err)(f"{_name(index, upload)}: {err.message}") from None
+    total = sum(map(decoded_pixels, opened))
+    if total > settings.max_request_pixels:
+        raise UploadTooLarge(
+            f"the images of this request would decode to {total:,} pixels; the limit is "
+            f"{settings.max_request_pixels:,} per request (send fewer or smaller images)"
+        )
+    return opened
+
+
+def _decode_all(opened: list[Image.Image], files: list[UploadFile]) -> np.ndarray:
+    images = []
+    for index, (image, upload) in enumerate(zip(opened, files, strict=True)):
+        try:
+            images.append(decode(image, resize=image.size != (32, 32)))
+        except InvalidImage as err:
+            raise InvalidImage(f"{_name(index, upload)}: {err.message}") from None
     return np.stack(images)
 
 

@@ -1,0 +1,141 @@
+"""Running the app: uvicorn with the limits a public server needs, from the settings.
+
+uvicorn bounds keep-alive and graceful shutdown itself; two limits it lacks are added
+to its httptools protocol here, because they apply before any ASGI code runs:
+- the request line and headers must arrive within HEADER_TIMEOUT_SECONDS of the
+  connection opening (or of the request's first byte on a kept-alive connection): a
+  client dribbling its headers is answered 408 and closed;
+- they must fit in MAX_HEADER_BYTES: 431 and closed.
+
+`drain_on_sigterm` gives SIGTERM the shape orchestrators expect: readiness turns 503 at
+once while the server keeps serving for SHUTDOWN_DRAIN_SECONDS (so load balancers stop
+sending), then uvicorn stops accepting and gives in-flight requests
+GRACEFUL_SHUTDOWN_SECONDS to finish.
+"""
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's config plus our header limits (a module-level class: it is pickled to
+    worker processes)."""
+
+    def __init__(self, app: Any, *, max_header_bytes: int, header_timeout: float, **kw) -> None:
+        super().__init__(app, **kw)
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._start_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # a new request on a kept-alive connection
+            self._head_bytes = 0
+            self._start_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)  # still inside a request's head
+            if self._head_bytes > self.config.max_header_bytes:
+                self._refuse(
+                    431, f"the request head is above {self.config.max_header_bytes:,} bytes"
+                )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.config.header_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            seconds = f"{self.config.header_timeout:g}"
+            self._refuse(408, f"the request head did not arrive within {seconds} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer before the app is involved (like uvicorn's own 400), then close."""
+        self._stop_head_timer()
+        body = json.dumps({"detail": message}).encode()
+        head = (
+            f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+def drain_on_sigterm(draining: threading.Event, seconds: float) -> None:
+    """On SIGTERM: set `draining` now, hand the signal to uvicorn `seconds` later.
+
+    Called from the app's lifespan, inside uvicorn's own signal handling (which restores
+    its handlers on exit). A second SIGTERM stops at once."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        return  # not under a server (tests drive the app in a thread), or no drain wanted
+    stop = signal.getsignal(signal.SIGTERM)
+    if not callable(stop):
+        return
+
+    def handle(sig: int, frame: Any) -> None:
+        if draining.is_set():
+            stop(sig, frame)
+            return
+        draining.set()
+        log.info("SIGTERM: draining, readiness is 503", extra={"drain_seconds": seconds})
+        timer = threading.Timer(seconds, stop, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, handle)
+
+
+def serve(settings: Settings) -> None:
+    """`python -m service`: serve models/ with every limit taken from the settings."""
+    config = ServerConfig(
+        "service.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        http=GuardedHttpToolsProtocol,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+        log_level=settings.log_level.lower(),
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout_seconds,
+    )
+    if config.workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    else:
+        uvicorn.Server(config).run()
