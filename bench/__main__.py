@@ -184,25 +184,47 @@ def load_server(app_args: list[str], env: dict[str, str], args: argparse.Namespa
 
 @contextlib.contextmanager
 def uvicorn_process(app_args: list[str], env: dict[str, str]):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`python -m uvicorn APP_ARGS` on a free loopback port, ready; yields the port."""
+    port = free_port()
     command = [sys.executable, "-m", "uvicorn", *app_args, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+    with server_process(command, env, port):
+        yield port
+
+
+@contextlib.contextmanager
+def service_process(env: dict[str, str]):
+    """`python -m service` (our server, with its limits) on a free loopback port, ready;
+    yields (port, process), so a test can signal it."""
+    port = free_port()
+    env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "WARNING", **env}
+    with server_process([sys.executable, "-m", "service"], env, port) as process:
+        yield port, process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], env: dict[str, str], port: int):
     process = subprocess.Popen(command, env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server {app_args} did not become ready")
+                raise RuntimeError(f"server {command} did not become ready")
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1)
                 break
             time.sleep(0.2)
-        yield port
+        yield process
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=60)
 
 
 def summarise(weights: str, ceiling: dict, service: dict, naive: list[dict]) -> dict:

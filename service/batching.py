@@ -101,7 +101,7 @@ class MicroBatcher:
         if self._stopping:
             raise NotReady("the server is shutting down")
         if not self.alive:
-            raise NotReady(f"the batcher of {self._name} is restarting after an error")
+            raise NotReady(f"the batcher of {self._name} is not running; retry shortly")
         if self._queued_images + len(images) > self._max_queue:
             self._on_drop("shed", len(images))
             raise Overloaded(

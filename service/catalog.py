@@ -58,7 +58,7 @@ class Catalog:
     def not_ready_reason(self) -> str:
         if self.models:
             return "no model can take requests: " + ", ".join(
-                f"the batcher of {model_id} is restarting"
+                f"the batcher of {model_id} is not running"
                 for model_id, batcher in self.batchers.items()
                 if not batcher.alive
             )

@@ -2,18 +2,23 @@
 
 import contextlib
 import io
+import os
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 
 import numpy as np
 import onnxruntime as ort
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.config import get_settings
 from service.main import create_app
 from service.modelcard import INPUT_NAME, OUTPUT_NAME
+from service.server import GuardedHttpToolsProtocol, ServerConfig
 
 
 def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -28,6 +33,50 @@ def upload(*images: bytes, name: str = "img") -> list:
     return [
         ("files", (f"{name}{i}", data, "application/octet-stream")) for i, data in enumerate(images)
     ]
+
+
+@contextlib.contextmanager
+def environment(**env: str) -> Iterator[None]:
+    """Settings from these variables (upper-cased) for the duration, then as before."""
+    saved = dict(os.environ)
+    os.environ.update({key.upper(): str(value) for key, value in env.items()})
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+
+
+@contextlib.contextmanager
+def live_server(models_dir, **env: str) -> Iterator[int]:
+    """The app behind our real server (its protocol limits included) on a loopback port,
+    in a thread; yields the port. Signals need a process: see bench's service_process."""
+    with environment(models_dir=models_dir, log_json="false", **env):
+        settings = get_settings()
+        config = ServerConfig(
+            create_app(),
+            host="127.0.0.1",
+            port=0,
+            log_level="error",
+            http=GuardedHttpToolsProtocol,
+            timeout_keep_alive=settings.keep_alive_seconds,
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout=settings.header_timeout_seconds,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not server.started:
+                assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+                time.sleep(0.02)
+            yield server.servers[0].sockets[0].getsockname()[1]
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
 
 
 @contextlib.contextmanager

@@ -156,7 +156,7 @@ def test_a_crashed_loop_fails_pending_requests_and_restarts():
             await batcher.predict(image(1), loop.time() + 30)
         assert batcher.restarts == 1
         while not batcher.alive:  # restarting after a short backoff
-            with pytest.raises(NotReady, match="restarting"):
+            with pytest.raises(NotReady, match="not running"):
                 batcher.submit(image(1), loop.time() + 30)
             await asyncio.sleep(0.01)
         result = await batcher.predict(image(2), loop.time() + 30)

@@ -16,15 +16,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import uvicorn
 from PIL import Image
 
-from bench.__main__ import uvicorn_process
+from bench.__main__ import service_process
 from bench.load import multipart_body
-from service.config import get_settings
 from service.errors import DeviceUnavailable
-from service.main import create_app
-from tests.service_helpers import encode, onnx_probabilities, png_16_bit, serve, upload
+from tests.service_helpers import (
+    encode,
+    live_server,
+    onnx_probabilities,
+    png_16_bit,
+    serve,
+    upload,
+)
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
@@ -234,9 +238,7 @@ def test_upload_limits(monkeypatch, models_dir, images):
 def test_oversized_body_is_refused_while_streaming(monkeypatch, models_dir):
     """Over a real socket: the 413 comes back long before the body would have been sent."""
     limit = 2048 * 2 + 64 * 1024  # max_request_bytes for these settings
-    with live_server(
-        monkeypatch, models_dir, max_upload_bytes=2048, max_images_per_request=2
-    ) as port:
+    with live_server(models_dir, max_upload_bytes=2048, max_images_per_request=2) as port:
         head = (
             "POST /predict HTTP/1.1\r\nHost: localhost\r\n"
             "Content-Type: multipart/form-data; boundary=b\r\n"
@@ -267,30 +269,6 @@ def test_oversized_body_is_refused_while_streaming(monkeypatch, models_dir):
             assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
             assert sent < 8 * limit
             assert b"request body is above" in reply
-
-
-@contextlib.contextmanager
-def live_server(monkeypatch, models_dir, **env):
-    """The app behind a real uvicorn on a loopback port."""
-    monkeypatch.setenv("MODELS_DIR", str(models_dir))
-    for key, value in env.items():
-        monkeypatch.setenv(key.upper(), str(value))
-    get_settings.cache_clear()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(), host="127.0.0.1", port=0, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        get_settings.cache_clear()
 
 
 # --- models, health, metrics, docs -----------------------------------------------------
@@ -486,7 +464,7 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
         "MODELS_DIR": str(models_dir), "WEB_CONCURRENCY": "2",
         "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir), "LOG_LEVEL": "WARNING",
     }  # fmt: skip
-    with uvicorn_process(["--factory", "service.main:create_app"], env) as port:
+    with service_process(env) as (port, _):
         body, content_type = multipart_body(encode(images[0]), "a.png")
 
         def post(_) -> int:  # a new connection each, eight at a time: both workers get some

@@ -1,0 +1,333 @@
+"""The service on a bad day: slow and hostile clients, overload, expensive images, broken
+files and shutdown. Real servers over real sockets where the behaviour is a socket's;
+every assertion is about a status, a bound or nothing lost, never about a duration."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import onnx
+import pytest
+
+from bench.__main__ import service_process
+from bench.load import multipart_body
+from service.errors import Overloaded
+from service.limits import DecodeSlots
+from tests.service_helpers import encode, live_server, serve, upload
+
+LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
+
+
+def read_reply(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    conn.settimeout(60)  # a bound on the test, not a timing assertion
+    reply = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            reply += chunk
+    return reply
+
+
+# --- slow and hostile clients, over a real socket -------------------------------------
+
+
+def test_headers_that_never_finish_get_408_and_the_connection_closes(models_dir):
+    with live_server(models_dir, header_timeout_seconds=1) as port:
+        # Nothing at all after connecting, and a head dribbled without its final line.
+        for prefix in (b"", b"GET /health/live HTTP/1.1\r\nHost: x\r\n"):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(prefix)
+                reply = read_reply(conn)  # returns only once the server closed it
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+            assert b"did not arrive within 1 s" in reply
+
+
+def test_a_kept_alive_connection_gets_the_header_limit_on_every_request(models_dir):
+    with live_server(models_dir, header_timeout_seconds=1) as port:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.settimeout(30)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            conn.sendall(b"GET /health/live HTTP/1.1\r\n")  # second request: head never ends
+            reply = read_reply(conn)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+
+
+def test_an_oversized_head_gets_431(models_dir):
+    with live_server(models_dir, max_header_bytes=4096) as port:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192)
+            reply = read_reply(conn)
+        assert reply.startswith(b"HTTP/1.1 431"), reply[:80]
+        assert b"above 4,096 bytes" in reply
+        # A normal request with a few headers is still fine.
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(
+                b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Ok: " + b"a" * 1000 + b"\r\n\r\n"
+            )
+            conn.settimeout(30)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_body_shorter_than_its_length_gets_408_not_a_hang(models_dir, images):
+    body, content_type = multipart_body(encode(images[0]), "a.png")
+    with live_server(models_dir, body_timeout_seconds=1) as port:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            head = (
+                f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body) + 100}\r\n\r\n"
+            )
+            conn.sendall(head.encode() + body)  # 100 bytes short, forever
+            reply = read_reply(conn)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert b"no body data for 1 s" in reply and b"connection: close" in reply.lower()
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    from tests.synthetic import make_images
+
+    return make_images(np.array([3, 17, 42, 99]), seed=5)
+
+
+# --- expensive images -------------------------------------------------------------------
+
+
+def solid_png(side: int) -> bytes:
+    return encode(np.full((side, side, 3), 90, np.uint8))
+
+
+def test_decoding_work_is_bounded_per_request_before_any_decoding(monkeypatch, models_dir):
+    """The amplification request (64 solid 4096x4096 PNGs, 58 KB each) is refused from
+    the headers; a request within the pixel budget is decoded and answered."""
+    with serve(monkeypatch, models_dir) as client:
+        huge = solid_png(4096)
+        response = client.post("/predict?resize=true", files=upload(*[huge] * 64))
+        assert response.status_code == 413
+        assert "above the limit of 4,194,304 when resizing" in response.json()["detail"]
+        big = solid_png(2048)  # at the per-image limit: 5 of them exceed the request budget
+        response = client.post("/predict?resize=true", files=upload(*[big] * 5))
+        assert response.status_code == 413
+        assert "would decode to 20,971,520 pixels" in response.json()["detail"]
+        assert "limit is 16,777,216 per request" in response.json()["detail"]
+        response = client.post("/predict?resize=true", files=upload(*[big] * 4))
+        assert response.status_code == 200, response.text
+
+
+def test_a_large_jpeg_counts_at_its_reduced_decode_size(monkeypatch, models_dir):
+    """A 12-megapixel photo is fine as a JPEG (decoded at 1/8 scale), refused as a PNG."""
+    rng = np.random.default_rng(0)
+    photo = np.kron(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((100, 100, 1)))
+    photo = photo.astype(np.uint8)  # 3000x4000
+    with serve(monkeypatch, models_dir) as client:
+        jpeg = client.post("/predict?resize=true", files=upload(encode(photo, "JPEG")))
+        assert jpeg.status_code == 200, jpeg.text
+        png = client.post("/predict?resize=true", files=upload(encode(photo, "PNG")))
+        assert png.status_code == 413
+
+
+def test_concurrent_large_decodes_beyond_the_slots_are_shed():
+    """DecodeSlots on its own: with its one slot taken, the next request is a 503 with
+    Retry-After at once, not a queue of CPU work; the slot frees when the decode ends."""
+
+    async def scenario():
+        slots = DecodeSlots(1)
+        started, release = threading.Event(), threading.Event()
+
+        def slow_decode():
+            started.set()
+            release.wait(30)
+            return "decoded"
+
+        first = asyncio.ensure_future(slots.run(slow_decode))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="already decoding") as shed:
+            await slots.run(lambda: "never")
+        assert shed.value.status_code == 503 and shed.value.headers == {"Retry-After": "1"}
+        release.set()
+        assert await first == "decoded"
+        assert await slots.run(lambda: "again") == "again" and slots.busy == 0
+
+    asyncio.run(scenario())
+
+
+# --- load shedding, deadlines, the batch cap ----------------------------------------------
+
+
+def test_a_request_that_cannot_fit_the_queue_is_shed_with_retry_after(
+    monkeypatch, models_dir, images
+):
+    with serve(monkeypatch, models_dir, max_queue_images=2) as client:
+        response = client.post("/predict", files=upload(*map(encode, images[:3])))
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert "images queued (the limit is 2)" in response.json()["detail"]
+        assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
+        metrics = client.get("/metrics").text
+    assert f'images_dropped_total{{model="{LARGE}",reason="shed"}} 3.0' in metrics
+
+
+def test_a_request_past_its_deadline_gets_504(monkeypatch, models_dir, images):
+    with serve(monkeypatch, models_dir) as client:
+        files = upload(encode(images[0]))
+        response = client.post("/predict", files=files, headers={"X-Request-Timeout": "1e-9"})
+        assert response.status_code == 504 and "deadline" in response.json()["detail"]
+        for bad in ("0", "-1", "soon", "nan", "inf"):
+            response = client.post("/predict", files=files, headers={"X-Request-Timeout": bad})
+            assert response.status_code == 400, bad
+        ok = client.post("/predict", files=files, headers={"X-Request-Timeout": "30"})
+        assert ok.status_code == 200
+
+
+def test_batch_max_size_caps_every_onnxruntime_call(monkeypatch, models_dir, images):
+    """10 images with BATCH_MAX_SIZE=4: three calls of 4, 4 and 2, never more."""
+    with serve(monkeypatch, models_dir, batch_max_size=4) as client:
+        many = upload(*[encode(images[i % len(images)]) for i in range(10)])
+        response = client.post("/predict", files=many)
+        assert response.status_code == 200 and len(response.json()["predictions"]) == 10
+        metrics = client.get("/metrics").text
+    buckets = {
+        line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('inference_batch_size_bucket{le="') and LARGE in line
+    }
+    assert buckets["2.0"] == 1 and buckets["4.0"] == 3 and buckets["+Inf"] == 3
+
+
+def test_a_dead_batcher_makes_the_service_unready_instead_of_hanging(
+    monkeypatch, models_dir, images
+):
+    with serve(monkeypatch, models_dir) as client:
+        catalog = client.app.state.catalog
+        for batcher in catalog.batchers.values():
+            client.portal.call(batcher._task.cancel)  # the loop ends, as if killed
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and "batcher" in ready.json()["detail"]
+        response = client.post("/predict", files=upload(encode(images[0])))
+        assert response.status_code == 503 and "batcher" in response.json()["detail"]
+
+
+# --- files that must not stall or leak ----------------------------------------------------
+
+
+def test_a_fifo_among_the_models_does_not_block_startup(monkeypatch, model_copy, images):
+    os.mkfifo(model_copy / "x.onnx")
+    (model_copy / "dangling.onnx").symlink_to(model_copy / "nowhere.onnx")
+    with serve(monkeypatch, model_copy) as client:
+        failed = client.get("/models").json()["failed"]
+        assert failed == {"x.onnx": "not a regular file", "dangling.onnx": "not a regular file"}
+        assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
+
+
+def test_model_ids_that_could_name_paths_are_refused(monkeypatch, model_copy, tmp_path):
+    model = onnx.load(model_copy / f"{SMALL}.onnx")
+    for prop in model.metadata_props:
+        if prop.key == "model_id":
+            prop.value = ".."
+    onnx.save(model, model_copy / "evil.onnx")
+    with serve(monkeypatch, model_copy, reports_dir=tmp_path / "reports") as client:
+        failed = client.get("/models").json()["failed"]
+        assert "model id '..' is not allowed" in failed["evil.onnx"]
+        assert client.get("/models/../report/secret.json").status_code == 404
+
+
+def test_reports_are_served_from_inside_reports_dir_only(monkeypatch, models_dir, tmp_path):
+    reports = tmp_path / "reports"
+    (reports / SMALL).mkdir(parents=True)
+    (reports / SMALL / "index.html").write_text("<h1>report</h1>")
+    (tmp_path / "secret.json").write_text('{"secret": true}')
+    (reports / SMALL / "leak.json").symlink_to(tmp_path / "secret.json")
+    with serve(monkeypatch, models_dir, reports_dir=reports) as client:
+        assert client.get(f"/models/{SMALL}/report/index.html").text == "<h1>report</h1>"
+        leak = client.get(f"/models/{SMALL}/report/leak.json")
+        assert leak.status_code == 404 and "secret" not in leak.text
+
+
+def test_failures_show_file_names_and_short_reasons_only(monkeypatch, model_copy):
+    (model_copy / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
+    with serve(monkeypatch, model_copy) as client:
+        failed = client.get("/models").json()["failed"]
+        assert failed == {"corrupt.onnx": "onnxruntime cannot load it"}
+        assert str(model_copy) not in client.get("/models").text
+
+
+# --- the API contract ---------------------------------------------------------------------
+
+
+def test_metrics_label_route_templates_and_one_bucket_for_unknown_paths(client):
+    for path in ("/openapi.json", "/docs", "/nope", "/nope/again", f"/models/{SMALL}"):
+        client.get(path)
+    metrics = client.get("/metrics").text
+    assert 'route="/openapi.json",status="200"' in metrics
+    assert 'route="/docs",status="200"' in metrics
+    assert 'route="/models/{model_id}",status="200"' in metrics
+    assert 'http_requests_total{model="",route="unmatched",status="404"} 2.0' in metrics
+
+
+def test_empty_uploads_are_refused_and_the_schema_says_so(client):
+    spec = client.get("/openapi.json").json()
+    files = spec["components"]["schemas"]["Body_predict_predict_post"]["properties"]["files"]
+    assert files["minItems"] == 1
+    response = client.post("/predict", data={"other": "x"}, files=[("x", ("a", b"1"))])
+    assert response.status_code == 422
+
+
+@pytest.fixture
+def client(monkeypatch, models_dir):
+    with serve(monkeypatch, models_dir) as client:
+        yield client
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_then_finishes_what_is_in_flight(models_dir, images):
+    """SIGTERM: readiness 503 at once while requests are still served (with Connection:
+    close); a request whose upload is under way is still answered; then the process exits."""
+    body, content_type = multipart_body(encode(images[0]), "a.png")
+    env = {
+        "MODELS_DIR": str(models_dir),
+        "SHUTDOWN_DRAIN_SECONDS": "3",
+        "GRACEFUL_SHUTDOWN_SECONDS": "30",
+    }
+    with service_process(env) as (port, process):
+        slow = socket.create_connection(("127.0.0.1", port))
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        slow.sendall(head.encode() + body[:100])  # an upload in flight
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # let the signal land; not an assertion
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=10)
+        assert ready.value.code == 503 and b"shutting down" in ready.value.read()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict", data=body, headers={"Content-Type": content_type}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:  # still served
+            assert response.status == 200 and response.headers["Connection"] == "close"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # after the drain, new connections are refused
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server kept accepting connections after the drain")
+        slow.sendall(body[100:])  # the upload that was in flight all along is answered
+        reply = read_reply(slow)
+        slow.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["predictions"]
+        assert process.wait(timeout=60) is not None  # it exits by itself
