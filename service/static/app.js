@@ -1,0 +1,500 @@
+// The page for people, and a worked example of a client of the public API:
+//   GET  models               the model list (GET models/{id} for one model's full card)
+//   POST predict?model=ID&top_k=5&resize=true   multipart, field "files"
+// No framework and no build step. URLs are relative, so the page also works behind a prefix.
+
+const TOP_K = 5;
+const REDUCED_SIDE = 128; // the copy offered when a picture is above the upload limit
+const PARALLEL_IMAGES = 2; // pictures in flight at once (each asks every model)
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const models = []; // from GET models, in the service's order
+let modelsLoaded = null; // a promise: predictions wait for the model list
+const queue = [];
+let running = 0;
+let batchAnchor = null;
+
+// --- talking to the API ------------------------------------------------------------
+
+// Never throws: {ok, status, body, message}; message says what went wrong, in words.
+async function api(path, options) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (err) {
+    return { ok: false, status: 0, body: null, message: `Could not reach the service (${err.message}).` };
+  }
+  const text = await response.text();
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    body = null;
+  }
+  if (response.ok) return { ok: true, status: response.status, body };
+  return { ok: false, status: response.status, body, message: explain(response, body, text) };
+}
+
+// The service's errors are {"detail": "..."} (FastAPI's validation errors: a list).
+function explain(response, body, text) {
+  let detail = body && body.detail;
+  if (Array.isArray(detail)) detail = detail.map((d) => d.msg || JSON.stringify(d)).join('; ');
+  if (typeof detail !== 'string' || !detail) detail = text.trim().slice(0, 200) || response.statusText;
+  detail = detail.replace(/\.$/, '');
+  const retry = response.headers.get('Retry-After');
+  switch (response.status) {
+    case 413:
+      return `Too large: ${detail}.`;
+    case 422:
+      return `Not accepted: ${detail}.`;
+    case 404:
+      return `Not found: ${detail}.`;
+    case 503:
+      return `The service is not ready: ${detail}. ` + (retry ? `Try again in ${retry} s.` : 'Try again in a moment.');
+    default:
+      return `The service answered ${response.status}: ${detail}.`;
+  }
+}
+
+async function predict(blob, filename, modelId) {
+  const form = new FormData();
+  form.append('files', blob, filename);
+  const query = new URLSearchParams({ top_k: TOP_K, resize: 'true' });
+  if (modelId) query.set('model', modelId);
+  const url = `predict?${query}`;
+  const started = performance.now();
+  const result = await api(url, { method: 'POST', body: form });
+  result.roundTripMs = performance.now() - started;
+  result.url = url;
+  return result;
+}
+
+// --- small helpers -------------------------------------------------------------------
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === 'class') node.className = value;
+    else if (key === 'text') node.textContent = value;
+    else if (key.startsWith('data-') || key.startsWith('aria-') || key === 'href' || key === 'role')
+      node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
+}
+
+const human = (name) => String(name).replaceAll('_', ' ');
+const percent = (p) => (p > 0 && p < 0.001 ? '<0.1 %' : `${(p * 100).toFixed(1)} %`);
+const bytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KB` : `${(n / 1048576).toFixed(1)} MB`);
+const ms = (n) => (n < 10 ? n.toFixed(1) : Math.round(n).toString());
+const versionOf = (info) => info.version ?? info.model_version ?? null;
+
+function announce(message) {
+  $('#status').textContent = message;
+}
+
+function showServiceError(message) {
+  const box = $('#service-error');
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// --- the model cards -----------------------------------------------------------------
+
+const RECIPE_NAMES = {
+  epochs: 'Epochs',
+  batch_size: 'Batch size',
+  learning_rate: 'Learning rate',
+  weight_decay: 'Weight decay',
+  augment: 'Augmentation',
+  seed: 'Seed',
+  optimizer: 'Optimizer',
+  schedule: 'Learning-rate schedule',
+  augmentation: 'Augmentation',
+  checkpoint_selection: 'Checkpoint',
+  source: 'Weights from',
+  recipe: 'Recipe',
+  method: 'Method',
+  images: 'Images',
+  top1_accuracy: 'Top-1 accuracy',
+  top5_accuracy: 'Top-5 accuracy',
+  superclass_accuracy: 'Superclass accuracy',
+};
+const capitalised = (text) => text.charAt(0).toUpperCase() + text.slice(1);
+
+function describeValue(value) {
+  if (typeof value === 'boolean') return value ? 'yes' : 'no';
+  if (value === null || value === undefined) return '—';
+  if (typeof value === 'object') return JSON.stringify(value);
+  return String(value);
+}
+
+// A <dl> of whatever the object holds: known keys get friendly names, new ones still show.
+function definitionList(entries) {
+  const list = el('dl');
+  for (const [key, value] of entries) list.append(el('dt', { text: RECIPE_NAMES[key] || capitalised(human(key)) }), el('dd', { text: describeValue(value) }));
+  return list;
+}
+
+function trainingSection(training) {
+  if (!training || typeof training !== 'object' || !Object.keys(training).length) return el('p', { text: 'No training record in the file.' });
+  const entries = []; // recipe and method are objects: their fields, one line each
+  for (const [key, value] of Object.entries(training)) {
+    if (value && typeof value === 'object' && !Array.isArray(value)) entries.push(...Object.entries(value));
+    else entries.push([key, value]);
+  }
+  // "augmentation: 4px reflect pad + ..." says more than the recipe's "augment: yes"
+  const inWords = entries.some(([key]) => key === 'augmentation');
+  return definitionList(entries.filter(([key]) => !(inWords && key === 'augment')));
+}
+
+function evaluationSection(evaluation) {
+  if (!evaluation || typeof evaluation !== 'object') return [el('p', { text: 'Not evaluated on the test set.' })];
+  const scores = [];
+  for (const [key, value] of Object.entries(evaluation)) {
+    if (typeof value !== 'number') continue;
+    const isShare = /accuracy|error|ece/.test(key) && value >= 0 && value <= 1;
+    scores.push([key, isShare ? percent(value) : value.toLocaleString('en')]);
+  }
+  const parts = [definitionList(scores)];
+  const perClass = evaluation.per_class_accuracy;
+  if (perClass && typeof perClass === 'object') {
+    const ranked = Object.entries(perClass).filter(([, v]) => typeof v === 'number').sort((a, b) => b[1] - a[1]);
+    if (ranked.length >= 6) {
+      const line = (items) => items.map(([name, v]) => `${human(name)} ${percent(v)}`).join(', ');
+      parts.push(el('p', { class: 'classes' }, el('strong', { text: 'Easiest classes: ' }), line(ranked.slice(0, 3))));
+      parts.push(el('p', { class: 'classes' }, el('strong', { text: 'Hardest classes: ' }), line(ranked.slice(-3).reverse())));
+    }
+  }
+  return parts;
+}
+
+async function reportLink(modelId) {
+  const href = `models/${encodeURIComponent(modelId)}/report`;
+  let found = false;
+  try {
+    const response = await fetch(`${href}/index.html`);
+    found = response.ok;
+    response.body?.cancel();
+  } catch {
+    found = false;
+  }
+  if (found) return el('p', { class: 'report' }, el('a', { href, text: `Read the report of ${modelId}` }), ': what makes CIFAR-100 hard for it.');
+  return el('p', { class: 'report missing', text: 'No report for this model yet (`make report` writes one).' });
+}
+
+function renderCard(info, detail) {
+  const card = { ...info, ...(detail || {}) };
+  const version = versionOf(card);
+  const facts = [];
+  if (version !== null) facts.push(['version', version]);
+  facts.push(['parameters', Number(card.parameter_count).toLocaleString('en')]);
+  facts.push(['file', card.file]);
+  facts.push(['runs on', card.provider]);
+  facts.push(['status', card.ready ? 'ready' : 'not ready']);
+  const title = el('h3', {}, card.model_id, card.default ? el('span', { class: 'badge', text: 'default' }) : null);
+  const article = el(
+    'article',
+    { class: 'card', 'data-model-id': card.model_id },
+    title,
+    definitionList(facts),
+    el('h4', { text: 'Training' }),
+    trainingSection(card.training),
+    el('h4', { text: card.evaluation && card.evaluation.images ? `Test set (${Number(card.evaluation.images).toLocaleString('en')} images)` : 'Test set' }),
+    ...evaluationSection(card.evaluation),
+  );
+  const slot = el('p', { class: 'report', text: 'Looking for a report…' });
+  article.append(slot);
+  reportLink(card.model_id).then((link) => slot.replaceWith(link));
+  return article;
+}
+
+async function loadModels() {
+  const cards = $('#cards');
+  const listing = await api('models');
+  if (!listing.ok) {
+    cards.replaceChildren(el('p', { class: 'error', text: `Could not read the model list. ${listing.message}` }));
+    showServiceError(`Could not read the model list. ${listing.message}`);
+    return;
+  }
+  const list = Array.isArray(listing.body.models) ? listing.body.models : [];
+  models.push(...list);
+  const details = await Promise.all(list.map((m) => api(`models/${encodeURIComponent(m.model_id)}`)));
+  cards.replaceChildren(...list.map((m, i) => renderCard(m, details[i].ok ? details[i].body : null)));
+  if (!list.length) {
+    cards.replaceChildren(el('p', { text: 'No model is served.' }));
+    showServiceError('No model is loaded, so pictures cannot be classified yet. Export one with `make train-export`, or see the files that could not be served below.');
+  } else if (!list.some((m) => m.ready)) {
+    showServiceError('The models are still warming up: pictures may be refused for a moment.');
+  }
+  const failed = Object.entries(listing.body.failed || {});
+  if (failed.length) {
+    $('#failed').replaceChildren(
+      el('h3', { text: 'Files that could not be served' }),
+      el('ul', {}, ...failed.map(([file, why]) => el('li', {}, el('code', { text: file }), `: ${why}`))),
+    );
+  }
+}
+
+// --- pictures in ---------------------------------------------------------------------
+
+function addFiles(files) {
+  const list = [...files];
+  if (!list.length) return;
+  $('#results-section').hidden = false;
+  batchAnchor = $('#results').firstElementChild;
+  for (const file of list) {
+    const entry = newEntry(file);
+    queue.push(entry);
+  }
+  announce(list.length === 1 ? `Classifying ${list[0].name || 'the picture'}…` : `Classifying ${list.length} pictures…`);
+  pump();
+}
+
+function pump() {
+  while (running < PARALLEL_IMAGES && queue.length) {
+    const entry = queue.shift();
+    running += 1;
+    classify(entry).finally(() => {
+      running -= 1;
+      pump();
+    });
+  }
+}
+
+function newEntry(file) {
+  const node = $('#result-template').content.firstElementChild.cloneNode(true);
+  const name = file.name || 'pasted image';
+  const entry = { node, blob: file, name, bitmap: null, url: null };
+  $('.name', node).textContent = name;
+  $('.meta', node).textContent = [bytes(file.size), file.type || 'unknown type'].join(' · ');
+  $('#results').insertBefore(node, batchAnchor);
+  entry.preview = showPreview(entry, file);
+  return entry;
+}
+
+async function showPreview(entry, file) {
+  const { node } = entry;
+  try {
+    // imageOrientation 'none': like the service, which decodes with Pillow and ignores the
+    // EXIF orientation tag.
+    entry.bitmap = await createImageBitmap(file, { imageOrientation: 'none' });
+  } catch {
+    for (const frame of node.querySelectorAll('.frame')) frame.replaceChildren(el('span', { class: 'no-preview', text: 'No preview: your browser cannot read this file as an image.' }));
+    return;
+  }
+  const { width, height } = entry.bitmap;
+  entry.url = URL.createObjectURL(file);
+  const img = $('.original img', node);
+  img.src = entry.url;
+  img.alt = `${entry.name}, ${width}×${height} pixels`;
+  if (width <= 160 && height <= 160) $('.original figcaption', node).textContent = 'Your picture, actual size';
+  $('.meta', node).textContent = [`${width}×${height} px`, bytes(file.size), file.type || 'unknown type'].join(' · ');
+  const canvas = $('.seen canvas', node);
+  drawSeen(canvas, entry.bitmap);
+  canvas.setAttribute('role', 'img');
+  canvas.setAttribute('aria-label', `${entry.name} as the model receives it: 32 by 32 pixels, enlarged`);
+}
+
+// A PREVIEW of what the service feeds the model with resize=true (service/images.py:
+// transparency on white, centre crop to a square, resize to 32x32). The browser resamples
+// with its own filter, not Pillow's Lanczos, so a pixel may differ slightly: the service does
+// the real decode and this drawing is never sent.
+function drawSeen(canvas, bitmap) {
+  const side = Math.min(bitmap.width, bitmap.height);
+  const left = Math.floor((bitmap.width - side) / 2);
+  const top = Math.floor((bitmap.height - side) / 2);
+  const context = canvas.getContext('2d');
+  context.fillStyle = '#fff';
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.imageSmoothingEnabled = true;
+  context.imageSmoothingQuality = 'high';
+  context.drawImage(bitmap, left, top, side, side, 0, 0, canvas.width, canvas.height);
+}
+
+// --- answers out ---------------------------------------------------------------------
+
+async function classify(entry) {
+  const { node } = entry;
+  await Promise.all([modelsLoaded, entry.preview]);
+  const grid = $('.models', node);
+  const problem = $('.problem', node);
+  problem.hidden = true;
+  $('.verdict', node).hidden = true;
+  node.setAttribute('aria-busy', 'true');
+  const ids = models.length ? models.map((m) => m.model_id) : [null]; // null: the service's default
+  grid.replaceChildren(...ids.map((id) => el('section', { class: 'model-result pending', 'data-model-id': id || '' }, el('h4', { text: id || 'default model' }), el('p', { text: 'Asking the model…' }))));
+  const results = await Promise.all(ids.map((id) => predict(entry.blob, entry.name, id)));
+  node.removeAttribute('aria-busy');
+
+  const failures = results.filter((r) => !r.ok);
+  if (failures.length === results.length && failures.every((r) => r.message === failures[0].message)) {
+    grid.replaceChildren();
+    problem.replaceChildren(el('p', { text: failures[0].message }));
+    if (failures[0].status === 413 && entry.bitmap) problem.append(reduceButton(entry));
+    problem.hidden = false;
+    node.dataset.state = 'error';
+    announce(`${entry.name}: ${failures[0].message}`);
+    return;
+  }
+  node.dataset.state = 'done';
+  const columns = results.map((result, i) => (result.ok ? modelColumn(result, entry) : errorColumn(ids[i], result)));
+  grid.replaceChildren(...columns);
+  compare(node, results.filter((r) => r.ok));
+}
+
+function reduceButton(entry) {
+  const button = el('button', { type: 'button', class: 'reduce', text: `Send a ${REDUCED_SIDE}×${REDUCED_SIDE} copy made by your browser` });
+  button.addEventListener('click', async () => {
+    // Centre crop and shrink here, then let the service make its 32x32 from the copy.
+    const canvas = el('canvas', { width: REDUCED_SIDE, height: REDUCED_SIDE });
+    drawSeen(canvas, entry.bitmap);
+    entry.blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+    entry.name = entry.name.replace(/(\.\w+)?$/, `-${REDUCED_SIDE}.png`);
+    $('.meta', entry.node).append(` · sent as a ${REDUCED_SIDE}×${REDUCED_SIDE} PNG copy (${bytes(entry.blob.size)}) made by your browser`);
+    $('.name', entry.node).focus();
+    classify(entry);
+  });
+  return button;
+}
+
+function errorColumn(modelId, result) {
+  return el('section', { class: 'model-result failed', 'data-model-id': modelId || '' }, el('h4', { text: modelId || 'default model' }), el('p', { class: 'error', role: 'alert', text: result.message }));
+}
+
+function modelColumn(result, entry) {
+  const body = result.body;
+  const prediction = body.predictions[0];
+  const info = models.find((m) => m.model_id === body.model_id) || {};
+  const version = versionOf(info);
+  const bars = el('ol', { class: 'bars', 'aria-label': `Top ${prediction.top_k.length} classes` });
+  for (const item of prediction.top_k) {
+    const fill = el('span', { class: 'fill' });
+    fill.style.width = `${Math.max(0, Math.min(1, item.probability)) * 100}%`;
+    bars.append(
+      el(
+        'li',
+        { class: 'bar-row', 'data-class-id': item.class_id, 'data-label': item.label, 'data-probability': item.probability },
+        el('span', { class: 'bar-label', text: human(item.label) }),
+        el('span', { class: 'bar', 'aria-hidden': 'true' }, fill),
+        el('span', { class: 'bar-value', text: percent(item.probability) }),
+        el('span', { class: 'pick visually-hidden' }),
+      ),
+    );
+  }
+  const superclass = prediction.superclass;
+  const curl = `curl -F 'files=@${entry.name}' '${new URL(result.url, document.baseURI)}'`;
+  return el(
+    'section',
+    { class: 'model-result', 'data-model-id': body.model_id },
+    el('h4', {}, body.model_id, version !== null ? el('span', { class: 'version', text: ` version ${version}` }) : null),
+    bars,
+    el(
+      'p',
+      { class: 'superclass', 'data-label': superclass.label, 'data-probability': superclass.probability },
+      'Superclass ',
+      el('strong', { text: human(superclass.label) }),
+      ' ',
+      el('span', { class: 'superclass-value', text: percent(superclass.probability) }),
+      el('span', { class: 'note', text: ' (its five classes summed)' }),
+    ),
+    el('p', { class: 'timing', 'data-inference-ms': body.inference_ms }, `Inference ${ms(body.inference_ms)} ms · round trip ${ms(result.roundTripMs)} ms`),
+    el('details', { class: 'raw' }, el('summary', { text: 'Request and response' }), el('pre', { text: curl }), el('pre', { text: JSON.stringify(body, null, 2) })),
+  );
+}
+
+// Side by side: say whether the models agree, and mark in each list the other models' picks.
+function compare(node, answers) {
+  const verdict = $('.verdict', node);
+  const summary = answers.map((r) => `${r.body.model_id} says ${human(r.body.predictions[0].top_k[0].label)} (${percent(r.body.predictions[0].top_k[0].probability)})`);
+  const name = $('.name', node).textContent;
+  if (answers.length < 2) {
+    announce(`${name}: ${summary.join('; ') || 'no answer'}.`);
+    return;
+  }
+  const firsts = answers.map((r) => r.body.predictions[0].top_k[0]);
+  const supers = answers.map((r) => r.body.predictions[0].superclass.label);
+  const agree = firsts.every((f) => f.class_id === firsts[0].class_id);
+  const superAgree = supers.every((s) => s === supers[0]);
+  node.dataset.agree = String(agree);
+  verdict.replaceChildren();
+  if (agree) {
+    verdict.append(answers.length === 2 ? 'Both models say ' : 'All models say ', el('strong', { text: human(firsts[0].label) }), '.');
+  } else {
+    verdict.append(el('span', { class: 'flag', text: 'The models disagree: ' }));
+    answers.forEach((r, i) => verdict.append(i ? ', ' : '', `${r.body.model_id} says `, el('strong', { text: human(firsts[i].label) })));
+    verdict.append(superAgree ? `, but they agree on the superclass ${human(supers[0])}.` : `, and on the superclass too: ${supers.map(human).join(' vs ')}.`);
+  }
+  verdict.hidden = false;
+  for (const [i, answer] of answers.entries()) {
+    const column = node.querySelector(`.model-result[data-model-id="${CSS.escape(answer.body.model_id)}"]`);
+    const others = answers.filter((_, j) => j !== i);
+    for (const row of column.querySelectorAll('.bar-row')) {
+      const pickers = others.filter((o) => String(o.body.predictions[0].top_k[0].class_id) === row.dataset.classId);
+      if (!pickers.length) continue;
+      row.classList.add('other-pick');
+      $('.pick', row).textContent = ` (first choice of ${pickers.map((o) => o.body.model_id).join(', ')})`;
+    }
+    if (!agree) {
+      $('.bar-row', column).classList.add('disputed');
+      const missing = others.filter((o) => !column.querySelector(`.bar-row[data-class-id="${o.body.predictions[0].top_k[0].class_id}"]`));
+      for (const o of missing) column.querySelector('.bars').after(el('p', { class: 'absent', text: `${o.body.model_id}'s first choice, ${human(o.body.predictions[0].top_k[0].label)}, is not in this model's top ${TOP_K}.` }));
+    }
+  }
+  announce(`${name}: ${summary.join('; ')}. ${agree ? 'The models agree.' : 'The models disagree.'}`);
+}
+
+// --- wiring ----------------------------------------------------------------------------
+
+function wire() {
+  const input = $('#files');
+  input.addEventListener('change', () => {
+    addFiles(input.files);
+    input.value = ''; // the same file picked again is classified again
+  });
+  const drop = $('#drop');
+  for (const type of ['dragenter', 'dragover']) {
+    drop.addEventListener(type, (event) => {
+      event.preventDefault();
+      drop.classList.add('dragging');
+    });
+  }
+  for (const type of ['dragleave', 'drop']) drop.addEventListener(type, () => drop.classList.remove('dragging'));
+  drop.addEventListener('drop', (event) => {
+    event.preventDefault();
+    addFiles(event.dataTransfer.files);
+  });
+  // A file dropped beside the zone must not make the browser navigate away from the page.
+  window.addEventListener('dragover', (event) => event.preventDefault());
+  window.addEventListener('drop', (event) => event.preventDefault());
+  document.addEventListener('paste', (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (files.length) {
+      event.preventDefault();
+      addFiles(files);
+    }
+  });
+  for (const button of document.querySelectorAll('button.sample')) {
+    button.addEventListener('click', async () => {
+      const src = button.dataset.src;
+      const response = await fetch(src);
+      if (!response.ok) {
+        announce(`The sample ${src} could not be loaded (${response.status}).`);
+        return;
+      }
+      const blob = await response.blob();
+      addFiles([new File([blob], src.split('/').pop(), { type: blob.type || 'image/png' })]);
+    });
+  }
+  $('#clear').addEventListener('click', () => {
+    for (const img of document.querySelectorAll('#results img')) if (img.src.startsWith('blob:')) URL.revokeObjectURL(img.src);
+    $('#results').replaceChildren();
+    $('#results-section').hidden = true;
+    announce('Results cleared.');
+    input.focus();
+  });
+}
+
+wire();
+modelsLoaded = loadModels();
