@@ -2,6 +2,8 @@
 
 - A deadline for every request: REQUEST_TIMEOUT_SECONDS, shortened by an
   `X-Request-Timeout` header (seconds). The inference path drops work past it (504).
+- A bound on the body: MAX_REQUEST_BYTES worth (every image at its limit), refused from
+  the Content-Length header or, without one, as soon as the stream crosses it (413).
 - A bound on waiting for the body: a client that stops sending mid-body (or sends less
   than its Content-Length) gets 408 after BODY_TIMEOUT_SECONDS of silence, and the
   connection is closed.
@@ -24,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
-from service.errors import Overloaded
+from service.errors import Overloaded, body_too_large
 from service.images import release_memory
 
 TIMEOUT_HEADER = b"x-request-timeout"
@@ -34,6 +36,8 @@ T = TypeVar("T")
 class LimitsMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, draining: threading.Event) -> None:
         self.app = app
+        self.settings = settings
+        self.max_body = settings.max_request_bytes
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.draining = draining
@@ -47,15 +51,18 @@ class LimitsMiddleware:
                 asked = _seconds(value)
                 if asked is None:
                     message = "X-Request-Timeout must be a positive number of seconds"
-                    key = "error" if scope["path"].startswith("/v2") else "detail"
-                    return await JSONResponse({key: message}, 400)(scope, receive, send)
+                    return await _refuse(400, message, scope, receive, send)
                 timeout = min(timeout, asked)
+            elif name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                # Refused on the header alone, in the same words as while streaming.
+                message = body_too_large(self.settings)
+                return await _refuse(413, message, scope, receive, send)
         scope.setdefault("state", {})["deadline"] = asyncio.get_running_loop().time() + timeout
 
-        body_done = False
+        body_done, received = False, 0
 
         async def receive_bounded() -> Message:
-            nonlocal body_done
+            nonlocal body_done, received
             if body_done:  # later receives wait for the disconnect: no bound wanted there
                 return await receive()
             try:
@@ -67,6 +74,10 @@ class LimitsMiddleware:
                     f"no body data for {self.body_timeout:g} s; send the whole body promptly",
                     headers={"Connection": "close"},
                 ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:  # refused while it streams in, never buffered
+                    raise HTTPException(413, headers={"Connection": "close"})
             body_done = message["type"] != "http.request" or not message.get("more_body")
             return message
 
@@ -76,6 +87,12 @@ class LimitsMiddleware:
             await send(message)
 
         await self.app(scope, receive_bounded, send_closing)
+
+
+async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    key = "error" if scope["path"].startswith("/v2") else "detail"
+    headers = {"Connection": "close"}  # the unread body must not be taken for a request
+    await JSONResponse({key: message}, status, headers=headers)(scope, receive, send)
 
 
 def _seconds(value: bytes) -> float | None:

@@ -50,7 +50,6 @@ def create_app() -> FastAPI:
         summary="Classify 32x32 images into the 100 CIFAR-100 classes and 20 superclasses.",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,  # refused while streaming, never buffered
     )
     app.state.metrics = Metrics()
     app.state.draining = threading.Event()

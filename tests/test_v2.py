@@ -1,0 +1,241 @@
+"""The Open Inference Protocol (v2), driven by NVIDIA's own client (`tritonclient[http]`)
+against the real server over a socket: metadata, readiness, JSON and binary tensors,
+the classification extension and every error case. Top-1 through /v2 equals /predict
+equals onnxruntime on the same images."""
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from service.classifier import file_version
+from tests.service_helpers import encode, live_server, onnx_probabilities
+from tests.synthetic import CLASS_NAMES, make_images
+
+LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    with live_server(models_dir, max_images_per_request=8) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return make_images(np.array([3, 17, 42, 99, 0, 58]), seed=21)
+
+
+def images_input(images: np.ndarray, binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("images", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images, binary_data=binary)
+    return tensor
+
+
+def test_server_and_model_metadata_and_health(client, models_dir):
+    assert client.is_server_live() and client.is_server_ready()
+    server = client.get_server_metadata()
+    assert server["name"] == "cifar100-classifier"
+    assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
+    version = file_version(models_dir / f"{LARGE}.onnx")
+    for kwargs in ({}, {"model_version": version}):
+        assert client.is_model_ready(LARGE, **kwargs)
+        meta = client.get_model_metadata(LARGE, **kwargs)
+        assert meta["name"] == LARGE and meta["versions"] == [version]
+        assert meta["platform"] == "onnxruntime_onnx"
+        assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+        outputs = {o["name"]: o for o in meta["outputs"]}
+        assert outputs["probabilities"] == {
+            "name": "probabilities",
+            "datatype": "FP32",
+            "shape": [-1, 100],
+        }
+        assert outputs["features"]["datatype"] == "FP32" and outputs["features"]["shape"][0] == -1
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("model_id", [LARGE, SMALL])
+def test_infer_equals_onnxruntime_and_predict(client, server, models_dir, images, model_id, binary):
+    result = client.infer(
+        model_id,
+        [images_input(images, binary)],
+        outputs=[
+            triton.InferRequestedOutput("probabilities", binary_data=binary),
+            triton.InferRequestedOutput("features", binary_data=binary),
+        ],
+    )
+    probabilities = result.as_numpy("probabilities")
+    expected = onnx_probabilities(models_dir / f"{model_id}.onnx", images)
+    assert probabilities.shape == (len(images), 100) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+    assert result.as_numpy("features").shape[0] == len(images)
+    response = result.get_response()
+    assert response["model_name"] == model_id
+    assert response["model_version"] == file_version(models_dir / f"{model_id}.onnx")
+    # The same images through /predict: the same top-1.
+    top1 = [int(np.argmax(row)) for row in probabilities]
+    assert top1 == [int(np.argmax(row)) for row in expected]
+    assert top1 == predict_top1(server, model_id, images)
+
+
+def predict_top1(port: int, model_id: str, images: np.ndarray) -> list[int]:
+    boundary = "b0undary"
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + encode(image)
+        + b"\r\n"
+        for i, image in enumerate(images)
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/predict?model={model_id}",
+        data=parts + f"--{boundary}--\r\n".encode(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    body = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    return [p["top_k"][0]["class_id"] for p in body["predictions"]]
+
+
+def test_only_probabilities_unless_features_are_asked(client, images):
+    result = client.infer(LARGE, [images_input(images[:2], binary=True)])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["probabilities"]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_classification_extension_names_our_classes(client, models_dir, images, binary):
+    result = client.infer(
+        LARGE,
+        [images_input(images, binary=True)],
+        outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)],
+    )
+    labels = result.as_numpy("probabilities")
+    assert labels.shape == (len(images), 3)
+    expected = onnx_probabilities(models_dir / f"{LARGE}.onnx", images)
+    for row, probs in zip(labels, expected, strict=True):
+        entries = [(v.decode() if isinstance(v, bytes) else v).split(":") for v in row]
+        best = np.argsort(-probs, kind="stable")[:3]
+        assert [int(index) for _, index, _ in entries] == best.tolist()
+        assert [label for _, _, label in entries] == [CLASS_NAMES[i] for i in best]
+        assert [float(score) for score, _, _ in entries] == pytest.approx(probs[best], abs=1e-6)
+
+
+def test_nested_json_data_is_accepted(server, images):
+    body = {
+        "id": "abc",
+        "inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+             "data": images[:1].tolist()}
+        ],
+    }  # fmt: skip
+    status, reply = post(server, f"/v2/models/{LARGE}/infer", json.dumps(body).encode())
+    assert status == 200 and reply["id"] == "abc"
+    assert reply["outputs"][0]["shape"] == [1, 100] and len(reply["outputs"][0]["data"]) == 100
+
+
+def post(port: int, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def tensor(shape, datatype="UINT8", name="images", data=None) -> dict:
+    count = int(np.prod(shape)) if all(isinstance(d, int) and d > 0 for d in shape) else 0
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data or [0] * count}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"not json", 400, "not valid JSON"),
+        (b"[]", 400, "'inputs' list"),
+        ({"inputs": [tensor([1, 32, 32, 3], "FP32")]}, 400, "datatype UINT8"),
+        ({"inputs": [tensor([1, 32, 32, 1])]}, 400, "shape [N, 32, 32, 3]"),
+        ({"inputs": [tensor([0, 32, 32, 3])]}, 400, "shape [N, 32, 32, 3]"),
+        ({"inputs": [tensor([1, 32, 32, 3], name="x")]}, 400, "one input named 'images'"),
+        ({"inputs": [tensor([1, 32, 32, 3], data=[1, 2, 3])]}, 400, "3 values for shape"),
+        ({"inputs": [tensor([1, 32, 32, 3], data=[300] * 3072)]}, 400, "within 0..255"),
+        ({"inputs": [tensor([1, 32, 32, 3], data=["a"] * 3072)]}, 400, "integers only"),
+        ({"inputs": [tensor([9, 32, 32, 3])]}, 413, "at most 8"),
+        (
+            {"inputs": [tensor([1, 32, 32, 3])], "outputs": [{"name": "logits"}]},
+            400,
+            "unknown output 'logits'",
+        ),
+        (
+            {
+                "inputs": [tensor([1, 32, 32, 3])],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": 0}}],
+            },
+            400,
+            "classification must be an integer",
+        ),
+    ],
+)
+def test_bad_requests_get_the_protocols_error_shape(server, body, status, message):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, reply = post(server, f"/v2/models/{LARGE}/infer", data)
+    assert got == status and set(reply) == {"error"} and message in reply["error"], reply
+
+
+def test_binary_data_must_match_its_declared_size(server):
+    header = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+                     "parameters": {"binary_data_size": 3072}}]}
+    ).encode()  # fmt: skip
+    length = {"Inference-Header-Content-Length": str(len(header))}
+    status, reply = post(server, f"/v2/models/{LARGE}/infer", header + b"\0" * 100, length)
+    assert status == 400 and "binary_data_size is 3072 and 100 bytes follow" in reply["error"]
+    status, reply = post(
+        server, f"/v2/models/{LARGE}/infer", header, {"Inference-Header-Content-Length": "999999"}
+    )
+    assert status == 400 and "Inference-Header-Content-Length" in reply["error"]
+
+
+def test_unknown_models_and_versions_are_404_in_the_protocols_shape(client, images):
+    for call, message in (
+        (lambda: client.get_model_metadata("nope"), "unknown model 'nope'"),
+        (lambda: client.get_model_metadata(LARGE, model_version="0000"), "no version '0000'"),
+        (lambda: client.infer("nope", [images_input(images[:1], binary=True)]), "unknown model"),
+    ):
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert err.value.status() == "404" and message in err.value.message()
+    assert not client.is_model_ready("nope")
+
+
+def test_v2_shares_the_limits_of_predict(models_dir, images):
+    """Same queue bound and body limit: one data plane, whatever the protocol."""
+    with live_server(models_dir, max_queue_images=2, max_upload_bytes=1024) as port:
+        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+        with pytest.raises(InferenceServerException) as shed:
+            client.infer(LARGE, [images_input(images[:3], binary=True)])
+        assert shed.value.status() == "503" and "images queued" in shed.value.message()
+        # max_request_bytes = 1024 * 64 + 64 KiB: a JSON tensor of 64 images is far above
+        body = json.dumps({"inputs": [tensor([8, 32, 32, 3], data=[255] * 8 * 3072)]}).encode()
+        status, reply = post(port, f"/v2/models/{LARGE}/infer", body)
+        assert status == 413 and "request body is above" in reply["error"]
+        client.close()
+
+
+def test_not_ready_is_a_4xx_on_health_and_503_on_infer(tmp_path):
+    with live_server(tmp_path) as port:  # no models
+        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+        assert client.is_server_live() and not client.is_server_ready()
+        status, reply = post(port, f"/v2/models/{LARGE}/infer", b"{}")
+        assert status == 503 and "no model loaded" in reply["error"]
+        client.close()
