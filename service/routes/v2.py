@@ -46,15 +46,17 @@ def server_metadata(request: Request) -> V2ServerMetadata:
     return V2ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
 
 
-@router.get("/health/live", responses={200: {"description": "Live (empty body)"}})
+EMPTY = {"description": "true (empty body)"}
+FALSE = {"description": "false (empty body)"}
+
+
+@router.get("/health/live", response_class=Response, responses={200: EMPTY})
 def server_live() -> Response:
     """200 while the process answers."""
     return Response(status_code=200)
 
 
-@router.get(
-    "/health/ready", responses={200: {"description": "Ready"}, 400: {"description": "Not ready"}}
-)
+@router.get("/health/ready", response_class=Response, responses={200: EMPTY, 400: FALSE})
 def server_ready(request: Request, catalog: CatalogDep) -> Response:
     """200 when a model can take requests; 400 (the protocol's "false") otherwise."""
     ready = catalog.ready and not request.app.state.draining.is_set()
@@ -85,10 +87,15 @@ def model_metadata(
     )
 
 
-@router.get("/models/{model_name}/ready", responses={**ERRORS, 200: {"description": "Ready"}})
+@router.get(
+    "/models/{model_name}/ready",
+    response_class=Response,
+    responses={**ERRORS, 200: EMPTY, 400: FALSE},
+)
 @router.get(
     "/models/{model_name}/versions/{model_version}/ready",
-    responses={**ERRORS, 200: {"description": "Ready"}},
+    response_class=Response,
+    responses={**ERRORS, 200: EMPTY, 400: FALSE},
 )
 def model_ready(model_name: str, catalog: CatalogDep, model_version: str | None = None) -> Response:
     """200 when the model can take requests; 400 otherwise; 404 if it is not served."""
@@ -97,6 +104,10 @@ def model_ready(model_name: str, catalog: CatalogDep, model_version: str | None 
     return Response(status_code=200) if ready else NOT_READY
 
 
+INFER_OK = {
+    "description": "The outputs: JSON, or JSON then raw bytes when an output is binary",
+    "content": {"application/json": {}, "application/octet-stream": {}},
+}
 INFER_DOC = {
     "requestBody": {
         "required": True,
@@ -112,10 +123,12 @@ INFER_DOC = {
 }
 
 
-@router.post("/models/{model_name}/infer", responses={**ERRORS, 200: {}}, openapi_extra=INFER_DOC)
+@router.post(
+    "/models/{model_name}/infer", responses={**ERRORS, 200: INFER_OK}, openapi_extra=INFER_DOC
+)
 @router.post(
     "/models/{model_name}/versions/{model_version}/infer",
-    responses={**ERRORS, 200: {}},
+    responses={**ERRORS, 200: INFER_OK},
     openapi_extra=INFER_DOC,
 )
 async def model_infer(
