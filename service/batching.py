@@ -34,11 +34,19 @@ Outputs = dict[str, np.ndarray]  # output name -> array with one row per image
 Predict = Callable[[np.ndarray], Outputs]
 
 
+@dataclass(frozen=True)
+class Result:
+    outputs: Outputs
+    queue_seconds: float  # from submit until its batch started
+    inference_seconds: float  # the onnxruntime call(s) of its batch
+
+
 @dataclass(eq=False)
 class _Request:
     images: np.ndarray
     future: asyncio.Future
     deadline: float  # on the event loop's clock
+    queued_at: float
 
 
 class MicroBatcher:
@@ -50,7 +58,7 @@ class MicroBatcher:
         max_queue: int,
         *,
         combine: bool = True,
-        on_batch: Callable[[int], None] = lambda size: None,
+        on_batch: Callable[[int, float], None] = lambda size, seconds: None,
         on_drop: Callable[[str, int], None] = lambda reason, images: None,
         name: str = "model",
     ) -> None:
@@ -93,6 +101,15 @@ class MicroBatcher:
         self._fail_all(NotReady("the server is shutting down"))
         self._worker.shutdown(wait=True)
 
+    async def drain(self, timeout: float) -> None:
+        """Answer what is queued or running (for at most `timeout`), then stop: how a
+        version that was replaced or removed leaves without failing its requests."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self._pending or self._running) and loop.time() < deadline and self.alive:
+            await asyncio.sleep(0.01)
+        await self.stop()
+
     def submit(self, images: np.ndarray, deadline: float) -> asyncio.Future:
         """Queue `images` (uint8 [N, 32, 32, 3]); the future gets their rows of each output.
 
@@ -108,13 +125,14 @@ class MicroBatcher:
                 f"{self._name} has {self._queued_images} images queued (the limit is "
                 f"{self._max_queue}); retry shortly"
             )
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(images, future, deadline))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append(_Request(images, future, deadline, loop.time()))
         self._queued_images += len(images)
         self._wakeup.set()
         return future
 
-    async def predict(self, images: np.ndarray, deadline: float) -> Outputs:
+    async def predict(self, images: np.ndarray, deadline: float) -> Result:
         """Submit and wait until `deadline` (loop clock); DeadlineExceeded after it."""
         future = self.submit(images, deadline)
         try:
@@ -195,6 +213,7 @@ class MicroBatcher:
         if not batch:
             return
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             stacked = np.concatenate([request.images for request in batch])
             outputs, sizes = await loop.run_in_executor(self._worker, self._run_capped, stacked)
@@ -207,13 +226,15 @@ class MicroBatcher:
                 for request in batch:
                     await self._run([request])
             return
+        seconds = loop.time() - started
         for size in sizes:
-            self._on_batch(size)
+            self._on_batch(size, seconds / len(sizes))
         start = 0
         for request in batch:
             end = start + len(request.images)
             if not request.future.done():
-                request.future.set_result({k: v[start:end] for k, v in outputs.items()})
+                rows = {k: v[start:end] for k, v in outputs.items()}
+                request.future.set_result(Result(rows, started - request.queued_at, seconds))
             start = end
 
     def _run_capped(self, images: np.ndarray) -> tuple[Outputs, list[int]]:

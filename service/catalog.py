@@ -1,8 +1,19 @@
-"""The models this server holds: every *.onnx in MODELS_DIR, loaded and warmed up at start.
+"""The models this server holds: every *.onnx in MODELS_DIR, loaded and warmed up.
 
-A file that cannot be served is reported by name with a short reason (the detail goes to
-the log) and skipped; the others still load. Only regular files are opened, each within
-a time limit, so a FIFO or a hung network mount cannot stall startup.
+Each file is one version of a model: its version is a short hash of its content, so the
+weights that answered a request are known whatever the file is called. Two files with
+the same model id are two versions of one model; the newest by the training date in
+its card is the default. Every file present is kept loaded (memory grows with the
+number of files: remove old ones to unload them).
+
+A file that cannot be served is reported by name with a short reason (the detail goes
+to the log) and skipped; the others still load. Only regular files are opened, each
+within a time limit, so a FIFO or a hung network mount cannot stall startup.
+
+With MODEL_POLL_SECONDS set, `watch` reloads while serving: files added, replaced (by
+rename) or removed are loaded, swapped or unloaded. A request holds the version it
+started on until it is answered; a broken new file is reported and the version it was
+meant to replace keeps serving.
 
 `infer` is the one path from a tensor to probabilities: /predict and /v2 both call it,
 so batching, queue bounds and deadlines hold for every protocol.
@@ -10,13 +21,14 @@ so batching, queue bounds and deadlines hold for every protocol.
 
 import asyncio
 import logging
+import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.batching import MicroBatcher, Outputs
+from service.batching import MicroBatcher, Result
 from service.classifier import Classifier
 from service.config import Settings
 from service.errors import InvalidModel, NotReady, UnknownModel
@@ -25,15 +37,39 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
+class Served:
+    """One loaded file and the batcher in front of its session."""
+
+    model: Classifier
+    batcher: MicroBatcher
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    @property
+    def ready(self) -> bool:
+        return self.model.ready and self.batcher.alive
+
+
 @dataclass
 class Catalog:
-    models: dict[str, Classifier] = field(default_factory=dict)
-    batchers: dict[str, MicroBatcher] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # file name -> why it is not served
+    settings: Settings
+    metrics: Metrics
+    models: dict[str, dict[str, Served]] = field(default_factory=dict)  # id -> version ->
+    failures: dict[str, str] = field(default_factory=dict)  # file name -> why not served
     default_id: str | None = None
+    # file name -> (size, mtime, inode) and what it serves, to see what changed on disk
+    _files: dict[str, tuple[tuple[int, int, int], Served | None]] = field(default_factory=dict)
 
-    def get(self, model_id: str | None) -> Classifier:
-        """The model asked for, or the default one."""
+    def get(self, model_id: str | None, version: str | None = None) -> Served:
+        """The model asked for (or the default one), at the version asked for (or its
+        default version)."""
         if not self.models:
             raise NotReady(self.not_ready_reason())
         model_id = model_id or self.default_id
@@ -41,94 +77,195 @@ class Catalog:
             raise UnknownModel(
                 f"unknown model {model_id!r}; available: {', '.join(sorted(self.models))}"
             )
-        return self.models[model_id]
+        versions = self.models[model_id]
+        if version is None:
+            return versions[default_version(versions)]
+        if version not in versions:
+            raise UnknownModel(
+                f"model {model_id!r} has no version {version!r}; it has "
+                f"{', '.join(sorted(versions))}"
+            )
+        return versions[version]
 
-    async def infer(self, model: Classifier, images: np.ndarray, deadline: float) -> Outputs:
+    def served(self) -> list[Served]:
+        return [s for versions in self.models.values() for s in versions.values()]
+
+    def is_default(self, served: Served) -> bool:
+        versions = self.models.get(served.model_id, {})
+        return served.model_id == self.default_id and default_version(versions) == served.version
+
+    async def infer(self, served: Served, images: np.ndarray, deadline: float) -> Result:
         """Every output for `images`, computed in some batch before `deadline` (loop clock)."""
-        return await self.batchers[model.model_id].predict(images, deadline)
+        return await served.batcher.predict(images, deadline)
 
     @property
     def ready(self) -> bool:
-        return any(
-            model.ready and self.batchers[model_id].alive
-            for model_id, model in self.models.items()
-            if model_id in self.batchers
-        )
+        return any(served.ready for served in self.served())
 
     def not_ready_reason(self) -> str:
         if self.models:
             return "no model can take requests: " + ", ".join(
-                f"the batcher of {model_id} is not running"
-                for model_id, batcher in self.batchers.items()
-                if not batcher.alive
+                f"the batcher of {s.model_id} {s.version} is not running"
+                for s in self.served()
+                if not s.batcher.alive
             )
         if self.failures:
             problems = "; ".join(f"{name}: {why}" for name, why in self.failures.items())
             return f"no model could be loaded ({problems})"
         return "no model loaded: no .onnx files found; run `make train-export` first"
 
-    def start_batchers(self, settings: Settings, metrics: Metrics) -> None:
-        for model_id, model in self.models.items():
-            batcher = MicroBatcher(
-                model.run,
-                max_batch=settings.batch_max_size,
-                max_wait=settings.batch_max_wait_ms / 1000,
-                max_queue=settings.max_queue_images,
-                combine=settings.batching,
-                on_batch=metrics.batch_size.labels(model_id).observe,
-                on_drop=lambda reason, images, m=model_id: metrics.dropped.labels(m, reason).inc(
-                    images
-                ),
-                name=model_id,
-            )
-            batcher.start()
-            self.batchers[model_id] = batcher
+    async def sync(self) -> None:
+        """Bring what is served in line with MODELS_DIR: load what is new or changed,
+        unload what is gone. Startup is the first sync."""
+        on_disk = {
+            path.name: path for path in sorted(Path(self.settings.models_dir).glob("*.onnx"))
+        }
+        for name in [n for n in self._files if n not in on_disk]:
+            _, served = self._files.pop(name)
+            self.failures.pop(name, None)
+            if served is not None:
+                await self._unload(served, f"{name} was removed")
+        for name, path in on_disk.items():
+            signature = _signature(path)
+            known = self._files.get(name)
+            if known is not None and known[0] == signature:
+                continue
+            replaced = known[1] if known is not None else None
+            served = await self._load(path)
+            if served is None:  # broken: what it was meant to replace keeps serving
+                self._files[name] = (signature, replaced)
+                continue
+            self.failures.pop(name, None)
+            self._files[name] = (signature, served)
+            if replaced is not None and replaced.version != served.version:
+                await self._unload(replaced, f"{name} was replaced")
+        self._choose_default()
+
+    async def watch(self) -> None:
+        """Poll MODELS_DIR every MODEL_POLL_SECONDS (the lifespan runs this as a task)."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_seconds)
+            try:
+                await self.sync()
+            except Exception:  # keep watching: one bad pass must not end reloading
+                log.exception("reloading models failed")
 
     async def stop(self) -> None:
-        for batcher in self.batchers.values():
-            await batcher.stop()
+        for served in self.served():
+            await served.batcher.stop()
 
-
-async def load_catalog(settings: Settings) -> Catalog:
-    catalog = Catalog()
-    for path in sorted(Path(settings.models_dir).glob("*.onnx")):
+    async def _load(self, path: Path) -> Served | None:
+        settings = self.settings
         try:
             model = await asyncio.wait_for(
-                asyncio.to_thread(_load, path, settings), settings.model_load_timeout_seconds
+                asyncio.to_thread(_open, path, settings), settings.model_load_timeout_seconds
             )
-            if model.model_id in catalog.models:
-                raise InvalidModel(
-                    f"{path.name}: model id {model.model_id!r} is already served from "
-                    f"{catalog.models[model.model_id].path.name}"
-                )
         except TimeoutError:
             # The thread cannot be stopped; it is left to finish or hang on its own.
-            _skip(catalog, path, f"it took over {settings.model_load_timeout_seconds:g} s to load")
-            continue
+            self._skip(path, f"it took over {settings.model_load_timeout_seconds:g} s to load")
+            return None
         except InvalidModel as err:
-            _skip(catalog, path, err.message.removeprefix(f"{path.name}: "), err.__cause__)
-            continue
-        catalog.models[model.model_id] = model
+            self._skip(path, err.message.removeprefix(f"{path.name}: "), err.__cause__)
+            return None
+        existing = self.models.get(model.model_id, {}).get(model.version)
+        if existing is not None:
+            if existing.model.path.name == path.name:
+                return existing  # touched, or rewritten with the same bytes
+            other = existing.model.path.name
+            self._skip(path, f"the same file as {other} (version {model.version})")
+            return None
+        served = Served(model, self._batcher(model))
+        self.models.setdefault(model.model_id, {})[model.version] = served
+        self.metrics.loaded.labels(model.model_id, model.version).set(1)
         log.info(
             "model loaded",
-            extra={"model": model.model_id, "file": path.name, "provider": model.provider},
+            extra={
+                "model": model.model_id,
+                "version": model.version,
+                "file": path.name,
+                "provider": model.provider,
+            },
         )
-    if settings.default_model and settings.default_model not in catalog.models:
-        log.warning("DEFAULT_MODEL is not loaded", extra={"model": settings.default_model})
-    largest = max(catalog.models.values(), key=lambda m: m.card.parameter_count, default=None)
-    if settings.default_model in catalog.models:
-        catalog.default_id = settings.default_model
-    elif largest is not None:
-        catalog.default_id = largest.model_id
+        return served
+
+    async def _unload(self, served: Served, why: str) -> None:
+        versions = self.models.get(served.model_id, {})
+        if versions.get(served.version) is served:
+            del versions[served.version]
+        if not versions:
+            self.models.pop(served.model_id, None)
+        self.metrics.loaded.labels(served.model_id, served.version).set(0)
+        log.info("model unloaded", extra={"model": served.model_id, "version": served.version,
+                                          "reason": why})  # fmt: skip
+        # Requests already queued on it are answered before its batcher stops.
+        await served.batcher.drain(self.settings.request_timeout_seconds)
+
+    def _batcher(self, model: Classifier) -> MicroBatcher:
+        settings, metrics = self.settings, self.metrics
+        labels = (model.model_id, model.version)
+
+        def on_batch(size: int, seconds: float) -> None:
+            metrics.batch_size.labels(*labels).observe(size)
+            metrics.inference_seconds.labels(*labels).observe(seconds)
+
+        batcher = MicroBatcher(
+            model.run,
+            max_batch=settings.batch_max_size,
+            max_wait=settings.batch_max_wait_ms / 1000,
+            max_queue=settings.max_queue_images,
+            combine=settings.batching,
+            on_batch=on_batch,
+            on_drop=lambda reason, images: metrics.dropped.labels(*labels, reason).inc(images),
+            name=f"{model.model_id} {model.version}",
+        )
+        batcher.start()
+        return batcher
+
+    def _choose_default(self) -> None:
+        wanted = self.settings.default_model
+        if wanted in self.models:
+            self.default_id = wanted
+            return
+        if wanted:
+            log.warning("DEFAULT_MODEL is not loaded", extra={"model": wanted})
+        largest = max(
+            (self.get(model_id).model for model_id in self.models),
+            key=lambda m: m.card.parameter_count,
+            default=None,
+        )
+        self.default_id = largest.model_id if largest is not None else None
+
+    def _skip(self, path: Path, reason: str, cause: BaseException | None = None) -> None:
+        log.error("model not served", extra={"file": str(path), "reason": reason,
+                                              "cause": str(cause)})  # fmt: skip
+        self.failures[path.name] = reason
+
+
+def default_version(versions: dict[str, Served]) -> str:
+    """The newest by the training date in its card (then by file time)."""
+    return max(versions, key=lambda v: versions[v].model.trained_at)
+
+
+async def load_catalog(settings: Settings, metrics: Metrics) -> Catalog:
+    catalog = Catalog(settings, metrics)
+    await catalog.sync()
     if not catalog.models:
         log.error("not ready", extra={"reason": catalog.not_ready_reason()})
     return catalog
 
 
-def _load(path: Path, settings: Settings) -> Classifier:
+def _signature(path: Path) -> tuple[int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _open(path: Path, settings: Settings) -> Classifier:
     # Only regular files: opening a FIFO or a device would block or read forever.
     try:
-        regular = stat.S_ISREG(path.stat().st_mode)
+        regular = stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         regular = False  # a dangling symlink
     if not regular:
@@ -136,8 +273,3 @@ def _load(path: Path, settings: Settings) -> Classifier:
     model = Classifier(path, settings.device, settings.onnx_threads, settings.inter_op_threads)
     model.warm_up()
     return model
-
-
-def _skip(catalog: Catalog, path: Path, reason: str, cause: BaseException | None = None) -> None:
-    log.error("model not served", extra={"file": str(path), "reason": reason, "cause": str(cause)})
-    catalog.failures[path.name] = reason

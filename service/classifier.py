@@ -6,6 +6,7 @@ probabilities [batch, 100] out, and a model card in its metadata.
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,11 @@ class Classifier:
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.output_widths = {o.name: o.shape[-1] for o in self.session.get_outputs()}
         self.version = file_version(self.path)
+        # When the weights were trained, as the card says (else the file's time): the
+        # newest version of a model is its default.
+        self.trained_at = str(self.card.training.get("trained_at") or "") or time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.path.stat().st_mtime)
+        )
         # Summing fine probabilities within each superclass is a matrix product.
         self.to_superclasses = np.zeros((NUM_CLASSES, NUM_SUPERCLASSES), dtype=np.float32)
         self.to_superclasses[np.arange(NUM_CLASSES), self.card.fine_to_coarse] = 1

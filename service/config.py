@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     graceful_shutdown_seconds: int = Field(
         20, ge=1, description="then: in-flight requests get this long to finish"
     )
-    model_load_timeout_seconds: float = Field(60.0, gt=0, description="per file, at startup")
+    model_load_timeout_seconds: float = Field(60.0, gt=0, description="per file")
+    model_poll_seconds: float = Field(
+        0, ge=0, description="0: off; else reload MODELS_DIR this often (added, replaced, removed)"
+    )
 
     workers: int = Field(
         1,

@@ -2,6 +2,7 @@
 
 Models load in the lifespan, never at import."""
 
+import asyncio
 import logging
 import os
 import threading
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = get_settings()
-    catalog = await load_catalog(settings)  # raises DeviceUnavailable: DEVICE=cuda without CUDA
-    catalog.start_batchers(settings, app.state.metrics)
+    # raises DeviceUnavailable: DEVICE=cuda without CUDA
+    catalog = await load_catalog(settings, app.state.metrics)
     app.state.catalog = catalog
     log.info("ready" if catalog.ready else "started without a model", extra={
-        "models": {m.model_id: m.provider for m in catalog.models.values()},
+        "models": {f"{s.model_id} {s.version}": s.model.provider for s in catalog.served()},
         "default_model": catalog.default_id,
         "batching": settings.batching,
         "onnx_threads": settings.onnx_threads,
@@ -38,7 +39,10 @@ async def lifespan(app: FastAPI):
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
     drain_on_sigterm(app.state.draining, settings.shutdown_drain_seconds)
+    watcher = asyncio.create_task(catalog.watch()) if settings.model_poll_seconds else None
     yield
+    if watcher is not None:
+        watcher.cancel()
     await catalog.stop()
 
 

@@ -1,57 +1,115 @@
-"""Prometheus metrics: requests and latency per route, model and status; batch sizes.
+"""What each request leaves behind: Prometheus metrics, a request id and one access line.
 
 Each app gets its own registry, so apps built side by side (as in tests) do not clash.
 With several uvicorn workers, set PROMETHEUS_MULTIPROC_DIR (make serve and the image do):
 every worker then writes its values there and /metrics adds them up across workers.
+Every model metric is labelled with the model id and the version (the file's content
+hash) that answered.
 """
 
+import logging
 import os
+import re
 import time
+import uuid
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REQUEST_ID = b"x-request-id"
+VALID_ID = re.compile(rb"[\w.:@/+=-]{1,128}")  # what we echo back and log, verbatim
+
+access_log = logging.getLogger("service.access")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["route", "model", "status"]
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        model = ["model", "version"]
+        http = ["route", *model, "status"]
+
+        def histogram(name: str, doc: str, labels: list[str], buckets) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
         self.requests = Counter(
-            "http_requests_total", "HTTP requests", labels, registry=self.registry
+            "http_requests_total", "HTTP requests", http, registry=self.registry
         )
-        self.latency = Histogram(
-            "http_request_duration_seconds",
-            "HTTP request latency",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.latency = histogram(
+            "http_request_duration_seconds", "HTTP request latency", http, LATENCY_BUCKETS
         )
-        self.batch_size = Histogram(
-            "inference_batch_size",
-            "Images per onnxruntime call",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
+        self.queue_seconds = histogram(
+            "inference_queue_seconds",
+            "Wait before a request's batch starts",
+            model,
+            LATENCY_BUCKETS,
+        )
+        self.inference_seconds = histogram(
+            "inference_seconds", "onnxruntime time per batch", model, LATENCY_BUCKETS
+        )
+        self.batch_size = histogram(
+            "inference_batch_size", "Images per onnxruntime call", model, BATCH_BUCKETS
         )
         self.images = Counter(
-            "images_classified_total", "Images classified", ["model"], registry=self.registry
+            "images_classified_total", "Images classified", model, registry=self.registry
         )
         self.dropped = Counter(
             "images_dropped_total",
             "Images not computed: shed (queue full), expired (deadline passed), abandoned "
             "(client gone), failed (inference error)",
-            ["model", "reason"],
+            [*model, "reason"],
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "inference_requests_in_flight",
+            "Requests handed to a model and not yet answered",
+            model,
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.loaded = Gauge(
+            "model_version_loaded",
+            "1 while this version of the model is served, 0 once it was unloaded",
+            model,
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        if self.multiprocess:  # each worker's CPU and memory, labelled with its pid
+            self.cpu = Gauge(
+                "worker_cpu_seconds", "CPU time of a worker", multiprocess_mode="liveall",
+                registry=self.registry,
+            )  # fmt: skip
+            self.rss = Gauge(
+                "worker_resident_memory_bytes", "Resident memory of a worker",
+                multiprocess_mode="liveall", registry=self.registry,
+            )  # fmt: skip
+        else:
+            ProcessCollector(registry=self.registry)
+
+    def sample_process(self) -> None:
+        """Update this worker's CPU and memory gauges (multi-worker mode)."""
+        if self.multiprocess:
+            times = os.times()
+            self.cpu.set(times.user + times.system)
+            with open("/proc/self/statm") as statm:
+                self.rss.set(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
 
 
 def exposition(metrics: Metrics) -> bytes:
     """The text format for /metrics: this process's values, or every worker's."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if metrics.multiprocess:
+        metrics.sample_process()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
@@ -59,7 +117,9 @@ def exposition(metrics: Metrics) -> bytes:
 
 
 class MetricsMiddleware:
-    """Times every HTTP request (pure ASGI: no per-request task or body copy)."""
+    """Per request (pure ASGI: no per-request task or body copy): a request id (the
+    client's `X-Request-ID`, else a new one) returned on every response, errors too;
+    the metrics; and one JSON access line."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -68,23 +128,39 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500
+        request_id = (
+            next(
+                (v for k, v in scope["headers"] if k == REQUEST_ID and VALID_ID.fullmatch(v)), None
+            )
+            or uuid.uuid4().hex.encode()
+        )
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id.decode()
 
-        async def send_with_status(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive, send_with_id)
         finally:
-            labels = (
-                route_template(scope),
-                scope.get("state", {}).get("model_id", ""),  # set by /predict
-                str(status),
-            )
+            seconds = time.perf_counter() - start
+            route = route_template(scope)
+            model, version = state.get("model_id", ""), state.get("model_version", "")
+            labels = (route, model, version, str(status))
             self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(*labels).observe(seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("request", extra={
+                    "request_id": state["request_id"], "method": scope["method"],
+                    "route": route, "status": status, "model": model or None,
+                    "version": version or None, "images": state.get("images"),
+                    "queue_ms": state.get("queue_ms"), "inference_ms": state.get("inference_ms"),
+                    "total_ms": round(seconds * 1000, 3),
+                })  # fmt: skip
 
 
 def route_template(scope: Scope) -> str:

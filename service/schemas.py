@@ -31,6 +31,9 @@ class ImagePrediction(BaseModel):
 
 class PredictResponse(BaseModel):
     model_id: str = Field(examples=["cifar100-5735844"])
+    model_version: str = Field(
+        description="content hash of the model file that answered", examples=["3f2a9c61d0b4"]
+    )
     inference_ms: float = Field(
         description="from handing the images to the model until its probabilities came back, "
         "micro-batching wait included",
@@ -68,12 +71,22 @@ def describe(
 
 class ModelInfo(BaseModel):
     model_id: str = Field(examples=["cifar100-5735844"])
+    version: str = Field(
+        description="content hash of the file: which weights answer", examples=["3f2a9c61d0b4"]
+    )
+    trained_at: str = Field(
+        description="from the model card (else the file's time); the newest version of a "
+        "model is its default",
+        examples=["2026-11-28T17:04:00Z"],
+    )
     file: str = Field(examples=["cifar100-5735844.onnx"])
     provider: str = Field(
         description="onnxruntime execution provider in use", examples=["CUDAExecutionProvider"]
     )
     ready: bool
-    default: bool = Field(description="used when /predict is called without `model`")
+    default: bool = Field(
+        description="used when /predict is called without `model` (and `version`)"
+    )
     parameter_count: int = Field(examples=[5735844])
     evaluation: dict[str, Any] | None = Field(description="test-set numbers from training")
 

@@ -48,13 +48,15 @@ async def run_requests(batcher: MicroBatcher, requests: list[np.ndarray], timeou
 
 def test_concurrent_requests_share_calls_and_get_their_own_rows():
     calls, sizes = [], []
-    batcher = batcher_of(fake_model(calls), on_batch=sizes.append)
+    batcher = batcher_of(fake_model(calls), on_batch=lambda size, seconds: sizes.append(size))
     requests = [image(i) for i in range(10)] + [image(50, n=3)]
     results = asyncio.run(run_requests(batcher, requests))
     for request, result in zip(requests, results, strict=True):
-        assert result["probabilities"].shape == (len(request), 100)
-        assert (result["probabilities"].argmax(axis=1) == request[:, 0, 0, 0]).all()
-        assert (result["features"][:, 0] == request[:, 0, 0, 0]).all()  # every output split
+        outputs = result.outputs
+        assert outputs["probabilities"].shape == (len(request), 100)
+        assert (outputs["probabilities"].argmax(axis=1) == request[:, 0, 0, 0]).all()
+        assert (outputs["features"][:, 0] == request[:, 0, 0, 0]).all()  # every output split
+        assert result.queue_seconds >= 0 and result.inference_seconds > 0
     assert sum(calls) == 13 and len(calls) < 11
     assert sizes == calls
 
@@ -68,15 +70,15 @@ def test_batch_max_size_is_a_hard_cap_on_every_call():
     assert max(calls) == 8  # exactly the cap, never above it
     assert sum(calls) == 41
     for request, result in zip(requests, results, strict=True):
-        assert (result["probabilities"].argmax(axis=1) == request[:, 0, 0, 0]).all()
+        assert (result.outputs["probabilities"].argmax(axis=1) == request[:, 0, 0, 0]).all()
 
 
 def test_one_bad_request_does_not_fail_its_batch():
     calls, drops = [], []
     batcher = batcher_of(fake_model(calls), max_batch=16, on_drop=lambda *d: drops.append(d))
     results = asyncio.run(run_requests(batcher, [image(1), image(POISON), image(2)]))
-    assert results[0]["probabilities"].argmax() == 1
-    assert results[2]["probabilities"].argmax() == 2
+    assert results[0].outputs["probabilities"].argmax() == 1
+    assert results[2].outputs["probabilities"].argmax() == 2
     assert isinstance(results[1], ValueError)
     assert calls[0] == 3  # they were batched, then retried one by one
     assert drops == [("failed", 1)]
@@ -92,7 +94,7 @@ def test_a_full_queue_sheds_at_once():
         with pytest.raises(Overloaded, match="4 images queued") as shed:
             batcher.submit(image(1), deadline)
         assert shed.value.headers == {"Retry-After": "1"}
-        assert [len((await f)["probabilities"]) for f in accepted] == [2, 2]
+        assert [len((await f).outputs["probabilities"]) for f in accepted] == [2, 2]
         assert drops == [("shed", 1)]
         batcher.submit(image(1), deadline)  # room again once the queue drained
         await batcher.stop()
@@ -111,7 +113,7 @@ def test_expired_requests_are_answered_504_and_never_computed():
         on_time = batcher.submit(image(8), loop.time() + 30)
         with pytest.raises(DeadlineExceeded):
             await late
-        assert (await on_time)["probabilities"].argmax() == 8
+        assert (await on_time).outputs["probabilities"].argmax() == 8
         assert calls == [1] and drops == [("expired", 1)]
         # Waiting past the deadline: predict gives up with 504 at the deadline.
         with pytest.raises(DeadlineExceeded):
@@ -130,7 +132,7 @@ def test_abandoned_requests_are_skipped_and_counted():
         gone = batcher.submit(image(3), loop.time() + 30)
         gone.cancel()  # what the route does when its client disconnects
         kept = batcher.submit(image(4), loop.time() + 30)
-        assert (await kept)["probabilities"].argmax() == 4
+        assert (await kept).outputs["probabilities"].argmax() == 4
         assert calls == [1] and drops == [("abandoned", 1)]
         await batcher.stop()
 
@@ -144,7 +146,7 @@ def test_a_crashed_loop_fails_pending_requests_and_restarts():
     async def scenario():
         crashes = [1]
 
-        def on_batch(size):
+        def on_batch(size, seconds):
             if crashes:
                 crashes.pop()
                 raise RuntimeError("metrics backend broke")
@@ -160,7 +162,7 @@ def test_a_crashed_loop_fails_pending_requests_and_restarts():
                 batcher.submit(image(1), loop.time() + 30)
             await asyncio.sleep(0.01)
         result = await batcher.predict(image(2), loop.time() + 30)
-        assert result["probabilities"].argmax() == 2
+        assert result.outputs["probabilities"].argmax() == 2
         await batcher.stop()
 
     asyncio.run(scenario())

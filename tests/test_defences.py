@@ -19,6 +19,7 @@ import pytest
 
 from bench.__main__ import service_process
 from bench.load import multipart_body
+from service.classifier import file_version
 from service.errors import Overloaded
 from service.limits import DecodeSlots
 from tests.service_helpers import encode, live_server, serve, upload
@@ -173,7 +174,9 @@ def test_a_request_that_cannot_fit_the_queue_is_shed_with_retry_after(
         assert "images queued (the limit is 2)" in response.json()["detail"]
         assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
         metrics = client.get("/metrics").text
-    assert f'images_dropped_total{{model="{LARGE}",reason="shed"}} 3.0' in metrics
+    version = file_version(models_dir / f"{LARGE}.onnx")
+    shed = f'images_dropped_total{{model="{LARGE}",reason="shed",version="{version}"}} 3.0'
+    assert shed in metrics
 
 
 def test_a_request_past_its_deadline_gets_504(monkeypatch, models_dir, images):
@@ -208,8 +211,8 @@ def test_a_dead_batcher_makes_the_service_unready_instead_of_hanging(
 ):
     with serve(monkeypatch, models_dir) as client:
         catalog = client.app.state.catalog
-        for batcher in catalog.batchers.values():
-            client.portal.call(batcher._task.cancel)  # the loop ends, as if killed
+        for served in catalog.served():
+            client.portal.call(served.batcher._task.cancel)  # the loop ends, as if killed
         ready = client.get("/health/ready")
         assert ready.status_code == 503 and "batcher" in ready.json()["detail"]
         response = client.post("/predict", files=upload(encode(images[0])))
@@ -270,7 +273,7 @@ def test_metrics_label_route_templates_and_one_bucket_for_unknown_paths(client):
     assert 'route="/openapi.json",status="200"' in metrics
     assert 'route="/docs",status="200"' in metrics
     assert 'route="/models/{model_id}",status="200"' in metrics
-    assert 'http_requests_total{model="",route="unmatched",status="404"} 2.0' in metrics
+    assert 'http_requests_total{model="",route="unmatched",status="404",version=""} 2.0' in metrics
 
 
 def test_empty_uploads_are_refused_and_the_schema_says_so(client):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from bench.__main__ import service_process
 from bench.load import multipart_body
+from service.classifier import file_version
 from service.errors import DeviceUnavailable
 from tests.service_helpers import (
     encode,
@@ -359,18 +360,22 @@ def test_file_with_the_wrong_signature_is_refused(monkeypatch, tmp_path):
         assert "foreign.onnx" in client.get("/health/ready").json()["detail"]
 
 
-def test_metrics_count_requests_latency_and_batches(client, images):
+def test_metrics_count_requests_latency_and_batches(client, models_dir, images):
     client.post("/predict", files=upload(encode(images[0])))
     client.post("/predict", files=upload(b"junk"))
     text = client.get("/metrics").text
-    assert f'http_requests_total{{model="{LARGE}",route="/predict",status="200"}} 1.0' in text
-    assert f'http_requests_total{{model="{LARGE}",route="/predict",status="422"}} 1.0' in text
+    model = f'model="{LARGE}"'
+    version = f'version="{file_version(models_dir / f"{LARGE}.onnx")}"'
+    assert f'http_requests_total{{{model},route="/predict",status="200",{version}}} 1.0' in text
+    assert f'http_requests_total{{{model},route="/predict",status="422",{version}}} 1.0' in text
     assert (
-        f'http_request_duration_seconds_count{{model="{LARGE}",route="/predict",status="200"}}'
+        f'http_request_duration_seconds_count{{{model},route="/predict",status="200",{version}}}'
         in text
     )
-    assert f'inference_batch_size_count{{model="{LARGE}"}}' in text
-    assert f'images_classified_total{{model="{LARGE}"}} 1.0' in text
+    assert f"inference_batch_size_count{{{model},{version}}}" in text
+    assert f"images_classified_total{{{model},{version}}} 1.0" in text
+    assert f"inference_queue_seconds_count{{{model},{version}}} 1.0" in text
+    assert f"model_version_loaded{{{model},{version}}} 1.0" in text
 
 
 def test_docs_work_offline(client):
@@ -442,7 +447,7 @@ def test_concurrent_requests_get_their_own_answers(monkeypatch, models_dir, batc
         got = probabilities_of(body["predictions"][0])
         np.testing.assert_allclose([got[c] for c in range(100)], expected[i], rtol=1e-5, atol=1e-7)
     assert len(results) == len(images)
-    batches = _metric(metrics, f'inference_batch_size_count{{model="{LARGE}"}}')
+    batches = _metric(metrics, f'inference_batch_size_count{{model="{LARGE}",version=')
     if batching == "true":
         assert batches < len(images)  # some requests shared an onnxruntime call
     else:
@@ -480,4 +485,4 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     pids = {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
     assert len(pids) == 2  # both workers served requests
-    assert _metric(text, f'images_classified_total{{model="{LARGE}"}}') == 40
+    assert _metric(text, f'images_classified_total{{model="{LARGE}",version=') == 40

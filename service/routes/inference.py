@@ -3,32 +3,40 @@
 is dropped before it is computed instead of being computed for nobody."""
 
 import asyncio
-import time
 
 import numpy as np
 from fastapi import Request
 
 from service.batching import Outputs
-from service.catalog import Catalog
-from service.classifier import Classifier
+from service.catalog import Catalog, Served
 from service.errors import ClientGone
 from service.metrics import Metrics
+
+
+def serving(request: Request, served: Served) -> Served:
+    """Name the model and version that answer this request, for metrics and the log."""
+    request.state.model_id = served.model_id
+    request.state.model_version = served.version
+    return served
 
 
 async def infer(
     request: Request,
     catalog: Catalog,
     metrics: Metrics,
-    model: Classifier,
+    served: Served,
     images: np.ndarray,
     deadline: float,
 ) -> tuple[Outputs, float]:
     """Every output for `images`, and the milliseconds from hand-over to answer."""
+    labels = (served.model_id, served.version)
     task = asyncio.current_task()
     watcher = asyncio.get_running_loop().create_task(_cancel_when_gone(request, task))
-    start = time.perf_counter()
+    request.state.images = len(images)
+    metrics.in_flight.labels(*labels).inc()
+    start = asyncio.get_running_loop().time()
     try:
-        outputs = await catalog.infer(model, images, deadline)
+        result = await catalog.infer(served, images, deadline)
     except asyncio.CancelledError:
         # Our watcher cancelled us (the client left): answer with a status for the logs
         # and metrics. Any other cancellation (shutdown) goes on up.
@@ -37,8 +45,13 @@ async def infer(
         raise
     finally:
         watcher.cancel()
-    metrics.images.labels(model.model_id).inc(len(images))
-    return outputs, (time.perf_counter() - start) * 1000
+        metrics.in_flight.labels(*labels).dec()
+    waited = asyncio.get_running_loop().time() - start
+    request.state.queue_ms = round(result.queue_seconds * 1000, 3)
+    request.state.inference_ms = round(result.inference_seconds * 1000, 3)
+    metrics.queue_seconds.labels(*labels).observe(result.queue_seconds)
+    metrics.images.labels(*labels).inc(len(images))
+    return result.outputs, waited * 1000
 
 
 async def _cancel_when_gone(request: Request, task: asyncio.Task) -> None:

@@ -1,12 +1,12 @@
 """GET /models, GET /models/{model_id}: what is served, read from the ONNX files."""
 
 import re
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, RedirectResponse
 
-from service.catalog import Catalog
-from service.classifier import Classifier
+from service.catalog import Catalog, Served
 from service.deps import CatalogDep, SettingsDep
 from service.errors import ReportNotFound
 from service.schemas import ErrorBody, ModelDetail, ModelInfo, ModelList
@@ -16,21 +16,26 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 @router.get("", response_model=ModelList)
 def list_models(catalog: CatalogDep) -> ModelList:
-    """Every model served, the default one, and any .onnx file that could not be loaded."""
+    """Every model and version served, the default one, and any .onnx file that could not
+    be loaded (file name and a short reason; the detail is in the log)."""
     return ModelList(
         default_model=catalog.default_id,
-        models=[_info(model, catalog) for model in catalog.models.values()],
+        models=[_info(served, catalog) for served in catalog.served()],
         failed=catalog.failures,
     )
 
 
 @router.get("/{model_id}", response_model=ModelDetail, responses={404: {"model": ErrorBody}})
-def get_model(model_id: str, catalog: CatalogDep) -> ModelDetail:
+def get_model(
+    model_id: str,
+    catalog: CatalogDep,
+    version: Annotated[str | None, Query(description="default: the newest trained")] = None,
+) -> ModelDetail:
     """One model's full card: class names, superclasses, training and evaluation."""
-    model = catalog.get(model_id)
-    card = model.card
+    served = catalog.get(model_id, version)
+    card = served.model.card
     return ModelDetail(
-        **_info(model, catalog).model_dump(),
+        **_info(served, catalog).model_dump(),
         class_names=card.class_names,
         superclass_names=card.superclass_names,
         fine_to_coarse=card.fine_to_coarse,
@@ -75,13 +80,16 @@ async def get_report_file(
     return FileResponse(path)
 
 
-def _info(model: Classifier, catalog: Catalog) -> ModelInfo:
+def _info(served: Served, catalog: Catalog) -> ModelInfo:
+    model = served.model
     return ModelInfo(
         model_id=model.model_id,
+        version=model.version,
+        trained_at=model.trained_at,
         file=model.path.name,
         provider=model.provider,
-        ready=model.ready,
-        default=model.model_id == catalog.default_id,
+        ready=served.ready,
+        default=catalog.is_default(served),
         parameter_count=model.card.parameter_count,
         evaluation=model.card.evaluation,
     )

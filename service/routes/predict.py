@@ -10,7 +10,7 @@ from service.config import Settings
 from service.deps import CatalogDep, DeadlineDep, MetricsDep, SettingsDep
 from service.errors import InvalidImage, TooManyImages, UploadTooLarge
 from service.images import decode, decoded_pixels, open_image
-from service.routes.inference import infer
+from service.routes.inference import infer, serving
 from service.schemas import ErrorBody, PredictResponse, describe
 
 router = APIRouter(tags=["predict"])
@@ -50,14 +50,16 @@ async def predict(
     metrics: MetricsDep,
     deadline: DeadlineDep,
     model: Annotated[str | None, Query(description="Model id; default: DEFAULT_MODEL")] = None,
+    version: Annotated[
+        str | None, Query(description="Version (content hash); default: the newest trained")
+    ] = None,
     top_k: Annotated[int, Query(ge=1, le=100, description="Fine classes to return")] = 5,
     resize: Annotated[
         bool, Query(description="Centre-crop to a square and resize to 32x32 instead of refusing")
     ] = False,
 ) -> PredictResponse:
     """Classify images into the 100 CIFAR-100 classes and their 20 superclasses."""
-    classifier = catalog.get(model)
-    request.state.model_id = classifier.model_id  # for the metrics labels
+    served = serving(request, catalog.get(model, version))
     if len(files) > settings.max_images_per_request:
         raise TooManyImages(
             f"{len(files)} images in one request; at most {settings.max_images_per_request}"
@@ -74,12 +76,13 @@ async def predict(
         images = await request.app.state.decode_slots.run(lambda: _decode_all(opened, files))
     else:  # 32x32: microseconds, cheaper than a thread hop
         images = _decode_all(opened, files)
-    outputs, inference_ms = await infer(request, catalog, metrics, classifier, images, deadline)
+    outputs, inference_ms = await infer(request, catalog, metrics, served, images, deadline)
     return PredictResponse(
-        model_id=classifier.model_id,
+        model_id=served.model_id,
+        model_version=served.version,
         inference_ms=round(inference_ms, 3),
         predictions=[
-            describe(classifier, row, top_k, upload.filename)
+            describe(served.model, row, top_k, upload.filename)
             for row, upload in zip(outputs["probabilities"], files, strict=True)
         ],
     )

@@ -17,12 +17,11 @@ import numpy as np
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.catalog import Catalog
-from service.classifier import Classifier
+from service.catalog import Catalog, Served
 from service.deps import CatalogDep, DeadlineDep, MetricsDep, SettingsDep
-from service.errors import InvalidTensor, TooManyImages, UnknownModel
+from service.errors import InvalidTensor, TooManyImages
 from service.modelcard import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
-from service.routes.inference import infer
+from service.routes.inference import infer, serving
 from service.schemas import V2Error, V2InferenceRequest, V2ModelMetadata, V2ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -74,10 +73,10 @@ def model_metadata(
 ) -> V2ModelMetadata:
     """Platform, versions, and every input and output with its datatype and shape
     (-1: the batch dimension)."""
-    model = _model(catalog, model_name, model_version)
+    model = _model(catalog, model_name, model_version).model
     return V2ModelMetadata(
         name=model.model_id,
-        versions=[model.version],
+        versions=sorted(catalog.models[model.model_id]),
         platform="onnxruntime_onnx",
         inputs=[{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
         outputs=[
@@ -99,8 +98,7 @@ def model_metadata(
 )
 def model_ready(model_name: str, catalog: CatalogDep, model_version: str | None = None) -> Response:
     """200 when the model can take requests; 400 otherwise; 404 if it is not served."""
-    model = _model(catalog, model_name, model_version)
-    ready = model.ready and catalog.batchers[model.model_id].alive
+    ready = _model(catalog, model_name, model_version).ready
     return Response(status_code=200) if ready else NOT_READY
 
 
@@ -144,20 +142,16 @@ async def model_infer(
     """Classify a uint8 tensor `images` [N, 32, 32, 3]: `probabilities` FP32 [N, 100],
     and `features` when asked. JSON data (flat or nested) or binary tensor data; outputs
     in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
-    model = _model(catalog, model_name, model_version)
-    request.state.model_id = model.model_id  # for the metrics labels
+    served = serving(request, _model(catalog, model_name, model_version))
     body = await request.body()  # the app's body limit applies while it streams in
     header, binary = _split(body, header_length)
     images = _input_tensor(header, binary, settings.max_images_per_request)
-    outputs, _ = await infer(request, catalog, metrics, model, images, deadline)
-    return _encode(model, header, outputs)
+    outputs, _ = await infer(request, catalog, metrics, served, images, deadline)
+    return _encode(served, header, outputs)
 
 
-def _model(catalog: Catalog, name: str, version: str | None) -> Classifier:
-    model = catalog.get(name)
-    if version is not None and version != model.version:
-        raise UnknownModel(f"model {name!r} has no version {version!r}; it has {model.version!r}")
-    return model
+def _model(catalog: Catalog, name: str, version: str | None) -> Served:
+    return catalog.get(name, version)
 
 
 def _split(body: bytes, header_length: int | None) -> tuple[dict, memoryview]:
@@ -225,7 +219,7 @@ def _from_json(data: Any, shape: list[int], count: int) -> np.ndarray:
     return values.astype(np.uint8).reshape(shape)
 
 
-def _encode(model: Classifier, header: dict, outputs: dict[str, np.ndarray]) -> Response:
+def _encode(served: Served, header: dict, outputs: dict[str, np.ndarray]) -> Response:
     """The inference response; raw bytes after the JSON for outputs asked in binary."""
     parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
     binary_default = bool(parameters.get("binary_data_output", False))
@@ -243,7 +237,7 @@ def _encode(model: Classifier, header: dict, outputs: dict[str, np.ndarray]) -> 
         values = outputs[name]
         datatype = "FP32"
         if "classification" in options:
-            values = _classify(model, values, options["classification"])
+            values = _classify(served.model.card.class_names, values, options["classification"])
             datatype = "BYTES"
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
         if options.get("binary_data", binary_default):
@@ -254,8 +248,8 @@ def _encode(model: Classifier, header: dict, outputs: dict[str, np.ndarray]) -> 
             entry["data"] = values.ravel().tolist()
         described.append(entry)
     body = {
-        "model_name": model.model_id,
-        "model_version": model.version,
+        "model_name": served.model_id,
+        "model_version": served.version,
         "outputs": described,
     }
     if "id" in header:
@@ -270,14 +264,13 @@ def _encode(model: Classifier, header: dict, outputs: dict[str, np.ndarray]) -> 
     )
 
 
-def _classify(model: Classifier, values: np.ndarray, k: Any) -> np.ndarray:
+def _classify(names: list[str], values: np.ndarray, k: Any) -> np.ndarray:
     """Triton's classification extension: the top k as "score:index:label"."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= values.shape[1]:
         raise InvalidTensor(f"classification must be an integer from 1 to {values.shape[1]}")
-    if values.shape[1] != len(model.card.class_names):
+    if values.shape[1] != len(names):
         raise InvalidTensor("classification applies to the probabilities output only")
     best = np.argsort(-values, axis=1, kind="stable")[:, :k]
-    names = model.card.class_names
     return np.array(
         [
             [f"{row[i]:.6f}:{i}:{names[i]}" for i in top]
