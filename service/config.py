@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="0: the CPUs available, shared by workers")
     inter_op_threads: int = Field(1, ge=1)
 
+    api_keys: str = Field(
+        "",
+        description="comma-separated bearer tokens for /predict, /models and /v2; "
+        "empty (and no API_KEYS_FILE): open",
+    )
+    api_keys_file: Path | None = Field(None, description="one hex SHA-256 of a token a line")
+    metrics_token: str = Field("", description="bearer token for /metrics; empty: open")
+    cors_origins: list[str] = Field(
+        [], description='origins allowed to call the API from a browser, as JSON: ["https://..."]'
+    )
+
     log_level: str = "INFO"
     log_json: bool = Field(True, description="one JSON object per log line")
 

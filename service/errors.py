@@ -50,6 +50,11 @@ class TooManyImages(ServiceError):
     status_code = 413
 
 
+class Unauthorized(ServiceError):
+    status_code = 401
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
 class UnknownModel(ServiceError):
     status_code = 404
 

@@ -28,7 +28,11 @@ def configure_logging(level: str, as_json: bool) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    service_logger = logging.getLogger("service")
-    service_logger.handlers[:] = [handler]
-    service_logger.setLevel(level.upper())
-    service_logger.propagate = False
+    # uvicorn's own lines (startup, shutdown, errors) go through the same formatter; its
+    # access lines are replaced by ours (service.access), which carry the request id.
+    for name in ("service", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler] if name != "uvicorn.error" else []
+        logger.setLevel(level.upper())
+        logger.propagate = name == "uvicorn.error"  # into "uvicorn", once
+    logging.getLogger("uvicorn.access").disabled = True

@@ -8,9 +8,11 @@ import os
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from service import auth
 from service.catalog import load_catalog
 from service.config import get_settings
 from service.errors import install_handlers
@@ -59,8 +61,21 @@ def create_app() -> FastAPI:
     app.state.draining = threading.Event()
     app.state.decode_slots = DecodeSlots(settings.max_large_decodes)
     app.add_middleware(LimitsMiddleware, settings=settings, draining=app.state.draining)
+    if settings.cors_origins:  # a page served elsewhere may call the API
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout",
+                           "Inference-Header-Content-Length"],
+            expose_headers=["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"],
+        )  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_handlers(app, settings)
-    for router in (predict.router, v2.router, models.router, operations.router, page.router):
+    auth.validate(settings)  # a broken API_KEYS_FILE stops startup, not every request
+    protected = [Depends(auth.api_key)]  # no-op unless API_KEYS or API_KEYS_FILE is set
+    for router in (predict.router, v2.router, models.router):
+        app.include_router(router, dependencies=protected)
+    for router in (v2.health, operations.router, page.router):
         app.include_router(router)
     return app

@@ -132,6 +132,8 @@ def serve(settings: Settings) -> None:
         timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
         log_level=settings.log_level.lower(),
+        log_config=None,  # the app configures logging: one JSON formatter for every line
+        access_log=False,  # the app writes one access line per request, with its id
         max_header_bytes=settings.max_header_bytes,
         header_timeout=settings.header_timeout_seconds,
     )

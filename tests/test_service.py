@@ -480,9 +480,14 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
             )
             return urllib.request.urlopen(request, timeout=30).status
 
+        def pids() -> set[str]:
+            return {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
+
+        sent = 0  # until both workers served some (the second may still be warming up)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(post, range(40))) == [200] * 40
+            while len(pids()) < 2 and sent < 2000:
+                assert list(pool.map(post, range(40))) == [200] * 40
+                sent += 40
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    pids = {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
-    assert len(pids) == 2  # both workers served requests
-    assert _metric(text, f'images_classified_total{{model="{LARGE}",version=') == 40
+    assert len(pids()) == 2  # both workers served requests
+    assert _metric(text, f'images_classified_total{{model="{LARGE}",version=') == sent

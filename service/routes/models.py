@@ -25,7 +25,11 @@ def list_models(catalog: CatalogDep) -> ModelList:
     )
 
 
-@router.get("/{model_id}", response_model=ModelDetail, responses={404: {"model": ErrorBody}})
+@router.get(
+    "/{model_id}",
+    response_model=ModelDetail,
+    responses={404: {"model": ErrorBody}, 401: {"model": ErrorBody}},
+)
 def get_model(
     model_id: str,
     catalog: CatalogDep,

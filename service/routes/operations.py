@@ -1,12 +1,13 @@
 """For operators: liveness, readiness and Prometheus metrics."""
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.auth import metrics_token
 from service.deps import CatalogDep, MetricsDep
 from service.metrics import exposition
-from service.schemas import Health
+from service.schemas import ErrorBody, Health
 
 router = APIRouter(tags=["operations"])
 
@@ -30,7 +31,12 @@ def ready(request: Request, catalog: CatalogDep) -> Health | JSONResponse:
     return JSONResponse(body.model_dump(), status_code=503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_token)],
+    responses={401: {"model": ErrorBody, "description": "METRICS_TOKEN is set"}},
+)
 def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format: requests and latency per route, model and status; batch sizes."""
     return Response(exposition(metrics), media_type=CONTENT_TYPE_LATEST)

@@ -16,7 +16,8 @@ from service.schemas import ErrorBody, PredictResponse, describe
 router = APIRouter(tags=["predict"])
 
 ERRORS = {
-    404: {"model": ErrorBody, "description": "Unknown model"},
+    401: {"model": ErrorBody, "description": "API_KEYS is set and no valid key was sent"},
+    404: {"model": ErrorBody, "description": "Unknown model or version"},
     408: {"model": ErrorBody, "description": "The body did not arrive in time"},
     413: {
         "model": ErrorBody,

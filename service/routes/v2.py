@@ -25,12 +25,14 @@ from service.routes.inference import infer, serving
 from service.schemas import V2Error, V2InferenceRequest, V2ModelMetadata, V2ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+health = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])  # open to probes
 
 SERVER_NAME = "cifar100-classifier"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": V2Error, "description": "Bad tensor, shape, datatype or request"},
+    401: {"model": V2Error, "description": "API_KEYS is set and no valid key was sent"},
     404: {"model": V2Error, "description": "Unknown model or version"},
     413: {"model": V2Error, "description": "Too many images or too many bytes"},
     503: {"model": V2Error, "description": "Not ready, shutting down, or overloaded"},
@@ -39,7 +41,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 NOT_READY = Response(status_code=400)  # the protocol: 200 is true, any 4xx is false
 
 
-@router.get("", response_model=V2ServerMetadata)
+@health.get("", response_model=V2ServerMetadata)
 def server_metadata(request: Request) -> V2ServerMetadata:
     """Server name, version and the protocol extensions it supports."""
     return V2ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
@@ -49,13 +51,13 @@ EMPTY = {"description": "true (empty body)"}
 FALSE = {"description": "false (empty body)"}
 
 
-@router.get("/health/live", response_class=Response, responses={200: EMPTY})
+@health.get("/health/live", response_class=Response, responses={200: EMPTY})
 def server_live() -> Response:
     """200 while the process answers."""
     return Response(status_code=200)
 
 
-@router.get("/health/ready", response_class=Response, responses={200: EMPTY, 400: FALSE})
+@health.get("/health/ready", response_class=Response, responses={200: EMPTY, 400: FALSE})
 def server_ready(request: Request, catalog: CatalogDep) -> Response:
     """200 when a model can take requests; 400 (the protocol's "false") otherwise."""
     ready = catalog.ready and not request.app.state.draining.is_set()

@@ -1,0 +1,64 @@
+"""Access control, off by default: bearer tokens for the prediction and model routes, and
+a token of its own for /metrics. Health stays open for probes.
+
+Tokens are compared as SHA-256 digests with `hmac.compare_digest`, against every known
+key each time, so neither a token's length nor how much of it matched shows in the
+timing. API_KEYS_FILE holds digests only (one hex SHA-256 per line, `#` comments), so
+the file never holds a usable token: `printf %s "$TOKEN" | sha256sum`.
+"""
+
+import functools
+import hashlib
+import hmac
+from pathlib import Path
+
+from fastapi import Request
+
+from service.config import Settings, get_settings
+from service.errors import Unauthorized
+
+
+async def api_key(request: Request) -> None:
+    """The dependency on every protected router."""
+    settings = get_settings()
+    keys = known_keys(settings.api_keys, settings.api_keys_file)
+    if keys:
+        check(request, keys, "an API key")
+
+
+async def metrics_token(request: Request) -> None:
+    settings = get_settings()
+    if settings.metrics_token:
+        check(request, known_keys(settings.metrics_token, None), "the metrics token")
+
+
+def check(request: Request, keys: frozenset[bytes], what: str) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(f"send {what} as `Authorization: Bearer <token>`")
+    digest = hashlib.sha256(token.strip().encode()).digest()
+    # No early exit: every key is compared, each in constant time.
+    matches = [hmac.compare_digest(digest, key) for key in keys]
+    if not any(matches):
+        raise Unauthorized(f"{what} was not accepted")
+
+
+@functools.cache
+def known_keys(tokens: str, digests_file: Path | None) -> frozenset[bytes]:
+    keys = {hashlib.sha256(t.strip().encode()).digest() for t in tokens.split(",") if t.strip()}
+    if digests_file is not None:
+        for line in Path(digests_file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.add(bytes.fromhex(line))
+    return frozenset(keys)
+
+
+def validate(settings: Settings) -> None:
+    """At startup: a malformed keys file stops the server instead of locking everyone out."""
+    try:
+        keys = known_keys(settings.api_keys, settings.api_keys_file)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"API_KEYS_FILE {settings.api_keys_file}: {err}") from None
+    if any(len(key) != 32 for key in keys):
+        raise ValueError(f"API_KEYS_FILE {settings.api_keys_file}: one SHA-256 (64 hex) a line")

@@ -1,0 +1,265 @@
+"""Operating the service: versions, reload while serving, request ids, access logs, access
+control and CORS, all through the real app (and a real server where it matters)."""
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import onnx
+import pytest
+
+from bench.load import multipart_body
+from service.classifier import file_version
+from service.logs import JsonFormatter
+from tests.service_helpers import encode, live_server, serve, upload
+from tests.synthetic import make_images
+
+LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return make_images(np.array([5, 50, 95]), seed=8)
+
+
+def retrained(source, target, trained_at: str) -> None:
+    """Another version of the same model: same id, different card, so different bytes."""
+    model = onnx.load(source)
+    for prop in model.metadata_props:
+        if prop.key == "training":
+            training = json.loads(prop.value)
+            training["trained_at"] = trained_at
+            prop.value = json.dumps(training)
+    onnx.save(model, target)
+
+
+# --- versions ---------------------------------------------------------------------------
+
+
+def test_two_files_of_one_model_are_two_versions_newest_by_default(monkeypatch, model_copy, images):
+    old = file_version(model_copy / f"{LARGE}.onnx")
+    retrained(
+        model_copy / f"{LARGE}.onnx", model_copy / "large-retrained.onnx", "2099-01-01T00:00:00Z"
+    )
+    new = file_version(model_copy / "large-retrained.onnx")
+    with serve(monkeypatch, model_copy) as client:
+        listing = client.get("/models").json()
+        versions = {m["version"]: m for m in listing["models"] if m["model_id"] == LARGE}
+        assert set(versions) == {old, new} and listing["failed"] == {}
+        assert versions[new]["default"] and not versions[old]["default"]
+        assert versions[new]["trained_at"] == "2099-01-01T00:00:00Z"
+        files = upload(encode(images[0]))
+        assert client.post("/predict", files=files).json()["model_version"] == new
+        response = client.post(f"/predict?version={old}", files=files)
+        assert response.json()["model_version"] == old
+        assert client.get(f"/models/{LARGE}?version={old}").json()["version"] == old
+        missing = client.post("/predict?version=0000", files=files)
+        assert missing.status_code == 404 and "no version '0000'" in missing.json()["detail"]
+        meta = client.get(f"/v2/models/{LARGE}").json()
+        assert meta["versions"] == sorted([old, new])
+        body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+                            "data": images[0].ravel().tolist()}]}  # fmt: skip
+        reply = client.post(f"/v2/models/{LARGE}/versions/{old}/infer", json=body).json()
+        assert reply["model_version"] == old
+
+
+def test_the_same_bytes_under_two_names_are_served_once(monkeypatch, model_copy):
+    (model_copy / "copy.onnx").write_bytes((model_copy / f"{SMALL}.onnx").read_bytes())
+    with serve(monkeypatch, model_copy) as client:
+        listing = client.get("/models").json()
+        assert [m["model_id"] for m in listing["models"]].count(SMALL) == 1
+        assert "the same file as" in listing["failed"]["copy.onnx"]
+
+
+# --- reload without restart -----------------------------------------------------------------
+
+
+def test_models_are_swapped_added_and_removed_under_load_with_no_failed_request(
+    model_copy, tmp_path, images
+):
+    body, content_type = multipart_body(encode(images[0]), "a.png")
+    old = file_version(model_copy / f"{LARGE}.onnx")
+    retrained(model_copy / f"{LARGE}.onnx", tmp_path / "new.onnx", "2099-01-01T00:00:00Z")
+    new = file_version(tmp_path / "new.onnx")
+    with live_server(model_copy, model_poll_seconds=0.1) as port:
+        base = f"http://127.0.0.1:{port}"
+        statuses, versions, stop = [], set(), threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                request = urllib.request.Request(
+                    f"{base}/predict?model={LARGE}", data=body,
+                    headers={"Content-Type": content_type},
+                )  # fmt: skip
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as response:
+                        statuses.append(response.status)
+                        versions.add(json.loads(response.read())["model_version"])
+                except urllib.error.HTTPError as err:
+                    statuses.append(err.code)
+
+        def listing() -> dict:
+            return json.loads(urllib.request.urlopen(f"{base}/models", timeout=30).read())
+
+        def wait_for(condition) -> dict:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if condition(current := listing()):
+                    return current
+                time.sleep(0.05)
+            pytest.fail(f"the catalog never changed: {listing()}")
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(client)
+            time.sleep(0.5)  # load running on the old version (not an assertion)
+            os.replace(tmp_path / "new.onnx", model_copy / f"{LARGE}.onnx")  # atomic swap
+            wait_for(
+                lambda m: [x["version"] for x in m["models"] if x["model_id"] == LARGE] == [new]
+            )
+            (model_copy / "broken.onnx").write_bytes(b"not onnx")
+            (model_copy / f"{SMALL}.onnx").unlink()
+            after = wait_for(lambda m: "broken.onnx" in m["failed"] and len(m["models"]) == 1)
+            assert after["models"][0]["version"] == new
+            time.sleep(0.5)
+            stop.set()
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+    assert statuses and set(statuses) == {200}, f"failed requests: {statuses.count(500)}"
+    assert versions == {old, new}
+    assert f'model_version_loaded{{model="{LARGE}",version="{old}"}} 0.0' in metrics
+    assert f'model_version_loaded{{model="{LARGE}",version="{new}"}} 1.0' in metrics
+
+
+def test_a_broken_replacement_keeps_the_old_version_serving(model_copy, images):
+    old = file_version(model_copy / f"{SMALL}.onnx")
+    with live_server(model_copy, model_poll_seconds=0.1) as port:
+        base = f"http://127.0.0.1:{port}"
+        (model_copy / "tmp").write_bytes(b"\x08\x07garbage")
+        os.replace(model_copy / "tmp", model_copy / f"{SMALL}.onnx")
+        deadline = time.monotonic() + 60
+        while (
+            f"{SMALL}.onnx"
+            not in (
+                listing := json.loads(urllib.request.urlopen(f"{base}/models", timeout=30).read())
+            )["failed"]
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        served = {m["model_id"]: m["version"] for m in listing["models"]}
+        assert served[SMALL] == old  # still serving the version it had
+        body, content_type = multipart_body(encode(images[0]), "a.png")
+        request = urllib.request.Request(
+            f"{base}/predict?model={SMALL}", data=body, headers={"Content-Type": content_type}
+        )
+        assert (
+            json.loads(urllib.request.urlopen(request, timeout=30).read())["model_version"] == old
+        )
+
+
+# --- request ids and access logs ---------------------------------------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_request_ids_are_returned_on_every_response_and_logged(monkeypatch, models_dir, images):
+    with serve(monkeypatch, models_dir) as client:
+        records = Records()
+        logging.getLogger("service.access").addHandler(records)
+        try:
+            given = client.post("/predict", files=upload(encode(images[0])),
+                                headers={"X-Request-ID": "trace-42"})  # fmt: skip
+            made = client.post("/predict", files=upload(b"junk"))
+            odd = client.get("/models/nope", headers={"X-Request-ID": "bad id\twith spaces"})
+        finally:
+            logging.getLogger("service.access").removeHandler(records)
+    assert given.headers["x-request-id"] == "trace-42"
+    assert made.status_code == 422 and len(made.headers["x-request-id"]) == 32
+    assert odd.status_code == 404 and odd.headers["x-request-id"] != "bad id\twith spaces"
+    lines = [json.loads(JsonFormatter().format(r)) for r in records.records]
+    first = next(line for line in lines if line["request_id"] == "trace-42")
+    assert first["method"] == "POST" and first["route"] == "/predict" and first["status"] == 200
+    assert first["model"] == LARGE and first["version"] == file_version(
+        models_dir / f"{LARGE}.onnx"
+    )
+    assert first["images"] == 1 and first["queue_ms"] >= 0 and first["inference_ms"] > 0
+    assert first["total_ms"] >= first["inference_ms"]
+    assert {line["request_id"] for line in lines} >= {made.headers["x-request-id"]}
+    assert next(line for line in lines if line["status"] == 404)["route"] == "/models/{model_id}"
+
+
+def test_uvicorn_lines_go_through_the_json_formatter(monkeypatch, models_dir):
+    with serve(monkeypatch, models_dir, log_json="true"):
+        handlers = logging.getLogger("uvicorn").handlers
+        assert handlers and isinstance(handlers[0].formatter, JsonFormatter)
+        assert logging.getLogger("uvicorn.error").propagate
+        assert logging.getLogger("uvicorn.access").disabled
+
+
+# --- access control ---------------------------------------------------------------------------
+
+
+def test_api_keys_protect_prediction_and_models_but_not_health(
+    monkeypatch, models_dir, images, tmp_path
+):
+    digests = tmp_path / "keys"
+    digests.write_text(f"# ops team\n{hashlib.sha256(b'from-file').hexdigest()}\n")
+    env = {"api_keys": "alpha-key,beta-key", "api_keys_file": digests, "metrics_token": "m3tr1cs"}
+    with serve(monkeypatch, models_dir, **env) as client:
+        files = upload(encode(images[0]))
+        refused = ["", "Bearer wrong", "alpha-key", "Bearer alpha-ke", "Bearer alpha-keyx"]
+        for headers in [{"Authorization": value} if value else {} for value in refused]:
+            response = client.post("/predict", files=files, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.headers["www-authenticate"] == "Bearer"
+        for token in ("alpha-key", "beta-key", "from-file"):
+            auth = {"Authorization": f"Bearer {token}"}
+            assert client.post("/predict", files=files, headers=auth).status_code == 200
+            assert client.get("/models", headers=auth).status_code == 200
+        assert client.get("/models").status_code == 401
+        assert client.post(f"/v2/models/{LARGE}/infer", json={}).json()["error"].startswith("send")
+        for open_path in ("/health/live", "/health/ready", "/v2/health/ready", "/v2"):
+            assert client.get(open_path).status_code == 200, open_path
+        assert client.get("/metrics").status_code == 401
+        assert (
+            client.get("/metrics", headers={"Authorization": "Bearer alpha-key"}).status_code == 401
+        )
+        assert (
+            client.get("/metrics", headers={"Authorization": "Bearer m3tr1cs"}).status_code == 200
+        )
+
+
+def test_a_malformed_keys_file_stops_startup(monkeypatch, models_dir, tmp_path):
+    (tmp_path / "keys").write_text("not-hex\n")
+    with (
+        pytest.raises(ValueError, match="API_KEYS_FILE"),
+        serve(monkeypatch, models_dir, api_keys_file=tmp_path / "keys"),
+    ):
+        pass
+
+
+def test_cors_only_for_the_configured_origins(monkeypatch, models_dir):
+    preflight = {"Origin": "https://page.example", "Access-Control-Request-Method": "POST"}
+    with serve(monkeypatch, models_dir) as client:  # default: no CORS at all
+        assert (
+            "access-control-allow-origin"
+            not in client.options("/predict", headers=preflight).headers
+        )
+    with serve(monkeypatch, models_dir, cors_origins='["https://page.example"]') as client:
+        allowed = client.options("/predict", headers=preflight)
+        assert allowed.headers["access-control-allow-origin"] == "https://page.example"
+        other = client.options("/predict", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
