@@ -8,7 +8,7 @@ EPOCHS ?= 48
 MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
-.PHONY: setup train-export report test lint format serve bench
+.PHONY: setup train-export report test lint format serve bench triton-repo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,11 @@ format: setup
 WORKERS ?= 1
 serve: setup
 	rm -rf .prometheus && mkdir -p .prometheus
-	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/.prometheus WEB_CONCURRENCY=$(WORKERS) \
-		$(PY) -m uvicorn --factory service.main:create_app --host 0.0.0.0 --port 8000
+	PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/.prometheus WEB_CONCURRENCY=$(WORKERS) $(PY) -m service
 
 bench: setup
 	$(PY) -m bench
+
+# model_repository/: a Triton model repository from models/ (reads the ONNX files only).
+triton-repo: setup
+	$(PY) -m training export-triton
