@@ -8,7 +8,7 @@ EPOCHS ?= 48
 MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
-.PHONY: setup train-export report test lint format serve bench triton-repo
+.PHONY: setup train-export report test lint format serve bench triton-repo gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,9 @@ bench: setup
 # model_repository/: a Triton model repository from models/ (reads the ONNX files only).
 triton-repo: setup
 	$(PY) -m training export-triton
+
+# On a machine with an NVIDIA GPU: one epoch per model on the synthetic data, export,
+# serve with DEVICE=cuda, check CUDAExecutionProvider, print images/s. Without a GPU:
+# a message and exit code 1.
+gpu-check: setup
+	$(PY) -m training.gpu_check

@@ -9,6 +9,7 @@ import pytest
 from tests.synthetic import write_cifar100, write_tarball
 
 VAL_SIZE = 500
+SMALL_VAL_SIZE = 100  # of small_tarball's 800 training images
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +21,14 @@ def cifar_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cifar_tarball(cifar_dir, tmp_path_factory) -> Path:
     return write_tarball(cifar_dir, tmp_path_factory.mktemp("archive") / "cifar-100-python.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def small_tarball(tmp_path_factory) -> Path:
+    """A smaller copy for tests that start training processes of their own (kills,
+    resumes, devices): 8 training and 2 test images per class; use SMALL_VAL_SIZE."""
+    folder = write_cifar100(tmp_path_factory.mktemp("small"), train_per_class=8, test_per_class=2)
+    return write_tarball(folder, folder.parent / "cifar-100-python.tar.gz")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import functools
 import hashlib
 import http.server
+import os
 import pickle
 import threading
 
@@ -72,6 +73,34 @@ def test_broken_datasets_get_clear_errors(cifar_dir, tmp_path, damage, message):
         cifar.load(folder, val_size=500)
 
 
+class RunsCode:
+    """What a malicious pickle holds: unpickling it calls a function of its choice."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(cifar_dir, tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test"):
+        # Protocol 2, as Python 2 and old tools wrote: still read.
+        content = pickle.loads((cifar_dir / name).read_bytes())
+        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
+    meta = pickle.loads((cifar_dir / "meta").read_bytes())
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    assert len(cifar.load(folder, val_size=500).train) == 3500
+
+    marker = tmp_path / "ran"
+    (folder / "meta").write_bytes(pickle.dumps({**meta, b"extra": RunsCode(marker)}))
+    with pytest.raises(cifar.DataError, match=r"names posix\.system.*could run code"):
+        cifar.load(folder, val_size=500)
+    assert not marker.exists()
+
+
 def test_missing_path_and_non_archive(tmp_path):
     with pytest.raises(cifar.DataError, match="does not exist"):
         cifar.load(tmp_path / "nowhere")
@@ -104,7 +133,9 @@ def test_download_is_verified_then_cached(archive_server, tmp_path, monkeypatch)
 
 
 def test_download_with_wrong_md5_is_never_unpickled(archive_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled unverified data"))
+    monkeypatch.setattr(
+        cifar, "restricted_load", lambda *a, **k: pytest.fail("unpickled unverified data")
+    )
     with pytest.raises(cifar.DataError, match="md5"):
         cifar.load(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded left behind

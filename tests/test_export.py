@@ -1,7 +1,15 @@
 """Exported ONNX files: uint8 in, probabilities out, a model card inside, and never
 written unless onnxruntime reproduces Keras."""
 
+import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,10 +18,11 @@ import onnxruntime as ort
 import pytest
 
 from service.modelcard import INPUT_NAME, OUTPUT_NAME, ModelCard
+from tests.conftest import SMALL_VAL_SIZE
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
-from tests.test_models import write_keras2_weights
 from training import export as exporter
 from training.__main__ import main
+from training.errors import TrainingError
 from training.models import MODEL_IDS, build_model
 from training.train import best_checkpoint
 
@@ -39,6 +48,7 @@ def test_exported_file_is_self_describing(models_dir, workspace, model_id):
     assert sorted(o.name for o in proto.graph.output) == ["features", OUTPUT_NAME]
 
     card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+    assert card.outputs == [o.name for o in proto.graph.output]  # the card says what it has
     run_dir = workspace / "runs" / model_id
     assert card.model_id == model_id
     assert card.class_names == CLASS_NAMES and card.superclass_names == SUPERCLASS_NAMES
@@ -98,9 +108,37 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(target.parent.iterdir()) == []
 
 
-def test_export_original_hdf5_weights(cifar_tarball, tmp_path):
+def test_graph_without_features_is_refused(tmp_path):
+    model = build_model("cifar100-712868")
+    proto = exporter.to_onnx(model)
+    (features,) = [o for o in proto.graph.output if o.name == exporter.FEATURES_NAME]
+    proto.graph.output.remove(features)
+    with pytest.raises(exporter.ExportError, match="expected probabilities and features"):
+        exporter.check_parity(proto, model, make_images(np.arange(4), seed=0))
+
+
+def test_report_says_when_a_file_lacks_features(models_dir, cifar_tarball, tmp_path, capsys):
+    """A file from elsewhere, probabilities only (the service accepts it): the report
+    cannot map features, and says so."""
+    proto = onnx.load(models_dir / "cifar100-712868.onnx")
+    (features,) = [o for o in proto.graph.output if o.name == exporter.FEATURES_NAME]
+    proto.graph.output.remove(features)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props["outputs"] = json.dumps([OUTPUT_NAME])
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, tmp_path / "cifar100-712868.onnx")
+    args = ["report", "--models-dir", str(tmp_path), "--reports-dir", str(tmp_path / "reports")]
+    assert main([*args, "--data-dir", str(cifar_tarball), "--val-size", "500"]) == 2
+    assert "no 'features' output" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_export_original_keras2_checkpoint(cifar_tarball, tmp_path):
+    """A file as Keras 2's ModelCheckpoint wrote them: the whole model, by Keras 2."""
+    from tests.keras2_files import write_keras2_file
+
     weights = tmp_path / "cifar100-712868-48-0.37.hdf5"
-    write_keras2_weights(weights, "cifar100-712868", seed=1)
+    original = write_keras2_file(weights, "cifar100-712868", "save", seed=1)
     args = ["export", "--weights", str(weights), "--data-dir", str(cifar_tarball)]
     assert main([*args, "--val-size", "500", "--models-dir", str(tmp_path / "models")]) == 0
 
@@ -109,12 +147,12 @@ def test_export_original_hdf5_weights(cifar_tarball, tmp_path):
     card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
     assert card.training["source"] == weights.name
     assert 0 <= card.evaluation["top1_accuracy"] <= 1
-    keras_model = build_model("cifar100-712868")
-    keras_model.load_weights(weights)
     images = make_images(np.arange(10), seed=9)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(
-        session.run([OUTPUT_NAME], {INPUT_NAME: images})[0], keras_model(images), atol=1e-4
+        session.run([OUTPUT_NAME], {INPUT_NAME: images})[0],
+        original.predict(images / 255, verbose=0),
+        atol=1e-4,
     )
 
 
@@ -123,14 +161,76 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_train_export_runs_the_whole_pipeline(cifar_dir, tmp_path):
-    """What `make train-export` and the train container run, on one epoch each."""
-    args = ["train-export", "--epochs", "1", "--batch-size", "128", "--data-dir", str(cifar_dir)]
+def test_other_errors_keep_their_traceback(workspace, cifar_tarball, tmp_path):
+    """A checkpoint Keras cannot read is a bug to debug, not a message to print."""
+    run_dir = tmp_path / "runs" / "cifar100-712868"
+    shutil.copytree(workspace / "runs" / "cifar100-712868", run_dir)
+    best_checkpoint(run_dir).write_bytes(b"truncated")
+    (run_dir / "evaluation.json").unlink()
+    args = ["evaluate", "--model", "cifar100-712868", "--data-dir", str(cifar_tarball)]
+    with pytest.raises(Exception) as raised:  # whatever Keras raises: it must get through
+        main([*args, "--val-size", "500", "--runs-dir", str(tmp_path / "runs")])
+    assert not isinstance(raised.value, TrainingError)
+
+
+def test_evaluation_is_reused_only_for_the_same_checkpoint_content(
+    workspace, cifar_tarball, tmp_path
+):
+    run_dir = Path(shutil.copytree(workspace / "runs" / "cifar100-712868", tmp_path / "runs" /
+                                   "cifar100-712868"))  # fmt: skip
+    args = ["evaluate", "--model", "cifar100-712868", "--data-dir", str(cifar_tarball)]
     args += ["--val-size", "500", "--runs-dir", str(tmp_path / "runs")]
-    assert main([*args, "--models-dir", str(tmp_path / "models")]) == 0
+    saved = run_dir / "evaluation.json"
+    marked = {**json.loads(saved.read_text()), "top1_accuracy": 0.125}
+    saved.write_text(json.dumps(marked))
+    assert main(args) == 0
+    assert json.loads(saved.read_text())["top1_accuracy"] == 0.125  # same content: reused
+
+    # Another model under the same file name, as a retrained run could leave it.
+    checkpoint = best_checkpoint(run_dir)
+    model = keras.models.load_model(checkpoint)
+    model.set_weights([w * 0.5 for w in model.get_weights()])
+    model.save(checkpoint)
+    assert main(args) == 0
+    evaluation = json.loads(saved.read_text())
+    assert evaluation["checkpoint"] == checkpoint.name
+    assert evaluation["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert evaluation["top1_accuracy"] != 0.125
+
+
+def test_train_export_killed_then_rerun_finishes_without_retraining(small_tarball, tmp_path):
+    """What `make train-export` runs: killed while training the second model, the same
+    command again keeps the first model's export, resumes the second and exports it."""
+    command = [
+        sys.executable, "-m", "training", "train-export", "--epochs", "2", "--batch-size", "32",
+        "--data-dir", str(small_tarball), "--val-size", str(SMALL_VAL_SIZE),
+        "--runs-dir", str(tmp_path / "runs"), "--models-dir", str(tmp_path / "models"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    second = tmp_path / "runs" / MODEL_IDS[1]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 900  # a hang, not a speed limit
+    while not (second / "backup" / "training_metadata.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "second model never ran"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = tmp_path / "models" / f"{MODEL_IDS[0]}.onnx"
+    before = (first.read_bytes(), first.stat().st_mtime_ns)
+    first_run = sorted(p.name for p in (tmp_path / "runs" / MODEL_IDS[0]).iterdir())
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"{MODEL_IDS[0]}: already exported with this recipe" in again.stdout
+    assert f"Training {MODEL_IDS[0]}" not in again.stdout
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in (tmp_path / "runs" / MODEL_IDS[0]).iterdir()) == first_run
+    assert "Resuming" in again.stdout and not (second / "backup").exists()
     for model_id in MODEL_IDS:
-        assert (tmp_path / "runs" / model_id / "evaluation.json").exists()
         proto = onnx.load(tmp_path / "models" / f"{model_id}.onnx")
         card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
-        assert card.model_id == model_id and card.training["recipe"]["epochs"] == 1
+        assert card.model_id == model_id and card.training["recipe"]["epochs"] == 2
         assert card.training["recipe"]["augment"] is True  # the default recipe
+        assert (tmp_path / "runs" / model_id / "evaluation.json").exists()

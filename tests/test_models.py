@@ -1,10 +1,11 @@
-"""The two architectures match the original Keras summaries, and the original Keras 2
-HDF5 weight files load into them."""
+"""The two architectures match the original Keras summaries, and Keras 2 HDF5 files of
+them, as Keras 2 writes them, load into them."""
 
 import h5py
 import numpy as np
 import pytest
 
+from training.errors import WeightsError
 from training.models import MODEL_IDS, build_model, load_original_weights
 
 # (layer, output shape without batch, parameters), from the original experiments' summaries.
@@ -71,46 +72,31 @@ def test_unknown_model_id_is_refused():
         build_model("cifar100-42")
 
 
-def write_keras2_weights(path, model_id, seed=0):
-    """A weights file laid out as Keras 2's `model.save_weights('x.hdf5')` wrote it.
-
-    Returns the arrays written, in layer order."""
-    rng = np.random.default_rng(seed)
-    shapes = [w.shape for w in build_model(model_id).weights]
-    arrays = [rng.normal(0, 0.05, size=shape).astype("float32") for shape in shapes]
-    with h5py.File(path, "w") as f:
-        f.attrs["backend"] = b"tensorflow"
-        f.attrs["keras_version"] = b"2.2.4"
-        f.attrs["layer_names"] = [name.encode() for name, _, _ in ORIGINAL_SUMMARIES[model_id]]
-        remaining = iter(arrays)
-        for name, _, params in ORIGINAL_SUMMARIES[model_id]:
-            group = f.create_group(name)
-            if not params:
-                group.attrs["weight_names"] = np.array([], dtype="S")
-                continue
-            names = [f"{name}/kernel:0", f"{name}/bias:0"]
-            group.attrs["weight_names"] = [n.encode() for n in names]
-            for weight_name in names:
-                group.create_dataset(weight_name, data=next(remaining))
-    return arrays
-
-
+@pytest.mark.parametrize("layout", ["save", "weights"])
 @pytest.mark.parametrize("model_id", MODEL_IDS)
-def test_original_hdf5_weights_load_into_the_matching_model(tmp_path, model_id):
+def test_keras2_files_load_into_the_matching_model(tmp_path, model_id, layout):
+    """Files written by Keras 2 itself, both layouts, with the original layer names."""
+    from tests.keras2_files import write_keras2_file  # imports Keras 2: only where needed
+
     path = tmp_path / f"{model_id}-48-0.37.hdf5"
-    arrays = write_keras2_weights(path, model_id)
+    original = write_keras2_file(path, model_id, layout, seed=1)
     model = load_original_weights(path)
     assert model.name == model_id
-    for loaded, written in zip(model.get_weights(), arrays, strict=True):
+    for loaded, written in zip(model.get_weights(), original.get_weights(), strict=True):
         np.testing.assert_array_equal(loaded, written)
+    # Same function: the original took pixels scaled to [0, 1], ours scales uint8 itself.
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        model.predict(images, verbose=0), original.predict(images / 255, verbose=0), atol=1e-6
+    )
 
 
 def test_hdf5_weights_of_another_architecture_are_refused(tmp_path):
     path = tmp_path / "other.hdf5"
     with h5py.File(path, "w") as f:
         f.create_dataset("dense/kernel:0", data=np.zeros((10, 10), "float32"))
-    with pytest.raises(ValueError, match="100 parameters"):
+    with pytest.raises(WeightsError, match="100 parameters"):
         load_original_weights(path)
     (tmp_path / "junk.hdf5").write_bytes(b"not hdf5")
-    with pytest.raises(ValueError, match="not a readable HDF5"):
+    with pytest.raises(WeightsError, match="not a readable HDF5"):
         load_original_weights(tmp_path / "junk.hdf5")

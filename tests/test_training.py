@@ -1,5 +1,5 @@
-"""The training loop on the synthetic dataset: it learns, it checkpoints, it resumes,
-and a seed makes it repeatable."""
+"""The training loop on the synthetic dataset: it learns, it checkpoints, it resumes
+exactly where it stopped, and a seed makes it repeatable, interrupted or not."""
 
 import csv
 import json
@@ -14,13 +14,14 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import VAL_SIZE
+from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
 from training import data as cifar
+from training.errors import RunError
 from training.train import (
     Recipe,
     _epoch_of,
-    _forget_epochs_after_backup,
     best_checkpoint,
+    forget_unfinished_epochs,
     train,
     train_dataset,
 )
@@ -59,11 +60,11 @@ def test_run_directory_keeps_only_the_best_checkpoint(workspace):
 def test_evaluation_numbers_agree_with_each_other(workspace):
     evaluation = json.loads((workspace / "runs/cifar100-712868/evaluation.json").read_text())
     per_class = list(evaluation["per_class_accuracy"].values())
-    assert len(per_class) == 100 and len(evaluation["per_superclass_accuracy"]) == 20
+    assert len(per_class) == 100 and len(evaluation["per_superclass_of_top_class_accuracy"]) == 20
     # Balanced test set: the mean of per-class accuracies is the top-1 accuracy.
     assert np.mean(per_class) == pytest.approx(evaluation["top1_accuracy"])
     assert evaluation["top1_accuracy"] <= evaluation["top5_accuracy"]
-    assert evaluation["top1_accuracy"] <= evaluation["superclass_accuracy"]
+    assert evaluation["top1_accuracy"] <= evaluation["superclass_of_top_class_accuracy"]
 
 
 def test_same_seed_same_weights(cifar_dir, tmp_path):
@@ -98,19 +99,33 @@ def test_augmentation_crops_and_flips_reproducibly(cifar_dir):
     assert changed.mean() > 0.8
 
 
-def test_interrupted_run_resumes_where_it_stopped(cifar_tarball, tmp_path):
-    """Kill a real training process after its first epoch, then --resume it."""
-    run_dir = tmp_path / "runs" / "cifar100-712868"
-    command = [
-        sys.executable, "-m", "training", "train", "--model", "cifar100-712868",
-        "--epochs", "3", "--batch-size", "64", "--no-augment", "--data-dir", str(cifar_tarball),
-        "--val-size", str(VAL_SIZE), "--runs-dir", str(tmp_path / "runs"),
-    ]  # fmt: skip
+def test_epochs_differ_and_depend_only_on_seed_and_epoch(cifar_dir):
+    """Epoch 1 as the second epoch of a run is epoch 1 of a run resumed there."""
+    split = cifar.load(cifar_dir, val_size=VAL_SIZE).test
+    recipe = Recipe(epochs=2, batch_size=500, seed=5)
+    epoch0, epoch1 = [images.numpy() for images, _ in train_dataset(split, recipe)]
+    (resumed,) = [images.numpy() for images, _ in train_dataset(split, recipe, first_epoch=1)]
+    np.testing.assert_array_equal(epoch1, resumed)
+    assert (epoch0 != epoch1).any(axis=(1, 2, 3)).mean() > 0.9  # a new shuffle and new crops
+
+
+def test_killed_and_resumed_run_ends_as_an_uninterrupted_one(small_tarball, tmp_path):
+    """Kill a real training process after its first epoch, then --resume it: same history
+    to the last digit and bit-identical weights as a run that was never interrupted."""
+
+    def command(runs):
+        return [
+            sys.executable, "-m", "training", "train", "--model", "cifar100-712868",
+            "--epochs", "3", "--batch-size", "32", "--data-dir", str(small_tarball),
+            "--val-size", str(SMALL_VAL_SIZE), "--runs-dir", str(runs),
+        ]  # fmt: skip
+
+    run_dir = tmp_path / "killed" / "cifar100-712868"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(run_dir.parent), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a hang, not a speed limit
     while not (run_dir / "backup" / "training_metadata.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no epoch finished"
         time.sleep(0.05)
@@ -118,33 +133,108 @@ def test_interrupted_run_resumes_where_it_stopped(cifar_tarball, tmp_path):
     process.wait()
     assert len(history(run_dir)) < 3
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True)
+    again = subprocess.run(command(run_dir.parent), env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently restarts
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [*command(run_dir.parent), "--resume"], env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
-    assert [row["epoch"] for row in history(run_dir)] == ["0", "1", "2"]
-    best = best_checkpoint(run_dir)
-    model = keras.models.load_model(best)
-    steps_per_epoch = -(-(4000 - VAL_SIZE) // 64)
-    # The optimizer state came back too: its step counter counts every epoch up to the
-    # checkpoint's, those before the kill included (a fresh optimizer would count fewer).
-    assert _epoch_of(best) > 1  # from after the kill, else the check below proves nothing
-    assert int(model.optimizer.iterations) == _epoch_of(best) * steps_per_epoch
     assert not (run_dir / "backup").exists()
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+
+    whole_dir = tmp_path / "whole" / "cifar100-712868"
+    assert [row["epoch"] for row in history(run_dir)] == ["0", "1", "2"]
+    assert history(run_dir) == history(whole_dir)  # every metric of every epoch
+    best, whole_best = best_checkpoint(run_dir), best_checkpoint(whole_dir)
+    assert best.name == whole_best.name
+    model, whole_model = keras.models.load_model(best), keras.models.load_model(whole_best)
+    for a, b in zip(model.get_weights(), whole_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The optimizer state came back too: its step counter counts every epoch up to the
+    # checkpoint's, those before the kill included.
+    steps_per_epoch = -(-(800 - SMALL_VAL_SIZE) // 32)
+    assert int(model.optimizer.iterations) == _epoch_of(best) * steps_per_epoch
+    for a, b in zip(model.optimizer.variables, whole_model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_resume_without_an_interrupted_run_is_an_error(cifar_dir, tmp_path):
     data = cifar.load(cifar_dir, val_size=VAL_SIZE)
-    with pytest.raises(cifar.DataError, match="nothing to resume"):
+    with pytest.raises(RunError, match="nothing to resume"):
         train("cifar100-712868", data, tmp_path / "run", Recipe(epochs=1), resume=True)
 
 
-def test_resume_drops_history_rows_the_backup_does_not_cover(tmp_path):
-    """Killed after an epoch's row was logged but before its backup: that epoch reruns."""
+def checkpoint(run_dir, epoch, accuracy):
+    path = run_dir / f"cifar100-712868-{epoch:02d}-{accuracy:.2f}.keras"
+    path.write_bytes(b"a checkpoint")
+    return path
+
+
+def test_resume_forgets_epochs_the_backup_does_not_cover(tmp_path):
+    """Killed after epoch 3's checkpoint and history row, before its backup: epoch 3 runs
+    again, so its row and checkpoint go; the backup's epochs stay."""
     (tmp_path / "backup").mkdir()
     (tmp_path / "backup" / "training_metadata.json").write_text('{"epoch": 2}')
-    history_file = tmp_path / "history.csv"
-    history_file.write_text("epoch,loss\n0,4.6\n1,4.1\n2,3.9\n")
-    _forget_epochs_after_backup(history_file, tmp_path / "backup")
-    assert history_file.read_text().split() == ["epoch,loss", "0,4.6", "1,4.1"]
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n0,0.30\n1,0.40\n2,0.45\n")
+    best = checkpoint(tmp_path, 2, 0.40)
+    unfinished = checkpoint(tmp_path, 3, 0.45)
+    assert forget_unfinished_epochs(tmp_path) == 2
+    assert (tmp_path / "history.csv").read_text().split() == [
+        "epoch,val_accuracy", "0,0.30", "1,0.40",
+    ]  # fmt: skip
+    assert not unfinished.exists()
+    assert best_checkpoint(tmp_path) == best
+
+
+def test_best_checkpoint_is_the_one_the_history_records(tmp_path):
+    """Two checkpoints of epoch 3 (one from before a kill): the history decides, not the
+    file names, which would pick the later name."""
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n0,0.30\n1,0.40\n2,0.46\n3,0.44\n")
+    checkpoint(tmp_path, 2, 0.40)
+    recorded = checkpoint(tmp_path, 3, 0.46)
+    checkpoint(tmp_path, 3, 0.47)
+    assert best_checkpoint(tmp_path) == recorded
+    recorded.unlink()
+    with pytest.raises(RunError, match="retrain"):
+        best_checkpoint(tmp_path)
+
+
+def test_mixed_precision_on_two_devices_trains_and_exports(small_tarball, tmp_path):
+    """The multi-GPU path (MirroredStrategy) on two logical CPU devices, with mixed
+    precision: it trains, and the float32 export passes parity."""
+    script = f"""
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from training.__main__ import main
+common = ["--data-dir", {str(small_tarball)!r}, "--val-size", "{SMALL_VAL_SIZE}",
+          "--runs-dir", {str(tmp_path / "runs")!r}]
+assert main(["train", "--model", "cifar100-712868", "--epochs", "1", "--batch-size", "32",
+             "--gpus", "2", "--mixed-precision", *common]) == 0
+sys.exit(main(["export", "--model", "cifar100-712868",
+               "--models-dir", {str(tmp_path / "models")!r}, *common]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(2 replica(s))" in done.stdout
+    assert "Parity on" in done.stdout
+    recipe = json.loads((tmp_path / "runs" / "cifar100-712868" / "recipe.json").read_text())
+    assert recipe["recipe"]["mixed_precision"] is True
+    assert (tmp_path / "models" / "cifar100-712868.onnx").exists()
+
+
+def test_gpu_check_stops_with_a_message_without_a_gpu(tmp_path):
+    """`make gpu-check` where no NVIDIA driver is found (here: none on PATH)."""
+    from training import gpu_check
+    from training.models import MODEL_IDS
+
+    assert gpu_check.MODEL_IDS == MODEL_IDS
+    env = {**os.environ, "PATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "training.gpu_check"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "needs an NVIDIA GPU; nothing was run" in done.stdout

@@ -1,21 +1,33 @@
 """python -m training {train,evaluate,export,train-export}: train, score and export the models."""
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
+
+if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
+    # Written from the ONNX files alone: skip the seconds importing TensorFlow takes, and
+    # run where only the service's dependencies are installed.
+    from training.triton import main as export_triton
+
+    sys.exit(export_triton(sys.argv[1:]))
 
 import keras
 
 from service.modelcard import ModelCard
 from training import data as cifar
+from training import triton
 from training.atomic import write_text
+from training.errors import ReportError, TrainingError
 from training.evaluate import evaluate_test_set
-from training.export import ExportError, export
+from training.export import FEATURES_NAME, export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
-from training.report import write_report
-from training.train import Recipe, best_checkpoint, train
+from training.report import COMPARE_DIR, write_reports
+from training.train import Recipe, best_checkpoint, run_state, train
 
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("models")
@@ -25,8 +37,11 @@ DEFAULT_REPORTS_DIR = Path("reports")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.command(args, load_data(args))
-    except (cifar.DataError, ExportError, ValueError) as err:
+        if args.command is triton.run:  # reads the exports only, never the dataset
+            triton.run(args)
+        else:
+            args.command(args, load_data(args))
+    except TrainingError as err:  # ours, with a message that says it all; bugs keep tracebacks
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -58,7 +73,13 @@ def parser() -> argparse.ArgumentParser:
     recipe.add_argument("--learning-rate", type=float, default=1e-3)
     recipe.add_argument("--seed", type=int, default=0)
     recipe.add_argument("--no-augment", dest="augment", action="store_false")
+    recipe.add_argument(
+        "--mixed-precision", action="store_true", help="float16 compute (GPU), float32 softmax"
+    )
     recipe.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    recipe.add_argument(
+        "--gpus", type=int, default=1, help="train on N GPUs with MirroredStrategy (default 1)"
+    )
 
     models_dir = argparse.ArgumentParser(add_help=False)
     models_dir.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
@@ -92,27 +113,46 @@ def parser() -> argparse.ArgumentParser:
         help="train, evaluate and export both models (what `make train-export` runs)",
     )
     everything.set_defaults(command=run_train_export, weights=None)
+
+    triton.add_command(commands)  # export-triton: a Triton model repository, no TensorFlow
     return root
 
 
 def run_train_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    """Both models, each trained, evaluated and exported. Run again after an interruption,
+    it skips what is done with this recipe, resumes what was cut short, starts the rest."""
+    recipe = recipe_of(args)
     for model_id in MODEL_IDS:
         args.model = model_id
-        run_train(args, data)
+        card = exported_card(args.models_dir / f"{model_id}.onnx")
+        if card is not None and card.training.get("recipe") == asdict(recipe):
+            print(f"{model_id}: already exported with this recipe, skipping it", flush=True)
+            continue
+        state = run_state(args.runs_dir / model_id, recipe)
+        if state == "finished":
+            print(f"{model_id}: already trained with this recipe", flush=True)
+        else:
+            args.resume = state == "interrupted"
+            run_train(args, data)
         run_evaluate(args, data)
         run_export(args, data)
 
 
 def run_train(args: argparse.Namespace, data: cifar.Cifar100) -> None:
-    recipe = Recipe(
+    run_dir = args.runs_dir / args.model
+    best = train(args.model, data, run_dir, recipe_of(args), args.resume, devices=args.gpus)
+    print(f"Best checkpoint: {best}")
+
+
+def recipe_of(args: argparse.Namespace) -> Recipe:
+    return Recipe(
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         augment=args.augment,
         seed=args.seed,
+        mixed_precision=args.mixed_precision,
     )
-    best = train(args.model, data, args.runs_dir / args.model, recipe, resume=args.resume)
-    print(f"Best checkpoint: {best}")
 
 
 def run_evaluate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
@@ -132,6 +172,10 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         model = keras.models.load_model(checkpoint)
         saved = json.loads((checkpoint.parent / "recipe.json").read_text())
         training = {"source": checkpoint.name, "recipe": saved["recipe"], "method": saved["method"]}
+        # The service serves the newest version of a model by this date.
+        training["trained_at"] = time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(checkpoint.stat().st_mtime)
+        )
         evaluation = evaluation_of(checkpoint, data)
     card = ModelCard(
         model_id=model_id,
@@ -152,14 +196,20 @@ def run_report(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     paths = [args.models_dir / f"{model_id}.onnx" for model_id in ids]
     found = [path for path in paths if path.exists()]
     if not found:
-        raise cifar.DataError(f"no exported model in {args.models_dir}; run train-export first")
+        raise ReportError(f"no exported model in {args.models_dir}; run train-export first")
     for path in found:
-        out = args.reports_dir / path.stem
-        report = write_report(path, data, out)
+        if FEATURES_NAME not in (outputs := exported_outputs(path)):
+            raise ReportError(
+                f"{path} has no {FEATURES_NAME!r} output (it has: {', '.join(outputs)}), which "
+                "the report's feature map needs; export the model with `python -m training export`"
+            )
+    for report in write_reports(found, data, args.reports_dir):
         print(
-            f"Wrote {out / 'index.html'}: top-1 {report['top1_accuracy']:.4f} "
-            f"(original {report['original_accuracy']:.2f})"
+            f"Wrote {args.reports_dir / report['model_id'] / 'index.html'}: "
+            f"top-1 {report['top1_accuracy']:.4f} (original {report['original_accuracy']:.2f})"
         )
+    if len(found) > 1:
+        print(f"Wrote {args.reports_dir / COMPARE_DIR / 'index.html'}: the models side by side")
 
 
 def load_data(args: argparse.Namespace) -> cifar.Cifar100:
@@ -173,15 +223,19 @@ def load_data(args: argparse.Namespace) -> cifar.Cifar100:
 
 
 def evaluation_of(checkpoint: Path, data: cifar.Cifar100) -> dict:
-    """The checkpoint's test-set metrics, from evaluation.json when it is for this checkpoint."""
+    """The checkpoint's test-set metrics, from evaluation.json when it is for this checkpoint:
+    the same content (a retrained run can write a file of the same name), not the name."""
     saved = checkpoint.parent / "evaluation.json"
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     if (
         saved.exists()
-        and (result := json.loads(saved.read_text())).get("checkpoint") == checkpoint.name
+        and (result := json.loads(saved.read_text())).get("checkpoint_sha256") == digest
+        and "summed_superclass_accuracy" in result  # else written before both superclass scores
     ):
         return result
     result = {
         "checkpoint": checkpoint.name,
+        "checkpoint_sha256": digest,
         **evaluate_model(keras.models.load_model(checkpoint), data),
     }
     write_text(saved, json.dumps(result, indent=2))
@@ -196,7 +250,9 @@ def evaluate_model(model: keras.Model, data: cifar.Cifar100) -> dict:
 def print_metrics(evaluation: dict) -> None:
     print(
         f"top-1 {evaluation['top1_accuracy']:.4f}  top-5 {evaluation['top5_accuracy']:.4f}  "
-        f"superclass {evaluation['superclass_accuracy']:.4f}  on {evaluation['images']} test images"
+        f"superclass of top class {evaluation['superclass_of_top_class_accuracy']:.4f}  "
+        f"summed superclass {evaluation['summed_superclass_accuracy']:.4f}  "
+        f"on {evaluation['images']} test images"
     )
 
 

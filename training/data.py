@@ -4,8 +4,10 @@ The archive holds `cifar-100-python/{train,test,meta}`: pickles of dicts with b'
 (uint8, N x 3072: the R, G and B planes of each image, row-major), b'fine_labels',
 b'coarse_labels', and in meta b'fine_label_names' and b'coarse_label_names'.
 
-Pickles can run code when loaded, so we only unpickle a download whose md5 matched the
-official one, or files the user pointed us at themselves.
+Pickles can run code when loaded. A download is unpickled only once its md5 matched the
+official one, and every file, downloaded or passed with --data-dir, goes through an
+unpickler that builds only what the official files hold (dicts, lists, bytes, numbers and
+NumPy arrays) and refuses anything else before it runs.
 """
 
 import hashlib
@@ -22,6 +24,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from training.errors import DataError
+
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
@@ -30,8 +34,21 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cifar100"
 VAL_SPLIT_SEED = 0  # fixed, so every run selects checkpoints on the same images
 
 
-class DataError(Exception):
-    """The dataset is missing, unreadable or not CIFAR-100; the message says what to do."""
+# The only globals a CIFAR-100 pickle may name: what NumPy's arrays, dtypes and scalars
+# pickle as, under NumPy 1 (`numpy.core`, the official files) and NumPy 2 (`numpy._core`).
+ALLOWED_GLOBALS = {
+    (module, name)
+    for package in ("numpy.core", "numpy._core")
+    for module, name in (
+        (f"{package}.multiarray", "_reconstruct"),
+        (f"{package}.multiarray", "scalar"),
+        (f"{package}.numeric", "_frombuffer"),
+    )
+} | {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2: str -> bytes, no more
+}
 
 
 @dataclass(frozen=True)
@@ -166,9 +183,28 @@ def _read_files(source: Path) -> dict[str, dict]:
         ) from None
 
 
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that constructs only NumPy arrays, dtypes and scalars besides the
+    built-in containers and numbers: a pickle naming anything else (a function to call,
+    a class to build) is refused before that object exists."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}, which a CIFAR-100 file never holds "
+            "(refused: unpickling it could run code)"
+        )
+
+
+def restricted_load(f: BinaryIO):
+    # encoding="bytes": the official files are Python 2 pickles, their str become bytes.
+    return RestrictedUnpickler(f, encoding="bytes").load()
+
+
 def _unpickle(f: BinaryIO, where: object) -> dict:
     try:
-        content = pickle.load(f, encoding="bytes")
+        content = restricted_load(f)
     except Exception as err:  # a bad pickle can raise almost anything
         raise DataError(f"{where} is not a CIFAR-100 pickle: {err}") from None
     if not isinstance(content, dict):

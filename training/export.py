@@ -5,7 +5,11 @@ tf.function with an explicit input signature instead. The graph takes uint8 imag
 (the model's own first layer scales them) and returns two outputs:
     probabilities  [batch, 100]  what the service uses
     features       [batch, n]    the penultimate activations, for the report's feature map
+Both are checked against Keras before anything is written, and the model card lists the
+outputs the file has.
 """
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -13,22 +17,24 @@ import onnx
 import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
+from google.protobuf.message import DecodeError
 
 from service.modelcard import INPUT_NAME, OUTPUT_NAME, ModelCard
 from training.atomic import write_bytes
+from training.errors import ExportError
+from training.models import build_model
 
 OPSET = 17
 FEATURES_NAME = "features"
 MAX_ABS_DIFF = 1e-4
 
 
-class ExportError(Exception):
-    """The converted graph does not reproduce the Keras model; nothing was written."""
-
-
 def export(model: keras.Model, card: ModelCard, path, parity_images: np.ndarray) -> onnx.ModelProto:
     """Convert, check parity on `parity_images`, then write `path` atomically."""
+    model = float32_twin(model)
     proto = to_onnx(model)
+    # The card states what the file has, read from the graph itself.
+    card = dataclasses.replace(card, outputs=[output.name for output in proto.graph.output])
     onnx.helper.set_model_props(proto, card.to_metadata())
     proto.doc_string = (
         f"CIFAR-100 classifier {card.model_id}: uint8 NHWC images in, probabilities out"
@@ -39,11 +45,7 @@ def export(model: keras.Model, card: ModelCard, path, parity_images: np.ndarray)
 
 
 def to_onnx(model: keras.Model) -> onnx.ModelProto:
-    # Both outputs from one graph: the input of the last layer is the penultimate features
-    # (dropout is the identity at inference).
-    two_outputs = keras.Model(
-        model.inputs, [model.outputs[0], model.get_layer("predictions").input]
-    )
+    two_outputs = _with_features(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT_NAME)])
     def serve(images):
@@ -60,15 +62,61 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
 
 
 def check_parity(proto: onnx.ModelProto, model: keras.Model, images: np.ndarray) -> None:
-    """Fail unless onnxruntime and Keras agree to MAX_ABS_DIFF and on every top-1 class."""
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    (onnx_probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})
-    keras_probs = model.predict(images, verbose=0)
-    diff = float(np.abs(onnx_probs - keras_probs).max())
-    top1_mismatch = int((onnx_probs.argmax(1) != keras_probs.argmax(1)).sum())
-    print(f"Parity on {len(images)} images: max |onnx - keras| = {diff:.2e}", flush=True)
-    if diff > MAX_ABS_DIFF or top1_mismatch:
+    """Fail unless the graph has both outputs and onnxruntime agrees with Keras on both:
+    probabilities to MAX_ABS_DIFF and on every top-1 class, features to MAX_ABS_DIFF
+    relative to their largest value (they are unbounded activations)."""
+    names = sorted(output.name for output in proto.graph.output)
+    if names != sorted([OUTPUT_NAME, FEATURES_NAME]):
         raise ExportError(
-            f"ONNX output differs from Keras: max abs diff {diff:.2e} (limit {MAX_ABS_DIFF:.0e}), "
+            f"the graph's outputs are {names}, expected {OUTPUT_NAME} and {FEATURES_NAME}; "
+            "not writing the file"
+        )
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_probs, onnx_features = session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: images})
+    keras_probs, keras_features = _with_features(model).predict(images, verbose=0)
+    diff = float(np.abs(onnx_probs - keras_probs).max())
+    scale = max(1.0, float(np.abs(keras_features).max()))
+    features_diff = float(np.abs(onnx_features - keras_features).max()) / scale
+    top1_mismatch = int((onnx_probs.argmax(1) != keras_probs.argmax(1)).sum())
+    print(
+        f"Parity on {len(images)} images: max |onnx - keras| = {diff:.2e} (probabilities), "
+        f"{features_diff:.2e} (features, relative)",
+        flush=True,
+    )
+    if diff > MAX_ABS_DIFF or top1_mismatch or features_diff > MAX_ABS_DIFF:
+        raise ExportError(
+            f"ONNX output differs from Keras: max abs diff {diff:.2e} on probabilities, "
+            f"{features_diff:.2e} on features (limit {MAX_ABS_DIFF:.0e}), "
             f"{top1_mismatch} top-1 mismatches; not writing the file"
         )
+
+
+def float32_twin(model: keras.Model) -> keras.Model:
+    """The model in float32: a mixed-precision model's weights are float32 already, so a
+    float32 copy computes what the float32 ONNX graph computes."""
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
+        return model
+    twin = build_model(model.name)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def exported_card(path) -> ModelCard | None:
+    """The model card of an exported file; None when there is no file or no card of ours."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        return ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+    except (OSError, ValueError, DecodeError):  # missing, damaged, or not one of ours
+        return None
+
+
+def exported_outputs(path) -> list[str]:
+    """The output names of an exported file's graph (what it has, whatever its card says:
+    cards written before they listed outputs read as probabilities only)."""
+    return [output.name for output in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+def _with_features(model: keras.Model) -> keras.Model:
+    """The model with a second output: the input of its last layer (dropout is the
+    identity at inference, so these are the penultimate activations)."""
+    return keras.Model(model.inputs, [model.outputs[0], model.get_layer("predictions").input])

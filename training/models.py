@@ -13,6 +13,8 @@ import h5py
 import keras
 from keras import layers
 
+from training.errors import WeightsError
+
 MODEL_IDS = ("cifar100-712868", "cifar100-5735844")
 # What the original experiments reached: validation accuracy after 48 epochs.
 ORIGINAL_ACCURACY = {"cifar100-712868": 0.37, "cifar100-5735844": 0.54}
@@ -66,17 +68,23 @@ def _cnn(name: str, first_padding: str, dense_units: int) -> keras.Model:
             layers.Dropout(0.5),
             layers.Dense(dense_units, activation="relu"),
             layers.Dropout(0.5),
-            layers.Dense(100, activation="softmax", name="predictions"),
+            # float32 even under mixed precision: a float16 softmax would round the
+            # probabilities that the export must reproduce.
+            layers.Dense(100, activation="softmax", name="predictions", dtype="float32"),
         ],
         name=name,
     )
 
 
 def load_original_weights(path: Path) -> keras.Model:
-    """A Keras 2 HDF5 weights file of the original runs, in the architecture it fits.
+    """A Keras 2 HDF5 file of the original runs, in the architecture it fits.
 
-    The file does not name its architecture, so we count its parameters: 712,868 or
-    5,735,844. Keras loads such files layer by layer in order, checking every shape.
+    Both layouts Keras 2 writes are read: `model.save` (and `ModelCheckpoint` by default),
+    which keeps the weights under `model_weights` beside the config and optimizer, and
+    `model.save_weights`, weights only. Layer names do not matter (the originals are
+    `conv2d_1`, `dense_1`, ...). The file need not name its architecture, so we count its
+    weights: 712,868 or 5,735,844 parameters. Keras loads them layer by layer in order,
+    checking every shape.
     """
     try:
         with h5py.File(path, "r") as f:
@@ -88,7 +96,7 @@ def load_original_weights(path: Path) -> keras.Model:
                 lambda _, item: sizes.append(item.size) if isinstance(item, h5py.Dataset) else None
             )
     except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 file: {err}") from None
+        raise WeightsError(f"{path} is not a readable HDF5 file: {err}") from None
     count = sum(sizes)
     for model_id in MODEL_IDS:
         model = build_model(model_id)
@@ -96,8 +104,8 @@ def load_original_weights(path: Path) -> keras.Model:
             try:
                 model.load_weights(path)
             except ValueError as err:
-                raise ValueError(f"{path} does not fit {model_id}: {err}") from None
+                raise WeightsError(f"{path} does not fit {model_id}: {err}") from None
             return model
-    raise ValueError(
+    raise WeightsError(
         f"{path} holds {count:,} parameters; the original models have 712,868 and 5,735,844"
     )

@@ -9,8 +9,13 @@ A run directory holds everything needed to continue or rebuild it:
     cifar100-ID-{epoch:02d}-{val_accuracy:.2f}.keras   the best checkpoint (only that one)
     history.csv, logs/                   per-epoch metrics, TensorBoard logs
     backup/                              the last epoch, optimizer included, for --resume
+
+Every random choice of an epoch (the shuffle, the crops and flips, the dropout masks) is
+drawn from (seed, epoch) and nothing else, so a run resumed after epoch k draws what an
+uninterrupted run would have drawn: with op determinism on, it ends with the same weights.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -20,10 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from training.atomic import write_text
-from training.data import Cifar100, DataError, Split
+from training.data import Cifar100, Split
+from training.errors import RunError
 from training.models import build_model
 
 
@@ -35,6 +42,7 @@ class Recipe:
     weight_decay: float = 5e-4
     augment: bool = True
     seed: int = 0
+    mixed_precision: bool = False
 
     def method(self) -> dict:
         """What the numbers above drive, in words, for the model card."""
@@ -44,23 +52,35 @@ class Recipe:
             "augmentation": "4px reflect pad + random 32x32 crop, horizontal flip"
             if self.augment
             else "none",
+            "precision": "mixed float16, float32 softmax" if self.mixed_precision else "float32",
             "checkpoint_selection": "best validation accuracy",
         }
 
 
-def train(model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, resume: bool) -> Path:
-    """Train `model_id` into `run_dir` and return the best checkpoint."""
+def train(
+    model_id: str,
+    data: Cifar100,
+    run_dir: Path,
+    recipe: Recipe,
+    resume: bool,
+    devices: int = 1,
+) -> Path:
+    """Train `model_id` into `run_dir` and return the best checkpoint.
+
+    `devices` > 1 trains data-parallel with MirroredStrategy on that many GPUs (on a
+    machine without GPUs: logical CPU devices, which is how the tests reach this path).
+    """
     run_dir = Path(run_dir)
     backup_dir = run_dir / "backup"
     if resume:
         if not backup_dir.exists():
-            raise DataError(f"nothing to resume in {run_dir}: no interrupted run there")
-        recipe = Recipe(**json.loads((run_dir / "recipe.json").read_text())["recipe"])
-        _forget_epochs_after_backup(run_dir / "history.csv", backup_dir)
-        print(f"Resuming {model_id} from {backup_dir} with its saved recipe", flush=True)
+            raise RunError(f"nothing to resume in {run_dir}: no interrupted run there")
+        recipe = saved_recipe(run_dir)
+        first_epoch = forget_unfinished_epochs(run_dir)
+        print(f"Resuming {model_id} after epoch {first_epoch} with its saved recipe", flush=True)
     else:
         if backup_dir.exists():
-            raise DataError(
+            raise RunError(
                 f"{run_dir} holds an interrupted run: pass --resume to continue it, "
                 "or delete the folder to start over"
             )
@@ -73,30 +93,43 @@ def train(model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, resume: 
                 indent=2,
             ),
         )
+        first_epoch = 0
 
+    strategy = distribution(devices)
     gpus = tf.config.list_physical_devices("GPU")
-    print(f"Training {model_id} on {'GPU: ' + gpus[0].name if gpus else 'CPU'}", flush=True)
-    keras.utils.set_random_seed(recipe.seed)
+    print(
+        f"Training {model_id} on {'GPU: ' + gpus[0].name if gpus else 'CPU'}"
+        f" ({strategy.num_replicas_in_sync} replica(s))",
+        flush=True,
+    )
+    keras.utils.set_random_seed(recipe.seed)  # the initial weights
     tf.config.experimental.enable_op_determinism()
 
     steps_per_epoch = math.ceil(len(data.train) / recipe.batch_size)
-    model = build_model(model_id)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(
-            learning_rate=keras.optimizers.schedules.CosineDecay(
-                recipe.learning_rate, decay_steps=recipe.epochs * steps_per_epoch
+    # float16 compute, float32 variables; the model keeps its softmax in float32.
+    policy = "mixed_float16" if recipe.mixed_precision else "float32"
+    with precision(policy), strategy.scope():
+        model = build_model(model_id)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(
+                learning_rate=keras.optimizers.schedules.CosineDecay(
+                    recipe.learning_rate, decay_steps=recipe.epochs * steps_per_epoch
+                ),
+                weight_decay=recipe.weight_decay,
             ),
-            weight_decay=recipe.weight_decay,
-        ),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
-    )
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+        )
     model.fit(
-        train_dataset(data.train, recipe),
+        # One dataset for all remaining epochs: each epoch's batches depend only on
+        # (seed, epoch), so starting it at `first_epoch` is what an uninterrupted run sees.
+        train_dataset(data.train, recipe, first_epoch),
+        steps_per_epoch=steps_per_epoch,
+        shuffle=False,  # the dataset shuffles itself, from (seed, epoch)
         validation_data=eval_dataset(data.val, recipe.batch_size),
         epochs=recipe.epochs,
-        shuffle=False,  # the dataset shuffles itself, with the seed
         callbacks=[
+            EpochSeeds(recipe.seed),
             keras.callbacks.ModelCheckpoint(
                 str(run_dir / f"{model_id}-{{epoch:02d}}-{{val_accuracy:.2f}}.keras"),
                 monitor="val_accuracy",
@@ -105,84 +138,215 @@ def train(model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, resume: 
                 # After a resume, only beat what the interrupted run already reached.
                 initial_value_threshold=_best_so_far(run_dir / "history.csv"),
             ),
-            KeepOnlyNewest(run_dir, f"{model_id}-*.keras"),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
             keras.callbacks.TensorBoard(str(run_dir / "logs")),
-            # Last, so an epoch counts as done only once its checkpoint and row are written.
+            # An epoch counts as done once the backup records it: after its checkpoint and
+            # its history row, so a resume never lacks either.
             keras.callbacks.BackupAndRestore(str(backup_dir)),
+            # Only then may the superseded checkpoint go.
+            KeepOnlyBest(run_dir),
         ],
         verbose="auto" if sys.stdout.isatty() else 2,  # progress bars only on a terminal
     )
     return best_checkpoint(run_dir)
 
 
-def best_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint of a run: only improvements are saved, so the latest epoch's."""
-    checkpoints = sorted(Path(run_dir).glob("cifar100-*-*-*.keras"), key=_epoch_of)
-    if not checkpoints:
-        raise DataError(f"no checkpoint in {run_dir}; train the model first")
-    return checkpoints[-1]
+def train_dataset(split: Split, recipe: Recipe, first_epoch: int = 0) -> tf.data.Dataset:
+    """Batches of epochs `first_epoch` .. `recipe.epochs - 1`, each epoch a function of
+    (seed, epoch): shuffled, then augmented a whole batch at a time."""
+    images, labels = tf.constant(split.images), tf.constant(split.fine)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        seed = tf.stack([tf.constant(recipe.seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(split)), seed=seed)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(recipe.batch_size)
+        return batches.enumerate().map(
+            lambda step, index: make_batch(index, tf.random.experimental.stateless_fold_in(
+                seed, step)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )  # fmt: skip
+
+    def make_batch(index: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch = tf.gather(images, index)
+        if recipe.augment:
+            batch = augment_batch(batch, seed)
+        return batch, tf.gather(labels, index)
+
+    epochs = tf.data.Dataset.range(first_epoch, recipe.epochs)
+    return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
-def train_dataset(split: Split, recipe: Recipe) -> tf.data.Dataset:
-    images = tf.data.Dataset.from_tensor_slices((split.images, split.fine))
-    images = images.shuffle(len(split), seed=recipe.seed, reshuffle_each_iteration=True)
-    if recipe.augment:
-        # Stateless ops fed from a seeded stream: the same seed gives the same crops.
-        seeds = tf.data.Dataset.random(seed=recipe.seed).batch(2)
-        images = tf.data.Dataset.zip(images, seeds).map(
-            _augment, num_parallel_calls=tf.data.AUTOTUNE
-        )
-    return images.batch(recipe.batch_size).prefetch(tf.data.AUTOTUNE)
+def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """4-pixel reflect pad, a random 32x32 crop and a random horizontal flip per image,
+    for a whole uint8 batch in a few vectorised ops (stateless: the seed fixes them)."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    n = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [4, 4], [4, 4], [0, 0]], mode="REFLECT")
+    corners = tf.random.stateless_uniform([n, 2], crop_seed, minval=0, maxval=9, dtype=tf.int32)
+    rows = corners[:, :1] + tf.range(32)  # [n, 32]: the rows each image keeps
+    cols = corners[:, 1:] + tf.range(32)
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)
+    flip = tf.random.stateless_uniform([n], flip_seed) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
 
 
 def eval_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((split.images, split.fine)).batch(batch_size)
 
 
-def _augment(example: tuple[tf.Tensor, tf.Tensor], seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    image, label = example
-    padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
-    image = tf.image.stateless_random_crop(padded, [32, 32, 3], seed=seed)
-    image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
-    return image, label
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 31-bit seed for one random stream of one epoch, from (seed, epoch) alone."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
-class KeepOnlyNewest(keras.callbacks.Callback):
-    """Delete superseded best checkpoints, so a run keeps one file and not 48."""
+class EpochSeeds(keras.callbacks.Callback):
+    """Reseed every random layer (dropout) at the start of each epoch from (seed, epoch).
 
-    def __init__(self, run_dir: Path, pattern: str) -> None:
+    Keras keeps their generators' state outside the saved weights, so a resumed run would
+    otherwise draw epoch 0's masks again."""
+
+    def __init__(self, seed: int) -> None:
         super().__init__()
-        self.run_dir, self.pattern = Path(run_dir), pattern
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        states = [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
+        for stream, state in enumerate(states):
+            state.assign(np.array([epoch_seed(self.seed, epoch, stream), 0], state.dtype))
+
+
+class KeepOnlyBest(keras.callbacks.Callback):
+    """Delete superseded checkpoints, so a run keeps one file and not 48. Runs after the
+    backup, so a kill at any point leaves the checkpoint the history calls best."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        for old in sorted(self.run_dir.glob(self.pattern), key=_epoch_of)[:-1]:
-            old.unlink()
+        best = best_checkpoint(self.run_dir)
+        for other in _checkpoints(self.run_dir):
+            if other != best:
+                other.unlink()
 
 
-def _epoch_of(checkpoint: Path) -> int:
-    return int(checkpoint.stem.split("-")[-2])
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint of the epoch the history records as best.
+
+    The history, not file names, decides: a kill can leave a checkpoint of an epoch that
+    never finished, and a resumed run may write another one for that epoch."""
+    run_dir = Path(run_dir)
+    history = run_dir / "history.csv"
+    rows = _history_rows(history)
+    if not rows:
+        raise RunError(f"no finished epoch in {run_dir}; train the model first")
+    # ModelCheckpoint saves only strict improvements: the first best row has the file.
+    best = max(rows, key=lambda row: float(row["val_accuracy"]))
+    epoch = int(best["epoch"]) + 1  # file names count epochs from 1
+    matches = [
+        path
+        for path in _checkpoints(run_dir)
+        if _epoch_of(path) == epoch and path.stem.endswith(f"-{float(best['val_accuracy']):.2f}")
+    ]
+    if len(matches) != 1:
+        raise RunError(
+            f"{history} calls epoch {epoch} best, but {run_dir} has {len(matches)} checkpoints "
+            "of it; retrain the model"
+        )
+    return matches[0]
 
 
-def _forget_epochs_after_backup(history: Path, backup_dir: Path) -> None:
-    """Drop history rows of epochs the backup does not cover: they will be run again."""
+def saved_recipe(run_dir: Path) -> Recipe:
+    return Recipe(**json.loads((Path(run_dir) / "recipe.json").read_text())["recipe"])
+
+
+def run_state(run_dir: Path, recipe: Recipe) -> str:
+    """What `run_dir` holds for `recipe`: "finished", "interrupted" or "none" (nothing,
+    or a finished run of another recipe, which training again replaces)."""
+    run_dir = Path(run_dir)
+    try:
+        saved = saved_recipe(run_dir)
+    except (OSError, ValueError, TypeError, KeyError):
+        saved = None  # no run, or one from another version: nothing to continue
+    if (run_dir / "backup").exists():
+        if saved != recipe:
+            raise RunError(
+                f"{run_dir} holds an interrupted run of another recipe ({saved}): rerun with "
+                "the same options to resume it, or delete the folder to start over"
+            )
+        return "interrupted"
+    if saved == recipe:
+        try:
+            best_checkpoint(run_dir)
+            return "finished"
+        except RunError:
+            pass
+    return "none"
+
+
+def epochs_done(backup_dir: Path) -> int:
     # BackupAndRestore records the number of finished epochs in this file.
-    done = json.loads((backup_dir / "training_metadata.json").read_text())["epoch"]
-    if not history.exists():
-        return
-    with history.open() as f:
-        rows = list(csv.DictReader(f))
+    return json.loads((Path(backup_dir) / "training_metadata.json").read_text())["epoch"]
+
+
+def forget_unfinished_epochs(run_dir: Path) -> int:
+    """Drop history rows and checkpoints of epochs the backup does not cover (a kill came
+    after they were written, before the backup): those epochs run again. Returns the
+    number of epochs the backup covers."""
+    run_dir = Path(run_dir)
+    done = epochs_done(run_dir / "backup")
+    history = run_dir / "history.csv"
+    rows = _history_rows(history)
     kept = [row for row in rows if int(row["epoch"]) < done]
     if len(kept) < len(rows):
         with history.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(kept)
+    for path in _checkpoints(run_dir):
+        if _epoch_of(path) > done:
+            path.unlink()
+    return done
+
+
+def distribution(devices: int) -> tf.distribute.Strategy:
+    """The default strategy for one device, else MirroredStrategy over `devices` GPUs
+    (logical CPU devices where there is no GPU)."""
+    if devices <= 1:
+        return tf.distribute.get_strategy()
+    found = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    if len(found) < devices:
+        raise RunError(f"asked for {devices} devices, but TensorFlow sees {len(found)}")
+    return tf.distribute.MirroredStrategy([device.name for device in found[:devices]])
+
+
+@contextlib.contextmanager
+def precision(policy: str):
+    """Keras's global dtype policy for a block; the previous one comes back after it."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob("cifar100-*-*-*.keras"))
+
+
+def _epoch_of(checkpoint: Path) -> int:
+    return int(checkpoint.stem.split("-")[-2])
+
+
+def _history_rows(history: Path) -> list[dict]:
+    if not history.exists():
+        return []
+    with history.open() as f:
+        return list(csv.DictReader(f))
 
 
 def _best_so_far(history: Path) -> float | None:
-    if not history.exists():
-        return None
-    with history.open() as f:
-        scores = [float(row["val_accuracy"]) for row in csv.DictReader(f)]
+    scores = [float(row["val_accuracy"]) for row in _history_rows(history)]
     return max(scores, default=None)
