@@ -1,0 +1,373 @@
+"""Static checks of deploy/: there is no Kubernetes cluster and no KServe on these machines,
+so nothing here is applied. The kustomize base and overlay are built with the real
+kustomize (`kubectl kustomize`), every object is validated against the Kubernetes JSON
+schemas (kubernetes-validate, strict: unknown fields fail), the InferenceServices are
+deserialised into the kserve SDK's typed models, and every image, port, path, probe, env
+var and volume they name must exist in the project and agree with the code."""
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.config import Settings
+from tests.service_helpers import serve
+from training import triton
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KSERVE = ROOT / "deploy" / "kserve"
+# Oldest and newest Kubernetes the manifests are checked against (schemas ship in the package).
+KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
+# The kserve SDK pins protobuf<7, the training extra protobuf 7: it gets its own venv.
+# kubernetes 35: the last client whose models name types as the kserve SDK's deserialiser
+# expects ("dict(str, str)"); 36 writes "dict[str, str]", 37 moved to pydantic.
+KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
+# Env vars the manifests may set that are not our settings: uvicorn's and prometheus-client's
+# (both read by the image's command), and KServe's storage initializer's.
+FOREIGN_ENV = {"WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR"}
+KSERVE_ENV = {"STORAGE_URI"}
+KSERVE_MODELS_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
+
+PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+API = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+API_IMAGE = API["image"]  # what docker compose tags the build of docker/service.Dockerfile as
+DOCKERFILE = (ROOT / API["build"]["dockerfile"]).read_text().replace("\\\n", " ")
+(API_PORT,) = (int(p) for p in re.findall(r"^EXPOSE (\d+)$", DOCKERFILE, re.M))
+(API_USER,) = (int(u) for u in re.findall(r"^USER (\d+)$", DOCKERFILE, re.M))
+
+
+def kustomize(folder: Path) -> dict[str, dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to build deploy/kubernetes"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    objects = {o["kind"]: o for o in yaml.safe_load_all(result.stdout)}
+    assert sorted(objects) == [
+        "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
+        "PodDisruptionBudget", "Service",
+    ]  # fmt: skip
+    return objects
+
+
+BUILDS = {"base": kustomize(KUBERNETES / "base"), "cpu": kustomize(KUBERNETES / "overlays" / "cpu")}
+INFERENCE_SERVICES = {
+    path.name: yaml.safe_load(path.read_text()) for path in sorted(KSERVE.glob("*.yaml"))
+}
+
+
+def settings_from(env: list[dict]) -> Settings:
+    """The service's settings as these env vars make them: bad values fail as at startup."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in os.environ:
+            if name.lower() in setting_names():
+                patch.delenv(name)
+        for variable in env:
+            patch.setenv(variable["name"], variable["value"])
+        return Settings()
+
+
+def setting_names() -> set[str]:
+    names = set(Settings.model_fields)
+    for field in Settings.model_fields.values():
+        if field.validation_alias:
+            names |= {a.lower() for a in field.validation_alias.choices}
+    return names
+
+
+def check_container(container: dict, allowed_foreign: set[str]) -> Settings:
+    """What any container running our image must get right; returns its settings."""
+    ports = {p.get("name", p["containerPort"]): p["containerPort"] for p in container["ports"]}
+    assert set(ports.values()) == {API_PORT}, ports
+    for variable in container["env"]:
+        name = variable["name"]
+        assert name == name.upper(), name
+        assert name.lower() in setting_names() or name in FOREIGN_ENV | allowed_foreign, name
+    settings = settings_from([v for v in container["env"] if v["name"] not in allowed_foreign])
+    probes = [
+        container[k] for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in container
+    ]
+    assert {"livenessProbe", "readinessProbe"} <= set(container)
+    for probe in probes:
+        get = probe["httpGet"]
+        assert get["path"].startswith("/"), get
+        assert ports.get(get["port"], get["port"]) == API_PORT, get
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    requests = container["resources"]["requests"]
+    assert {"cpu", "memory"} <= set(requests)
+    return settings
+
+
+def check_pod(pod: dict, settings: Settings) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == API_USER != 0
+    # After SIGTERM: readiness 503 for the drain, then in-flight requests get their time;
+    # the kubelet must not SIGKILL before both are over.
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > settings.shutdown_drain_seconds + settings.graceful_shutdown_seconds
+
+
+def http_paths() -> set[str]:
+    """Every path the manifests send requests to: probes and the Prometheus scrape."""
+    pods = [b["Deployment"]["spec"]["template"]["spec"] for b in BUILDS.values()]
+    pods += [i["spec"]["predictor"] for i in INFERENCE_SERVICES.values()]
+    paths = {
+        b["Deployment"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+        for b in BUILDS.values()
+    }
+    for pod in pods:
+        for container in pod.get("containers", []):
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if kind in container:
+                    paths.add(container[kind]["httpGet"]["path"])
+    return paths
+
+
+def test_every_probed_and_scraped_path_answers_200_from_the_serving_app(monkeypatch, models_dir):
+    paths = http_paths()
+    assert {"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"} <= paths
+    with serve(monkeypatch, models_dir, device="cpu") as client:
+        assert client.get("/health/no-such-probe").status_code == 404  # the check can fail
+        for path in sorted(paths):
+            response = client.get(path)
+            assert response.status_code == 200, (path, response.status_code, response.text)
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kustomize_builds_validate_against_the_kubernetes_schemas(build, version):
+    for kind, obj in BUILDS[build].items():
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{build} {kind} on Kubernetes {version}: {err.message} at {err.path}")
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_deployment_runs_our_image_as_the_project_defines_it(build):
+    objects = BUILDS[build]
+    deployment = objects["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == f"{API_IMAGE}:{PROJECT_VERSION}"
+    settings = check_container(container, allowed_foreign=set())
+    check_pod(pod, settings)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+
+    # Models: MODELS_DIR is a read-only mount of the claim this build creates.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    models = mounts[str(settings.models_dir)]
+    assert models["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claim = volumes[models["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == objects["PersistentVolumeClaim"]["metadata"]["name"]
+
+    # The root filesystem is read-only: what the image writes must be on a writable volume.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    prometheus = re.search(r"PROMETHEUS_MULTIPROC_DIR=(\S+)", DOCKERFILE)[1]
+    writable = [p for p, m in mounts.items() if "emptyDir" in volumes[m["name"]]]
+    assert any(prometheus.startswith(p.rstrip("/") + "/") for p in writable), prometheus
+
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == API_PORT
+
+
+def test_gpu_in_the_base_and_none_in_the_cpu_overlay():
+    gpu = BUILDS["base"]["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert settings_from(gpu["env"]).device == "cuda"  # no silent CPU fallback
+    assert settings_from(gpu["env"]).workers == 1
+
+    cpu = BUILDS["cpu"]["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com" not in json.dumps(BUILDS["cpu"])
+    settings = settings_from(cpu["env"])
+    assert settings.device == "cpu"
+    # One worker per CPU of the quota, as the README's benchmark found best.
+    assert settings.workers == int(cpu["resources"]["limits"]["cpu"]) > 1
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_service_autoscaler_and_disruption_budget_point_at_the_deployment(build):
+    objects = BUILDS[build]
+    deployment = objects["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    port_names = {p["name"] for p in container["ports"]}
+
+    service = objects["Service"]["spec"]
+    assert service["selector"].items() <= pod_labels.items()
+    assert {p["targetPort"] for p in service["ports"]} <= port_names | {API_PORT}
+
+    hpa = objects["HorizontalPodAutoscaler"]["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        deployment["apiVersion"], "Deployment", deployment["metadata"]["name"],
+    )  # fmt: skip
+    assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    # CPU utilisation is measured against the request: there must be one.
+    assert [m["resource"]["name"] for m in hpa["metrics"]] == ["cpu"]
+    assert "cpu" in container["resources"]["requests"]
+
+    pdb = objects["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"] == deployment["spec"]["selector"]
+    # With minAvailable equal to the replicas, a node drain would wait forever.
+    assert pdb["minAvailable"] < hpa["minReplicas"]
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> Path:
+    """A Python with the kserve SDK, in a venv of its own under the user's cache (created
+    once, about 90 s and 450 MB; needs PyPI the first time)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar100"
+    tag = "-".join(p.replace("==", "-") for p in KSERVE_SDK)
+    venv = cache / f"venv-{tag}-py{sys.version_info.major}.{sys.version_info.minor}"
+    python = venv / "bin" / "python"
+    done = venv / ".installed"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build it once
+        if not done.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
+            subprocess.run(
+                [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 *KSERVE_SDK],
+                check=True, timeout=900,
+            )  # fmt: skip
+            done.write_text("\n".join(KSERVE_SDK))
+    return python
+
+
+# Runs in the kserve venv: each InferenceService through the SDK's own deserialiser, then
+# back to JSON. A field the typed models do not know is dropped on the way, so everything
+# written must come back.
+DESERIALISE = """
+import json, sys
+import kserve, kserve.models
+import kubernetes.client.models as k8s
+
+# The SDK names the Kubernetes types it embeds (V1Container, V1ObjectMeta...) but looks
+# type names up in kserve.models only; they live in the kubernetes client it depends on.
+for name in dir(k8s):
+    if name.startswith("V1") and not hasattr(kserve.models, name):
+        setattr(kserve.models, name, getattr(k8s, name))
+
+class Response:
+    def __init__(self, data):
+        self.data = data
+
+client = kserve.ApiClient()
+results = {}
+for name, document in json.load(sys.stdin).items():
+    isvc = client.deserialize(Response(json.dumps(document)), "V1beta1InferenceService")
+    predictor = isvc.spec.predictor
+    results[name] = {
+        "round_trip": client.sanitize_for_serialization(isvc),
+        "types": [type(isvc).__name__, type(predictor).__name__]
+        + sorted({type(c).__name__ for c in predictor.containers or []})
+        + ([type(predictor.model).__name__] if predictor.model else []),
+    }
+print(json.dumps(results))
+"""
+
+
+def missing(written, typed, path: str = "") -> list[str]:
+    """What was written but did not survive the typed models (defaults they add are fine)."""
+    if isinstance(written, dict) and isinstance(typed, dict):
+        return [
+            lost
+            for key, value in written.items()
+            for lost in (
+                missing(value, typed[key], f"{path}.{key}") if key in typed else [f"{path}.{key}"]
+            )
+        ]
+    if isinstance(written, list) and isinstance(typed, list) and len(written) == len(typed):
+        return [
+            lost
+            for i, (w, t) in enumerate(zip(written, typed, strict=True))
+            for lost in missing(w, t, f"{path}[{i}]")
+        ]
+    return [] if written == typed else [f"{path}: {written!r} became {typed!r}"]
+
+
+def test_inference_services_deserialise_into_the_kserve_sdk_models(kserve_python):
+    assert sorted(INFERENCE_SERVICES) == ["inferenceservice-triton.yaml", "inferenceservice.yaml"]
+    result = subprocess.run(
+        [kserve_python, "-c", DESERIALISE],
+        input=json.dumps(INFERENCE_SERVICES), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    typed = json.loads(result.stdout)
+    for name, document in INFERENCE_SERVICES.items():
+        lost = missing(document, typed[name]["round_trip"])
+        assert not lost, f"{name}: fields the kserve SDK does not know: {lost}"
+    assert typed["inferenceservice.yaml"]["types"] == [
+        "V1beta1InferenceService", "V1beta1PredictorSpec", "V1Container",
+    ]  # fmt: skip
+    assert typed["inferenceservice-triton.yaml"]["types"] == [
+        "V1beta1InferenceService", "V1beta1PredictorSpec", "V1beta1ModelSpec",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_custom_predictor_pod_is_a_valid_kubernetes_pod(version):
+    # KServe copies these fields into the pod it creates: check them as a Pod would be.
+    predictor = INFERENCE_SERVICES["inferenceservice.yaml"]["spec"]["predictor"]
+    pod_fields = ("containers", "securityContext", "terminationGracePeriodSeconds")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "cifar100-predictor"},
+        "spec": {k: predictor[k] for k in pod_fields},
+    }
+    try:
+        kubernetes_validate.validate(pod, version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        pytest.fail(f"predictor pod on Kubernetes {version}: {err.message} at {err.path}")
+
+
+def test_custom_predictor_serves_our_image_over_v2_from_storage_uri():
+    isvc = INFERENCE_SERVICES["inferenceservice.yaml"]
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"  # the one the storage initializer feeds
+    assert container["image"] == f"{API_IMAGE}:{PROJECT_VERSION}"
+    settings = check_container(container, allowed_foreign=KSERVE_ENV)
+    check_pod(predictor, settings)
+    env = {v["name"]: v["value"] for v in container["env"]}
+    assert re.match(r"(s3|gs|https?|pvc)://", env["STORAGE_URI"])
+    assert str(settings.models_dir) == KSERVE_MODELS_DIR
+    assert settings.device == "cuda" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The Open Inference Protocol's own health routes, and its infer route, are served.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def test_triton_inference_service_serves_the_exported_repository():
+    isvc = INFERENCE_SERVICES["inferenceservice-triton.yaml"]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "triton"
+    assert model["runtime"] == "kserve-tritonserver"
+    assert model["protocolVersion"] == "v2"
+    assert model["storageUri"].rstrip("/").endswith("/" + triton.DEFAULT_OUT.name)
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The comment's CPU switch names the config the repository really writes.
+    text = (KSERVE / "inferenceservice-triton.yaml").read_text()
+    assert f"--model-config-name={triton.CPU_CONFIG}" in text

@@ -1,0 +1,196 @@
+"""python -m training export-triton: a Triton model repository from the exported ONNX files.
+
+For every models/<id>.onnx, out/ gets:
+    <id>/config.pbtxt        platform onnxruntime_onnx, dynamic batching, one instance on a GPU
+    <id>/configs/cpu.pbtxt   the same on the CPU (tritonserver --model-config-name=cpu)
+    <id>/labels.txt          the 100 class names in class-index order (Triton's classification)
+    <id>/1/model.onnx        the export, byte for byte
+
+Everything comes from the ONNX file and its model card: no TensorFlow, so the service's
+dependencies are enough to run it. Triton's own schema (ModelConfig in model_config.proto) is
+checked in the tests; here the text is written plainly to keep tritonclient out of the
+runtime dependencies.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from service.modelcard import IMAGE_SIZE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, ModelCard
+from training.atomic import write_bytes, write_text
+from training.errors import TrainingError
+
+DEFAULT_MODELS_DIR = Path("models")
+DEFAULT_OUT = Path("model_repository")
+VERSION = "1"
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+CPU_CONFIG = "cpu"  # configs/cpu.pbtxt, picked by `tritonserver --model-config-name=cpu`
+
+# 128, twice the service's BATCH_MAX_SIZE: the service caps batches at 64 to hold its p99
+# target on a CPU, where throughput is flat from batch 32 on (see the README's ceiling
+# table); Triton is the GPU path, where larger batches still pay, and 128 is the largest
+# batch our benchmark runs these graphs at.
+MAX_BATCH_SIZE = 128
+PREFERRED_BATCH_SIZES = (64, 128)
+# The service's BATCH_MAX_WAIT_MS default: a request waits at most 2 ms for company.
+MAX_QUEUE_DELAY_MICROSECONDS = 2000
+
+
+class RepositoryError(TrainingError):
+    """An export that cannot be described to Triton, or no export at all."""
+
+
+# ONNX element types our graphs use -> Triton's DataType names.
+TRITON_TYPES = {
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+}
+
+
+def write_repository(models_dir: Path, out: Path) -> list[Path]:
+    """Write out/<id>/ for every models_dir/*.onnx; return the model folders written.
+
+    RepositoryError, naming the file, if one is not an export of ours: a repository that
+    Triton would half-load is worse than none.
+    """
+    paths = sorted(Path(models_dir).glob("*.onnx"))
+    if not paths:
+        raise RepositoryError(f"no exported model in {models_dir}; run train-export first")
+    # Every file is checked before anything is written: one bad file writes nothing.
+    described = []
+    for path in paths:
+        try:
+            model = onnx.load(path)
+            card = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props})
+            described.append((path, card, tensor_specs(model), labels(card)))
+        except (ValueError, DecodeError) as err:
+            raise RepositoryError(f"{path}: {err}") from None
+    written = []
+    for path, card, tensors, label_text in described:
+        folder = Path(out) / card.model_id
+        # The model first, the config last: a Triton polling the repository never sees a
+        # config whose model file is not there yet.
+        write_bytes(folder / VERSION / MODEL_FILE, path.read_bytes())
+        write_text(folder / LABELS_FILE, label_text)
+        write_text(folder / "configs" / f"{CPU_CONFIG}.pbtxt", model_config(card, tensors, "cpu"))
+        write_text(folder / "config.pbtxt", model_config(card, tensors, "gpu"))
+        written.append(folder)
+    return written
+
+
+def tensor_specs(model: onnx.ModelProto) -> dict[str, list[tuple[str, str, list[int]]]]:
+    """{"input": [...], "output": [...]} as (name, Triton type, dims without the batch dim).
+
+    Checks the contract the service relies on too: uint8 images [batch, 32, 32, 3] in,
+    float32 probabilities [batch, 100] out, and a batch dimension left free.
+    """
+    initializers = {i.name for i in model.graph.initializer}
+    specs: dict[str, list[tuple[str, str, list[int]]]] = {"input": [], "output": []}
+    for kind, values in (
+        ("input", [v for v in model.graph.input if v.name not in initializers]),
+        ("output", list(model.graph.output)),
+    ):
+        for value in values:
+            tensor = value.type.tensor_type
+            if tensor.elem_type not in TRITON_TYPES:
+                raise ValueError(
+                    f"{kind} {value.name!r} has ONNX element type "
+                    f"{onnx.TensorProto.DataType.Name(tensor.elem_type)}, which we do not map"
+                )
+            batch, *dims = tensor.shape.dim
+            if batch.HasField("dim_value"):
+                raise ValueError(f"{kind} {value.name!r} has a fixed batch size {batch.dim_value}")
+            if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+                raise ValueError(f"{kind} {value.name!r} has a dimension other than the batch free")
+            specs[kind].append(
+                (value.name, TRITON_TYPES[tensor.elem_type], [d.dim_value for d in dims])
+            )
+    expected = {
+        "input": (INPUT_NAME, "TYPE_UINT8", [IMAGE_SIZE, IMAGE_SIZE, 3]),
+        "output": (OUTPUT_NAME, "TYPE_FP32", [NUM_CLASSES]),
+    }
+    if specs["input"] != [expected["input"]]:
+        raise ValueError(f"expected the one input {expected['input']}, found {specs['input']}")
+    if expected["output"] not in specs["output"]:
+        raise ValueError(f"expected the output {expected['output']}, found {specs['output']}")
+    return specs
+
+
+def labels(card: ModelCard) -> str:
+    if any("\n" in name or not name.strip() for name in card.class_names):
+        raise ValueError("class names must be non-empty single lines to make a labels file")
+    return "".join(f"{name}\n" for name in card.class_names)
+
+
+def model_config(
+    card: ModelCard, tensors: dict[str, list[tuple[str, str, list[int]]]], device: str
+) -> str:
+    """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
+
+    def block(field: str, specs: list[tuple[str, str, list[int]]]) -> str:
+        entries = []
+        for name, data_type, dims in specs:
+            lines = [f'name: "{name}"', f"data_type: {data_type}", f"dims: {list(dims)}"]
+            if name == OUTPUT_NAME:  # Triton's classification extension names the classes
+                lines.append(f'label_filename: "{LABELS_FILE}"')
+            entries.append("  {\n" + "".join(f"    {line}\n" for line in lines) + "  }")
+        return f"{field} [\n" + ",\n".join(entries) + "\n]\n"
+
+    kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[device]
+    return (
+        f"# {card.model_id}: written by `python -m training export-triton` from the ONNX file\n"
+        f"# and its model card ({card.parameter_count:,} parameters). Inputs are raw uint8 RGB\n"
+        "# pixels: the graph scales them itself.\n"
+        f'name: "{card.model_id}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f'default_model_filename: "{MODEL_FILE}"\n'
+        f"max_batch_size: {MAX_BATCH_SIZE}\n"
+        + block("input", tensors["input"])
+        + block("output", tensors["output"])
+        + "dynamic_batching {\n"
+        f"  preferred_batch_size: [ {', '.join(map(str, PREFERRED_BATCH_SIZES))} ]\n"
+        f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_MICROSECONDS}\n"
+        "}\n"
+        "instance_group [\n"
+        f"  {{\n    count: 1\n    kind: {kind}\n  }}\n"
+        "]\n"
+    )
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """The export-triton subcommand, for training/__main__.py's parser and for main()."""
+    command = commands.add_parser(
+        "export-triton",
+        help="write a Triton model repository from the exported models (no TensorFlow)",
+    )
+    command.add_argument(
+        "--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="the exports (*.onnx)"
+    )
+    command.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="the repository (default: %(default)s)"
+    )
+    command.set_defaults(command=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    for folder in write_repository(args.models_dir, args.out):
+        print(f"Wrote {folder}")
+    print(f"Serve it with Triton: --model-repository={args.out.resolve()}")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m training export-triton ...`, dispatched before training/__main__.py
+    imports TensorFlow."""
+    root = argparse.ArgumentParser(prog="python -m training")
+    add_command(root.add_subparsers(required=True, metavar="COMMAND"))
+    args = root.parse_args(argv)
+    try:
+        args.command(args)
+    except RepositoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
