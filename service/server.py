@@ -58,9 +58,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
+        timer = self._head_timer
         super().data_received(data)
-        if self._head_timer is not None and not self.transport.is_closing():
-            self._head_bytes += len(data)  # still inside a request's head
+        # Count a chunk only if a head was already under way before it and still is after
+        # it: a chunk that ends one request's body and starts the next head is not all head.
+        if timer is not None and self._head_timer is timer and not self.transport.is_closing():
+            self._head_bytes += len(data)
             if self._head_bytes > self.config.max_header_bytes:
                 self._refuse(
                     431, f"the request head is above {self.config.max_header_bytes:,} bytes"
