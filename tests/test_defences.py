@@ -334,3 +334,42 @@ def test_sigterm_drains_then_finishes_what_is_in_flight(models_dir, images):
         assert reply.startswith(b"HTTP/1.1 200"), reply[:80]
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["predictions"]
         assert process.wait(timeout=60) is not None  # it exits by itself
+
+
+def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_dir):
+    """20 requests of 64 images queue behind each other (8 images per onnxruntime call);
+    19 clients hang up at once. Their queued work is skipped and counted, never computed."""
+    rng = np.random.default_rng(0)
+    parts = (
+        b"".join(
+            multipart_body(encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), f"{i}.png")[
+                0
+            ].removesuffix(b"--benchboundary7d93--\r\n")
+            for i in range(64)
+        )
+        + b"--benchboundary7d93--\r\n"
+    )
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        "Content-Type: multipart/form-data; boundary=benchboundary7d93\r\n"
+        f"Content-Length: {len(parts)}\r\n\r\n"
+    ).encode()
+    with live_server(models_dir, batch_max_size=8, max_queue_images=4096) as port:
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        for conn in conns:
+            conn.sendall(head + parts)
+        for conn in conns[1:]:
+            conn.close()
+        assert read_reply(conns[0]).startswith(b"HTTP/1.1 200")  # the one that stayed
+        conns[0].close()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        text = metrics.read().decode()
+    dropped = [line for line in text.splitlines() if 'reason="abandoned"' in line]
+    assert dropped and float(dropped[0].split()[-1]) >= 64  # at least one whole request
+    assert 'status="499"' in text
+    computed = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("images_classified_total{")
+    )
+    assert computed < 20 * 64
