@@ -47,6 +47,7 @@ class _Request:
     future: asyncio.Future
     deadline: float  # on the event loop's clock
     queued_at: float
+    taken: bool = False  # moved into a batch
 
 
 class MicroBatcher:
@@ -126,11 +127,14 @@ class MicroBatcher:
                 f"{self._max_queue}); retry shortly"
             )
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append(_Request(images, future, deadline, loop.time()))
+        request = _Request(images, loop.create_future(), deadline, loop.time())
+        # A request given up while it waits (deadline, client gone) leaves the queue at
+        # once: its images stop counting against the bound, and the drop is counted now.
+        request.future.add_done_callback(lambda _, r=request: self._withdraw(r))
+        self._pending.append(request)
         self._queued_images += len(images)
         self._wakeup.set()
-        return future
+        return request.future
 
     async def predict(self, images: np.ndarray, deadline: float) -> Result:
         """Submit and wait until `deadline` (loop clock); DeadlineExceeded after it."""
@@ -183,24 +187,34 @@ class MicroBatcher:
         now = asyncio.get_running_loop().time()
         while self._pending:
             request = self._pending[0]
-            if request.future.done() or request.deadline <= now:
+            if request.future.done() or request.deadline <= now:  # given up while queued
                 self._pending.popleft()
-                self._queued_images -= len(request.images)
-                self._drop(request, now)
+                self._discard(request, now)
+                if not request.future.done():
+                    request.future.set_exception(
+                        DeadlineExceeded(f"{self._name} could not start it before its deadline")
+                    )
                 continue
             room = self._max_batch - self._size(batch)
             if batch and (len(request.images) > room or not self._combine):
                 break  # the next call takes it
             self._pending.popleft()
             self._queued_images -= len(request.images)
+            request.taken = True
             batch.append(request)
         return batch
 
-    def _drop(self, request: _Request, now: float) -> None:
-        if not request.future.done():  # its deadline passed while it queued
-            request.future.set_exception(
-                DeadlineExceeded(f"{self._name} could not start it before its deadline")
-            )
+    def _withdraw(self, request: _Request) -> None:
+        """Done-callback of a queued request's future: answered early means given up."""
+        if request.taken or self._stopping:
+            return
+        with contextlib.suppress(ValueError):  # already cleared by _fail_all
+            self._pending.remove(request)
+            self._discard(request, asyncio.get_running_loop().time())
+
+    def _discard(self, request: _Request, now: float) -> None:
+        request.taken = True  # out of the queue, counted once
+        self._queued_images -= len(request.images)
         reason = "expired" if request.deadline <= now else "abandoned"
         self._on_drop(reason, len(request.images))
 

@@ -358,6 +358,9 @@ def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_
         conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
         for conn in conns:
             conn.sendall(head + parts)
+        deadline = time.monotonic() + 60
+        while in_flight(port) < 10:  # hang up once most of them wait in the queue
+            assert time.monotonic() < deadline, "the requests never queued"
         for conn in conns[1:]:
             conn.close()
         assert read_reply(conns[0]).startswith(b"HTTP/1.1 200")  # the one that stayed
@@ -373,3 +376,12 @@ def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_
         if line.startswith("images_classified_total{")
     )
     assert computed < 20 * 64
+
+
+def in_flight(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("inference_requests_in_flight{")
+    )
