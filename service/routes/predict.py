@@ -10,10 +10,12 @@ from service.config import Settings
 from service.deps import CatalogDep, DeadlineDep, MetricsDep, SettingsDep
 from service.errors import InvalidImage, TooManyImages, UploadTooLarge
 from service.images import decode, decoded_pixels, open_image
+from service.modelcard import IMAGE_SIZE
 from service.routes.inference import infer, serving
 from service.schemas import ErrorBody, PredictResponse, describe
 
 router = APIRouter(tags=["predict"])
+SQUARE = (IMAGE_SIZE, IMAGE_SIZE)
 
 ERRORS = {
     401: {"model": ErrorBody, "description": "API_KEYS is set and no valid key was sent"},
@@ -73,7 +75,7 @@ async def predict(
             )
     contents = [await upload.read() for upload in files]
     opened = _open_all(contents, files, resize, settings)  # headers only: cheap
-    if any(image.size != (32, 32) for image in opened):  # real decoding work: bounded
+    if any(image.size != SQUARE for image in opened):  # real decoding work: bounded
         images = await request.app.state.decode_slots.run(lambda: _decode_all(opened, files))
     else:  # 32x32: microseconds, cheaper than a thread hop
         images = _decode_all(opened, files)
@@ -112,7 +114,7 @@ def _decode_all(opened: list[Image.Image], files: list[UploadFile]) -> np.ndarra
     images = []
     for index, (image, upload) in enumerate(zip(opened, files, strict=True)):
         try:
-            images.append(decode(image, resize=image.size != (32, 32)))
+            images.append(decode(image, resize=image.size != SQUARE))
         except InvalidImage as err:
             raise InvalidImage(f"{_name(index, upload)}: {err.message}") from None
     return np.stack(images)
