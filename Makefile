@@ -8,7 +8,8 @@ EPOCHS ?= 48
 MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
-.PHONY: setup train-export report test lint format serve bench triton-repo gpu-check
+.PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
+	bench-profile triton-repo gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,22 @@ serve: setup
 
 bench: setup
 	$(PY) -m bench
+
+# BentoML and LitServe beside the service, same run, same table (installs them, pinned,
+# into their own virtual environments under bench-results/peers/).
+bench-peers: setup
+	$(PY) -m bench --peers
+
+# Faults and overload on loopback, one table. SOAK_SECONDS: length of the soak.
+SOAK_SECONDS ?= 150
+bench-faults: setup
+	$(PY) -m bench faults --soak-seconds $(SOAK_SECONDS)
+
+# Where each request's microseconds go (py-spy, in its own environment).
+bench-profile: setup
+	test -x bench-results/tools/venv/bin/py-spy || ($(PYTHON) -m venv bench-results/tools/venv \
+		&& bench-results/tools/venv/bin/pip install --quiet py-spy==0.4.3)
+	$(PY) -m bench profile --py-spy bench-results/tools/venv/bin/py-spy
 
 # model_repository/: a Triton model repository from models/ (reads the ONNX files only).
 triton-repo: setup

@@ -1,11 +1,23 @@
 """python -m bench: how close the service gets to what the hardware can do.
 
-For each model, in one run on one machine:
-  1. ceiling   raw onnxruntime at batch sizes 1, 8, 32, 128, with the service's session options
-  2. service   the real app under uvicorn, loaded by concurrent clients from another process,
-               micro-batching on and off
-  3. naive     Keras called per request inside a FastAPI route (bench/naive.py)
-Writes bench-results/results.json and results.md; prints the Markdown.
+For each model, in one run on one machine (every number is a ratio within that run):
+  1. ceiling    raw onnxruntime, one session on every CPU available, at batch 1, 8, 32
+                and 128 (the headline: what the hardware does); the service's own session
+                options (one worker's threads) beside it, for context
+  2. service    `python -m service` (our server, with its limits) loaded from another
+                process by 1, 8, 32 and 64 closed-loop clients on two paths: a PNG through
+                /predict, and a raw tensor through the Open Inference Protocol (/v2,
+                binary tensor data); micro-batching on, and off for context
+  3. open loop  Poisson arrivals at 50, 80, 100 and 120 % of the closed-loop capacity
+                just measured (64 clients): latency of the answered, and what was shed
+  4. naive      Keras called per request inside a FastAPI route (bench/naive.py), with
+                as many worker processes as the service
+  5. peers      (--peers, opt-in) BentoML and LitServe serving the same ONNX file with the
+                same thread budget, installed into their own virtual environments
+Only 200s count as throughput; 503 (shed), other 4xx and errors have their own columns.
+`python -m bench faults` is the fault-and-load mode (bench/faults.py); `python -m bench
+profile` shows where each request's microseconds go (bench/profile.py, needs py-spy).
+Writes <out>/results.json and results.md; prints the Markdown.
 """
 
 import argparse
@@ -13,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -30,38 +43,57 @@ from training.models import MODEL_IDS
 
 BATCH_SIZES = (1, 8, 32, 128)
 CONCURRENCY = (1, 8, 32, 64)
+OPEN_LOOP_LOADS = (0.5, 0.8, 1.0, 1.2)  # of the closed-loop capacity at 64 clients
+PATHS = {"png": "PNG, /predict", "v2": "tensor, /v2 binary"}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["faults"]:
+        from bench.faults import main as faults
+
+        return faults(argv[1:])
+    if argv[:1] == ["profile"]:
+        from bench.profile import main as profile
+
+        return profile(argv[1:])
     args = parse_args(argv)
     settings = Settings(device=args.device, workers=args.workers)
+    peers = None
+    if args.peers:
+        from bench import peers as peer_module
+
+        peers = peer_module.install_all(args.out / "peers")  # before any timing
     results = {"machine": describe_machine(settings), "models": {}}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        for model_id, (path, weights) in model_files(args.models_dir, Path(scratch)).items():
+        models = model_files(args.models_dir, Path(scratch), args.models)
+        for model_id, (path, weights) in models.items():
             print(f"== {model_id} ({weights})", flush=True)
             ceiling = measure_ceiling(path, settings, args.ceiling_seconds)
-            service = {}
-            for mode in ("batching on", "batching off"):
-                metrics_dir = Path(scratch) / f"metrics-{model_id}-{mode.replace(' ', '-')}"
-                metrics_dir.mkdir()
-                env = {
-                    "MODELS_DIR": str(path.parent), "DEFAULT_MODEL": model_id,
-                    "BATCHING": str(mode == "batching on").lower(), "DEVICE": args.device,
-                    "LOG_LEVEL": "WARNING", "WEB_CONCURRENCY": str(args.workers),
-                    "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-                }  # fmt: skip
-                service[mode] = load_server(["--factory", "service.main:create_app"], env, args)
+            service = measure_service(model_id, path, args, Path(scratch))
             naive = load_server(
-                ["--factory", "bench.naive:create_app"], {"NAIVE_MODEL": model_id}, args
+                ["--factory", "bench.naive:create_app", "--workers", str(args.workers)],
+                {"NAIVE_MODEL": model_id},
+                args,
             )
-            results["models"][model_id] = summarise(weights, ceiling, service, naive)
+            peer_rows = {}
+            if peers is not None:
+                from bench import peers as peer_module
+
+                peer_rows = peer_module.measure_all(peers, path, args)
+            results["models"][model_id] = summarise(weights, ceiling, service, naive, peer_rows)
+    results["machine"]["load_average_end"] = list(os.getloadavg())
     write(results, args.out)
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--models", nargs="+", default=list(MODEL_IDS), choices=MODEL_IDS)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument(
@@ -70,19 +102,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=6.0, help="per load run")
     parser.add_argument("--requests", type=int, default=50_000, help="cap per load run")
     parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="per batch size")
+    parser.add_argument("--peers", action="store_true", help="add BentoML and LitServe")
     parser.add_argument("--smoke", action="store_true", help="a few requests per row")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seconds, args.requests, args.ceiling_seconds = 2.0, 24, 0.05
+        args.seconds, args.requests, args.ceiling_seconds = 1.5, 24, 0.05
     return args
 
 
-def model_files(models_dir: Path, work: Path) -> dict[str, tuple[Path, str]]:
+def model_files(
+    models_dir: Path, work: Path, model_ids: list[str] | tuple[str, ...] = MODEL_IDS
+) -> dict[str, tuple[Path, str]]:
     """Each model's ONNX file, alone in a folder; untrained exports where none was trained.
 
     Speed does not depend on the weights, so a missing model is exported untrained."""
     files = {}
-    for model_id in MODEL_IDS:
+    for model_id in model_ids:
         folder = work / model_id
         folder.mkdir(parents=True, exist_ok=True)
         trained = Path(models_dir) / f"{model_id}.onnx"
@@ -115,42 +150,46 @@ def export_untrained(model_id: str, path: Path) -> None:
 
 
 def describe_machine(settings: Settings) -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
+    info = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
     return {
-        "cpu": cpu,
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
         "cores": os.cpu_count(),
         "cpus_available": available_cpus(),
         "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
         "onnx_threads": settings.onnx_threads,
         "workers": settings.workers,
         "python": platform.python_version(),
+        "load_average_start": list(os.getloadavg()),
     }
 
 
 def measure_ceiling(path: Path, settings: Settings, seconds: float) -> dict:
-    model = Classifier(path, settings.device, settings.onnx_threads, settings.inter_op_threads)
-    rows = {"provider": model.provider}
-    for batch in BATCH_SIZES:
-        ms = np.array(time_calls(model, batch, seconds)) * 1000
-        rows[batch] = {
-            "images_per_s": round(batch * len(ms) / (ms.sum() / 1000), 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        }
-        print(f"  ceiling batch {batch:>3}: {rows[batch]}", flush=True)
-    rows["threads"] = settings.onnx_threads
-    # For reference: one session on every CPU, the most this machine does at batch 128.
-    if settings.onnx_threads != available_cpus():
-        everything = Classifier(path, settings.device, available_cpus(), 1)
-        times = time_calls(everything, 128, seconds)
-        rows["all_cpus_images_per_s"] = round(128 * len(times) / sum(times), 1)
-    else:
-        rows["all_cpus_images_per_s"] = rows[128]["images_per_s"]
-    return rows
+    """One session on every CPU available (the headline), and one with the service's
+    session options (`onnx_threads` per worker), at each batch size."""
+    all_cpus = Classifier(path, settings.device, available_cpus(), 1)
+    per_worker = Classifier(path, settings.device, settings.onnx_threads, settings.inter_op_threads)
+    result = {"provider": all_cpus.provider}
+    for name, model in (("all_cpus", all_cpus), ("per_worker", per_worker)):
+        threads = available_cpus() if name == "all_cpus" else settings.onnx_threads
+        rows: dict = {"threads": threads}
+        for batch in BATCH_SIZES:
+            ms = np.array(time_calls(model, batch, seconds)) * 1000
+            rows[batch] = {
+                "images_per_s": round(batch * len(ms) / (ms.sum() / 1000), 1),
+                "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            }
+            print(f"  ceiling {name} batch {batch:>3}: {rows[batch]}", flush=True)
+        result[name] = rows
+    result["images_per_s"] = max(result["all_cpus"][b]["images_per_s"] for b in BATCH_SIZES)
+    return result
 
 
 def time_calls(model: Classifier, batch: int, seconds: float) -> list[float]:
@@ -166,20 +205,56 @@ def time_calls(model: Classifier, batch: int, seconds: float) -> list[float]:
     return times
 
 
+def measure_service(model_id: str, path: Path, args: argparse.Namespace, scratch: Path) -> dict:
+    """Closed loop on both paths with batching on and off; open loop with batching on."""
+    service: dict = {"closed": {}, "open": {}}
+    for batching in ("on", "off"):
+        metrics_dir = scratch / f"metrics-{model_id}-{batching}"
+        metrics_dir.mkdir()
+        env = {
+            "MODELS_DIR": str(path.parent), "DEFAULT_MODEL": model_id,
+            "BATCHING": str(batching == "on").lower(), "DEVICE": args.device,
+            "WEB_CONCURRENCY": str(args.workers), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }  # fmt: skip
+        with service_process(env) as (port, _):
+            for kind in PATHS:
+                url = "/predict" if kind == "png" else f"/v2/models/{model_id}/infer"
+                target = {"port": port, "kind": kind, "path": url}
+                rows = [run_load(target, args, concurrency=c) for c in CONCURRENCY]
+                service["closed"][f"{kind}, batching {batching}"] = rows
+                if batching == "on":
+                    capacity = max(rows[-1]["rps"], 1.0)
+                    service["open"][kind] = [
+                        {"load": load, **run_load(target, args, rate=capacity * load)}
+                        for load in OPEN_LOOP_LOADS
+                    ]
+    return service
+
+
+def run_load(target: dict, args: argparse.Namespace, **mode) -> dict:
+    """One `python -m bench.load` run against `target` (port, kind, path[, field])."""
+    command = [
+        sys.executable, "-m", "bench.load", "--port", str(target["port"]),
+        "--kind", target["kind"], "--path", target["path"],
+        "--field", target.get("field", "files"), "--duration", str(args.seconds),
+    ]  # fmt: skip
+    if "rate" in mode:
+        command += ["--rate", str(mode["rate"]), "--requests", str(args.requests)]
+    else:
+        concurrency = mode["concurrency"]
+        command += ["--concurrency", str(concurrency)]
+        command += ["--requests", str(max(args.requests, concurrency))]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    row = json.loads(out)
+    print(f"  {target['kind']} {target['path']} {mode}: {row}", flush=True)
+    return row
+
+
 def load_server(app_args: list[str], env: dict[str, str], args: argparse.Namespace) -> list[dict]:
-    """Start uvicorn with `app_args`, load it at every concurrency, stop it."""
+    """Start uvicorn with `app_args`, load /predict at every concurrency, stop it."""
     with uvicorn_process(app_args, env) as port:
-        rows = []
-        for concurrency in CONCURRENCY:
-            command = [
-                sys.executable, "-m", "bench.load", "--port", str(port),
-                "--concurrency", str(concurrency), "--duration", str(args.seconds),
-                "--requests", str(max(args.requests, concurrency)),
-            ]  # fmt: skip
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out))
-            print(f"  {app_args[-1]} {env.get('BATCHING', '')}: {rows[-1]}", flush=True)
-        return rows
+        target = {"port": port, "kind": "png", "path": "/predict"}
+        return [run_load(target, args, concurrency=c) for c in CONCURRENCY]
 
 
 @contextlib.contextmanager
@@ -209,42 +284,67 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(command: list[str], env: dict[str, str], port: int):
-    process = subprocess.Popen(command, env={**os.environ, **env})
+def server_process(
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    ready_path: str = "/health/ready",
+    timeout: float = 120,
+    cwd: Path | None = None,
+):
+    # Its own process group: whatever it spawns (workers, peers' helpers) is stopped with it.
+    process = subprocess.Popen(command, env={**os.environ, **env}, cwd=cwd, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server {command} did not become ready")
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1)
                 break
             time.sleep(0.2)
         yield process
     finally:
         if process.poll() is None:
             process.terminate()
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        with contextlib.suppress(ProcessLookupError):  # what it left behind
+            os.killpg(process.pid, signal.SIGKILL)
 
 
-def summarise(weights: str, ceiling: dict, service: dict, naive: list[dict]) -> dict:
-    best = max(ceiling[b]["images_per_s"] for b in BATCH_SIZES)
-    at_64 = {mode: rows[-1] for mode, rows in service.items()}
-    rps = at_64["batching on"]["rps"]
+def summarise(weights: str, ceiling: dict, service: dict, naive: list, peers: dict) -> dict:
+    best = ceiling["images_per_s"]
+    at_64 = {name: rows[-1] for name, rows in service["closed"].items()}
+    headline = {
+        "ceiling_images_per_s": best,
+        "per_worker_ceiling_images_per_s": max(
+            ceiling["per_worker"][b]["images_per_s"] for b in BATCH_SIZES
+        ),
+    }
+    for kind in PATHS:
+        row = at_64[f"{kind}, batching on"]
+        headline[kind] = {
+            "rps": row["rps"],
+            "share_of_ceiling": round(row["rps"] / best, 3),
+            "p99_ms": row["p99_ms"],
+            "failed": row["shed"] + row["refused"] + row["errors"],
+        }
+    headline["png"]["over_naive"] = round(at_64["png, batching on"]["rps"] / max(
+        naive[-1]["rps"], 1e-9
+    ), 1)  # fmt: skip
+    if peers:
+        headline["peers_rps"] = {name: p["rows"][-1]["rps"] for name, p in peers.items()}
     return {
         "weights": weights,
         "ceiling": ceiling,
         "service": service,
         "naive": naive,
-        "at_64_clients": {
-            "batched_ceiling_images_per_s": best,
-            "service_share_of_ceiling": round(rps / best, 3),
-            "all_cpus_images_per_s": ceiling["all_cpus_images_per_s"],
-            "service_share_of_all_cpus": round(rps / ceiling["all_cpus_images_per_s"], 3),
-            "service_p99_ms": at_64["batching on"]["p99_ms"],
-            "service_errors": at_64["batching on"]["errors"],
-            "service_over_naive": round(rps / max(naive[-1]["rps"], 1e-9), 1),
-        },
+        "peers": peers,
+        "at_64_clients": headline,
     }
 
 
@@ -256,44 +356,93 @@ def write(results: dict, out: Path) -> None:
     print(markdown)
 
 
+def machine_line(m: dict) -> str:
+    flags = ", ".join(m["cpu_flags"]) or "none of " + "/".join(CPU_FLAGS[:2])
+    load = "/".join(f"{x:.2f}" for x in m["load_average_start"][:1] + m.get(
+        "load_average_end", [float("nan")])[:1])  # fmt: skip
+    return (
+        f"Machine: {m['cpu']} ({flags}), {m['cpus_available']} CPUs available "
+        f"({m['cores']} cores), onnxruntime {m['onnxruntime']}, Python {m['python']}; service: "
+        f"{m['workers']} worker(s) x {m['onnx_threads']} onnxruntime thread(s); load generator "
+        f"on the same CPUs; 1-minute load average at start/end {load}."
+    )
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def to_markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [
-        f"Machine: {m['cpu']}, {m['cpus_available']} CPUs available ({m['cores']} cores), "
-        f"onnxruntime {m['onnxruntime']}, Python {m['python']}; service: {m['workers']} "
-        f"worker(s) x {m['onnx_threads']} intra-op thread(s).",
-        "",
-    ]
+    lines = [machine_line(results["machine"]), ""]
     for model_id, r in results["models"].items():
-        lines += [f"### {model_id} ({r['weights']}, {r['ceiling']['provider']})", ""]
+        c = r["ceiling"]
+        best = c["images_per_s"]
+        lines += [f"### {model_id} ({r['weights']}, {c['provider']})", ""]
         lines += [
-            f"| ceiling, {r['ceiling']['threads']} thread(s): batch | images/s | p50 ms | p99 ms |",
-            "|---|---|---|---|",
+            f"| onnxruntime: batch | {c['all_cpus']['threads']} threads (all CPUs): images/s "
+            f"| p50 ms | p99 ms | {c['per_worker']['threads']} thread(s) (one worker): images/s "
+            "| p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|",
         ]
+        for b in BATCH_SIZES:
+            a, w = c["all_cpus"][b], c["per_worker"][b]
+            lines.append(
+                f"| {b} | {a['images_per_s']} | {a['p50_ms']} | {a['p99_ms']} "
+                f"| {w['images_per_s']} | {w['p50_ms']} | {w['p99_ms']} |"
+            )
         lines += [
-            f"| {b} | {r['ceiling'][b]['images_per_s']} | {r['ceiling'][b]['p50_ms']} "
-            f"| {r['ceiling'][b]['p99_ms']} |"
-            for b in BATCH_SIZES
+            "",
+            f"Closed loop (N clients, one request of one image in flight each); ceiling = "
+            f"{best} images/s.",
+            "",
+            "| server | request | clients | answered req/s | of ceiling | p50 ms | p95 ms "
+            "| p99 ms | shed (503) | refused (4xx) | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        lines += ["", "| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors |"]
-        lines += ["|---|---|---|---|---|---|---|"]
-        for name, rows in [*r["service"].items(), ("naive Keras", r["naive"])]:
-            label = f"service, {name}" if name != "naive Keras" else name
+        groups = []
+        for name, rows in r["service"]["closed"].items():
+            kind, batching = name.split(", ")
+            groups.append((f"service, {batching}", PATHS[kind], rows))
+        for name, peer in (r.get("peers") or {}).items():
+            groups.append((f"{name} ({peer['settings']})", PATHS["png"], peer["rows"]))
+        groups.append(("naive Keras", PATHS["png"], r["naive"]))
+        for label, request, rows in groups:
             lines += [
-                f"| {label} | {x['concurrency']} | {x['rps']} | {x['p50_ms']} | {x['p95_ms']} "
-                f"| {x['p99_ms']} | {x['errors']} |"
+                f"| {label} | {request} | {x['concurrency']} | {x['rps']} "
+                f"| {x['rps'] / best:.0%} | {_cell(x['p50_ms'])} | {_cell(x['p95_ms'])} "
+                f"| {_cell(x['p99_ms'])} | {x['shed']} | {x['refused']} | {x['errors']} |"
                 for x in rows
             ]
-        s = r["at_64_clients"]
         lines += [
             "",
-            f"At 64 clients: {s['service_share_of_ceiling']:.0%} of the batched ceiling "
-            f"({s['batched_ceiling_images_per_s']} images/s with the service's session "
-            f"options; {s['service_share_of_all_cpus']:.0%} of the {s['all_cpus_images_per_s']} "
-            f"images/s one session reaches on all CPUs), p99 {s['service_p99_ms']} ms, "
-            f"{s['service_errors']} errors, {s['service_over_naive']}x the naive server.",
+            "Open loop (Poisson arrivals at a share of the 64-client capacity above; latency "
+            "from the scheduled arrival, of the answered requests), batching on.",
             "",
+            "| request | offered | offered req/s | sent | answered req/s | p50 ms | p99 ms "
+            "| shed (503) | refused (4xx) | errors | unsent |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        for kind, rows in r["service"]["open"].items():
+            lines += [
+                f"| {PATHS[kind]} | {x['load']:.0%} | {x['rate']} | {x['sent']} | {x['rps']} "
+                f"| {_cell(x['p50_ms'])} | {_cell(x['p99_ms'])} | {x['shed']} | {x['refused']} "
+                f"| {x['errors']} | {x['unsent']} |"
+                for x in rows
+            ]
+        h = r["at_64_clients"]
+        v2, png = h["v2"], h["png"]
+        sentence = (
+            f"At 64 clients: binary tensors through /v2 {v2['rps']} req/s "
+            f"({v2['share_of_ceiling']:.0%} of the all-CPU ceiling, p99 {v2['p99_ms']} ms, "
+            f"{v2['failed']} not answered 200); PNG through /predict {png['rps']} req/s "
+            f"({png['share_of_ceiling']:.0%}, p99 {png['p99_ms']} ms, {png['failed']} not "
+            f"answered 200), {png['over_naive']}x the naive server with as many workers"
+        )
+        if h.get("peers_rps"):
+            sentence += "; peers (PNG): " + ", ".join(
+                f"{name} {rps} req/s" for name, rps in h["peers_rps"].items()
+            )
+        lines += ["", sentence + ".", ""]
     return "\n".join(lines)
 
 

@@ -1,9 +1,19 @@
-"""Load generator: concurrent clients posting 32x32 PNGs to /predict over loopback.
+"""Load generator: HTTP clients over loopback, closed loop or open loop.
 
 Runs in its own process (`python -m bench.load ...`) so it does not share the server's
 interpreter. Clients speak raw HTTP/1.1 over keep-alive connections with pre-built request
-bytes, so the generator itself costs little CPU. Bounded by a request count and a
-duration; prints one JSON object.
+bytes (so the generator itself costs little CPU) and read fixed-length and chunked
+responses. Two request kinds, both real-looking 32x32 images:
+  png  a multipart form with one PNG (POST /predict; the peers take the same form)
+  v2   the Open Inference Protocol with binary tensor data: a JSON header of
+       `Inference-Header-Content-Length` bytes, then the raw uint8 pixels
+Two ways to load:
+  closed loop  N clients, each sends its next request when the last one is answered
+  open loop    requests arrive at a fixed mean rate (Poisson), answered or not; latency
+               counts from the scheduled arrival, so queueing is not hidden
+Only 200s count as answered (throughput, percentiles); 503s (shed), other 4xx
+(refused: 413, 422...) and everything else (5xx, resets, timeouts) have their own
+counts. Bounded by a request count and a duration; prints one JSON object.
 """
 
 import argparse
@@ -15,27 +25,40 @@ import time
 import numpy as np
 from PIL import Image
 
+LINGER_SECONDS = 30.0  # open loop: how long requests still in flight may take after the run
+V2_HEADER = "Inference-Header-Content-Length"
 
-def png_images(count: int, seed: int = 0) -> list[bytes]:
-    """Distinct 32x32 RGB PNGs: smooth colour fields with noise, like small photos."""
+
+def pixel_images(count: int, seed: int = 0) -> np.ndarray:
+    """Distinct 32x32 RGB images, uint8 [count, 32, 32, 3]: smooth colour fields with
+    noise, like small photos."""
     rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
+    images = np.empty((count, 32, 32, 3), dtype=np.uint8)
+    for i in range(count):
         coarse = rng.integers(0, 256, size=(4, 4, 3)).astype(np.float32)
         field = coarse.repeat(8, axis=0).repeat(8, axis=1) + rng.normal(0, 12, (32, 32, 3))
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(buffer, "PNG")
-        images.append(buffer.getvalue())
+        images[i] = np.clip(field, 0, 255).astype(np.uint8)
     return images
 
 
-def multipart_body(image: bytes, filename: str) -> tuple[bytes, str]:
-    """One PNG as the `files` field of a multipart form: (body, Content-Type)."""
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_images(count: int, seed: int = 0) -> list[bytes]:
+    """The same images as `pixel_images`, as PNG files."""
+    return [png_bytes(image) for image in pixel_images(count, seed)]
+
+
+def multipart_body(image: bytes, filename: str, field: str = "files") -> tuple[bytes, str]:
+    """One PNG as the `field` field of a multipart form: (body, Content-Type)."""
     boundary = "benchboundary7d93"
     body = (
         (
             f"--{boundary}\r\n"
-            f'Content-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+            f'Content-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
             "Content-Type: image/png\r\n\r\n"
         ).encode()
         + image
@@ -44,77 +67,260 @@ def multipart_body(image: bytes, filename: str) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def multipart_request(path: str, host: str, image: bytes, index: int) -> bytes:
-    body, content_type = multipart_body(image, f"bench{index}.png")
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
+def http_request(path: str, host: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head += f"Content-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 
-async def run(
-    host: str, port: int, path: str, concurrency: int, duration: float, max_requests: int
+def multipart_request(
+    path: str, host: str, image: bytes, index: int, field: str = "files"
+) -> bytes:
+    body, content_type = multipart_body(image, f"bench{index}.png", field)
+    return http_request(path, host, body, {"Content-Type": content_type})
+
+
+def v2_body(images: np.ndarray) -> tuple[bytes, int]:
+    """An inference request with binary tensor data: (body, length of its JSON header)."""
+    header = {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "UINT8",
+                "shape": list(images.shape),
+                "parameters": {"binary_data_size": images.nbytes},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + images.tobytes(), len(head)
+
+
+def v2_request(path: str, host: str, images: np.ndarray) -> bytes:
+    body, header_length = v2_body(images)
+    headers = {"Content-Type": "application/octet-stream", V2_HEADER: str(header_length)}
+    return http_request(path, host, body, headers)
+
+
+def build_requests(
+    kind: str, host: str, path: str, field: str = "files", images_per_request: int = 1
+) -> list[bytes]:
+    """64 distinct pre-built requests of `kind` (png: one image each)."""
+    if kind == "png":
+        return [
+            multipart_request(path, host, png, i, field) for i, png in enumerate(png_images(64))
+        ]
+    if kind == "v2":
+        pixels = pixel_images(64 + images_per_request)
+        return [v2_request(path, host, pixels[i : i + images_per_request]) for i in range(64)]
+    raise ValueError(f"unknown request kind {kind!r}")
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one response (Content-Length, chunked, or until EOF): (status, keep-alive)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip().lower()
+    keep_alive = headers.get("connection") != "close"
+    if "chunked" in headers.get("transfer-encoding", ""):
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                    pass
+                break
+            await reader.readexactly(size + 2)
+    elif "content-length" in headers:
+        await reader.readexactly(int(headers["content-length"]))
+    elif status >= 200 and status not in (204, 304):
+        await reader.read()  # delimited by the end of the connection
+        keep_alive = False
+    return status, keep_alive
+
+
+class Tally:
+    """Outcomes of a load run: latencies of the 200s, and a count of everything else."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.shed = 0  # 503
+        self.refused = 0  # other 4xx: 413, 422...
+        self.errors = 0  # other statuses, resets, EOFs, timeouts
+
+    def record(self, status: int | None, seconds: float) -> None:
+        if status == 200:
+            self.latencies.append(seconds)
+        elif status == 503:
+            self.shed += 1
+        elif status is not None and 400 <= status < 500:
+            self.refused += 1
+        else:
+            self.errors += 1
+
+    def summary(self, elapsed: float) -> dict:
+        ms = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
+
+        def pct(q: float) -> float | None:
+            value = float(np.percentile(ms, q))
+            return None if np.isnan(value) else round(value, 2)
+
+        return {
+            "requests": len(self.latencies),
+            "seconds": round(elapsed, 3),
+            "rps": round(len(self.latencies) / elapsed, 1) if elapsed > 0 else 0.0,
+            "p50_ms": pct(50),
+            "p95_ms": pct(95),
+            "p99_ms": pct(99),
+            "shed": self.shed,
+            "refused": self.refused,
+            "errors": self.errors,
+        }
+
+
+async def closed_loop(
+    host: str, port: int, requests: list[bytes], concurrency: int, duration: float, limit: int
 ) -> dict:
-    requests = [multipart_request(path, host, png, i) for i, png in enumerate(png_images(64))]
-    latencies: list[float] = []
-    errors = {"http": 0, "connection": 0}
+    """`concurrency` clients, each with one request in flight at a time."""
+    tally = Tally()
     issued = 0
     deadline = time.perf_counter() + duration
 
     async def client(offset: int) -> None:
         nonlocal issued
-        reader, writer = await asyncio.open_connection(host, port)
+        connection = None
         try:
-            while issued < max_requests and time.perf_counter() < deadline:
+            while issued < limit and time.perf_counter() < deadline:
                 request = requests[(offset + issued) % len(requests)]
                 issued += 1
                 start = time.perf_counter()
                 try:
-                    writer.write(request)
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    await reader.readexactly(length)
-                except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
-                    errors["connection"] += 1
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(host, port)
+                    if connection is None:
+                        connection = await asyncio.open_connection(host, port)
+                    connection[1].write(request)
+                    status, keep_alive = await read_response(connection[0])
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    tally.record(None, 0.0)
+                    connection = _close(connection)
                     continue
-                latencies.append(time.perf_counter() - start)
-                if head[9:12] != b"200":
-                    errors["http"] += 1
+                except ValueError:  # not HTTP
+                    tally.record(None, 0.0)
+                    connection = _close(connection)
+                    continue
+                tally.record(status, time.perf_counter() - start)
+                if not keep_alive:
+                    connection = _close(connection)
         finally:
-            writer.close()
+            _close(connection)
 
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return {"concurrency": concurrency, **tally.summary(time.perf_counter() - started)}
+
+
+async def open_loop(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    rate: float,
+    duration: float,
+    limit: int,
+    max_connections: int = 1024,
+    seed: int = 0,
+) -> dict:
+    """Requests arrive at `rate` per second on average (exponential gaps), each on an idle
+    keep-alive connection or a new one (at most `max_connections`; an arrival finding
+    none is counted as `unsent`, an honest overflow rather than a hidden wait)."""
+    tally = Tally()
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    open_count = 0
+    unsent = 0
+    tasks: set[asyncio.Task] = set()
+    rng = np.random.default_rng(seed)
+
+    async def fire(request: bytes, scheduled: float, connection) -> None:
+        nonlocal open_count
+        try:
+            if connection is None:
+                connection = await asyncio.open_connection(host, port)
+            connection[1].write(request)
+            status, keep_alive = await read_response(connection[0])
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            tally.record(None, 0.0)
+            _close(connection)
+            open_count -= 1
+            return
+        tally.record(status, time.perf_counter() - scheduled)
+        if keep_alive:
+            idle.append(connection)
+        else:
+            _close(connection)
+            open_count -= 1
+
+    started = time.perf_counter()
+    arrival = started
+    sent = 0
+    while sent < limit:
+        arrival += rng.exponential(1 / rate)
+        if arrival - started >= duration:
+            break
+        wait = arrival - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if not idle and open_count >= max_connections:
+            unsent += 1
+            continue
+        connection = idle.pop() if idle else None
+        if connection is None:
+            open_count += 1
+        task = asyncio.create_task(fire(requests[sent % len(requests)], arrival, connection))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        sent += 1
     elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "seconds": round(elapsed, 3),
-        "rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p95_ms": round(float(np.percentile(ms, 95)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "errors": errors["http"] + errors["connection"],
-    }
+    if tasks:
+        _, late = await asyncio.wait(list(tasks), timeout=LINGER_SECONDS)
+        for task in late:
+            task.cancel()
+            tally.record(None, 0.0)
+    for connection in idle:
+        _close(connection)
+    summary = tally.summary(elapsed)  # answered per second of offered load
+    return {"rate": round(rate, 1), "sent": sent, "unsent": unsent, **summary}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def _close(connection) -> None:
+    if connection is not None:
+        connection[1].close()
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--kind", choices=["png", "v2"], default="png")
     parser.add_argument("--path", default="/predict")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--field", default="files", help="png: the multipart field name")
+    parser.add_argument("--images", type=int, default=1, help="v2: images per request")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed loop: clients")
+    parser.add_argument("--rate", type=float, help="open loop: requests per second")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=100_000)
-    args = parser.parse_args()
-    result = asyncio.run(
-        run("127.0.0.1", args.port, args.path, args.concurrency, args.duration, args.requests)
-    )
-    print(json.dumps(result))
+    args = parser.parse_args(argv)
+    host = "127.0.0.1"
+    requests = build_requests(args.kind, host, args.path, args.field, args.images)
+    if args.rate:
+        work = open_loop(host, args.port, requests, args.rate, args.duration, args.requests)
+    else:
+        work = closed_loop(
+            host, args.port, requests, args.concurrency, args.duration, args.requests
+        )
+    print(json.dumps(asyncio.run(work)))
 
 
 if __name__ == "__main__":

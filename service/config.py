@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, gt=0, description="images per onnxruntime call")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     max_queue_images: int = Field(
-        256, gt=0, description="images waiting per model; beyond it requests are shed (503)"
+        128,
+        gt=0,
+        description="images waiting per model version and worker; beyond it requests are shed "
+        "(503). Two full batches: on a 2-CPU box about 0.1 s of work, which bounds the wait",
     )
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="deadline per request (X-Request-Timeout may shorten it): 504"

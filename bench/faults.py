@@ -1,0 +1,498 @@
+"""python -m bench faults: the service under faults and overload, one table.
+
+Loopback only; every load is bounded in time and count and stops by itself. The server
+is `python -m service` (with its protocol limits), WORKERS processes, with
+HEADER_TIMEOUT_SECONDS and BODY_TIMEOUT_SECONDS lowered (2 s by default) so slow
+clients are cut within the run. Rows:
+  overload      open loop at 10x the closed-loop capacity (binary tensors through /v2,
+                32 images a request, so the generator can offer 10x): answered, shed,
+                p99 of the answered
+  slow clients  200 connections dribbling their headers (100) or stalling mid-body (100),
+                reconnecting when cut, beside one normal client: its p99, connections
+                closed by the server
+  soak          64 clients on /predict for --soak-seconds: RSS of the server's processes
+                at the start and the end
+  SIGTERM       under 64 clients: requests lost on connections the server had accepted
+                (must be 0); resets of new connections (possibly never accepted: the
+                kernel's backlog) and refused connects counted apart; shutdown time
+  slow upload   an upload still arriving when SIGTERM comes: its answer, shutdown time
+  amplification 64 solid-colour 4096x4096 PNGs with resize=true (refused from the
+                headers) and the largest request accepted (4 x 2048x2048): server
+                CPU-seconds per request, from /proc
+Writes <out>/faults.json and faults.md; prints the Markdown.
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.load import (
+    Tally,
+    build_requests,
+    closed_loop,
+    http_request,
+    multipart_body,
+    open_loop,
+    png_images,
+    read_response,
+)
+from service.config import available_cpus
+
+HOST = "127.0.0.1"
+OVERLOAD_IMAGES = 32  # per /v2 request in the overload row
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench.__main__ import model_files
+
+    with tempfile.TemporaryDirectory(prefix="bench-faults-") as scratch:
+        path, _ = model_files(args.models_dir, Path(scratch), [args.model])[args.model]
+        env = {
+            "MODELS_DIR": str(path.parent), "DEFAULT_MODEL": args.model, "DEVICE": "cpu",
+            "WEB_CONCURRENCY": str(args.workers),
+            "PROMETHEUS_MULTIPROC_DIR": str(Path(scratch) / "metrics"),
+            "HEADER_TIMEOUT_SECONDS": str(args.client_timeout),
+            "BODY_TIMEOUT_SECONDS": str(args.client_timeout),
+        }  # fmt: skip
+        (Path(scratch) / "metrics").mkdir()
+        rows = run_all(env, args)
+    results = {
+        "model": args.model,
+        "workers": args.workers,
+        "cpus_available": available_cpus(),
+        "client_timeout_seconds": args.client_timeout,
+        "load_average": list(os.getloadavg()),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "faults.json").write_text(json.dumps(results, indent=2))
+    markdown = to_markdown(results)
+    (args.out / "faults.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench faults", description=__doc__)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--model", default="cifar100-5735844")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--workers", type=int, default=available_cpus())
+    parser.add_argument("--seconds", type=float, default=8.0, help="overload, slow clients")
+    parser.add_argument("--soak-seconds", type=float, default=150.0)
+    parser.add_argument("--repeats", type=int, default=5, help="amplification requests")
+    parser.add_argument(
+        "--client-timeout", type=float, default=2.0, help="HEADER_ and BODY_TIMEOUT_SECONDS"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny durations, every row")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.soak_seconds, args.repeats, args.client_timeout = 1.0, 1.0, 1, 0.5
+    return args
+
+
+def run_all(env: dict[str, str], args: argparse.Namespace) -> list[dict]:
+    from bench.__main__ import service_process
+
+    rows = []
+    with service_process(env) as (port, process):
+        rows.append(asyncio.run(overload(port, args)))
+        rows.append(asyncio.run(slow_clients(port, args)))
+        rows.append(asyncio.run(soak(port, process.pid, args)))
+        rows.extend(amplification(port, process.pid, args))
+    with service_process(env) as (port, process):
+        rows.append(asyncio.run(sigterm_under_load(port, process, args)))
+    with service_process(env) as (port, process):
+        rows.append(asyncio.run(slow_upload_sigterm(port, process, args)))
+    return rows
+
+
+# --- /proc ------------------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its live descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return round(total / 1024, 1)
+
+
+# --- the rows -----------------------------------------------------------------------------
+
+
+def _v2_path(args: argparse.Namespace) -> str:
+    return f"/v2/models/{args.model}/infer"
+
+
+async def overload(port: int, args: argparse.Namespace) -> dict:
+    requests = build_requests("v2", HOST, _v2_path(args), images_per_request=OVERLOAD_IMAGES)
+    capacity = await closed_loop(HOST, port, requests, 16, args.seconds, 1_000_000)
+    rate = max(capacity["rps"], 1.0) * 10
+    result = await open_loop(HOST, port, requests, rate, args.seconds, 1_000_000)
+    return {
+        "fault": "overload",
+        "load": f"open loop at 10x capacity: {rate:.0f} req/s of {OVERLOAD_IMAGES} images "
+        f"(/v2 binary) for {args.seconds:g} s; capacity {capacity['rps']} req/s at 16 clients",
+        "capacity_rps": capacity["rps"],
+        **{k: result[k] for k in ("rate", "sent", "unsent", "requests", "rps", "shed")},
+        **{k: result[k] for k in ("refused", "errors", "p50_ms", "p99_ms")},
+    }
+
+
+async def slow_clients(port: int, args: argparse.Namespace) -> dict:
+    """100 header dribblers and 100 mid-body stallers, reconnecting when cut, beside one
+    normal client posting PNGs."""
+    duration = max(args.seconds, 3 * args.client_timeout)
+    deadline = time.perf_counter() + duration
+    outcome = {"opened": 0, "answered_408": 0, "closed_other": 0, "open_at_end": 0}
+    body, content_type = multipart_body(png_images(1)[0], "slow.png")
+    body_head = http_request("/predict", HOST, body, {"Content-Type": content_type})
+    body_head = body_head[: len(body_head) - len(body) + 100]  # headers, then 100 bytes
+
+    async def slow(kind: str) -> None:
+        while time.perf_counter() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection(HOST, port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            outcome["opened"] += 1
+            if kind == "headers":
+                writer.write(f"POST /predict HTTP/1.1\r\nHost: {HOST}\r\n".encode())
+            else:
+                writer.write(body_head)
+            answer = asyncio.ensure_future(reader.read(65536))
+            try:
+                while not answer.done() and time.perf_counter() < deadline:
+                    if kind == "headers":  # one byte of a never-ending header, 4 a second
+                        writer.write(b"x")
+                    await asyncio.wait([answer], timeout=0.25)
+                if answer.done():
+                    data = answer.result() if not answer.exception() else b""
+                    key = "answered_408" if data[9:12] == b"408" else "closed_other"
+                    outcome[key] += 1
+                else:
+                    outcome["open_at_end"] += 1
+                    answer.cancel()
+            except OSError:
+                outcome["closed_other"] += 1
+            finally:
+                writer.close()
+
+    normal = build_requests("png", HOST, "/predict")
+    tasks = [asyncio.ensure_future(slow("headers" if i % 2 else "body")) for i in range(200)]
+    await asyncio.sleep(0.5)  # let them connect first
+    result = await closed_loop(HOST, port, normal, 1, deadline - time.perf_counter(), 1_000_000)
+    await asyncio.gather(*tasks)
+    return {
+        "fault": "slow clients",
+        "load": f"200 slow connections (100 dribbling headers, 100 stalled mid-body; "
+        f"timeouts {args.client_timeout:g} s) beside 1 normal client, {duration:g} s",
+        **outcome,
+        "normal_requests": result["requests"],
+        "normal_p50_ms": result["p50_ms"],
+        "normal_p99_ms": result["p99_ms"],
+        "normal_failed": result["shed"] + result["refused"] + result["errors"],
+    }
+
+
+async def soak(port: int, pid: int, args: argparse.Namespace) -> dict:
+    requests = build_requests("png", HOST, "/predict")
+    await closed_loop(HOST, port, requests, 64, min(2.0, args.soak_seconds), 1_000_000)
+    start = rss_mib(pid)
+    result = await closed_loop(HOST, port, requests, 64, args.soak_seconds, 100_000_000)
+    end = rss_mib(pid)
+    return {
+        "fault": "soak",
+        "load": f"64 clients, PNG /predict, {args.soak_seconds:g} s",
+        "rss_start_mib": start,
+        "rss_end_mib": end,
+        "requests": result["requests"],
+        "rps": result["rps"],
+        "p99_ms": result["p99_ms"],
+        "failed": result["shed"] + result["refused"] + result["errors"],
+    }
+
+
+def solid_png(size: int, colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def multipart_many(images: list[bytes]) -> tuple[bytes, str]:
+    boundary = "benchfaults51f0"
+    parts = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="big{i}.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + image
+        + b"\r\n"
+        for i, image in enumerate(images)
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def amplification(port: int, pid: int, args: argparse.Namespace) -> list[dict]:
+    """Server CPU-seconds per request: the amplification request (refused), the largest
+    accepted one, and an ordinary 32x32 request for scale."""
+    big, large = solid_png(4096, (200, 30, 30)), solid_png(2048, (30, 200, 30))
+    cases = [
+        ("amplification", "64 solid 4096x4096 PNGs, resize=true", [big] * 64),
+        ("largest accepted", "4 solid 2048x2048 PNGs, resize=true", [large] * 4),
+        ("ordinary", "1 32x32 PNG", png_images(1)),
+    ]
+    rows = []
+    for name, load, images in cases:
+        body, content_type = multipart_many(images)
+        request = http_request("/predict?resize=true", HOST, body, {"Content-Type": content_type})
+        repeats = args.repeats * (20 if name == "ordinary" else 1)
+        statuses, walls = [], []
+        time.sleep(0.2)
+        before = cpu_seconds(pid)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            statuses.append(asyncio.run(_one_request(port, request)))
+            walls.append(time.perf_counter() - started)
+        time.sleep(0.1)  # let the workers finish their bookkeeping
+        used = cpu_seconds(pid) - before
+        rows.append({
+            "fault": name,
+            "load": f"{load}, {len(body) / 1e6:.2f} MB body, {repeats} sequential requests",
+            "statuses": sorted(set(statuses)),
+            "cpu_seconds_per_request": round(used / repeats, 4),
+            "wall_ms_per_request": round(1000 * float(np.mean(walls)), 1),
+        })  # fmt: skip
+    return rows
+
+
+async def _one_request(port: int, request: bytes) -> int | None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        status, _ = await read_response(reader)
+        return status
+    except (OSError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        writer.close()
+
+
+async def _wait_exit(process, limit: float) -> float | None:
+    """Seconds until `process` exits (None past `limit`)."""
+    started = time.perf_counter()
+    while process.poll() is None:
+        if time.perf_counter() - started > limit:
+            return None
+        await asyncio.sleep(0.02)
+    return time.perf_counter() - started
+
+
+async def sigterm_under_load(port: int, process, args: argparse.Namespace) -> dict:
+    """64 keep-alive clients; SIGTERM; they go on (reconnecting on `Connection: close` or
+    a refused connect) until the server has exited."""
+    requests = build_requests("png", HOST, "/predict")
+    tally_before, tally_after = Tally(), Tally()
+    counts = {"lost": 0, "reset_new_connection": 0, "refused_connect": 0, "unsent": 0}
+    term_at: list[float] = []
+    done = asyncio.Event()
+
+    async def client(offset: int) -> None:
+        connection, served, issued = None, 0, 0
+        while not done.is_set():
+            if connection is None:
+                try:
+                    connection = await asyncio.open_connection(HOST, port)
+                except OSError:
+                    counts["refused_connect"] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                served = 0
+            reader, writer = connection
+            request = requests[(offset + issued) % len(requests)]
+            issued += 1
+            started = time.perf_counter()
+            try:
+                writer.write(request)
+                await writer.drain()
+            except OSError:
+                counts["unsent"] += 1  # not fully sent: not an accepted request
+                writer.close()
+                connection = None
+                continue
+            try:
+                status, keep_alive = await read_response(reader)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                # No answer to a request fully sent. On a connection that had answered
+                # before, the server had accepted it: a loss. On a new one it may have
+                # sat in the kernel's backlog, never accepted: counted apart.
+                counts["lost" if served else "reset_new_connection"] += 1
+                writer.close()
+                connection = None
+                continue
+            served += 1
+            tally = tally_after if term_at and started >= term_at[0] else tally_before
+            tally.record(status, time.perf_counter() - started)
+            if not keep_alive:
+                writer.close()
+                connection = None
+        if connection is not None:
+            connection[1].close()
+
+    clients = [asyncio.ensure_future(client(i)) for i in range(64)]
+    await asyncio.sleep(max(1.0, args.seconds / 2))
+    term_at.append(time.perf_counter())
+    process.send_signal(signal.SIGTERM)
+    shutdown = await _wait_exit(process, 60)
+    done.set()
+    await asyncio.wait(clients, timeout=10)
+    before, after = tally_before.summary(1), tally_after.summary(1)
+    return {
+        "fault": "SIGTERM under load",
+        "load": "64 keep-alive clients on /predict; SIGTERM to the server's main process",
+        "answered_before": before["requests"],
+        "answered_after": after["requests"],
+        "failed_after": after["shed"] + after["refused"] + after["errors"],
+        **counts,
+        "shutdown_seconds": None if shutdown is None else round(shutdown, 2),
+    }
+
+
+async def slow_upload_sigterm(port: int, process, args: argparse.Namespace) -> dict:
+    """An upload arriving in pieces (gaps under BODY_TIMEOUT_SECONDS) when SIGTERM comes."""
+    body, content_type = multipart_body(png_images(1)[0], "upload.png")
+    request = http_request("/predict", HOST, body, {"Content-Type": content_type})
+    pieces = 10
+    gap = args.client_timeout / 4
+    size = -(-len(request) // pieces)
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(request[:size])
+    await writer.drain()
+    term = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    exit_task = asyncio.ensure_future(_wait_exit(process, 60))
+    status = None
+    try:
+        for start in range(size, len(request), size):
+            await asyncio.sleep(gap)
+            writer.write(request[start : start + size])
+            await writer.drain()
+        status, _ = await read_response(reader)
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        pass
+    answered = time.perf_counter() - term
+    writer.close()
+    shutdown = await exit_task
+    return {
+        "fault": "slow upload during SIGTERM",
+        "load": f"one upload in {pieces} pieces, {gap:g} s apart; SIGTERM after the first",
+        "upload_status": status,
+        "upload_answered_after_s": round(answered, 2),
+        "shutdown_seconds": None if shutdown is None else round(shutdown, 2),
+    }
+
+
+# --- the table ----------------------------------------------------------------------------
+
+
+def describe(row: dict) -> str:
+    r = row
+    if r["fault"] == "overload":
+        return (
+            f"offered {r['rate']} req/s, sent {r['sent']} ({r['unsent']} over the client's "
+            f"connection cap); answered {r['requests']} ({r['rps']} req/s), shed (503) "
+            f"{r['shed']}, other 4xx {r['refused']}, errors {r['errors']}; p99 of the "
+            f"answered {r['p99_ms']} ms"
+        )
+    if r["fault"] == "slow clients":
+        return (
+            f"normal client: {r['normal_requests']} answered, p50 {r['normal_p50_ms']} ms, "
+            f"p99 {r['normal_p99_ms']} ms, {r['normal_failed']} failed; slow connections: "
+            f"{r['opened']} opened, {r['answered_408']} closed with 408, "
+            f"{r['closed_other']} closed otherwise, {r['open_at_end']} open at the end"
+        )
+    if r["fault"] == "soak":
+        return (
+            f"RSS {r['rss_start_mib']} MiB at the start, {r['rss_end_mib']} MiB at the end; "
+            f"{r['requests']} answered ({r['rps']} req/s), p99 {r['p99_ms']} ms, "
+            f"{r['failed']} failed"
+        )
+    if r["fault"] == "SIGTERM under load":
+        return (
+            f"accepted requests lost: **{r['lost']}**; answered {r['answered_before']} "
+            f"before and {r['answered_after']} after SIGTERM ({r['failed_after']} non-200 "
+            f"after); resets of new connections (kernel backlog) {r['reset_new_connection']}"
+            f"; refused connects {r['refused_connect']}; exited after {r['shutdown_seconds']} s"
+        )
+    if r["fault"] == "slow upload during SIGTERM":
+        return (
+            f"upload answered {r['upload_status']} after {r['upload_answered_after_s']} s; "
+            f"server exited {r['shutdown_seconds']} s after SIGTERM"
+        )
+    return (
+        f"status {', '.join(map(str, r['statuses']))}; {r['cpu_seconds_per_request']} "
+        f"server CPU-seconds per request; {r['wall_ms_per_request']} ms each"
+    )
+
+
+def to_markdown(results: dict) -> str:
+    lines = [
+        f"`python -m bench faults`: {results['model']}, {results['workers']} worker(s) on "
+        f"{results['cpus_available']} CPUs, HEADER_TIMEOUT_SECONDS = BODY_TIMEOUT_SECONDS = "
+        f"{results['client_timeout_seconds']:g} s; 1-minute load average at the end "
+        f"{results['load_average'][0]:.2f}.",
+        "",
+        "| fault | load | result |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['fault']} | {r['load']} | {describe(r)} |" for r in results["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
