@@ -6,10 +6,7 @@ import contextlib
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.__main__ import free_port, server_process
 from bench.load import multipart_body
 from service.images import decode_image
 from tests.service_helpers import encode
@@ -46,30 +44,14 @@ X = "\u00d7"  # the page writes sizes as 96\u00d764
 
 
 @contextlib.contextmanager
-def uvicorn_server(env: dict[str, str]):
-    """The real app in its own process; yields its base URL once it answers /health/live."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(
-        command, env={**os.environ, "LOG_JSON": "false", "LOG_LEVEL": "WARNING", **env}
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"the server exited with {process.returncode}"
-            assert time.monotonic() < deadline, "the server did not start in 120 s"
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{base}/health/live", timeout=1)
-                break
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def service_server(env: dict[str, str]):
+    """Our real server (`python -m service`) in its own process; yields its base URL once
+    it answers /health/live (a server without models never becomes ready)."""
+    port = free_port()
+    env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_JSON": "false", "LOG_LEVEL": "WARNING",
+           **env}  # fmt: skip
+    with server_process([sys.executable, "-m", "service"], env, port, ready_path="/health/live"):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +66,7 @@ def reports_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base_url(models_dir, reports_dir):
     env = {"MODELS_DIR": str(models_dir), "REPORTS_DIR": str(reports_dir)}
-    with uvicorn_server({**env, "MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}) as base:
+    with service_server({**env, "MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}) as base:
         yield base
 
 
@@ -419,7 +401,7 @@ def test_phone_sized_screen(phone):
 @pytest.fixture(scope="module")
 def empty_base_url(tmp_path_factory):
     empty = tmp_path_factory.mktemp("no-models")
-    with uvicorn_server({"MODELS_DIR": str(empty), "REPORTS_DIR": str(empty)}) as base:
+    with service_server({"MODELS_DIR": str(empty), "REPORTS_DIR": str(empty)}) as base:
         yield base
 
 
