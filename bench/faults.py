@@ -41,6 +41,7 @@ from bench.load import (
     closed_loop,
     http_request,
     multipart_body,
+    multipart_form,
     open_loop,
     png_images,
     read_response,
@@ -262,21 +263,6 @@ def solid_png(size: int, colour: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def multipart_many(images: list[bytes]) -> tuple[bytes, str]:
-    boundary = "benchfaults51f0"
-    parts = [
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-            f'filename="big{i}.png"\r\nContent-Type: image/png\r\n\r\n'
-        ).encode()
-        + image
-        + b"\r\n"
-        for i, image in enumerate(images)
-    ]
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def amplification(port: int, pid: int, args: argparse.Namespace) -> list[dict]:
     """Server CPU-seconds per request: the amplification request (refused), the largest
     accepted one, and an ordinary 32x32 request for scale."""
@@ -288,7 +274,7 @@ def amplification(port: int, pid: int, args: argparse.Namespace) -> list[dict]:
     ]
     rows = []
     for name, load, images in cases:
-        body, content_type = multipart_many(images)
+        body, content_type = multipart_form([(f"big{i}.png", im) for i, im in enumerate(images)])
         request = http_request("/predict?resize=true", HOST, body, {"Content-Type": content_type})
         repeats = args.repeats * (20 if name == "ordinary" else 1)
         statuses, walls = [], []

@@ -52,19 +52,26 @@ def png_images(count: int, seed: int = 0) -> list[bytes]:
     return [png_bytes(image) for image in pixel_images(count, seed)]
 
 
-def multipart_body(image: bytes, filename: str, field: str = "files") -> tuple[bytes, str]:
-    """One PNG as the `field` field of a multipart form: (body, Content-Type)."""
+def multipart_form(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
+    """(filename, PNG) pairs as the `field` parts of one multipart form: (body, Content-Type)."""
     boundary = "benchboundary7d93"
-    body = (
+    parts = [
         (
             f"--{boundary}\r\n"
             f'Content-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
             "Content-Type: image/png\r\n\r\n"
         ).encode()
         + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+        + b"\r\n"
+        for filename, image in files
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+def multipart_body(image: bytes, filename: str, field: str = "files") -> tuple[bytes, str]:
+    """One PNG as the `field` field of a multipart form: (body, Content-Type)."""
+    return multipart_form([(filename, image)], field)
 
 
 def http_request(path: str, host: str, body: bytes, headers: dict[str, str]) -> bytes:

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from bench.__main__ import service_process
-from bench.load import multipart_body
+from bench.load import multipart_body, multipart_form
 from service.classifier import file_version
 from service.errors import Overloaded
 from service.limits import DecodeSlots
@@ -340,19 +340,11 @@ def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_
     """20 requests of 64 images queue behind each other (8 images per onnxruntime call);
     19 clients hang up at once. Their queued work is skipped and counted, never computed."""
     rng = np.random.default_rng(0)
-    parts = (
-        b"".join(
-            multipart_body(encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), f"{i}.png")[
-                0
-            ].removesuffix(b"--benchboundary7d93--\r\n")
-            for i in range(64)
-        )
-        + b"--benchboundary7d93--\r\n"
-    )
+    noise = [encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(64)]
+    parts, content_type = multipart_form([(f"{i}.png", png) for i, png in enumerate(noise)])
     head = (
         "POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        "Content-Type: multipart/form-data; boundary=benchboundary7d93\r\n"
-        f"Content-Length: {len(parts)}\r\n\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(parts)}\r\n\r\n"
     ).encode()
     with live_server(models_dir, batch_max_size=8, max_queue_images=4096) as port:
         conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]

@@ -11,6 +11,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from bench.load import multipart_form
 from service.classifier import file_version
 from tests.service_helpers import encode, live_server, onnx_probabilities
 from tests.synthetic import CLASS_NAMES, make_images
@@ -89,18 +90,11 @@ def test_infer_equals_onnxruntime_and_predict(client, server, models_dir, images
 
 
 def predict_top1(port: int, model_id: str, images: np.ndarray) -> list[int]:
-    boundary = "b0undary"
-    parts = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
-        + encode(image)
-        + b"\r\n"
-        for i, image in enumerate(images)
-    )
+    body, content_type = multipart_form([(f"{i}.png", encode(im)) for i, im in enumerate(images)])
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/predict?model={model_id}",
-        data=parts + f"--{boundary}--\r\n".encode(),
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        data=body,
+        headers={"Content-Type": content_type},
     )
     body = json.loads(urllib.request.urlopen(request, timeout=30).read())
     return [p["top_k"][0]["class_id"] for p in body["predictions"]]

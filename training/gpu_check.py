@@ -125,9 +125,10 @@ def serve(models_dir: Path) -> None:
 
 
 def serving_rate(url: str) -> float:
-    from bench.load import png_images
+    from bench.load import multipart_form, png_images
 
-    body, content_type = multipart(png_images(IMAGES_PER_REQUEST))
+    pngs = png_images(IMAGES_PER_REQUEST)
+    body, content_type = multipart_form([(f"{i}.png", png) for i, png in enumerate(pngs)])
     deadline = time.perf_counter() + SERVE_SECONDS
 
     def client(_: int) -> int:
@@ -144,22 +145,6 @@ def serving_rate(url: str) -> float:
     with ThreadPoolExecutor(SERVE_CLIENTS) as pool:
         total = sum(pool.map(client, range(SERVE_CLIENTS)))
     return total / (time.perf_counter() - start)
-
-
-def multipart(images: list[bytes]) -> tuple[bytes, str]:
-    boundary = "gpucheck5c1e"
-    parts = [
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
-            f'filename="{i}.png"\r\nContent-Type: image/png\r\n\r\n'
-        ).encode()
-        + image
-        + b"\r\n"
-        for i, image in enumerate(images)
-    ]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), (
-        f"multipart/form-data; boundary={boundary}"
-    )
 
 
 def wait_until_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> None:
