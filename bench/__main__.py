@@ -348,11 +348,12 @@ def summarise(weights: str, ceiling: dict, service: dict, naive: list, peers: di
     }
 
 
-def write(results: dict, out: Path) -> None:
+def write(results: dict, out: Path, name: str = "results", markdown_of=None) -> None:
+    """`out/NAME.json` and `out/NAME.md`, and the Markdown on stdout (every mode's ending)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    markdown = to_markdown(results)
-    (out / "results.md").write_text(markdown)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    markdown = (markdown_of or to_markdown)(results)
+    (out / f"{name}.md").write_text(markdown)
     print(markdown)
 
 

@@ -25,7 +25,6 @@ Writes <out>/faults.json and faults.md; prints the Markdown.
 import argparse
 import asyncio
 import io
-import json
 import os
 import signal
 import tempfile
@@ -55,7 +54,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.__main__ import model_files
+    from bench.__main__ import model_files, write
 
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as scratch:
         path, _ = model_files(args.models_dir, Path(scratch), [args.model])[args.model]
@@ -76,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": list(os.getloadavg()),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "faults.json").write_text(json.dumps(results, indent=2))
-    markdown = to_markdown(results)
-    (args.out / "faults.md").write_text(markdown)
-    print(markdown)
+    write(results, args.out, "faults", to_markdown)
     return 0
 
 

@@ -46,7 +46,7 @@ PARTS = (
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.__main__ import model_files, service_process
+    from bench.__main__ import model_files, service_process, write
 
     spy = args.py_spy or shutil.which("py-spy")
     if not spy:
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind, url in (("png", "/predict"), ("v2", f"/v2/models/{args.model}/infer")):
                 raw = Path(scratch) / f"{kind}.txt"
                 results["paths"][kind] = profile_path(spy, port, process.pid, kind, url, raw, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile.json").write_text(json.dumps(results, indent=2))
-    markdown = to_markdown(results)
-    (args.out / "profile.md").write_text(markdown)
-    print(markdown)
+    write(results, args.out, "profile", to_markdown)
     return 0
 
 
