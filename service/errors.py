@@ -104,32 +104,36 @@ def body_too_large(settings: Settings) -> str:
     )
 
 
-def error_response(request: Request, status: int, message: str, headers=None) -> JSONResponse:
-    key = "error" if request.url.path.startswith("/v2") else "detail"
+def error_response(path: str, status: int, message: str, headers=None) -> JSONResponse:
+    """The error body for `path`: `{"error": ...}` under /v2 (the protocol's), else
+    `{"detail": ...}` (FastAPI's)."""
+    key = "error" if path.startswith("/v2") else "detail"
     return JSONResponse({key: message}, status_code=status, headers=headers)
 
 
 def install_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request, exc.status_code, exc.message, exc.headers)
+        return error_response(request.url.path, exc.status_code, exc.message, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = body_too_large(settings) if exc.status_code == 413 else str(exc.detail)
-        return error_response(request, exc.status_code, message, exc.headers)
+        return error_response(request.url.path, exc.status_code, message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path.startswith("/v2"):  # the protocol's shape: one message
-            return error_response(request, 400, _first_problem(exc))
+            return error_response(request.url.path, 400, _first_problem(exc))
         return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The detail goes to the log, not to whoever sent the request.
         log.exception("unexpected error", extra={"path": request.url.path})
-        return error_response(request, 500, "internal server error; the log has the detail")
+        return error_response(
+            request.url.path, 500, "internal server error; the log has the detail"
+        )
 
 
 def _first_problem(exc: RequestValidationError) -> str:

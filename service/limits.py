@@ -21,12 +21,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
-from service.errors import Overloaded, body_too_large
+from service.errors import Overloaded, body_too_large, error_response
 from service.images import release_memory
 
 TIMEOUT_HEADER = b"x-request-timeout"
@@ -90,9 +89,8 @@ class LimitsMiddleware:
 
 
 async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send) -> None:
-    key = "error" if scope["path"].startswith("/v2") else "detail"
     headers = {"Connection": "close"}  # the unread body must not be taken for a request
-    await JSONResponse({key: message}, status, headers=headers)(scope, receive, send)
+    await error_response(scope["path"], status, message, headers)(scope, receive, send)
 
 
 def _seconds(value: bytes) -> float | None:
