@@ -89,10 +89,6 @@ class MicroBatcher:
         """Is the loop running (not dead, not restarting after a crash)?"""
         return self._task is not None and not self._task.done() and not self._restarting
 
-    @property
-    def queued_images(self) -> int:
-        return self._queued_images
-
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:

@@ -120,16 +120,19 @@ class Catalog:
         on_disk = {
             path.name: path for path in sorted(Path(self.settings.models_dir).glob("*.onnx"))
         }
-        for name in [n for n in self._files if n not in on_disk]:
+        gone = [name for name in self._files if name not in on_disk]
+        for name in gone:
             _, served = self._files.pop(name)
             self.failures.pop(name, None)
             if served is not None:
                 await self._unload(served, f"{name} was removed")
+        changed = bool(gone)
         for name, path in on_disk.items():
             signature = _signature(path)
             known = self._files.get(name)
             if known is not None and known[0] == signature:
                 continue
+            changed = True
             replaced = known[1] if known is not None else None
             served = await self._load(path)
             if served is None:  # broken: what it was meant to replace keeps serving
@@ -139,7 +142,8 @@ class Catalog:
             self._files[name] = (signature, served)
             if replaced is not None and replaced.version != served.version:
                 await self._unload(replaced, f"{name} was replaced")
-        self._choose_default()
+        if changed:  # a poll that found nothing new costs a glob and a stat per file
+            self._choose_default()
 
     async def watch(self) -> None:
         """Poll MODELS_DIR every MODEL_POLL_SECONDS (the lifespan runs this as a task)."""
