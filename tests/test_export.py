@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -24,7 +25,7 @@ from training import export as exporter
 from training.__main__ import main
 from training.errors import TrainingError
 from training.models import MODEL_IDS, build_model
-from training.train import best_checkpoint
+from training.train import Recipe, best_checkpoint
 
 
 def card_for(model: keras.Model) -> ModelCard:
@@ -232,5 +233,5 @@ def test_train_export_killed_then_rerun_finishes_without_retraining(small_tarbal
         proto = onnx.load(tmp_path / "models" / f"{model_id}.onnx")
         card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
         assert card.model_id == model_id and card.training["recipe"]["epochs"] == 2
-        assert card.training["recipe"]["augment"] is True  # the default recipe
+        assert card.training["recipe"] == asdict(Recipe(epochs=2, batch_size=32))  # the default
         assert (tmp_path / "runs" / model_id / "evaluation.json").exists()

@@ -90,13 +90,33 @@ def test_augmentation_crops_and_flips_reproducibly(cifar_dir):
     images, labels = next(iter(train_dataset(split, recipe)))
     again, _ = next(iter(train_dataset(split, recipe)))
     plain, plain_labels = next(
-        iter(train_dataset(split, Recipe(batch_size=500, seed=5, augment=False)))
+        iter(train_dataset(split, Recipe(batch_size=500, seed=5, augment="none")))
     )
     assert images.dtype == "uint8" and images.shape == (500, 32, 32, 3)
     np.testing.assert_array_equal(images, again)
     np.testing.assert_array_equal(labels, plain_labels)  # same shuffle, same order
     changed = (images.numpy() != plain.numpy()).any(axis=(1, 2, 3))
     assert changed.mean() > 0.8
+
+
+def test_flips_only_and_crops_only_do_what_they_say(cifar_dir):
+    """ "flip" mirrors some images and changes nothing else; "crop+flip" is "crop" with the
+    same images mirrored (each draws from its own seed)."""
+    split = cifar.load(cifar_dir, val_size=VAL_SIZE).test
+
+    def first_batch(augment):
+        recipe = Recipe(batch_size=500, seed=5, augment=augment)
+        return next(iter(train_dataset(split, recipe)))[0].numpy()
+
+    plain, flipped = first_batch("none"), first_batch("flip")
+    cropped, both = first_batch("crop"), first_batch("crop+flip")
+    mirrored = (flipped == plain[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert ((flipped == plain).all(axis=(1, 2, 3)) | mirrored).all()
+    assert 0.3 < mirrored.mean() < 0.7
+    assert (
+        (both == cropped).all(axis=(1, 2, 3)) | (both == cropped[:, :, ::-1]).all(axis=(1, 2, 3))
+    ).all()
+    assert (cropped != plain).any(axis=(1, 2, 3)).mean() > 0.8
 
 
 def test_epochs_differ_and_depend_only_on_seed_and_epoch(cifar_dir):

@@ -1,4 +1,5 @@
-"""python -m training {train,evaluate,export,train-export}: train, score and export the models."""
+"""python -m training {train,evaluate,export,train-export,report,ablate,export-triton}: train,
+score, export and study the models."""
 
 import argparse
 import hashlib
@@ -6,7 +7,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
@@ -19,15 +20,23 @@ if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
 import keras
 
 from service.modelcard import ModelCard
+from training import ablation, triton
 from training import data as cifar
-from training import triton
 from training.atomic import write_text
-from training.errors import ReportError, TrainingError
+from training.errors import RecipeError, ReportError, TrainingError
 from training.evaluate import evaluate_test_set
 from training.export import FEATURES_NAME, export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
 from training.report import COMPARE_DIR, write_reports
-from training.train import Recipe, best_checkpoint, run_state, train
+from training.train import (
+    AUGMENTATIONS,
+    OPTIMIZERS,
+    SCHEDULES,
+    Recipe,
+    best_checkpoint,
+    run_state,
+    train,
+)
 
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("models")
@@ -68,11 +77,21 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
 
     recipe = argparse.ArgumentParser(add_help=False)
-    recipe.add_argument("--epochs", type=int, default=48)
-    recipe.add_argument("--batch-size", type=int, default=128)
-    recipe.add_argument("--learning-rate", type=float, default=1e-3)
-    recipe.add_argument("--seed", type=int, default=0)
-    recipe.add_argument("--no-augment", dest="augment", action="store_false")
+    recipe.add_argument("--epochs", type=int, default=Recipe.epochs)
+    recipe.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    # Defaults come from Recipe, the one place the default recipe is written down.
+    recipe.add_argument("--optimizer", choices=OPTIMIZERS, default=Recipe.optimizer)
+    recipe.add_argument("--learning-rate", type=float, default=Recipe.learning_rate)
+    recipe.add_argument("--schedule", choices=SCHEDULES, default=Recipe.schedule)
+    recipe.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
+    recipe.add_argument("--augment", choices=AUGMENTATIONS, default=Recipe.augment)
+    recipe.add_argument(
+        "--no-augment", dest="augment", action="store_const", const="none", help="--augment none"
+    )
+    recipe.add_argument("--conv-dropout", type=float, default=Recipe.conv_dropout)
+    recipe.add_argument("--dense-dropout", type=float, default=Recipe.dense_dropout)
+    recipe.add_argument("--label-smoothing", type=float, default=Recipe.label_smoothing)
+    recipe.add_argument("--seed", type=int, default=Recipe.seed)
     recipe.add_argument(
         "--mixed-precision", action="store_true", help="float16 compute (GPU), float32 softmax"
     )
@@ -114,6 +133,21 @@ def parser() -> argparse.ArgumentParser:
     )
     everything.set_defaults(command=run_train_export, weights=None)
 
+    ablate = commands.add_parser(
+        "ablate",
+        parents=[data, recipe],
+        help="train variants of the recipe, several seeds each, into runs/ablation-ID/",
+    )
+    ablate.add_argument("--model", required=True, choices=MODEL_IDS)
+    ablate.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        default=list(ablation.VARIANTS),
+        help=f"comma-separated, from: {', '.join(ablation.VARIANTS)} (default: all)",
+    )
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed+1, ...")
+    ablate.set_defaults(command=run_ablate)
+
     triton.add_command(commands)  # export-triton: a Triton model repository, no TensorFlow
     return root
 
@@ -145,14 +179,28 @@ def run_train(args: argparse.Namespace, data: cifar.Cifar100) -> None:
 
 
 def recipe_of(args: argparse.Namespace) -> Recipe:
-    return Recipe(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        augment=args.augment,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
+    try:
+        return Recipe(**{field.name: getattr(args, field.name) for field in fields(Recipe)})
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+
+
+def run_ablate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    unknown = sorted(set(args.variants) - set(ablation.VARIANTS))
+    if unknown:
+        raise RecipeError(f"unknown variant(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(ablation.VARIANTS)}")  # fmt: skip
+    if args.seeds < 1:
+        raise RecipeError("--seeds must be at least 1")
+    table = ablation.run(
+        args.model,
+        data,
+        args.runs_dir / f"ablation-{args.model}",
+        recipe_of(args),
+        args.variants,
+        range(args.seed, args.seed + args.seeds),
     )
+    print(table)
 
 
 def run_evaluate(args: argparse.Namespace, data: cifar.Cifar100) -> None:

@@ -137,16 +137,20 @@ def md5sum(path: Path) -> str:
 def split_validation(
     train: Split, val_size: int, seed: int = VAL_SPLIT_SEED
 ) -> tuple[Split, Split]:
-    """Hold out `val_size` training images, the same share of every class."""
-    classes = np.unique(train.fine)
+    """Hold out `val_size` training images, the same share of every class (the largest
+    remainders get the rounding), so a class's training count shrinks by that share."""
+    classes, counts = np.unique(train.fine, return_counts=True)
     if not 0 < val_size < len(train):
         raise DataError(f"validation size must be between 1 and {len(train) - 1}, got {val_size}")
-    per_class, extra = divmod(val_size, len(classes))
+    exact = counts * val_size / len(train)
+    per_class = np.floor(exact).astype(int)
+    # Stable sort: equal remainders (a balanced set) round up the lowest labels first.
+    per_class[np.argsort(-(exact - per_class), kind="stable")[: val_size - per_class.sum()]] += 1
     order = np.random.default_rng(seed).permutation(len(train))
     held_out = []
-    for rank, label in enumerate(classes):
+    for label, size in zip(classes, per_class, strict=True):
         members = order[train.fine[order] == label]
-        held_out.append(members[: per_class + (rank < extra)])
+        held_out.append(members[:size])
     val_index = np.sort(np.concatenate(held_out))
     keep = np.ones(len(train), dtype=bool)
     keep[val_index] = False

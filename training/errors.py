@@ -27,3 +27,7 @@ class ExportError(TrainingError):
 
 class ReportError(TrainingError):
     """A report cannot be made from the exported files: none there, or no `features`."""
+
+
+class RecipeError(TrainingError):
+    """Training settings that cannot work: an unknown augmentation, a rate outside [0, 1)."""

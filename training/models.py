@@ -4,7 +4,8 @@ Both take uint8 images and scale them in their first layer, so the exported ONNX
 carries its own preprocessing and nothing else in the project ever scales pixels.
 The scaling layer has no weights: parameter counts and every other layer's output shape
 match the original Keras summaries, and Keras 2 weight files load in layer order.
-The summaries do not give dropout rates; we use 0.25 after conv blocks, 0.5 after dense.
+The summaries do not give dropout rates: they are settings of the training recipe
+(training/train.py), measured by `python -m training ablate`; dropout has no weights.
 """
 
 from pathlib import Path
@@ -20,32 +21,37 @@ MODEL_IDS = ("cifar100-712868", "cifar100-5735844")
 ORIGINAL_ACCURACY = {"cifar100-712868": 0.37, "cifar100-5735844": 0.54}
 
 
-def build_model(model_id: str) -> keras.Model:
-    """A fresh, uncompiled model for one of MODEL_IDS."""
+def build_model(
+    model_id: str, conv_dropout: float = 0.25, dense_dropout: float = 0.5
+) -> keras.Model:
+    """A fresh, uncompiled model for one of MODEL_IDS, with these dropout rates after the
+    conv blocks and after the dense layers."""
     if model_id == "cifar100-712868":
-        return build_712868()
+        return build_712868(conv_dropout, dense_dropout)
     if model_id == "cifar100-5735844":
-        return build_5735844()
+        return build_5735844(conv_dropout, dense_dropout)
     raise ValueError(f"unknown model id {model_id!r}; choose one of {', '.join(MODEL_IDS)}")
 
 
-def build_712868() -> keras.Model:
+def build_712868(conv_dropout: float = 0.25, dense_dropout: float = 0.5) -> keras.Model:
     """conv30 + conv14 + conv7 + conv3 + fc128: 0.37 validation accuracy after 48 epochs.
 
     Its first two convolutions are unpadded (32 -> 30 -> 28), so the last pooling
     floors 7 to 3 and the dense layers see 3 x 3 x 256 = 2304 values."""
-    return _cnn("cifar100-712868", first_padding="valid", dense_units=128)
+    return _cnn("cifar100-712868", "valid", 128, conv_dropout, dense_dropout)
 
 
-def build_5735844() -> keras.Model:
+def build_5735844(conv_dropout: float = 0.25, dense_dropout: float = 0.5) -> keras.Model:
     """conv32 + conv16 + conv8 + conv4 + fc1024 + fc1024: 0.54 after 48 epochs.
 
     Same layers, padded throughout (4 x 4 x 256 = 4096 values into the dense layers) and
     1024-wide dense layers: eight times the parameters, almost all in the first dense."""
-    return _cnn("cifar100-5735844", first_padding="same", dense_units=1024)
+    return _cnn("cifar100-5735844", "same", 1024, conv_dropout, dense_dropout)
 
 
-def _cnn(name: str, first_padding: str, dense_units: int) -> keras.Model:
+def _cnn(
+    name: str, first_padding: str, dense_units: int, conv_dropout: float, dense_dropout: float
+) -> keras.Model:
     """The layer sequence both originals share, as in their Keras summaries."""
     return keras.Sequential(
         [
@@ -54,20 +60,20 @@ def _cnn(name: str, first_padding: str, dense_units: int) -> keras.Model:
             layers.Conv2D(32, 3, padding=first_padding, activation="relu"),
             layers.Conv2D(64, 3, padding=first_padding, activation="relu"),
             layers.MaxPooling2D(),
-            layers.Dropout(0.25),
+            layers.Dropout(conv_dropout),
             layers.Conv2D(128, 3, padding="same"),
             layers.Activation("relu"),
             layers.MaxPooling2D(),
-            layers.Dropout(0.25),
+            layers.Dropout(conv_dropout),
             layers.Conv2D(256, 3, padding="same"),
             layers.Activation("relu"),
             layers.MaxPooling2D(),
-            layers.Dropout(0.25),
+            layers.Dropout(conv_dropout),
             layers.Flatten(),
             layers.Dense(dense_units, activation="relu"),
-            layers.Dropout(0.5),
+            layers.Dropout(dense_dropout),
             layers.Dense(dense_units, activation="relu"),
-            layers.Dropout(0.5),
+            layers.Dropout(dense_dropout),
             # float32 even under mixed precision: a float16 softmax would round the
             # probabilities that the export must reproduce.
             layers.Dense(100, activation="softmax", name="predictions", dtype="float32"),

@@ -1,8 +1,9 @@
 """Training recipe: the original architectures, trained better.
 
 The original runs trained 48 epochs without augmentation. We keep the architectures and
-the epoch count and add what reliably helps small CNNs on CIFAR: random crops of the
-4-pixel reflect-padded image, horizontal flips, AdamW and a cosine learning-rate decay.
+the epoch count; the rest (augmentation, optimizer, schedule, dropout rates, label
+smoothing) is a `Recipe`, and its defaults are the ones `python -m training ablate`
+measured to help (README, "Which recipe, and why").
 
 A run directory holds everything needed to continue or rebuild it:
     recipe.json                          the settings of the run
@@ -28,33 +29,86 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from service.modelcard import NUM_CLASSES
 from training.atomic import write_text
 from training.data import Cifar100, Split
 from training.errors import RunError
 from training.models import build_model
 
+AUGMENTATIONS = ("crop+flip", "crop", "flip", "none")
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclass(frozen=True)
 class Recipe:
+    """Every setting a run depends on; saved as recipe.json and in the model card, and
+    compared field by field to decide whether a run or an export is already done."""
+
     epochs: int = 48
     batch_size: int = 128
+    optimizer: str = "adamw"  # one of OPTIMIZERS; "adam" ignores weight_decay
     learning_rate: float = 1e-3
+    schedule: str = "cosine"  # one of SCHEDULES: cosine decay to 0, or constant
     weight_decay: float = 5e-4
-    augment: bool = True
+    augment: str = "crop+flip"  # one of AUGMENTATIONS
+    conv_dropout: float = 0.25  # after each conv block (the seed tables give no rates)
+    dense_dropout: float = 0.5  # after each hidden dense layer
+    label_smoothing: float = 0.0
     seed: int = 0
     mixed_precision: bool = False
 
+    def __post_init__(self) -> None:
+        # A recipe.json of another version, or a typo on the command line, fails here and
+        # not hours later.
+        for name, value, allowed in (
+            ("augment", self.augment, AUGMENTATIONS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("schedule", self.schedule, SCHEDULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for name in ("conv_dropout", "dense_dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError("epochs, batch size and learning rate must be positive")
+
     def method(self) -> dict:
         """What the numbers above drive, in words, for the model card."""
+        optimizer = (
+            f"AdamW, weight decay {self.weight_decay}" if self.optimizer == "adamw" else "Adam"
+        )
+        schedule = (
+            f"cosine decay from {self.learning_rate} to 0 over {self.epochs} epochs"
+            if self.schedule == "cosine"
+            else f"constant {self.learning_rate}"
+        )
+        augmentation = {
+            "crop+flip": "4px reflect pad + random 32x32 crop, horizontal flip",
+            "crop": "4px reflect pad + random 32x32 crop",
+            "flip": "horizontal flip",
+            "none": "none",
+        }[self.augment]
         return {
-            "optimizer": f"AdamW, weight decay {self.weight_decay}",
-            "schedule": f"cosine decay from {self.learning_rate} to 0 over {self.epochs} epochs",
-            "augmentation": "4px reflect pad + random 32x32 crop, horizontal flip"
-            if self.augment
-            else "none",
+            "optimizer": optimizer,
+            "schedule": schedule,
+            "augmentation": augmentation,
+            "dropout": f"{self.conv_dropout} after conv blocks, {self.dense_dropout} after dense",
+            "label_smoothing": self.label_smoothing,
             "precision": "mixed float16, float32 softmax" if self.mixed_precision else "float32",
             "checkpoint_selection": "best validation accuracy",
         }
+
+    def optimizer_instance(self, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+        rate = self.learning_rate
+        if self.schedule == "cosine":
+            rate = keras.optimizers.schedules.CosineDecay(
+                rate, decay_steps=self.epochs * steps_per_epoch
+            )
+        if self.optimizer == "adam":
+            return keras.optimizers.Adam(learning_rate=rate)
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=self.weight_decay)
 
 
 def train(
@@ -109,16 +163,15 @@ def train(
     # float16 compute, float32 variables; the model keeps its softmax in float32.
     policy = "mixed_float16" if recipe.mixed_precision else "float32"
     with precision(policy), strategy.scope():
-        model = build_model(model_id)
+        model = build_model(model_id, recipe.conv_dropout, recipe.dense_dropout)
         model.compile(
-            optimizer=keras.optimizers.AdamW(
-                learning_rate=keras.optimizers.schedules.CosineDecay(
-                    recipe.learning_rate, decay_steps=recipe.epochs * steps_per_epoch
-                ),
-                weight_decay=recipe.weight_decay,
-            ),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+            optimizer=recipe.optimizer_instance(steps_per_epoch),
+            # One-hot targets, because only the categorical loss smooths labels.
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+            metrics=[
+                keras.metrics.CategoricalAccuracy(name="accuracy"),
+                keras.metrics.TopKCategoricalAccuracy(5, name="top5"),
+            ],
         )
     model.fit(
         # One dataset for all remaining epochs: each epoch's batches depend only on
@@ -168,31 +221,40 @@ def train_dataset(split: Split, recipe: Recipe, first_epoch: int = 0) -> tf.data
 
     def make_batch(index: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.gather(images, index)
-        if recipe.augment:
-            batch = augment_batch(batch, seed)
-        return batch, tf.gather(labels, index)
+        if recipe.augment != "none":
+            batch = augment_batch(batch, seed, recipe.augment)
+        return batch, tf.one_hot(tf.gather(labels, index), NUM_CLASSES)
 
     epochs = tf.data.Dataset.range(first_epoch, recipe.epochs)
     return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """4-pixel reflect pad, a random 32x32 crop and a random horizontal flip per image,
-    for a whole uint8 batch in a few vectorised ops (stateless: the seed fixes them)."""
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, kind: str = "crop+flip") -> tf.Tensor:
+    """4-pixel reflect pad and a random 32x32 crop, and/or a random horizontal flip, per
+    image of a whole uint8 batch in a few vectorised ops (stateless: the seed fixes them).
+    The crop and the flip draw from their own seeds, so "flip" flips what "crop+flip" does."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     n = tf.shape(images)[0]
-    padded = tf.pad(images, [[0, 0], [4, 4], [4, 4], [0, 0]], mode="REFLECT")
-    corners = tf.random.stateless_uniform([n, 2], crop_seed, minval=0, maxval=9, dtype=tf.int32)
-    rows = corners[:, :1] + tf.range(32)  # [n, 32]: the rows each image keeps
-    cols = corners[:, 1:] + tf.range(32)
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)
+    cropped = images if kind == "flip" else random_crops(images, crop_seed)
+    if kind == "crop":
+        return cropped
     flip = tf.random.stateless_uniform([n], flip_seed) < 0.5
     return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
 
 
+def random_crops(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    n = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [4, 4], [4, 4], [0, 0]], mode="REFLECT")
+    corners = tf.random.stateless_uniform([n, 2], seed, minval=0, maxval=9, dtype=tf.int32)
+    rows = corners[:, :1] + tf.range(32)  # [n, 32]: the rows each image keeps
+    cols = corners[:, 1:] + tf.range(32)
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
 def eval_dataset(split: Split, batch_size: int) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((split.images, split.fine)).batch(batch_size)
+    labels = tf.one_hot(split.fine, NUM_CLASSES)
+    return tf.data.Dataset.from_tensor_slices((split.images, labels)).batch(batch_size)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:

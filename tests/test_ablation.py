@@ -1,0 +1,68 @@
+"""`python -m training ablate` on the small synthetic set: it trains each (variant, seed)
+with the real training loop, writes the table, and a rerun trains nothing again."""
+
+import json
+
+import numpy as np
+
+from tests.conftest import SMALL_VAL_SIZE
+from training.__main__ import main
+from training.ablation import present_classes
+from training.data import Split
+
+
+def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_path, capsys):
+    argv = [
+        "ablate", "--model", "cifar100-712868", "--variants", "base,flip", "--seeds", "2",
+        "--epochs", "1", "--batch-size", "64", "--data-dir", str(small_tarball),
+        "--val-size", str(SMALL_VAL_SIZE), "--runs-dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "ablation-cifar100-712868"
+    table = json.loads((out / "ablation.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["base", "flip"]
+    assert table["present_classes"] == list(range(100))  # every synthetic class is present
+    assert table["chosen_by_validation"] in ("base", "flip")
+    for row in table["rows"]:
+        assert row["seeds"] == [0, 1]
+        assert 0 <= row["val_mean"] <= 1 and 0 <= row["test_mean"] <= 1
+        assert row["val_sd"] >= 0 and row["minutes_per_run"] > 0
+    flip = json.loads((out / "flip" / "seed-1" / "result.json").read_text())
+    assert flip["recipe"]["augment"] == "flip" and flip["recipe"]["seed"] == 1
+    # Each run is an ordinary run folder: its recipe.json is the one in the result.
+    saved = json.loads((out / "flip" / "seed-1" / "recipe.json").read_text())
+    assert saved["recipe"] == flip["recipe"]
+    assert saved["method"]["augmentation"] == "horizontal flip"
+    markdown = (out / "ablation.md").read_text()
+    assert "| base" in markdown and "| flip" in markdown and "(best val)" in markdown
+
+    # Rerun: nothing trains again, results stay as they were.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.keras")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "training" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.keras")} == stamps
+    assert json.loads((out / "ablation.json").read_text())["rows"] == table["rows"]
+
+
+def test_ablate_refuses_an_unknown_variant(small_tarball, tmp_path, capsys):
+    argv = ["ablate", "--model", "cifar100-712868", "--variants", "base,mixup", "--epochs", "1"]
+    argv += ["--data-dir", str(small_tarball), "--val-size", str(SMALL_VAL_SIZE)]
+    assert main([*argv, "--runs-dir", str(tmp_path)]) == 2
+    assert "unknown variant(s) mixup" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_present_classes_are_those_with_real_counts():
+    """The real-photo set's layout: 10 classes of 450, 90 filler classes of 9."""
+    fine = np.concatenate([np.repeat(np.arange(10), 450), np.repeat(np.arange(10, 100), 9)])
+    split = Split(np.zeros((len(fine), 32, 32, 3), np.uint8), fine, fine // 5)
+    assert present_classes(split) == list(range(10))
+
+
+def test_a_recipe_that_cannot_work_is_refused_before_training(small_tarball, tmp_path, capsys):
+    argv = ["train", "--model", "cifar100-712868", "--epochs", "1", "--conv-dropout", "1.5"]
+    argv += ["--data-dir", str(small_tarball), "--val-size", str(SMALL_VAL_SIZE)]
+    assert main([*argv, "--runs-dir", str(tmp_path)]) == 2
+    assert "conv_dropout must be in [0, 1), not 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "cifar100-712868").exists()
