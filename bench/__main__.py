@@ -216,10 +216,10 @@ def measure_service(model_id: str, path: Path, args: argparse.Namespace, scratch
             "BATCHING": str(batching == "on").lower(), "DEVICE": args.device,
             "WEB_CONCURRENCY": str(args.workers), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }  # fmt: skip
-        with service_process(env) as (port, _):
+        with service_process(env) as (port, process):
             for kind in PATHS:
                 url = "/predict" if kind == "png" else f"/v2/models/{model_id}/infer"
-                target = {"port": port, "kind": kind, "path": url}
+                target = {"port": port, "kind": kind, "path": url, "pgid": process.pid}
                 rows = [run_load(target, args, concurrency=c) for c in CONCURRENCY]
                 service["closed"][f"{kind}, batching {batching}"] = rows
                 if batching == "on":
@@ -244,10 +244,28 @@ def run_load(target: dict, args: argparse.Namespace, **mode) -> dict:
         concurrency = mode["concurrency"]
         command += ["--concurrency", str(concurrency)]
         command += ["--requests", str(max(args.requests, concurrency))]
+    server_cpu = group_cpu_seconds(target.get("pgid"))
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     row = json.loads(out)
+    if server_cpu is not None:
+        row["server_cpu_s"] = round(group_cpu_seconds(target["pgid"]) - server_cpu, 3)
     print(f"  {target['kind']} {target['path']} {mode}: {row}", flush=True)
     return row
+
+
+def group_cpu_seconds(pgid: int | None) -> float | None:
+    """CPU seconds (user + system) used so far by the live processes of a process group:
+    the server and its workers. None without a group, or where /proc is missing."""
+    if pgid is None or not Path("/proc").is_dir():
+        return None
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == pgid:  # field 5, pgrp
+                total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def load_server(app_args: list[str], env: dict[str, str], args: argparse.Namespace) -> list[dict]:
@@ -325,13 +343,24 @@ def summarise(weights: str, ceiling: dict, service: dict, naive: list, peers: di
             ceiling["per_worker"][b]["images_per_s"] for b in BATCH_SIZES
         ),
     }
+    # CPU the ceiling spends per image: every thread busy for the whole call.
+    ceiling_cpu_ms = ceiling["all_cpus"]["threads"] * 1000 / best
+    headline["ceiling_cpu_ms_per_image"] = round(ceiling_cpu_ms, 3)
     for kind in PATHS:
         row = at_64[f"{kind}, batching on"]
+        server_ms, client_ms = cpu_ms_per_request(row)
         headline[kind] = {
             "rps": row["rps"],
             "share_of_ceiling": round(row["rps"] / best, 3),
             "p99_ms": row["p99_ms"],
             "failed": row["shed"] + row["refused"] + row["errors"],
+            "server_cpu_ms": server_ms,
+            "client_cpu_ms": client_ms,
+            # Server and generator share the CPUs the ceiling had to itself: the share of
+            # the ceiling cannot pass this while each request costs what it cost here.
+            "cpu_bound_share": round(ceiling_cpu_ms / (server_ms + client_ms), 3)
+            if server_ms and client_ms
+            else None,
         }
     headline["png"]["over_naive"] = round(at_64["png, batching on"]["rps"] / max(
         naive[-1]["rps"], 1e-9
@@ -346,6 +375,16 @@ def summarise(weights: str, ceiling: dict, service: dict, naive: list, peers: di
         "peers": peers,
         "at_64_clients": headline,
     }
+
+
+def cpu_ms_per_request(row: dict) -> tuple[float | None, float | None]:
+    """(server, load generator) CPU milliseconds per answered request of a load row."""
+    answered = max(row["requests"], 1)
+
+    def per_request(key: str) -> float | None:
+        return round(row[key] * 1000 / answered, 3) if row.get(key) is not None else None
+
+    return per_request("server_cpu_s"), per_request("client_cpu_s")
 
 
 def write(results: dict, out: Path, name: str = "results", markdown_of=None) -> None:
@@ -397,8 +436,9 @@ def to_markdown(results: dict) -> str:
             f"{best} images/s.",
             "",
             "| server | request | clients | answered req/s | of ceiling | p50 ms | p95 ms "
-            "| p99 ms | shed (503) | refused (4xx) | errors |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| p99 ms | shed (503) | refused (4xx) | errors | CPU ms/request: server "
+            "| load generator |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         groups = []
         for name, rows in r["service"]["closed"].items():
@@ -411,7 +451,8 @@ def to_markdown(results: dict) -> str:
             lines += [
                 f"| {label} | {request} | {x['concurrency']} | {x['rps']} "
                 f"| {x['rps'] / best:.0%} | {_cell(x['p50_ms'])} | {_cell(x['p95_ms'])} "
-                f"| {_cell(x['p99_ms'])} | {x['shed']} | {x['refused']} | {x['errors']} |"
+                f"| {_cell(x['p99_ms'])} | {x['shed']} | {x['refused']} | {x['errors']} "
+                f"| {' | '.join(_cell(ms) for ms in cpu_ms_per_request(x))} |"
                 for x in rows
             ]
         lines += [
@@ -444,6 +485,16 @@ def to_markdown(results: dict) -> str:
                 f"{name} {rps} req/s" for name, rps in h["peers_rps"].items()
             )
         lines += ["", sentence + ".", ""]
+        if v2.get("cpu_bound_share") and png.get("cpu_bound_share"):
+            lines += [
+                f"CPU per answered request at 64 clients: /v2 {v2['server_cpu_ms']} ms in the "
+                f"server + {v2['client_cpu_ms']} ms in the load generator, /predict "
+                f"{png['server_cpu_ms']} + {png['client_cpu_ms']} ms, against "
+                f"{h['ceiling_cpu_ms_per_image']} ms per image at the ceiling: sharing the "
+                f"CPUs, the share of the ceiling is bound by {v2['cpu_bound_share']:.0%} (/v2) "
+                f"and {png['cpu_bound_share']:.0%} (/predict) at these costs per request.",
+                "",
+            ]
     return "\n".join(lines)
 
 

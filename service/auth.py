@@ -54,6 +54,10 @@ def known_keys(tokens: str, digests_file: Path | None) -> frozenset[bytes]:
     return frozenset(keys)
 
 
+def enabled(settings: Settings) -> bool:
+    return bool(known_keys(settings.api_keys, settings.api_keys_file))
+
+
 def validate(settings: Settings) -> None:
     """At startup: a malformed keys file stops the server instead of locking everyone out."""
     try:

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from service.catalog import Catalog
 from service.config import Settings, get_settings
 from service.metrics import Metrics
+from service.routes.inference import Inference
 
 
 async def settings() -> Settings:
@@ -25,12 +26,12 @@ async def metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def deadline(request: Request) -> float:
-    """When this request must be answered by, on the event loop's clock (LimitsMiddleware)."""
-    return request.state.deadline
+async def inference(request: Request) -> Inference:
+    state = request.app.state
+    return Inference(request, state.catalog, state.metrics, get_settings(), request.state.deadline)
 
 
 SettingsDep = Annotated[Settings, Depends(settings)]
 CatalogDep = Annotated[Catalog, Depends(catalog)]
 MetricsDep = Annotated[Metrics, Depends(metrics)]
-DeadlineDep = Annotated[float, Depends(deadline)]
+InferenceDep = Annotated[Inference, Depends(inference)]

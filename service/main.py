@@ -73,7 +73,8 @@ def create_app() -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_handlers(app, settings)
     auth.validate(settings)  # a broken API_KEYS_FILE stops startup, not every request
-    protected = [Depends(auth.api_key)]  # no-op unless API_KEYS or API_KEYS_FILE is set
+    # Without keys there is nothing to check: no dependency to solve on every request.
+    protected = [Depends(auth.api_key)] if auth.enabled(settings) else []
     for router in (predict.router, v2.router, models.router):
         app.include_router(router, dependencies=protected)
     for router in (v2.health, operations.router, page.router):

@@ -43,6 +43,9 @@ def test_smoke_run_produces_every_row(models_dir, tmp_path):
             for row in rows:
                 assert row["requests"] >= 1 and row["errors"] == 0 and row["refused"] == 0
                 assert "shed" in row
+                assert row["client_cpu_s"] > 0  # the generator measures itself
+        for rows in closed.values():  # and the harness measures the server's process group
+            assert all(row["server_cpu_s"] > 0 for row in rows)
         for kind in PATHS:
             rows = r["service"]["open"][kind]
             assert [row["load"] for row in rows] == list(OPEN_LOOP_LOADS)
@@ -52,12 +55,14 @@ def test_smoke_run_produces_every_row(models_dir, tmp_path):
         headline = r["at_64_clients"]
         for kind in PATHS:
             assert {"rps", "share_of_ceiling", "p99_ms", "failed"} <= set(headline[kind])
+            assert headline[kind]["cpu_bound_share"] > 0
         assert f"### {model_id}" in markdown
     groups = len(MODEL_IDS) * len(CONCURRENCY)
     assert markdown.count("| service, batching on | PNG, /predict |") == groups
     assert markdown.count("| service, batching on | tensor, /v2 binary |") == groups
     assert markdown.count("| naive Keras |") == groups
     assert markdown.count("| tensor, /v2 binary | 120% |") == len(MODEL_IDS)
+    assert markdown.count("CPU per answered request at 64 clients") == len(MODEL_IDS)
 
 
 def test_markdown_puts_peers_beside_the_service():

@@ -7,11 +7,10 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 
 from service.config import Settings
-from service.deps import CatalogDep, DeadlineDep, MetricsDep, SettingsDep
+from service.deps import InferenceDep
 from service.errors import InvalidImage, TooManyImages, UploadTooLarge
 from service.images import decode, decoded_pixels, open_image
 from service.modelcard import IMAGE_SIZE
-from service.routes.inference import infer, serving
 from service.schemas import ErrorBody, PredictResponse, describe
 
 router = APIRouter(tags=["predict"])
@@ -48,10 +47,7 @@ async def predict(
             json_schema_extra={"items": {"type": "string", "format": "binary"}},
         ),
     ],
-    catalog: CatalogDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    deadline: DeadlineDep,
+    inference: InferenceDep,
     model: Annotated[str | None, Query(description="Model id; default: DEFAULT_MODEL")] = None,
     version: Annotated[
         str | None, Query(description="Version (content hash); default: the newest trained")
@@ -62,7 +58,8 @@ async def predict(
     ] = False,
 ) -> PredictResponse:
     """Classify images into the 100 CIFAR-100 classes and their 20 superclasses."""
-    served = serving(request, catalog.get(model, version))
+    settings = inference.settings
+    served = inference.model(model, version)
     if len(files) > settings.max_images_per_request:
         raise TooManyImages(
             f"{len(files)} images in one request; at most {settings.max_images_per_request}"
@@ -79,7 +76,7 @@ async def predict(
         images = await request.app.state.decode_slots.run(lambda: _decode_all(opened, files))
     else:  # 32x32: microseconds, cheaper than a thread hop
         images = _decode_all(opened, files)
-    outputs, inference_ms = await infer(request, catalog, metrics, served, images, deadline)
+    outputs, inference_ms = await inference.run(served, images)
     return PredictResponse(
         model_id=served.model_id,
         model_version=served.version,

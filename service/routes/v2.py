@@ -18,10 +18,9 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.catalog import Catalog, Served
-from service.deps import CatalogDep, DeadlineDep, MetricsDep, SettingsDep
+from service.deps import CatalogDep, InferenceDep
 from service.errors import InvalidTensor, TooManyImages
 from service.modelcard import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
-from service.routes.inference import infer, serving
 from service.schemas import V2Error, V2InferenceRequest, V2ModelMetadata, V2ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -64,6 +63,52 @@ def server_ready(request: Request, catalog: CatalogDep) -> Response:
     return Response(status_code=200) if ready else NOT_READY
 
 
+INFER_OK = {
+    "description": "The outputs: JSON, or JSON then raw bytes when an output is binary",
+    "content": {"application/json": {}, "application/octet-stream": {}},
+}
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": V2InferenceRequest.model_json_schema()},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": f"binary tensor data extension: a JSON header of "
+                f"`{HEADER_LENGTH}` bytes, then each binary input's raw bytes in order",
+            },
+        },
+    }
+}
+
+
+# Inference first: routes are matched in order, and this one carries the load.
+@router.post(
+    "/models/{model_name}/infer", responses={**ERRORS, 200: INFER_OK}, openapi_extra=INFER_DOC
+)
+@router.post(
+    "/models/{model_name}/versions/{model_version}/infer",
+    responses={**ERRORS, 200: INFER_OK},
+    openapi_extra=INFER_DOC,
+)
+async def model_infer(
+    request: Request,
+    model_name: str,
+    inference: InferenceDep,
+    header_length: Annotated[int | None, Header(alias=HEADER_LENGTH, ge=0)] = None,
+    model_version: str | None = None,
+) -> Response:
+    """Classify a uint8 tensor `images` [N, 32, 32, 3]: `probabilities` FP32 [N, 100],
+    and `features` when asked. JSON data (flat or nested) or binary tensor data; outputs
+    in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
+    served = inference.model(model_name, model_version)
+    body = await request.body()  # the app's body limit applies while it streams in
+    header, binary = _split(body, header_length)
+    images = _input_tensor(header, binary, inference.settings.max_images_per_request)
+    outputs, _ = await inference.run(served, images)
+    return _encode(served, header, outputs)
+
+
 @router.get("/models/{model_name}", response_model=V2ModelMetadata, responses=ERRORS)
 @router.get(
     "/models/{model_name}/versions/{model_version}",
@@ -102,54 +147,6 @@ def model_ready(model_name: str, catalog: CatalogDep, model_version: str | None 
     """200 when the model can take requests; 400 otherwise; 404 if it is not served."""
     ready = _model(catalog, model_name, model_version).ready
     return Response(status_code=200) if ready else NOT_READY
-
-
-INFER_OK = {
-    "description": "The outputs: JSON, or JSON then raw bytes when an output is binary",
-    "content": {"application/json": {}, "application/octet-stream": {}},
-}
-INFER_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": V2InferenceRequest.model_json_schema()},
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": f"binary tensor data extension: a JSON header of "
-                f"`{HEADER_LENGTH}` bytes, then each binary input's raw bytes in order",
-            },
-        },
-    }
-}
-
-
-@router.post(
-    "/models/{model_name}/infer", responses={**ERRORS, 200: INFER_OK}, openapi_extra=INFER_DOC
-)
-@router.post(
-    "/models/{model_name}/versions/{model_version}/infer",
-    responses={**ERRORS, 200: INFER_OK},
-    openapi_extra=INFER_DOC,
-)
-async def model_infer(
-    request: Request,
-    model_name: str,
-    catalog: CatalogDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    deadline: DeadlineDep,
-    header_length: Annotated[int | None, Header(alias=HEADER_LENGTH, ge=0)] = None,
-    model_version: str | None = None,
-) -> Response:
-    """Classify a uint8 tensor `images` [N, 32, 32, 3]: `probabilities` FP32 [N, 100],
-    and `features` when asked. JSON data (flat or nested) or binary tensor data; outputs
-    in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
-    served = serving(request, _model(catalog, model_name, model_version))
-    body = await request.body()  # the app's body limit applies while it streams in
-    header, binary = _split(body, header_length)
-    images = _input_tensor(header, binary, settings.max_images_per_request)
-    outputs, _ = await infer(request, catalog, metrics, served, images, deadline)
-    return _encode(served, header, outputs)
 
 
 def _model(catalog: Catalog, name: str, version: str | None) -> Served:
