@@ -2,6 +2,7 @@
 with the real training loop, writes the table, and a rerun trains nothing again."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 
@@ -9,6 +10,7 @@ from tests.conftest import SMALL_VAL_SIZE
 from training.__main__ import main
 from training.ablation import present_classes
 from training.data import Split
+from training.train import Recipe
 
 
 def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_path, capsys):
@@ -33,6 +35,12 @@ def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_pat
     saved = json.loads((out / "flip" / "seed-1" / "recipe.json").read_text())
     assert saved["recipe"] == flip["recipe"]
     assert saved["method"]["augmentation"] == "horizontal flip"
+    default = asdict(Recipe())
+    assert saved["choice"]["differs_from_default"] == {
+        k: v for k, v in flip["recipe"].items() if k not in ("epochs", "seed") and default[k] != v
+    }
+    assert saved["choice"]["differs_from_default"]["batch_size"] == 64
+    assert "README" in saved["choice"]["evidence"]
     markdown = (out / "ablation.md").read_text()
     assert "| base" in markdown and "| flip" in markdown and "(best val)" in markdown
 

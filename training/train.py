@@ -35,6 +35,11 @@ from training.data import Cifar100, Split
 from training.errors import RunError
 from training.models import build_model
 
+# Where the defaults below come from, for every recipe.json and model card.
+EVIDENCE = (
+    "defaults chosen by `python -m training ablate` on real photos (10 classes at "
+    "CIFAR-100's counts per class; not CIFAR-100): README, 'Which recipe, and why'"
+)
 AUGMENTATIONS = ("crop+flip", "crop", "flip", "none")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -100,6 +105,12 @@ class Recipe:
             "checkpoint_selection": "best validation accuracy",
         }
 
+    def choice(self) -> dict:
+        """How this recipe relates to the default one, and why the default is what it is."""
+        default = asdict(Recipe(epochs=self.epochs, seed=self.seed))
+        differs = {k: v for k, v in asdict(self).items() if default[k] != v}
+        return {"differs_from_default": differs, "evidence": EVIDENCE}
+
     def optimizer_instance(self, steps_per_epoch: int) -> keras.optimizers.Optimizer:
         rate = self.learning_rate
         if self.schedule == "cosine":
@@ -143,7 +154,12 @@ def train(
         write_text(
             run_dir / "recipe.json",
             json.dumps(
-                {"model_id": model_id, "recipe": asdict(recipe), "method": recipe.method()},
+                {
+                    "model_id": model_id,
+                    "recipe": asdict(recipe),
+                    "method": recipe.method(),
+                    "choice": recipe.choice(),
+                },
                 indent=2,
             ),
         )
