@@ -28,7 +28,7 @@ def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_pat
     for row in table["rows"]:
         assert row["seeds"] == [0, 1]
         assert 0 <= row["val_mean"] <= 1 and 0 <= row["test_mean"] <= 1
-        assert row["val_sd"] >= 0 and row["minutes_per_run"] > 0
+        assert row["val_sd"] >= 0 and row["minutes_per_run"] > 0  # two seeds: a spread
     flip = json.loads((out / "flip" / "seed-1" / "result.json").read_text())
     assert flip["recipe"]["augment"] == "flip" and flip["recipe"]["seed"] == 1
     # Each run is an ordinary run folder: its recipe.json is the one in the result.

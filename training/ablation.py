@@ -141,9 +141,9 @@ def write_table(out_dir: Path, model_id: str, base: Recipe, present: list[int], 
 
 
 def summary(name: str, words: str, results: list[dict]) -> dict:
-    def mean_sd(key: str) -> tuple[float, float]:
+    def mean_sd(key: str) -> tuple[float, float | None]:
         values = [result[key] for result in results]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
     val_mean, val_sd = mean_sd("val_accuracy")
     test_mean, test_sd = mean_sd("test_accuracy")
@@ -178,8 +178,12 @@ def markdown_of(table: dict) -> str:
         minutes = f"{row['minutes_per_run']:.1f}" if row["minutes_per_run"] else "-"
         lines.append(
             f"| {row['variant']}{mark} | {row['changes']} | {len(row['seeds'])} "
-            f"| {row['val_mean']:.3f} ± {row['val_sd']:.3f} "
-            f"| {row['test_mean']:.3f} ± {row['test_sd']:.3f} "
+            f"| {_spread(row['val_mean'], row['val_sd'])} "
+            f"| {_spread(row['test_mean'], row['test_sd'])} "
             f"| {row['train_accuracy_mean']:.3f} | {minutes} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _spread(mean: float, sd: float | None) -> str:
+    return f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f} (one seed)"
