@@ -170,7 +170,8 @@ def markdown_of(table: dict) -> str:
         "(mean ± sample standard deviation over seeds; argmax over all 100 classes).",
         f"Base recipe: {base}.",
         "",
-        "| variant | changes | seeds | val top-1 | test top-1 | train acc (last epoch) | min/run |",
+        "| variant | changes | seeds | val top-1 | test top-1 "
+        "| train acc, last epoch (as trained) | wall min/run |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in table["rows"]:
