@@ -22,7 +22,7 @@ ORIGINAL_ACCURACY = {"cifar100-712868": 0.37, "cifar100-5735844": 0.54}
 
 
 def build_model(
-    model_id: str, conv_dropout: float = 0.25, dense_dropout: float = 0.5
+    model_id: str, conv_dropout: float = 0.0, dense_dropout: float = 0.0
 ) -> keras.Model:
     """A fresh, uncompiled model for one of MODEL_IDS, with these dropout rates after the
     conv blocks and after the dense layers."""
@@ -33,7 +33,7 @@ def build_model(
     raise ValueError(f"unknown model id {model_id!r}; choose one of {', '.join(MODEL_IDS)}")
 
 
-def build_712868(conv_dropout: float = 0.25, dense_dropout: float = 0.5) -> keras.Model:
+def build_712868(conv_dropout: float = 0.0, dense_dropout: float = 0.0) -> keras.Model:
     """conv30 + conv14 + conv7 + conv3 + fc128: 0.37 validation accuracy after 48 epochs.
 
     Its first two convolutions are unpadded (32 -> 30 -> 28), so the last pooling
@@ -41,7 +41,7 @@ def build_712868(conv_dropout: float = 0.25, dense_dropout: float = 0.5) -> kera
     return _cnn("cifar100-712868", "valid", 128, conv_dropout, dense_dropout)
 
 
-def build_5735844(conv_dropout: float = 0.25, dense_dropout: float = 0.5) -> keras.Model:
+def build_5735844(conv_dropout: float = 0.0, dense_dropout: float = 0.0) -> keras.Model:
     """conv32 + conv16 + conv8 + conv4 + fc1024 + fc1024: 0.54 after 48 epochs.
 
     Same layers, padded throughout (4 x 4 x 256 = 4096 values into the dense layers) and
