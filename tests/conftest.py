@@ -36,7 +36,9 @@ def workspace(cifar_tarball, tmp_path_factory) -> Path:
     """Both models trained, evaluated and exported by `python -m training`.
 
     The small model trains long enough to learn the synthetic classes; the large one
-    trains one epoch, enough to exercise every path.
+    trains one epoch, enough to exercise every path. Both keep the old dropout (0.25 /
+    0.5): the page, report and reload tests need two imperfect models that disagree
+    somewhere, and without dropout both learn the synthetic classes perfectly.
     """
     from training.__main__ import main
 
@@ -45,7 +47,8 @@ def workspace(cifar_tarball, tmp_path_factory) -> Path:
     common += ["--runs-dir", str(root / "runs")]
     for model_id, epochs in (("cifar100-712868", "5"), ("cifar100-5735844", "1")):
         train = ["train", "--model", model_id, "--epochs", epochs, "--batch-size", "64"]
-        assert main([*train, "--no-augment", *common]) == 0
+        dropout = ["--conv-dropout", "0.25", "--dense-dropout", "0.5"]
+        assert main([*train, "--no-augment", *dropout, *common]) == 0
         assert (
             main(["export", "--model", model_id, "--models-dir", str(root / "models"), *common])
             == 0
