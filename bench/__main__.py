@@ -219,7 +219,7 @@ def measure_service(model_id: str, path: Path, args: argparse.Namespace, scratch
         with service_process(env) as (port, process):
             for kind in PATHS:
                 url = "/predict" if kind == "png" else f"/v2/models/{model_id}/infer"
-                target = {"port": port, "kind": kind, "path": url, "pgid": process.pid}
+                target = {"port": port, "kind": kind, "path": url, "pid": process.pid}
                 rows = [run_load(target, args, concurrency=c) for c in CONCURRENCY]
                 service["closed"][f"{kind}, batching {batching}"] = rows
                 if batching == "on":
@@ -244,28 +244,16 @@ def run_load(target: dict, args: argparse.Namespace, **mode) -> dict:
         concurrency = mode["concurrency"]
         command += ["--concurrency", str(concurrency)]
         command += ["--requests", str(max(args.requests, concurrency))]
-    server_cpu = group_cpu_seconds(target.get("pgid"))
+    from bench.faults import cpu_seconds  # the server and its workers, from /proc
+
+    server = target.get("pid")
+    server_cpu = cpu_seconds(server) if server else None
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     row = json.loads(out)
     if server_cpu is not None:
-        row["server_cpu_s"] = round(group_cpu_seconds(target["pgid"]) - server_cpu, 3)
+        row["server_cpu_s"] = round(cpu_seconds(server) - server_cpu, 3)
     print(f"  {target['kind']} {target['path']} {mode}: {row}", flush=True)
     return row
-
-
-def group_cpu_seconds(pgid: int | None) -> float | None:
-    """CPU seconds (user + system) used so far by the live processes of a process group:
-    the server and its workers. None without a group, or where /proc is missing."""
-    if pgid is None or not Path("/proc").is_dir():
-        return None
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # Fields after the command name, which is in parentheses and may hold spaces.
-            fields = stat.read_text().rpartition(")")[2].split()
-            if int(fields[2]) == pgid:  # field 5, pgrp
-                total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def load_server(app_args: list[str], env: dict[str, str], args: argparse.Namespace) -> list[dict]:
