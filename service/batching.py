@@ -161,7 +161,9 @@ class MicroBatcher:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = self._take([])
+            # Taken requests are out of the queue: they count as running from here on, while
+            # the batch still gathers, so a drain waits for them and a stop fails them.
+            batch = self._running = self._take([])
             # Waiting only pays when requests come in parallel; a lone client would just
             # be slowed down by max_wait on every request.
             if (
@@ -171,12 +173,11 @@ class MicroBatcher:
                 and self._max_wait > 0
             ):
                 await asyncio.sleep(self._max_wait)  # let concurrent requests catch up
-                batch = self._take(batch)
+                self._take(batch)
             concurrent = len(batch) > 1
             if batch:
-                self._running = batch
                 await self._run(batch)
-                self._running = []
+            self._running = []
 
     def _take(self, batch: list[_Request]) -> list[_Request]:
         """Move queued requests into `batch` while they fit under the cap."""

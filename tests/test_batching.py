@@ -187,3 +187,39 @@ def test_batching_off_runs_one_request_per_call():
     batcher = batcher_of(fake_model(calls), combine=False)
     asyncio.run(run_requests(batcher, [image(i, n=2) for i in range(5)]))
     assert calls == [2] * 5
+
+
+def test_drain_answers_a_batch_still_gathering():
+    """A batch waits `max_wait` for company before it runs; a drain (a replaced version
+    leaving) that comes in that window must answer it, not cancel it and leave its
+    requests waiting for their deadline (the 504 once seen in the hot-reload test)."""
+
+    async def scenario():
+        batcher = batcher_of(fake_model([]), max_wait=0.5)
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        deadline = loop.time() + 30
+        await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
+        gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
+        await asyncio.sleep(0.1)  # taken from the queue, waiting max_wait for more
+        await batcher.drain(timeout=10)
+        result = await asyncio.wait_for(gathering, timeout=1)
+        assert result.outputs["probabilities"].argmax() == 3
+
+    asyncio.run(scenario())
+
+
+def test_stop_fails_a_batch_still_gathering_instead_of_hanging():
+    async def scenario():
+        batcher = batcher_of(fake_model([]), max_wait=0.5)
+        loop = asyncio.get_running_loop()
+        batcher.start()
+        deadline = loop.time() + 30
+        await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
+        gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
+        await asyncio.sleep(0.1)
+        await batcher.stop()
+        with pytest.raises(NotReady, match="shutting down"):
+            await asyncio.wait_for(gathering, timeout=1)
+
+    asyncio.run(scenario())

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -135,6 +136,41 @@ def test_models_are_swapped_added_and_removed_under_load_with_no_failed_request(
     assert versions == {old, new}
     assert f'model_version_loaded{{model="{LARGE}",version="{old}"}} 0.0' in metrics
     assert f'model_version_loaded{{model="{LARGE}",version="{new}"}} 1.0' in metrics
+
+
+def test_a_request_whose_version_is_swapped_while_its_body_arrives_is_answered(
+    model_copy, tmp_path, images
+):
+    """The version is looked up when the request starts (404 before the body is read) and
+    again when its images are handed over: one swapped out in between has stopped taking
+    requests, so the newest answers instead of a 503 from the departed batcher."""
+    retrained(model_copy / f"{LARGE}.onnx", tmp_path / "new.onnx", "2099-01-01T00:00:00Z")
+    new = file_version(tmp_path / "new.onnx")
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8",
+                                   "shape": [1, 32, 32, 3],
+                                   "data": images[0].ravel().tolist()}]}).encode()  # fmt: skip
+    with live_server(model_copy, model_poll_seconds=0.1) as port:
+        base = f"http://127.0.0.1:{port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                f"POST /v2/models/{LARGE}/infer HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body[:100]
+            )
+            time.sleep(0.5)  # the route has looked up the old version and awaits the body
+            os.replace(tmp_path / "new.onnx", model_copy / f"{LARGE}.onnx")
+            deadline = time.monotonic() + 60
+            while [m["version"] for m in json.loads(
+                urllib.request.urlopen(f"{base}/models", timeout=30).read()
+            )["models"] if m["model_id"] == LARGE] != [new]:  # fmt: skip
+                assert time.monotonic() < deadline, "the swap never happened"
+                time.sleep(0.05)
+            time.sleep(0.5)  # the old version's batcher has drained and stopped
+            sock.sendall(body[100:])
+            reply = sock.makefile("rb").read().decode()
+    head, _, payload = reply.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200"), reply
+    assert json.loads(payload)["model_version"] == new
 
 
 def test_a_broken_replacement_keeps_the_old_version_serving(model_copy, images):

@@ -10,6 +10,7 @@ inference paths that cost more than the JSON encoding (README, Benchmark).
 
 import asyncio
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import Request
@@ -19,6 +20,12 @@ from service.catalog import Catalog, Served
 from service.config import Settings
 from service.errors import ClientGone
 from service.metrics import Metrics
+
+
+class Answer(NamedTuple):
+    served: Served  # the version that computed it
+    outputs: Outputs
+    inference_ms: float  # from hand-over to answer
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,14 @@ class Inference:
         self.request.state.model_version = served.version
         return served
 
-    async def run(self, served: Served, images: np.ndarray) -> tuple[Outputs, float]:
-        """Every output for `images`, and the milliseconds from hand-over to answer."""
+    async def run(self, model_id: str | None, version: str | None, images: np.ndarray) -> Answer:
+        """Every output for `images` from the version that answers now.
+
+        Looked up again at hand-over, with no await before the batcher takes the images:
+        a version replaced or removed while the body was read or decoded has left the
+        catalog and drains, so a request that named no version goes to the new one (one
+        that pinned the old version gets 404) instead of a 503 from a stopped batcher."""
+        served = self.model(model_id, version)
         request, metrics = self.request, self.metrics
         labels = (served.model_id, served.version)
         task = asyncio.current_task()
@@ -64,7 +77,7 @@ class Inference:
         request.state.inference_ms = round(result.inference_seconds * 1000, 3)
         metrics.queue_seconds.labels(*labels).observe(result.queue_seconds)
         metrics.images.labels(*labels).inc(len(images))
-        return result.outputs, waited * 1000
+        return Answer(served, result.outputs, waited * 1000)
 
 
 async def _cancel_when_gone(request: Request, task: asyncio.Task) -> None:

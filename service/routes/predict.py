@@ -59,7 +59,7 @@ async def predict(
 ) -> PredictResponse:
     """Classify images into the 100 CIFAR-100 classes and their 20 superclasses."""
     settings = inference.settings
-    served = inference.model(model, version)
+    inference.model(model, version)  # unknown model or version: 404 before any decoding
     if len(files) > settings.max_images_per_request:
         raise TooManyImages(
             f"{len(files)} images in one request; at most {settings.max_images_per_request}"
@@ -76,7 +76,7 @@ async def predict(
         images = await request.app.state.decode_slots.run(lambda: _decode_all(opened, files))
     else:  # 32x32: microseconds, cheaper than a thread hop
         images = _decode_all(opened, files)
-    outputs, inference_ms = await inference.run(served, images)
+    served, outputs, inference_ms = await inference.run(model, version, images)
     return PredictResponse(
         model_id=served.model_id,
         model_version=served.version,

@@ -101,11 +101,11 @@ async def model_infer(
     """Classify a uint8 tensor `images` [N, 32, 32, 3]: `probabilities` FP32 [N, 100],
     and `features` when asked. JSON data (flat or nested) or binary tensor data; outputs
     in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
-    served = inference.model(model_name, model_version)
+    inference.model(model_name, model_version)  # unknown: 404 before the body is read
     body = await request.body()  # the app's body limit applies while it streams in
     header, binary = _split(body, header_length)
     images = _input_tensor(header, binary, inference.settings.max_images_per_request)
-    outputs, _ = await inference.run(served, images)
+    served, outputs, _ = await inference.run(model_name, model_version, images)
     return _encode(served, header, outputs)
 
 
