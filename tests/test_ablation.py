@@ -1,6 +1,7 @@
 """`python -m training ablate` on the small synthetic set: it trains each (variant, seed)
 with the real training loop, writes the table, and a rerun trains nothing again."""
 
+import fcntl
 import json
 from dataclasses import asdict
 
@@ -51,6 +52,28 @@ def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_pat
     assert "training" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.keras")} == stamps
     assert json.loads((out / "ablation.json").read_text())["rows"] == table["rows"]
+
+
+def test_a_run_claimed_by_another_process_is_left_to_it(small_tarball, tmp_path, capsys):
+    """Two ablations over the same variants split the work instead of training one run
+    twice at once (and one resuming the other's half-written checkpoints)."""
+    argv = [
+        "ablate", "--model", "cifar100-712868", "--variants", "base,flip", "--seeds", "1",
+        "--epochs", "1", "--batch-size", "64", "--data-dir", str(small_tarball),
+        "--val-size", str(SMALL_VAL_SIZE), "--runs-dir", str(tmp_path),
+    ]  # fmt: skip
+    out = tmp_path / "ablation-cifar100-712868"
+    (out / "base").mkdir(parents=True)
+    with open(out / "base" / "seed-0.lock", "w") as other:  # another process at work
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(argv) == 0
+    assert "base/seed-0: claimed by another process" in capsys.readouterr().out
+    assert not (out / "base" / "seed-0").exists()
+    table = json.loads((out / "ablation.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["flip"]
+    assert main(argv) == 0  # released: now this process trains it
+    table = json.loads((out / "ablation.json").read_text())
+    assert [row["variant"] for row in table["rows"]] == ["base", "flip"]
 
 
 def test_ablate_refuses_an_unknown_variant(small_tarball, tmp_path, capsys):

@@ -4,8 +4,9 @@ and write one table of what each reached.
 Each variant is the base recipe (the command line's) with a few settings changed. Every
 (variant, seed) is an ordinary run folder made by `train`, scored like `evaluate` scores,
 under runs/ablation-ID/VARIANT/seed-N/, so an interrupted ablation continues where it
-stopped and finished runs are never trained twice. Several processes may share the work
-(give each its own --variants); any of them writes the table from every result present.
+stopped and finished runs are never trained twice. Several processes may share the work:
+each run is claimed with a lock file beside its folder, a run claimed by another process
+is left to it, and any of them writes the table from every result present.
 
 Accuracy is top-1 on the classes *present*: those with at least a tenth of the largest
 class's training images. On CIFAR-100 that is all 100; on the real-photo stand-in set
@@ -13,9 +14,12 @@ class's training images. On CIFAR-100 that is all 100; on the real-photo stand-i
 one with the best validation mean: test numbers are reported, never used to choose.
 """
 
+import contextlib
+import fcntl
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -74,8 +78,28 @@ def run(
             if name != "base" and recipe == replace(base, seed=seed):
                 print(f"{name} is the base recipe here; not trained twice", flush=True)
                 continue
-            result_of(model_id, data, out_dir / name / f"seed-{seed}", recipe, present)
+            run_dir = out_dir / name / f"seed-{seed}"
+            with claimed(run_dir) as mine:
+                if mine:
+                    result_of(model_id, data, run_dir, recipe, present)
+                else:
+                    print(f"{run_dir}: claimed by another process; left to it", flush=True)
     return write_table(out_dir, model_id, base, present, data.source)
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold run_dir for this process while it trains and scores there; False if another
+    process holds it. The lock is the kernel's (flock): it dies with its process, so a
+    killed ablation leaves nothing to clean up."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True  # closing the file releases the lock
 
 
 def present_classes(split: Split) -> list[int]:
