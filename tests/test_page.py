@@ -422,6 +422,48 @@ def test_a_service_without_models_says_so_in_words(bare):
     bare.assert_only_local()
 
 
+KEY = "page-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_base_url(models_dir, reports_dir):
+    env = {"MODELS_DIR": str(models_dir), "REPORTS_DIR": str(reports_dir), "API_KEYS": KEY}
+    with service_server(env) as base:
+        yield base
+
+
+@pytest.fixture
+def keyed(browser, keyed_base_url, request, tmp_path):
+    yield from _visit(browser, keyed_base_url, request, tmp_path, {"width": 1280, "height": 900})
+
+
+def test_a_service_with_api_keys_asks_for_one_and_uses_it(keyed):
+    page = keyed.page
+    page.goto(keyed.base + "/")
+    keyed.expect(page.locator("#service-error")).to_contain_text("needs an API key")
+    field = page.get_by_label("API key")
+    keyed.expect(field).to_be_focused()
+    keyed.state("asks-for-a-key")
+    field.fill("a-wrong-key")
+    page.get_by_role("button", name="Use this key").click()
+    keyed.expect(page.locator("#service-error")).to_contain_text("was not accepted")
+    keyed.expect(field).to_be_visible()
+    field.fill(KEY)
+    page.get_by_role("button", name="Use this key").click()
+    keyed.expect(page.locator("#cards .card")).to_have_count(2)
+    keyed.expect(page.locator("#service-error")).to_be_hidden()
+    keyed.expect(field).to_be_hidden()
+    page.get_by_role("button", name="Apple").click()
+    card = keyed.finished(1).first
+    keyed.expect(card.locator(".bar-row")).to_have_count(10)  # five per model
+    curl = card.locator("details.raw pre").first.text_content()
+    assert "Authorization: Bearer $API_KEY" in curl and KEY not in curl
+    page.reload()  # the key lives as long as the tab
+    keyed.expect(page.locator("#cards .card")).to_have_count(2)
+    keyed.expect(field).to_be_hidden()
+    keyed.assert_only_local()
+
+
 def test_static_files_are_served_and_nothing_else(base_url):
     for path in ("/static/app.js", "/static/page.css", "/static/samples/sun.png"):
         with urllib.request.urlopen(base_url + path, timeout=10) as response:

@@ -13,14 +13,20 @@ let modelsLoaded = null; // a promise: predictions wait for the model list
 const queue = [];
 let running = 0;
 let batchAnchor = null;
+// Asked for only when the service answers 401 (API_KEYS set); sessionStorage, so it lives
+// as long as this tab and is never written to disk by the page.
+const KEY_STORE = 'cifar100-api-key';
+let apiKey = sessionStorage.getItem(KEY_STORE) || '';
 
 // --- talking to the API ------------------------------------------------------------
 
 // Never throws: {ok, status, body, message}; message says what went wrong, in words.
-async function api(path, options) {
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers);
+  if (apiKey) headers.set('Authorization', `Bearer ${apiKey}`);
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, { ...options, headers });
   } catch (err) {
     return { ok: false, status: 0, body: null, message: `Could not reach the service (${err.message}).` };
   }
@@ -32,6 +38,7 @@ async function api(path, options) {
     body = null;
   }
   if (response.ok) return { ok: true, status: response.status, body };
+  if (response.status === 401) askForKey();
   return { ok: false, status: response.status, body, message: explain(response, body, text) };
 }
 
@@ -43,6 +50,8 @@ function explain(response, body, text) {
   detail = detail.replace(/\.$/, '');
   const retry = response.headers.get('Retry-After');
   switch (response.status) {
+    case 401:
+      return `This service needs an API key: ${detail}. Enter it in the field above.`;
     case 413:
       return `Too large: ${detail}.`;
     case 422:
@@ -92,6 +101,13 @@ const versionOf = (info) => info.version ?? info.model_version ?? null;
 
 function announce(message) {
   $('#status').textContent = message;
+}
+
+function askForKey() {
+  const form = $('#key-form');
+  if (!form.hidden) return;
+  form.hidden = false;
+  $('#api-key').focus();
 }
 
 function showServiceError(message) {
@@ -384,7 +400,8 @@ function modelColumn(result, entry) {
     );
   }
   const superclass = prediction.superclass;
-  const curl = `curl -F 'files=@${entry.name}' '${new URL(result.url, document.baseURI)}'`;
+  const auth = apiKey ? ` -H "Authorization: Bearer $API_KEY"` : ''; // never the key itself
+  const curl = `curl${auth} -F 'files=@${entry.name}' '${new URL(result.url, document.baseURI)}'`;
   return el(
     'section',
     { class: 'model-result', 'data-model-id': body.model_id },
@@ -487,6 +504,17 @@ function wire() {
       addFiles([new File([blob], src.split('/').pop(), { type: blob.type || 'image/png' })]);
     });
   }
+  $('#key-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    apiKey = $('#api-key').value.trim();
+    sessionStorage.setItem(KEY_STORE, apiKey);
+    $('#key-form').hidden = true;
+    showServiceError('');
+    announce('Key kept for this tab; reading the model list again.');
+    models.length = 0;
+    modelsLoaded = loadModels();
+    input.focus();
+  });
   $('#clear').addEventListener('click', () => {
     for (const img of document.querySelectorAll('#results img')) if (img.src.startsWith('blob:')) URL.revokeObjectURL(img.src);
     $('#results').replaceChildren();
