@@ -8,7 +8,7 @@ import os
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
@@ -61,6 +61,11 @@ def create_app() -> FastAPI:
     app.state.draining = threading.Event()
     app.state.decode_slots = DecodeSlots(settings.max_large_decodes)
     app.add_middleware(LimitsMiddleware, settings=settings, draining=app.state.draining)
+    auth.validate(settings)  # a broken API_KEYS_FILE stops startup, not every request
+    protected = (predict.router, v2.router, models.router)  # by API_KEYS, when set
+    if keys := auth.known_keys(settings.api_keys, settings.api_keys_file):
+        routes = [route for router in protected for route in router.routes]
+        app.add_middleware(auth.ApiKeyMiddleware, keys=keys, protected=routes)
     if settings.cors_origins:  # a page served elsewhere may call the API
         app.add_middleware(
             CORSMiddleware,
@@ -72,11 +77,6 @@ def create_app() -> FastAPI:
         )  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_handlers(app, settings)
-    auth.validate(settings)  # a broken API_KEYS_FILE stops startup, not every request
-    # Without keys there is nothing to check: no dependency to solve on every request.
-    protected = [Depends(auth.api_key)] if auth.enabled(settings) else []
-    for router in (predict.router, v2.router, models.router):
-        app.include_router(router, dependencies=protected)
-    for router in (v2.health, operations.router, page.router):
+    for router in (*protected, v2.health, operations.router, page.router):
         app.include_router(router)
     return app

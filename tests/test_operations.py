@@ -278,6 +278,22 @@ def test_api_keys_protect_prediction_and_models_but_not_health(
         )
 
 
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(tmp_path):
+    """Headers announcing a 5 MB upload, no body: the answer is 401 at once, not after the
+    server has waited for (and parsed) the upload of a client it will refuse."""
+    with (
+        live_server(tmp_path, api_keys="alpha-key") as port,  # no model needed to refuse
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000000\r\n\r\n"
+        )
+        reply = sock.makefile("rb").read().decode()  # the server closes: body unread
+    assert reply.startswith("HTTP/1.1 401"), reply
+    assert "www-authenticate: Bearer" in reply and '"detail":"an API key was not accepted"' in reply
+
+
 def test_a_malformed_keys_file_stops_startup(monkeypatch, models_dir, tmp_path):
     (tmp_path / "keys").write_text("not-hex\n")
     with (
