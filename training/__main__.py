@@ -95,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--mixed-precision", action="store_true", help="float16 compute (GPU), float32 softmax"
     )
-    recipe.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    # Not part of the recipe: how it is run. (train-export and ablate decide resuming
+    # per run themselves, so only `train` takes --resume.)
     recipe.add_argument(
         "--gpus", type=int, default=1, help="train on N GPUs with MirroredStrategy (default 1)"
     )
@@ -105,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", parents=[data, recipe], help="train one model")
     train.add_argument("--model", required=True, choices=MODEL_IDS)
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.set_defaults(command=run_train)
 
     evaluate = commands.add_parser("evaluate", parents=[data], help="score the best checkpoint")
@@ -199,6 +201,7 @@ def run_ablate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         recipe_of(args),
         args.variants,
         range(args.seed, args.seed + args.seeds),
+        devices=args.gpus,
     )
     print(table)
 

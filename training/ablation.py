@@ -68,6 +68,7 @@ def run(
     base: Recipe,
     variants: list[str],
     seeds: range,
+    devices: int = 1,
 ) -> str:
     """Train and score every (variant, seed) not already done; write and return the table."""
     out_dir = Path(out_dir)
@@ -81,7 +82,7 @@ def run(
             run_dir = out_dir / name / f"seed-{seed}"
             with claimed(run_dir) as mine:
                 if mine:
-                    result_of(model_id, data, run_dir, recipe, present)
+                    result_of(model_id, data, run_dir, recipe, present, devices)
                 else:
                     print(f"{run_dir}: claimed by another process; left to it", flush=True)
     return write_table(out_dir, model_id, base, present, data.source)
@@ -108,7 +109,7 @@ def present_classes(split: Split) -> list[int]:
 
 
 def result_of(
-    model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, present: list[int]
+    model_id: str, data: Cifar100, run_dir: Path, recipe: Recipe, present: list[int], devices: int
 ) -> dict:
     """The run's result.json if it is for this recipe, else train (or resume) and score."""
     saved = run_dir / RESULT
@@ -118,7 +119,7 @@ def result_of(
     started = time.monotonic()
     if state != "finished":
         print(f"{run_dir}: training ({state if state != 'none' else 'new'})", flush=True)
-        train(model_id, data, run_dir, recipe, resume=state == "interrupted")
+        train(model_id, data, run_dir, recipe, resume=state == "interrupted", devices=devices)
     seconds = time.monotonic() - started
     checkpoint = best_checkpoint(run_dir)
     model = keras.models.load_model(checkpoint)
