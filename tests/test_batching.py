@@ -189,19 +189,25 @@ def test_batching_off_runs_one_request_per_call():
     assert calls == [2] * 5
 
 
+async def batch_still_gathering(batcher: MicroBatcher) -> asyncio.Future:
+    """A request taken from the queue into a batch that waits `max_wait` for company
+    (the loop waits only after a batch of several: concurrent load)."""
+    batcher.start()
+    deadline = asyncio.get_running_loop().time() + 30
+    await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
+    gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
+    await asyncio.sleep(0.1)  # well inside max_wait
+    return gathering
+
+
 def test_drain_answers_a_batch_still_gathering():
-    """A batch waits `max_wait` for company before it runs; a drain (a replaced version
-    leaving) that comes in that window must answer it, not cancel it and leave its
-    requests waiting for their deadline (the 504 once seen in the hot-reload test)."""
+    """A drain (a replaced version leaving) that comes while a batch gathers must answer
+    it, not cancel the loop and leave its requests waiting for their deadline (the one
+    504 once seen in the hot-reload test)."""
 
     async def scenario():
         batcher = batcher_of(fake_model([]), max_wait=0.5)
-        loop = asyncio.get_running_loop()
-        batcher.start()
-        deadline = loop.time() + 30
-        await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
-        gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
-        await asyncio.sleep(0.1)  # taken from the queue, waiting max_wait for more
+        gathering = await batch_still_gathering(batcher)
         await batcher.drain(timeout=10)
         result = await asyncio.wait_for(gathering, timeout=1)
         assert result.outputs["probabilities"].argmax() == 3
@@ -212,12 +218,7 @@ def test_drain_answers_a_batch_still_gathering():
 def test_stop_fails_a_batch_still_gathering_instead_of_hanging():
     async def scenario():
         batcher = batcher_of(fake_model([]), max_wait=0.5)
-        loop = asyncio.get_running_loop()
-        batcher.start()
-        deadline = loop.time() + 30
-        await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
-        gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
-        await asyncio.sleep(0.1)
+        gathering = await batch_still_gathering(batcher)
         await batcher.stop()
         with pytest.raises(NotReady, match="shutting down"):
             await asyncio.wait_for(gathering, timeout=1)
