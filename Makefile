@@ -1,7 +1,11 @@
 # One command for the main job (`make train-export`), one for the tests (`make test`).
 # Every target installs what it needs into .venv first.
 
-PYTHON ?= python3
+# TensorFlow 2.21 has wheels for CPython 3.11 to 3.13 only: take the first of those
+# installed (PYTHON=... to choose), or stop with one line saying so.
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell command -v python$(v) 2>/dev/null)) \
+	$(shell python3 -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' \
+	2>/dev/null && command -v python3))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EPOCHS ?= 48
@@ -12,6 +16,7 @@ TRAIN_FLAGS ?=
 	bench-profile triton-repo gpu-check
 
 $(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13 (TensorFlow 2.21 has no wheels for others); install one or set PYTHON=/path/to/python3.1x" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[train,dev]'

@@ -13,6 +13,7 @@ from typing import Any
 FORMAT_VERSION = "1"
 INPUT_NAME = "images"  # uint8 [batch, 32, 32, 3], RGB, unscaled: the graph scales it
 OUTPUT_NAME = "probabilities"  # float32 [batch, 100], softmax over the fine classes
+FEATURES_NAME = "features"  # float32 [batch, width]: the penultimate layer's activations
 IMAGE_SIZE = 32
 NUM_CLASSES = 100
 NUM_SUPERCLASSES = 20

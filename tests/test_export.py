@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.modelcard import INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from tests.conftest import SMALL_VAL_SIZE
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 from training import export as exporter
@@ -113,7 +113,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_graph_without_features_is_refused(tmp_path):
     model = build_model("cifar100-712868")
     proto = exporter.to_onnx(model)
-    (features,) = [o for o in proto.graph.output if o.name == exporter.FEATURES_NAME]
+    (features,) = [o for o in proto.graph.output if o.name == FEATURES_NAME]
     proto.graph.output.remove(features)
     with pytest.raises(exporter.ExportError, match="expected probabilities and features"):
         exporter.check_parity(proto, model, make_images(np.arange(4), seed=0))
@@ -123,7 +123,7 @@ def test_report_says_when_a_file_lacks_features(models_dir, cifar_tarball, tmp_p
     """A file from elsewhere, probabilities only (the service accepts it): the report
     cannot map features, and says so."""
     proto = onnx.load(models_dir / "cifar100-712868.onnx")
-    (features,) = [o for o in proto.graph.output if o.name == exporter.FEATURES_NAME]
+    (features,) = [o for o in proto.graph.output if o.name == FEATURES_NAME]
     proto.graph.output.remove(features)
     props = {p.key: p.value for p in proto.metadata_props}
     props["outputs"] = json.dumps([OUTPUT_NAME])

@@ -19,13 +19,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
 
 import keras
 
-from service.modelcard import ModelCard
+from service.modelcard import FEATURES_NAME, ModelCard
 from training import ablation, triton
 from training import data as cifar
 from training.atomic import write_text
 from training.errors import RecipeError, ReportError, TrainingError
 from training.evaluate import evaluate_test_set
-from training.export import FEATURES_NAME, export, exported_card, exported_outputs
+from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
 from training.report import COMPARE_DIR, write_reports
 from training.train import (

@@ -24,6 +24,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from training.atomic import umask
 from training.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -103,6 +104,7 @@ def download(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     print(f"Downloading CIFAR-100 from {URL} to {archive}", flush=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
+    os.fchmod(fd, 0o666 & ~umask())  # readable like any downloaded file, not mkstemp's 0600
     try:
         with (
             os.fdopen(fd, "wb") as out,

@@ -19,13 +19,12 @@ import tensorflow as tf
 import tf2onnx
 from google.protobuf.message import DecodeError
 
-from service.modelcard import INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from training.atomic import write_bytes
 from training.errors import ExportError
 from training.models import build_model
 
 OPSET = 17
-FEATURES_NAME = "features"
 MAX_ABS_DIFF = 1e-4
 
 

@@ -22,12 +22,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from service.classifier import Classifier
-from service.modelcard import INPUT_NAME, OUTPUT_NAME
+from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
 from training import findings
 from training.atomic import write_bytes, write_text
 from training.data import Cifar100
 from training.evaluate import compute_metrics
-from training.export import FEATURES_NAME
 from training.models import ORIGINAL_ACCURACY
 
 COMPARE_DIR = "compare"
