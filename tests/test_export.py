@@ -97,6 +97,114 @@ def test_failed_parity_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def reference_outputs(seed: int = 0, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (softmax rows with a clear top class) and unbounded features."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1, size=(n, 100))
+    logits[np.arange(n), rng.integers(0, 100, n)] += 3
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probs.astype(np.float32), rng.normal(0, 3, size=(n, 64)).astype(np.float32)
+
+
+def off_top(probs: np.ndarray, row: int = 0) -> int:
+    """A class that is not the top one of `row`: moving it cannot change the top-1."""
+    return int(np.argsort(probs[row])[len(probs[row]) // 2])
+
+
+def test_parity_gate_checks_probabilities_to_1e_4():
+    probs, features = reference_outputs()
+    assert exporter.parity_failure(probs, features, probs, features) is None
+    for step, fails in ((0.5e-4, False), (2e-4, True), (5e-4, True)):
+        moved = probs.copy()
+        moved[3, off_top(probs, 3)] += step
+        assert moved.argmax(1).tolist() == probs.argmax(1).tolist()
+        failure = exporter.parity_failure(moved, features, probs, features)
+        assert (failure is not None) == fails, (step, failure)
+        if fails:
+            assert f"{step:.2e} on probabilities" in failure and "0 top-1" in failure
+
+
+def test_parity_gate_checks_features_relative_to_their_scale():
+    probs, features = reference_outputs()
+    scale = float(np.abs(features).max())
+    assert scale > 1  # relative, not absolute: a 2e-4 absolute error is within the limit
+    for relative, fails in ((0.5e-4, False), (2e-4, True), (5e-4, True)):
+        moved = features.copy()
+        moved[5, 7] += relative * scale
+        failure = exporter.parity_failure(probs, moved, probs, features)
+        assert (failure is not None) == fails, (relative, failure)
+        if fails:
+            assert "on features" in failure and "0.00e+00 on probabilities" in failure
+
+
+def test_parity_gate_refuses_a_changed_top_class_within_the_tolerance():
+    """Two near-equal classes swapping places move no probability by 1e-4, and still
+    change the answer the service gives."""
+    probs, features = reference_outputs()
+    row = probs[0].copy()
+    top, other = int(row.argmax()), off_top(probs)
+    row[other] = row[top] - 2e-5
+    keras_probs, onnx_probs = probs.copy(), probs.copy()
+    keras_probs[0], onnx_probs[0] = row, row
+    onnx_probs[0, other] = row[top] + 2e-5  # now the top class, 4e-5 away from Keras
+    assert np.abs(onnx_probs - keras_probs).max() < exporter.MAX_ABS_DIFF
+    failure = exporter.parity_failure(onnx_probs, features, keras_probs, features)
+    assert failure is not None and "1 top-1 mismatches" in failure
+
+
+def test_check_parity_compares_the_features_it_computes(monkeypatch):
+    """The whole gate on a real graph: a Keras reference off in its features alone fails it."""
+    model = build_model("cifar100-712868")
+    images = make_images(np.arange(8), seed=0)
+    proto = exporter.to_onnx(model)
+    exporter.check_parity(proto, model, images)  # the real reference agrees
+    probs, features = exporter.keras_reference(model, images)
+    scale = max(1.0, float(np.abs(features).max()))
+    features[2, 3] += 3 * exporter.MAX_ABS_DIFF * scale
+    monkeypatch.setattr(exporter, "keras_reference", lambda model, images: (probs, features))
+    with pytest.raises(exporter.ExportError, match="on features"):
+        exporter.check_parity(proto, model, images)
+
+
+@pytest.mark.parametrize("tf32_before", [True, False])
+def test_parity_reference_is_computed_without_tf32(monkeypatch, tf32_before):
+    """On Ampere and newer GPUs TensorFlow computes float32 convolutions in TF32 unless told
+    not to; the reference the gate trusts must not: TF32 is off while it is computed, on
+    whatever machine trained the model, and the caller's setting comes back after."""
+    import tensorflow as tf
+
+    seen = []
+    real = exporter._with_features
+
+    class Spy:
+        def __init__(self, model):
+            self.model = real(model)
+
+        def predict(self, images, **kwargs):
+            seen.append(tf.config.experimental.tensor_float_32_execution_enabled())
+            return self.model.predict(images, **kwargs)
+
+    model = build_model("cifar100-712868")
+    images = make_images(np.arange(4), seed=0)
+    proto = exporter.to_onnx(model)
+    monkeypatch.setattr(exporter, "_with_features", Spy)
+    tf.config.experimental.enable_tensor_float_32_execution(tf32_before)
+    try:
+        exporter.check_parity(proto, model, images)
+        assert seen == [False]
+        assert tf.config.experimental.tensor_float_32_execution_enabled() is tf32_before
+
+        def fails(images, **kwargs):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(Spy, "predict", lambda self, images, **kwargs: fails(images))
+        with pytest.raises(RuntimeError):
+            exporter.keras_reference(model, images)
+        assert tf.config.experimental.tensor_float_32_execution_enabled() is tf32_before
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(True)  # TensorFlow's default
+
+
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     model = build_model("cifar100-712868")
     target = tmp_path / "models" / "cifar100-712868.onnx"
