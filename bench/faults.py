@@ -19,23 +19,22 @@ clients are cut within the run. Rows:
   amplification 64 solid-colour 4096x4096 PNGs with resize=true (refused from the
                 headers) and the largest request accepted (4 x 2048x2048): server
                 CPU-seconds per request, from /proc
-Writes <out>/faults.json and faults.md; prints the Markdown.
+The SIGTERM rows are bench/shutdown.py's; a request's cost is measured by
+bench/amplification.py. Writes <out>/faults.json and faults.md; prints the Markdown.
 """
 
 import argparse
 import asyncio
 import io
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from bench.amplification import measure
 from bench.load import (
-    Tally,
     build_requests,
     closed_loop,
     http_request,
@@ -43,30 +42,41 @@ from bench.load import (
     multipart_form,
     open_loop,
     png_images,
-    read_response,
 )
+from bench.modelfiles import model_files
+from bench.procfs import rss_mib
+from bench.results import write
+from bench.servers import HOST, service_process
+from bench.shutdown import sigterm_under_load, slow_upload_sigterm
 from service.config import available_cpus
 
-HOST = "127.0.0.1"
 OVERLOAD_IMAGES = 32  # per /v2 request in the overload row
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from bench.__main__ import model_files, write
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This mode's options, beside the one-model options every mode on one model shares
+    (--models-dir, --model, --out, --seconds)."""
+    parser.set_defaults(seconds=8.0)
+    parser.add_argument("--workers", type=int, default=available_cpus())
+    parser.add_argument("--soak-seconds", type=float, default=150.0)
+    parser.add_argument("--repeats", type=int, default=5, help="amplification requests")
+    parser.add_argument(
+        "--client-timeout", type=float, default=2.0, help="HEADER_ and BODY_TIMEOUT_SECONDS"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny durations, every row")
 
+
+def main(args: argparse.Namespace) -> int:
+    if args.smoke:
+        args.seconds, args.soak_seconds, args.repeats, args.client_timeout = 1.0, 1.0, 1, 0.5
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as scratch:
         path, _ = model_files(args.models_dir, Path(scratch), [args.model])[args.model]
-        env = {
-            "MODELS_DIR": str(path.parent), "DEFAULT_MODEL": args.model, "DEVICE": "cpu",
-            "WEB_CONCURRENCY": str(args.workers),
-            "PROMETHEUS_MULTIPROC_DIR": str(Path(scratch) / "metrics"),
-            "HEADER_TIMEOUT_SECONDS": str(args.client_timeout),
-            "BODY_TIMEOUT_SECONDS": str(args.client_timeout),
+        settings = {
+            "models_dir": path.parent, "default_model": args.model, "device": "cpu",
+            "workers": args.workers, "header_timeout_seconds": args.client_timeout,
+            "body_timeout_seconds": args.client_timeout,
         }  # fmt: skip
-        (Path(scratch) / "metrics").mkdir()
-        rows = run_all(env, args)
+        rows = run_all(Path(scratch) / "metrics", settings, args)
     results = {
         "model": args.model,
         "workers": args.workers,
@@ -79,80 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench faults", description=__doc__)
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--model", default="cifar100-5735844")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--workers", type=int, default=available_cpus())
-    parser.add_argument("--seconds", type=float, default=8.0, help="overload, slow clients")
-    parser.add_argument("--soak-seconds", type=float, default=150.0)
-    parser.add_argument("--repeats", type=int, default=5, help="amplification requests")
-    parser.add_argument(
-        "--client-timeout", type=float, default=2.0, help="HEADER_ and BODY_TIMEOUT_SECONDS"
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny durations, every row")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seconds, args.soak_seconds, args.repeats, args.client_timeout = 1.0, 1.0, 1, 0.5
-    return args
-
-
-def run_all(env: dict[str, str], args: argparse.Namespace) -> list[dict]:
-    from bench.__main__ import service_process
-
+def run_all(metrics: Path, settings: dict, args: argparse.Namespace) -> list[dict]:
+    """Every row, each SIGTERM row on a server of its own."""
     rows = []
-    with service_process(env) as (port, process):
+    with service_process(metrics, **settings) as (port, process):
         rows.append(asyncio.run(overload(port, args)))
         rows.append(asyncio.run(slow_clients(port, args)))
         rows.append(asyncio.run(soak(port, process.pid, args)))
         rows.extend(amplification(port, process.pid, args))
-    with service_process(env) as (port, process):
+    with service_process(metrics, **settings) as (port, process):
         rows.append(asyncio.run(sigterm_under_load(port, process, args)))
-    with service_process(env) as (port, process):
+    with service_process(metrics, **settings) as (port, process):
         rows.append(asyncio.run(slow_upload_sigterm(port, process, args)))
     return rows
-
-
-# --- /proc ------------------------------------------------------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (uvicorn's workers)."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` and its live descendants."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
-
-
-def rss_mib(pid: int) -> float:
-    total = 0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return round(total / 1024, 1)
 
 
 # --- the rows -----------------------------------------------------------------------------
@@ -164,13 +113,15 @@ def _v2_path(args: argparse.Namespace) -> str:
 
 async def overload(port: int, args: argparse.Namespace) -> dict:
     requests = build_requests("v2", HOST, _v2_path(args), images_per_request=OVERLOAD_IMAGES)
-    capacity = await closed_loop(HOST, port, requests, 16, args.seconds, 1_000_000)
+    clients = 16
+    capacity = await closed_loop(HOST, port, requests, clients, args.seconds, 1_000_000)
     rate = max(capacity["rps"], 1.0) * 10
     result = await open_loop(HOST, port, requests, rate, args.seconds, 1_000_000)
     return {
         "fault": "overload",
         "load": f"open loop at 10x capacity: {rate:.0f} req/s of {OVERLOAD_IMAGES} images "
-        f"(/v2 binary) for {args.seconds:g} s; capacity {capacity['rps']} req/s at 16 clients",
+        f"(/v2 binary) for {args.seconds:g} s; capacity {capacity['rps']} req/s at "
+        f"{clients} clients",
         "capacity_rps": capacity["rps"],
         **{k: result[k] for k in ("rate", "sent", "unsent", "requests", "rps", "shed")},
         **{k: result[k] for k in ("refused", "errors", "p50_ms", "p99_ms")},
@@ -270,152 +221,16 @@ def amplification(port: int, pid: int, args: argparse.Namespace) -> list[dict]:
     rows = []
     for name, load, images in cases:
         body, content_type = multipart_form([(f"big{i}.png", im) for i, im in enumerate(images)])
-        request = http_request("/predict?resize=true", HOST, body, {"Content-Type": content_type})
+        headers = {"Content-Type": content_type, "Connection": "close"}
+        request = http_request("/predict?resize=true", HOST, body, headers)
         repeats = args.repeats * (20 if name == "ordinary" else 1)
-        statuses, walls = [], []
-        time.sleep(0.2)
-        before = cpu_seconds(pid)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            statuses.append(asyncio.run(_one_request(port, request)))
-            walls.append(time.perf_counter() - started)
-        time.sleep(0.1)  # let the workers finish their bookkeeping
-        used = cpu_seconds(pid) - before
+        cost = measure(port, pid, request, repeats)
         rows.append({
             "fault": name,
             "load": f"{load}, {len(body) / 1e6:.2f} MB body, {repeats} sequential requests",
-            "statuses": sorted(set(statuses)),
-            "cpu_seconds_per_request": round(used / repeats, 4),
-            "wall_ms_per_request": round(1000 * float(np.mean(walls)), 1),
+            **cost,
         })  # fmt: skip
     return rows
-
-
-async def _one_request(port: int, request: bytes) -> int | None:
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        status, _ = await read_response(reader)
-        return status
-    except (OSError, asyncio.IncompleteReadError):
-        return None
-    finally:
-        writer.close()
-
-
-async def _wait_exit(process, limit: float) -> float | None:
-    """Seconds until `process` exits (None past `limit`)."""
-    started = time.perf_counter()
-    while process.poll() is None:
-        if time.perf_counter() - started > limit:
-            return None
-        await asyncio.sleep(0.02)
-    return time.perf_counter() - started
-
-
-async def sigterm_under_load(port: int, process, args: argparse.Namespace) -> dict:
-    """64 keep-alive clients; SIGTERM; they go on (reconnecting on `Connection: close` or
-    a refused connect) until the server has exited."""
-    requests = build_requests("png", HOST, "/predict")
-    tally_before, tally_after = Tally(), Tally()
-    counts = {"lost": 0, "reset_new_connection": 0, "refused_connect": 0, "unsent": 0}
-    term_at: list[float] = []
-    done = asyncio.Event()
-
-    async def client(offset: int) -> None:
-        connection, served, issued = None, 0, 0
-        while not done.is_set():
-            if connection is None:
-                try:
-                    connection = await asyncio.open_connection(HOST, port)
-                except OSError:
-                    counts["refused_connect"] += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                served = 0
-            reader, writer = connection
-            request = requests[(offset + issued) % len(requests)]
-            issued += 1
-            started = time.perf_counter()
-            try:
-                writer.write(request)
-                await writer.drain()
-            except OSError:
-                counts["unsent"] += 1  # not fully sent: not an accepted request
-                writer.close()
-                connection = None
-                continue
-            try:
-                status, keep_alive = await read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                # No answer to a request fully sent. On a connection that had answered
-                # before, the server had accepted it: a loss. On a new one it may have
-                # sat in the kernel's backlog, never accepted: counted apart.
-                counts["lost" if served else "reset_new_connection"] += 1
-                writer.close()
-                connection = None
-                continue
-            served += 1
-            tally = tally_after if term_at and started >= term_at[0] else tally_before
-            tally.record(status, time.perf_counter() - started)
-            if not keep_alive:
-                writer.close()
-                connection = None
-        if connection is not None:
-            connection[1].close()
-
-    clients = [asyncio.ensure_future(client(i)) for i in range(64)]
-    await asyncio.sleep(max(1.0, args.seconds / 2))
-    term_at.append(time.perf_counter())
-    process.send_signal(signal.SIGTERM)
-    shutdown = await _wait_exit(process, 60)
-    done.set()
-    await asyncio.wait(clients, timeout=10)
-    before, after = tally_before.summary(1), tally_after.summary(1)
-    return {
-        "fault": "SIGTERM under load",
-        "load": "64 keep-alive clients on /predict; SIGTERM to the server's main process",
-        "answered_before": before["requests"],
-        "answered_after": after["requests"],
-        "failed_after": after["shed"] + after["refused"] + after["errors"],
-        **counts,
-        "shutdown_seconds": None if shutdown is None else round(shutdown, 2),
-    }
-
-
-async def slow_upload_sigterm(port: int, process, args: argparse.Namespace) -> dict:
-    """An upload arriving in pieces (gaps under BODY_TIMEOUT_SECONDS) when SIGTERM comes."""
-    body, content_type = multipart_body(png_images(1)[0], "upload.png")
-    request = http_request("/predict", HOST, body, {"Content-Type": content_type})
-    pieces = 10
-    gap = args.client_timeout / 4
-    size = -(-len(request) // pieces)
-    reader, writer = await asyncio.open_connection(HOST, port)
-    writer.write(request[:size])
-    await writer.drain()
-    term = time.perf_counter()
-    process.send_signal(signal.SIGTERM)
-    exit_task = asyncio.ensure_future(_wait_exit(process, 60))
-    status = None
-    try:
-        for start in range(size, len(request), size):
-            await asyncio.sleep(gap)
-            writer.write(request[start : start + size])
-            await writer.drain()
-        status, _ = await read_response(reader)
-    except (OSError, asyncio.IncompleteReadError, ValueError):
-        pass
-    answered = time.perf_counter() - term
-    writer.close()
-    shutdown = await exit_task
-    return {
-        "fault": "slow upload during SIGTERM",
-        "load": f"one upload in {pieces} pieces, {gap:g} s apart; SIGTERM after the first",
-        "upload_status": status,
-        "upload_answered_after_s": round(answered, 2),
-        "shutdown_seconds": None if shutdown is None else round(shutdown, 2),
-    }
 
 
 # --- the table ----------------------------------------------------------------------------
@@ -473,7 +288,3 @@ def to_markdown(results: dict) -> str:
     ]
     lines += [f"| {r['fault']} | {r['load']} | {describe(r)} |" for r in results["rows"]]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -74,11 +74,16 @@ def multipart_body(image: bytes, filename: str, field: str = "files") -> tuple[b
     return multipart_form([(filename, image)], field)
 
 
-def http_request(path: str, host: str, body: bytes, headers: dict[str, str]) -> bytes:
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+def http_request(
+    path: str, host: str, body: bytes, headers: dict[str, str], method: str = "POST"
+) -> bytes:
+    """One HTTP/1.1 request's bytes; Content-Length added unless `headers` frame the body
+    themselves (Content-Length or Transfer-Encoding)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    head += f"Content-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
+    if not {"content-length", "transfer-encoding"} & {name.lower() for name in headers}:
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
 
 
 def multipart_request(

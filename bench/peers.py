@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bench.driver import closed_loop_rows
 from bench.load import multipart_body, pixel_images, png_bytes
+from bench.servers import free_port, server_process
+from service.config import available_cpus
 
 BENCH = Path(__file__).resolve().parent
 MAX_BATCH = 64  # as the service's BATCH_MAX_SIZE
@@ -114,9 +117,6 @@ def peer_env(peer: Peer, model: Path, port: int, workers: int, threads: int) -> 
 
 def measure_all(venvs: dict[str, Path], model: Path, args: argparse.Namespace) -> dict:
     """Each peer: start, verify top-1, load at every concurrency, stop."""
-    from bench.__main__ import CONCURRENCY, free_port, run_load, server_process
-    from service.config import available_cpus
-
     threads = max(1, available_cpus() // args.workers)
     results = {}
     for peer in PEERS:
@@ -127,7 +127,7 @@ def measure_all(venvs: dict[str, Path], model: Path, args: argparse.Namespace) -
         with server_process(command, env, port, peer.ready_path, 300, cwd=BENCH):
             matched = verify_top1(port, model)
             target = {"port": port, "kind": "png", "path": "/predict", "field": "files"}
-            rows = [run_load(target, args, concurrency=c) for c in CONCURRENCY]
+            rows = closed_loop_rows(target, args)
         settings = f"{args.workers} workers x {threads} threads, {peer.describe()}"
         results[peer.name] = {"settings": settings, "top1_matches": matched, "rows": rows}
     return results

@@ -1,6 +1,6 @@
 """python -m bench profile: where each request's microseconds go, from py-spy.
 
-One worker (`python -m service`, WORKERS=1, every CPU for its onnxruntime session) is
+One worker (`python -m service`, WEB_CONCURRENCY=1, every CPU for its onnxruntime session) is
 loaded by 64 closed-loop clients on each path (PNG through /predict, binary tensors
 through /v2) while py-spy samples it. Server CPU-seconds per answered request come from
 /proc. py-spy samples the thread holding the GIL (`--gil`), 200 times a second; each
@@ -21,6 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.modelfiles import model_files
+from bench.procfs import cpu_seconds
+from bench.results import write
+from bench.servers import service_process
 from service.config import available_cpus
 
 RATE = 200  # samples per second
@@ -44,18 +48,22 @@ PARTS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from bench.__main__ import model_files, service_process, write
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This mode's options, beside the one-model options every mode on one model shares
+    (--models-dir, --model, --out, --seconds)."""
+    parser.set_defaults(seconds=15.0)
+    parser.add_argument("--py-spy", help="the py-spy executable")
 
+
+def main(args: argparse.Namespace) -> int:
     spy = args.py_spy or shutil.which("py-spy")
     if not spy:
         raise SystemExit("py-spy not found: install it (pip install py-spy) or pass --py-spy")
-    results = {"model": args.model, "cpus_available": available_cpus(), "paths": {}}
+    results: dict = {"model": args.model, "cpus_available": available_cpus(), "paths": {}}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as scratch:
         path, _ = model_files(args.models_dir, Path(scratch), [args.model])[args.model]
-        env = {"MODELS_DIR": str(path.parent), "DEFAULT_MODEL": args.model, "WORKERS": "1"}
-        with service_process(env) as (port, process):
+        server = service_process(models_dir=path.parent, default_model=args.model, workers=1)
+        with server as (port, process):
             for kind, url in (("png", "/predict"), ("v2", f"/v2/models/{args.model}/infer")):
                 raw = Path(scratch) / f"{kind}.txt"
                 results["paths"][kind] = profile_path(spy, port, process.pid, kind, url, raw, args)
@@ -63,19 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__)
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--model", default="cifar100-5735844")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--py-spy", help="the py-spy executable")
-    return parser.parse_args(argv)
-
-
-def profile_path(spy, port, pid, kind, url, raw: Path, args) -> dict:
-    from bench.faults import cpu_seconds
-
+def profile_path(
+    spy: str, port: int, pid: int, kind: str, url: str, raw: Path, args: argparse.Namespace
+) -> dict:
+    """py-spy on server `pid` while 64 clients load `url`: server µs per request, by part."""
     load = subprocess.Popen(
         [sys.executable, "-m", "bench.load", "--port", str(port), "--kind", kind, "--path", url,
          "--concurrency", "64", "--duration", str(args.seconds + 2)],
@@ -125,6 +124,7 @@ def part_of(frames: list[str]) -> str:
 
 
 def to_markdown(results: dict) -> str:
+    """One table: each part's server µs per request, and its share, on each path."""
     paths = results["paths"]
     names = {"png": "PNG, /predict", "v2": "tensor, /v2 binary"}
     parts = sorted(
@@ -150,7 +150,3 @@ def to_markdown(results: dict) -> str:
             cells.append(f"{us:.0f} ({us / r['server_cpu_us_per_request']:.0%})")
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,9 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from bench import peers
-from bench.__main__ import BATCH_SIZES, CONCURRENCY, OPEN_LOOP_LOADS, PATHS, to_markdown
-from bench.load import build_requests, read_response, v2_body
+from bench import peers, profile
+from bench.__main__ import build_parser
+from bench.driver import CONCURRENCY
+from bench.load import build_requests, http_request, read_response, v2_body
+from bench.run import BATCH_SIZES, OPEN_LOOP_LOADS, PATHS, to_markdown
+from bench.servers import service_env
 from training.models import MODEL_IDS
 
 
@@ -158,8 +161,6 @@ def test_v2_body_has_a_json_header_then_raw_pixels():
 
 
 def test_profile_charges_each_sample_to_the_innermost_known_part():
-    from bench.profile import UNSEEN, charge, to_markdown
-
     raw = (
         "process 1:python;thread (0x1);run (asyncio/events.py:80);"
         "predict (service/routes/predict.py:60);open (PIL/Image.py:3400) 3\n"
@@ -167,13 +168,44 @@ def test_profile_charges_each_sample_to_the_innermost_known_part():
         "predict (service/routes/predict.py:60) 1\n"
         "process 1:python;thread (0x1);<module> (<string>:1) 1\n"
     )
-    counts = charge(raw)
+    counts = profile.charge(raw)
     assert counts == {
         "image decoding (Pillow)": 3,
         "service code": 1,
         "other (interpreter, other libraries)": 1,
     }
-    parts = {"service code": 100.0, UNSEEN: 300.0}
+    parts = {"service code": 100.0, profile.UNSEEN: 300.0}
     result = {"rps": 1.0, "p99_ms": 1.0, "server_cpu_us_per_request": 400.0, "parts_us": parts}
-    markdown = to_markdown({"model": "m", "cpus_available": 2, "paths": {"png": result}})
+    markdown = profile.to_markdown({"model": "m", "cpus_available": 2, "paths": {"png": result}})
     assert "| service code | 100 (25%) |" in markdown
+
+
+@pytest.mark.parametrize(
+    ("argv", "mode"),
+    [([], "run"), (["--peers"], "run"), (["run", "--peers"], "run"), (["faults"], "faults"),
+     (["profile", "--seconds", "3"], "profile")],
+)  # fmt: skip
+def test_the_command_line_runs_a_mode_by_name_and_run_without_one(argv, mode):
+    args = build_parser().parse_args(argv)
+    assert (args.mode or "run") == mode
+    assert args.peers is ("--peers" in argv)
+    if mode != "run":  # the one-model options, each mode with its own default duration
+        assert args.model and args.out and args.models_dir
+        assert args.seconds == {"faults": 8.0, "profile": 3.0}[mode]
+
+
+def test_our_server_gets_its_settings_by_name_and_a_misspelt_one_is_an_error():
+    env = service_env(workers=2, batching=False, models_dir="m", cors_origins=["http://a"])
+    assert env == {
+        "WEB_CONCURRENCY": "2", "BATCHING": "false", "MODELS_DIR": "m",
+        "CORS_ORIGINS": '["http://a"]',
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="not a service setting"):
+        service_env(worker=2)
+
+
+def test_requests_are_framed_by_length_unless_the_caller_frames_them():
+    get = http_request("/v2", "h", b"", {}, method="GET")
+    assert get.startswith(b"GET /v2 HTTP/1.1\r\n") and b"Content-Length: 0\r\n" in get
+    chunked = http_request("/x", "h", b"0\r\n\r\n", {"Transfer-Encoding": "chunked"})
+    assert b"Content-Length" not in chunked and chunked.endswith(b"\r\n\r\n0\r\n\r\n")

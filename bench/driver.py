@@ -1,0 +1,43 @@
+"""One table row = one `python -m bench.load` run against a server, with the server's CPU.
+
+The generator runs in its own process (it must not share the server's interpreter or
+the harness's); the server's CPU-seconds over the run come from /proc (its whole
+process tree)."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+from bench.procfs import cpu_seconds
+
+CONCURRENCY = (1, 8, 32, 64)
+
+
+def run_load(target: dict, args: argparse.Namespace, **mode: float) -> dict:
+    """One load run against `target` (port, kind, path[, field][, pid: the server's, for
+    its CPU]) for `args.seconds`: `concurrency=N` (closed loop) or `rate=R` (open loop)."""
+    command = [
+        sys.executable, "-m", "bench.load", "--port", str(target["port"]),
+        "--kind", target["kind"], "--path", target["path"],
+        "--field", target.get("field", "files"), "--duration", str(args.seconds),
+    ]  # fmt: skip
+    if "rate" in mode:
+        command += ["--rate", str(mode["rate"]), "--requests", str(args.requests)]
+    else:
+        concurrency = int(mode["concurrency"])
+        command += ["--concurrency", str(concurrency)]
+        command += ["--requests", str(max(args.requests, concurrency))]
+    server = target.get("pid")
+    server_cpu = cpu_seconds(server) if server else None
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    row = json.loads(out)
+    if server_cpu is not None:
+        row["server_cpu_s"] = round(cpu_seconds(server) - server_cpu, 3)
+    print(f"  {target['kind']} {target['path']} {mode}: {row}", flush=True)
+    return row
+
+
+def closed_loop_rows(target: dict, args: argparse.Namespace) -> list[dict]:
+    """`run_load` at every client count of CONCURRENCY."""
+    return [run_load(target, args, concurrency=c) for c in CONCURRENCY]
