@@ -6,14 +6,17 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from bench import peers, profile
 from bench.__main__ import build_parser
+from bench.amplification import hostile_markdown
 from bench.driver import CONCURRENCY
 from bench.load import build_requests, http_request, read_response, v2_body
+from bench.procfs import PeakGrowth, cpu_seconds, process_tree
 from bench.run import BATCH_SIZES, OPEN_LOOP_LOADS, PATHS, to_markdown
 from bench.servers import service_env
 from training.models import MODEL_IDS
@@ -209,3 +212,55 @@ def test_requests_are_framed_by_length_unless_the_caller_frames_them():
     assert get.startswith(b"GET /v2 HTTP/1.1\r\n") and b"Content-Length: 0\r\n" in get
     chunked = http_request("/x", "h", b"0\r\n\r\n", {"Transfer-Encoding": "chunked"})
     assert b"Content-Length" not in chunked and chunked.endswith(b"\r\n\r\n0\r\n\r\n")
+
+
+def test_peak_growth_sees_a_spike_already_freed_in_a_child_process():
+    spike = (
+        "import sys, time\n"
+        "sys.stdin.readline()\n"
+        "x = bytearray(64 << 20)\n"
+        "x[::4096] = b'1' * len(x[::4096])\n"
+        "del x\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spike!r}])"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with PeakGrowth(parent.pid) as peak:  # the child is measured as part of the tree
+            parent.stdin.write("go\n")
+            parent.stdin.flush()
+            assert parent.stdout.readline() == "done\n"
+        assert peak.method == "VmHWM" and 60 <= peak.mib < 100
+        assert cpu_seconds(parent.pid) > 0
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_hostile_table_names_the_worst_ratios_and_undocumented_statuses():
+    def row(case, sent, status, expected, received, cpu, rss):
+        return {
+            "case": case, "bytes_sent": sent, "status": status, "expected": expected,
+            "as_documented": status in expected, "bytes_received": received,
+            "cpu_seconds_per_request": cpu, "rss_growth_mib": rss, "rss_method": "VmHWM",
+            "rss_per_byte_sent": round(rss * 2**20 / sent, 2),
+            "received_per_byte_sent": round(received / sent, 2),
+        }  # fmt: skip
+
+    rows = [
+        row("small", 1000, 400, [400], 300, 0.01, 0.0),
+        row("inflating", 2**20, 200, [200, 422], 100, 0.5, 8.0),
+        row("echoing", 2000, 500, [400], 40_000, 0.02, 0.0),
+    ]
+    markdown = hostile_markdown(rows)
+    assert "| inflating | 1,048,576 | 200 (200/422) | 100 | 0.5 | 8.0 | 8.0 | 0.0 |" in markdown
+    assert "| echoing | 2,000 | 500 (400) **not documented** |" in markdown
+    assert "peak RSS growth 8.0 bytes per byte sent (inflating)" in markdown
+    assert "answer 20.0 bytes per byte sent (echoing)" in markdown
+    assert "Statuses not documented: echoing." in markdown
