@@ -1,12 +1,20 @@
 """One exported ONNX model behind an onnxruntime session. Knows nothing of HTTP.
 
 A file is accepted only if it is one of ours: uint8 [batch, 32, 32, 3] in,
-probabilities [batch, 100] out, and a model card in its metadata.
+probabilities [batch, 100] out, and a model card in its metadata; and it is served only
+once it has run at the batch sizes the micro-batcher will send it (`warm_up`).
+
+The file is read once: the session is built from those bytes and the version is their
+hash, so a file replaced while it loads is never served under the other file's version.
 """
 
+import ctypes
 import hashlib
 import logging
+import os
 import time
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +32,47 @@ from service.modelcard import (
 
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+DEFAULT_MAX_BATCH_SIZE = 64  # BATCH_MAX_SIZE's default in service.config
+
+# The CUDA provider's options, set deliberately rather than left to onnxruntime's defaults:
+# - cudnn_conv_algo_search: the default, EXHAUSTIVE, benchmarks every cuDNN algorithm for
+#   each convolution at each new input shape. The micro-batcher sends every batch size from
+#   1 to BATCH_MAX_SIZE, so requests would wait on those benchmarks (per worker, per size)
+#   and the queue bound would shed them. HEURISTIC asks cuDNN's heuristics instead: no
+#   benchmark, a good algorithm, and a new batch size costs next to nothing.
+# - arena_extend_strategy: kSameAsRequested grows the memory arena by what is asked for,
+#   not to the next power of two: several workers (one arena each) share one GPU. The
+#   warm-up runs the largest batch first, so the arena is at its peak before serving.
+# - do_copy_in_default_stream: copies and kernels on one stream, onnxruntime's safe default,
+#   written here so that it is a choice.
+CUDA_PROVIDER_OPTIONS = {
+    "cudnn_conv_algo_search": "HEURISTIC",
+    "arena_extend_strategy": "kSameAsRequested",
+    "do_copy_in_default_stream": "1",
+}
 
 
 class Classifier:
-    def __init__(self, path: Path, device: str, intra_op_threads: int, inter_op_threads: int):
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        intra_op_threads: int,
+        inter_op_threads: int,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ):
+        """`max_batch_size`: the largest batch `run` will get (BATCH_MAX_SIZE); `warm_up`
+        runs the sizes up to it."""
         self.path = Path(path)
+        self.max_batch_size = max_batch_size
+        # One read: the session and the version come from the same bytes.
+        try:
+            with self.path.open("rb") as file:
+                content = file.read()
+                mtime = os.fstat(file.fileno()).st_mtime
+        except OSError as err:
+            raise InvalidModel(f"{self.path.name}: cannot be read ({err.strerror})") from err
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -38,16 +82,28 @@ class Classifier:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
-                self.path, sess_options=options, providers=requested_providers(device)
+                content, sess_options=options, providers=requested_providers(device)
             )
         except Exception as err:  # onnxruntime raises its own types for bad files
             # The short reason is shown to clients; onnxruntime's text goes to the log.
             raise InvalidModel(f"{self.path.name}: onnxruntime cannot load it") from err
-        if device == "cuda" and self.session.get_providers()[0] != CUDA:
+        if device == "cuda" and self.provider != CUDA:
             raise DeviceUnavailable(
                 f"DEVICE=cuda but onnxruntime could not use CUDA for {self.path.name} "
                 f"(it fell back to {self.session.get_providers()}); check the NVIDIA driver, "
                 "CUDA 13 and cuDNN 9 (what onnxruntime-gpu 1.31 needs), or set DEVICE=auto or cpu"
+            )
+        if device == "auto" and self.provider != CUDA and (driver := nvidia_driver()):
+            log.warning(
+                "an NVIDIA GPU is here but this model runs on the CPU",
+                extra={
+                    "file": self.path.name,
+                    "driver": driver,
+                    "providers": self.session.get_providers(),
+                    "available": ort.get_available_providers(),
+                    "reason": "DEVICE=auto fell back to the CPU: onnxruntime-gpu 1.31 needs "
+                    "CUDA 13 and cuDNN 9 libraries; set DEVICE=cuda to fail instead",
+                },
             )
         self._check_signature()
         try:
@@ -56,11 +112,11 @@ class Classifier:
             raise InvalidModel(f"{self.path.name}: {err}") from None
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.output_widths = {o.name: o.shape[-1] for o in self.session.get_outputs()}
-        self.version = file_version(self.path)
+        self.version = content_version(content)
         # When the weights were trained, as the card says (else the file's time): the
         # newest version of a model is its default.
         self.trained_at = str(self.card.training.get("trained_at") or "") or time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.path.stat().st_mtime)
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)
         )
         # Summing fine probabilities within each superclass is a matrix product.
         self.to_superclasses = np.zeros((NUM_CLASSES, NUM_SUPERCLASSES), dtype=np.float32)
@@ -80,23 +136,45 @@ class Classifier:
         """uint8 [N, 32, 32, 3] -> float32 [N, 100] probabilities."""
         return self.run(images)[OUTPUT_NAME]
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output of the graph, by name: probabilities, and features where the file
-        has them (the graph computes them anyway; asking costs one copy)."""
+    def run(
+        self, images: np.ndarray, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The graph's outputs by name: `outputs`, or all of them (probabilities, and
+        features where the file has them). Naming fewer saves their copy back from the
+        device."""
         if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images.dtype} {images.shape}")
-        outputs = self.session.run(self.output_names, {INPUT_NAME: images})
-        return dict(zip(self.output_names, outputs, strict=True))
+        names = list(self.output_names if outputs is None else outputs)
+        results = self.session.run(names, {INPUT_NAME: images})
+        return dict(zip(names, results, strict=True))
 
     def superclass_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         return probabilities @ self.to_superclasses
 
+    @property
+    def warm_up_sizes(self) -> list[int]:
+        """The batch sizes `warm_up` runs, largest first (see `warm_up_sizes`)."""
+        return warm_up_sizes(self.max_batch_size, self.provider)
+
     def warm_up(self) -> None:
-        """One inference, so the first request does not pay for allocations."""
-        try:
-            self.predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
-        except Exception as err:  # loads but cannot run here (an op, the device, memory)
-            raise InvalidModel(f"{self.path.name}: its warm-up inference failed") from err
+        """Run the batch sizes the micro-batcher will send, so the first requests pay for
+        neither allocations nor per-shape set-up; a file that cannot run them is refused
+        (InvalidModel, with the reason) rather than failing every batch later."""
+        (image_input,) = [i for i in self.session.get_inputs() if i.name == INPUT_NAME]
+        batch = image_input.shape[0]
+        if isinstance(batch, int) and list(range(1, self.max_batch_size + 1)) != [batch]:
+            raise InvalidModel(
+                f"{self.path.name}: its input takes batches of exactly {batch} image(s), but "
+                f"the micro-batcher sends 1 to {self.max_batch_size} at once; export it with a "
+                "free batch dimension"
+            )
+        for size in self.warm_up_sizes:
+            try:
+                self.run(np.zeros((size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+            except Exception as err:  # loads but cannot run here (an op, the device, memory)
+                raise InvalidModel(
+                    f"{self.path.name}: its warm-up inference failed (a batch of {size})"
+                ) from err
         self.ready = True
 
     def _check_signature(self) -> None:
@@ -118,22 +196,57 @@ class Classifier:
             )
 
 
-def requested_providers(device: str) -> list[str]:
+def warm_up_sizes(max_batch_size: int, provider: str) -> list[int]:
+    """Largest first, so the memory arena grows once, to its peak.
+
+    On CUDA: every power of two below `max_batch_size`, and the maximum itself. The
+    batcher sends any size from 1 to the maximum; with HEURISTIC search a size not warmed
+    costs a cuDNN heuristics query per convolution, not a benchmark, and these are the
+    sizes met most: 1 and 2 under light load, full batches under heavy load, halves in
+    between (8 runs for 128). On the CPU onnxruntime sets nothing up per shape, so the
+    maximum (the arena's peak) and 1 (the other end, and proof the batch is free) suffice.
+    """
+    if provider != CUDA:
+        return sorted({max_batch_size, 1}, reverse=True)
+    powers = {1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size}
+    return sorted({*powers, max_batch_size}, reverse=True)
+
+
+def requested_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
+    """What onnxruntime is asked for: CUDA with CUDA_PROVIDER_OPTIONS, and/or the CPU."""
+    cuda = (CUDA, dict(CUDA_PROVIDER_OPTIONS))
     if device == "cpu":
         return [CPU]
     if device == "cuda":
-        return [CUDA]
+        return [cuda]
     # auto: ask for CUDA where this build has it and an NVIDIA driver is present (without
     # one, onnxruntime would log a failed CUDA load for every model). onnxruntime still
-    # falls back to the CPU by itself if the CUDA libraries are missing; we log its choice.
-    has_gpu = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
-    return [CUDA, CPU] if has_gpu and CUDA in ort.get_available_providers() else [CPU]
+    # falls back to the CPU by itself if the CUDA libraries are missing: the Classifier
+    # warns loudly when that happens on a machine with a driver.
+    return [cuda, CPU] if nvidia_driver() and CUDA in ort.get_available_providers() else [CPU]
+
+
+@cache
+def nvidia_driver() -> str | None:
+    """How this machine shows an NVIDIA driver (its version file, a device node, or the
+    CUDA driver library), or None."""
+    version = Path("/proc/driver/nvidia/version")
+    if version.exists():
+        return version.read_text(errors="replace").splitlines()[0].strip() or str(version)
+    if Path("/dev/nvidia0").exists():
+        return "/dev/nvidia0"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    return "libcuda.so.1 loads"
+
+
+def content_version(content: bytes) -> str:
+    """A short content hash: which weights answered, whatever the file is called."""
+    return hashlib.sha256(content).hexdigest()[:12]
 
 
 def file_version(path: Path) -> str:
-    """A short content hash: which weights answered, whatever the file is called."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    """The version a file's current content would be served under."""
+    return content_version(Path(path).read_bytes())

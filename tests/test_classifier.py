@@ -1,0 +1,262 @@
+"""One ONNX file behind onnxruntime, as the service opens it: the CUDA options and warm-up
+sizes it really passes to onnxruntime, a fixed batch refused at warm-up, one read of the
+file for both the session and its version, and a loud warning when DEVICE=auto finds an
+NVIDIA driver but runs on the CPU. On small graphs of our contract, built here, so no
+training is needed; there is no GPU on these machines, so what reaches onnxruntime is
+recorded rather than run on CUDA."""
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service import classifier as classifier_module
+from service.classifier import (
+    CPU,
+    CUDA,
+    Classifier,
+    content_version,
+    requested_providers,
+    warm_up_sizes,
+)
+from service.errors import DeviceUnavailable, InvalidModel
+from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from training.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
+
+EXPECTED_CUDA_OPTIONS = {
+    "cudnn_conv_algo_search": "HEURISTIC",
+    "arena_extend_strategy": "kSameAsRequested",
+    "do_copy_in_default_stream": "1",
+}
+
+
+def tiny_model(model_id: str = "tiny", seed: int = 0, batch: int | str = "batch") -> bytes:
+    """uint8 NHWC images -> a 3x3 convolution -> average -> dense -> softmax: our contract
+    (input, outputs, model card) at a few hundred parameters."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "conv_w": rng.normal(0, 0.1, (4, 3, 3, 3)),
+        "conv_b": np.zeros(4),
+        "dense_w": rng.normal(0, 1, (4, 100)),
+        "dense_b": np.zeros(100),
+        "scale": np.array(1 / 255),
+    }
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+        helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], [FEATURES_NAME]),
+        helper.make_node("Gemm", [FEATURES_NAME, "dense_w", "dense_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        model_id,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [batch, 32, 32, 3])],
+        [
+            helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [batch, 100]),
+            helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, [batch, 4]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.asarray(v, np.float32), name) for name, v in weights.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    card = ModelCard(
+        model_id=model_id,
+        class_names=CLASS_NAMES,
+        superclass_names=SUPERCLASS_NAMES,
+        fine_to_coarse=FINE_TO_COARSE,
+        parameter_count=sum(np.size(v) for v in weights.values()),
+        outputs=[OUTPUT_NAME, FEATURES_NAME],
+    )
+    onnx.helper.set_model_props(model, card.to_metadata())
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class Recorder:
+    """Stands in for ort.InferenceSession: records what it is given, then builds the real
+    session on the CPU (the only provider here). `before` runs first, `after` last."""
+
+    def __init__(self, before=lambda: None, after=lambda: None):
+        self.calls: list[dict] = []
+        self.before, self.after = before, after
+
+    def __call__(self, model, sess_options=None, providers=None):
+        self.calls.append({"model": model, "providers": providers})
+        self.before()
+        session = RealSession(model, sess_options=sess_options, providers=[CPU])
+        self.after()
+        return session
+
+
+RealSession = ort.InferenceSession
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(tiny_model())
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_driver_probe():
+    classifier_module.nvidia_driver.cache_clear()
+    yield
+    classifier_module.nvidia_driver.cache_clear()
+
+
+def test_cuda_is_asked_for_with_deliberate_options(model_file, monkeypatch):
+    """DEVICE=cuda: onnxruntime gets the CUDA provider with HEURISTIC cuDNN search (not
+    its EXHAUSTIVE default) and an arena that grows by what is asked, and nothing else."""
+    recorder = Recorder()
+    monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
+    monkeypatch.setattr(Classifier, "provider", property(lambda self: CUDA))
+    model = Classifier(model_file, "cuda", 1, 1)  # recorded, then run on the CPU
+    (call,) = recorder.calls
+    assert call["providers"] == [(CUDA, EXPECTED_CUDA_OPTIONS)]
+    assert requested_providers("cuda") == [(CUDA, EXPECTED_CUDA_OPTIONS)]
+    assert requested_providers("cpu") == [CPU]
+    assert model.session.get_providers() == [CPU]  # a real session came of it, on the CPU
+
+
+def test_device_cuda_without_cuda_refuses_to_start(model_file):
+    """No CUDA here: onnxruntime falls back to the CPU, and DEVICE=cuda must not."""
+    with pytest.raises(DeviceUnavailable, match="could not use CUDA"):
+        Classifier(model_file, "cuda", 1, 1)
+
+
+def test_auto_warns_loudly_when_a_driver_is_here_but_the_cpu_is_used(
+    model_file, monkeypatch, caplog
+):
+    monkeypatch.setattr(classifier_module, "nvidia_driver", lambda: "NVRM version: 580.95")
+    recorder = Recorder()
+    monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
+    with caplog.at_level(logging.WARNING, logger="service.classifier"):
+        model = Classifier(model_file, "auto", 1, 1)
+    assert model.provider == CPU
+    if CUDA in ort.get_available_providers():  # onnxruntime-gpu: CUDA was asked for first
+        assert recorder.calls[0]["providers"] == [(CUDA, EXPECTED_CUDA_OPTIONS), CPU]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "NVIDIA GPU is here but this model runs on the CPU" in record.getMessage()
+    assert record.driver == "NVRM version: 580.95" and "DEVICE=cuda" in record.reason
+
+    caplog.clear()
+    monkeypatch.setattr(classifier_module, "nvidia_driver", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="service.classifier"):
+        Classifier(model_file, "auto", 1, 1)
+    assert recorder.calls[-1]["providers"] == [CPU]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no driver: quiet
+
+
+def test_driver_probe_reads_the_kernel_module_version(monkeypatch, tmp_path):
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05\nGCC ...\n")
+    real_path = classifier_module.Path
+    monkeypatch.setattr(
+        classifier_module,
+        "Path",
+        lambda p: version if p == "/proc/driver/nvidia/version" else real_path(p),
+    )
+    assert classifier_module.nvidia_driver().endswith("Kernel Module  580.95.05")
+
+
+def run_sizes(model: Classifier, monkeypatch) -> list[int]:
+    """The batch sizes warm_up hands to onnxruntime."""
+    sizes = []
+    real_run = model.session.run
+
+    def run(names, feeds):
+        sizes.append(len(feeds[INPUT_NAME]))
+        return real_run(names, feeds)
+
+    monkeypatch.setattr(model.session, "run", run)
+    model.warm_up()
+    return sizes
+
+
+def test_warm_up_on_cuda_runs_powers_of_two_up_to_the_batch_cap(model_file, monkeypatch):
+    monkeypatch.setattr(Classifier, "provider", property(lambda self: CUDA))
+    model = Classifier(model_file, "cpu", 1, 1, max_batch_size=128)
+    assert run_sizes(model, monkeypatch) == [128, 64, 32, 16, 8, 4, 2, 1]
+    assert model.ready
+    model = Classifier(model_file, "cpu", 1, 1, max_batch_size=100)  # the cap, then powers
+    assert run_sizes(model, monkeypatch) == [100, 64, 32, 16, 8, 4, 2, 1]
+    assert warm_up_sizes(1, CUDA) == [1]
+
+
+def test_warm_up_on_the_cpu_runs_the_batch_cap_and_one(model_file, monkeypatch):
+    model = Classifier(model_file, "cpu", 1, 1)
+    assert model.max_batch_size == 64  # BATCH_MAX_SIZE's default
+    assert run_sizes(model, monkeypatch) == [64, 1]
+    assert warm_up_sizes(256, CPU) == [256, 1]
+    assert warm_up_sizes(1, CPU) == [1]
+
+
+def test_a_model_with_a_fixed_batch_of_one_is_refused_at_warm_up(tmp_path):
+    """Such a file loads and answers one image, then fails every batch: it is not served,
+    and the reason says why."""
+    path = tmp_path / "fixed.onnx"
+    path.write_bytes(tiny_model(batch=1))
+    model = Classifier(path, "cpu", 1, 1, max_batch_size=8)
+    assert model.run(make_images(np.arange(1), seed=0))[OUTPUT_NAME].shape == (1, 100)
+    with pytest.raises(InvalidModel, match=r"batches of exactly 1 image\(s\).*1 to 8") as raised:
+        model.warm_up()
+    assert raised.value.message.startswith("fixed.onnx: ")
+    assert not model.ready
+    # With a cap of one, every batch it gets is one image: then it is fine.
+    Classifier(path, "cpu", 1, 1, max_batch_size=1).warm_up()
+
+
+def test_warm_up_failure_names_the_batch_size(model_file, monkeypatch):
+    model = Classifier(model_file, "cpu", 1, 1, max_batch_size=16)
+    real_run = model.session.run
+
+    def run(names, feeds):
+        if len(feeds[INPUT_NAME]) > 1:
+            raise RuntimeError("out of memory")
+        return real_run(names, feeds)
+
+    monkeypatch.setattr(model.session, "run", run)
+    with pytest.raises(InvalidModel, match=r"warm-up inference failed \(a batch of 16\)"):
+        model.warm_up()
+    assert not model.ready
+
+
+@pytest.mark.parametrize("when", ["before the session is built", "after it is built"])
+def test_version_is_the_hash_of_the_bytes_the_session_runs(model_file, monkeypatch, when):
+    """The file is replaced while it loads: what is served is the first file's weights,
+    card and version, together, never one file's weights under the other's version."""
+    first, second = model_file.read_bytes(), tiny_model("other", seed=1)
+    assert first != second
+
+    def replace():
+        model_file.write_bytes(second)
+
+    recorder = Recorder(**{"before" if when.startswith("before") else "after": replace})
+    monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
+    model = Classifier(model_file, "cpu", 1, 1)
+    assert model_file.read_bytes() == second  # it was replaced
+    assert recorder.calls[0]["model"] == first  # the session got the bytes read once
+    assert model.version == content_version(first) != content_version(second)
+    assert model.model_id == "tiny"
+    images = make_images(np.arange(4), seed=3)
+    expected = RealSession(first, providers=[CPU]).run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    np.testing.assert_array_equal(model.run(images)[OUTPUT_NAME], expected)
+
+
+def test_run_fetches_only_the_outputs_asked_for(model_file):
+    model = Classifier(model_file, "cpu", 1, 1)
+    images = make_images(np.arange(3), seed=0)
+    assert sorted(model.run(images)) == sorted([OUTPUT_NAME, FEATURES_NAME])
+    only = model.run(images, outputs=[OUTPUT_NAME])
+    assert list(only) == [OUTPUT_NAME] and only[OUTPUT_NAME].shape == (3, 100)
