@@ -11,24 +11,24 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from markupsafe import escape
 from PIL import Image
 
 from service.modelcard import ModelCard
 from tests.service_helpers import serve
-from training import findings
 from training.__main__ import main
 from training.evaluate import compute_metrics
-from training.report import (
-    COMPARE_DIR,
-    NEAR_DUPLICATE_MAX_RMS,
+from training.report import measures
+from training.report.dataset import NEAR_DUPLICATE_MAX_RMS
+from training.report.sentences import (
     capacity_sentences,
-    dhash,
     say_calibration,
     say_mean_per_class,
     say_recovery,
     say_uncertainty,
     say_within,
 )
+from training.report.write import COMPARE_DIR
 
 SMALL, LARGE = "cifar100-712868", "cifar100-5735844"
 
@@ -53,7 +53,7 @@ def test_within_superclass_share_chance_and_binomial_test():
     to_coarse = np.array([0, 0, 1, 1])  # chance for an error: 1 of 3 other classes
     true = np.array([0, 0, 1, 1, 2, 3])
     predicted = np.array([1, 2, 1, 3, 3, 0])  # errors: same, cross, -, cross, same, cross
-    w = findings.within_superclass(true, predicted, to_coarse)
+    w = measures.within_superclass(true, predicted, to_coarse)
     assert (w["errors"], w["within"]) == (5, 2)
     assert w["share"] == pytest.approx(0.4)
     assert w["chance"] == pytest.approx(1 / 3)
@@ -64,15 +64,15 @@ def test_within_superclass_share_chance_and_binomial_test():
 
 
 def test_distances_between_classes():
-    d = findings.cosine_distances(np.array([[1.0, 0], [0, 1], [1, 1], [0, 0]]))
+    d = measures.cosine_distances(np.array([[1.0, 0], [0, 1], [1, 1], [0, 0]]))
     assert d[0, 1] == pytest.approx(1) and d[0, 2] == pytest.approx(1 - 1 / np.sqrt(2))
     assert d[3, 0] == pytest.approx(1) and d[3, 3] == 0  # a zero row is far from everything
     confusion = np.array([[8, 2, 0], [0, 10, 0], [5, 0, 5]])
-    d = findings.confusion_distances(confusion)
+    d = measures.confusion_distances(confusion)
     # Rates: 0->1 0.2, 2->0 0.5; similarity is the mean of both directions.
     assert d[0, 1] == pytest.approx(0.9) and d[1, 0] == pytest.approx(0.9)
     assert d[0, 2] == pytest.approx(0.75) and d[1, 2] == pytest.approx(1.0)
-    means = findings.class_means(np.array([[1.0, 2], [3, 4], [10, 10]]), np.array([0, 0, 2]), 3)
+    means = measures.class_means(np.array([[1.0, 2], [3, 4], [10, 10]]), np.array([0, 0, 2]), 3)
     assert means.tolist() == [[2, 3], [0, 0], [10, 10]]
 
 
@@ -85,7 +85,7 @@ def six_classes():
 
 def test_superclass_recovery_on_a_case_worked_by_hand(six_classes):
     distances, to_coarse = six_classes
-    r = findings.superclass_recovery(distances, to_coarse, clusters=3, k=2, pairs=2)
+    r = measures.superclass_recovery(distances, to_coarse, clusters=3, k=2, pairs=2)
     # Average linkage: {0,1} and {3,4} at 1, {0,1,2} at 1.5; then {3,4}+{5} costs 14.5,
     # {0,1,2}+{3,4} 9.5, so the cut into 3 is {0,1,2} {3,4} {5}.
     groups = np.array(r["groups"])
@@ -111,21 +111,21 @@ def test_a_grouping_that_matches_the_superclasses_scores_one(six_classes):
     _, to_coarse = six_classes
     positions = np.array([0, 1, 2, 50, 51, 52], dtype=float)
     distances = np.abs(positions[:, None] - positions[None, :])
-    r = findings.superclass_recovery(distances, to_coarse, clusters=2, k=2)
+    r = measures.superclass_recovery(distances, to_coarse, clusters=2, k=2)
     assert r["adjusted_rand_index"] == pytest.approx(1.0)
     assert r["split_superclasses"] == [] and r["nearest_same_superclass_share"] == 1.0
 
 
 def test_entropy_and_the_most_uncertain_images():
     p = np.array([[1, 0, 0, 0], [0.25] * 4, [0.5, 0.5, 0, 0], [0.25] * 4])
-    assert findings.entropy_bits(p).tolist() == [0.0, 2.0, 1.0, 2.0]
-    assert findings.most_uncertain(p, 3).tolist() == [1, 3, 2]  # ties by index
+    assert measures.entropy_bits(p).tolist() == [0.0, 2.0, 1.0, 2.0]
+    assert measures.most_uncertain(p, 3).tolist() == [1, 3, 2]  # ties by index
 
 
 def test_per_class_calibration():
     labels = np.array([0, 0, 1, 1])
     p = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])  # predicts 0, 0, 1, 0
-    c = findings.per_class_calibration(p, labels, 2)
+    c = measures.per_class_calibration(p, labels, 2)
     assert c["accuracy"] == [1.0, 0.5]
     assert c["confidence"] == pytest.approx([0.75, 0.75])
     assert c["gap"] == pytest.approx([-0.25, 0.25])  # class 0 under-, class 1 over-confident
@@ -137,7 +137,7 @@ def test_label_issues_finds_the_mislabelled_image():
     p[np.arange(30), labels] = 0.9
     p[5] = [0.02, 0.96, 0.02]  # labelled 0, looks like a 1
     p[12] = [0.3, 0.4, 0.3]  # labelled 1, unsure but right
-    result = findings.label_issues(labels, p, 5)
+    result = measures.label_issues(labels, p, 5)
     assert result["count"] == 1
     assert result["candidates"] == [
         {
@@ -154,7 +154,7 @@ def test_compare_predictions_on_a_case_worked_by_hand():
     labels = np.array([0, 1, 2, 3, 0, 1])
     small = np.array([0, 1, 0, 0, 1, 1])  # right on 0, 1, 5
     large = np.array([0, 1, 2, 0, 1, 2])  # right on 0, 1, 2
-    c = findings.compare_predictions(labels, small, large, 4)
+    c = measures.compare_predictions(labels, small, large, 4)
     assert c["agreement"] == pytest.approx(4 / 6)
     assert (c["both_right"], c["only_small_right"], c["only_large_right"], c["both_wrong"]) == (
         2,
@@ -170,7 +170,7 @@ def test_compare_predictions_on_a_case_worked_by_hand():
     assert (c["classes_better"], c["classes_worse"], c["classes_equal"]) == (1, 1, 2)
 
     better = np.array([0, 1, 2, 3, 1, 1])  # wrong only where small is wrong too
-    c = findings.compare_predictions(labels, small, better, 4)
+    c = measures.compare_predictions(labels, small, better, 4)
     assert c["large_errors_subset_of_small"] and not c["small_errors_subset_of_large"]
     assert c["share_of_large_errors_also_small_errors"] == 1.0
 
@@ -189,12 +189,12 @@ def test_duplicates_tells_apart_smooth_gradients_that_share_a_hash():
     red, blue = gradient([255, 40, 40]), gradient([40, 40, 255])
     dark_grey, green = gradient([60, 60, 60], reverse=True), gradient([40, 255, 40], reverse=True)
     # The former test: the same 64-bit difference hash for unrelated smooth images.
-    assert dhash(red[None])[0] == dhash(blue[None])[0]
-    assert dhash(dark_grey[None])[0] == dhash(green[None])[0] == 0
+    assert measures.dhash(red[None])[0] == measures.dhash(blue[None])[0]
+    assert measures.dhash(dark_grey[None])[0] == measures.dhash(green[None])[0] == 0
     brighter_red = np.clip(red.astype(int) + 3, 0, 255).astype(np.uint8)
     train = np.stack([red, dark_grey])
     test = np.stack([red, brighter_red, blue, green])
-    result = findings.find_duplicates(test, train, NEAR_DUPLICATE_MAX_RMS)
+    result = measures.find_duplicates(test, train, NEAR_DUPLICATE_MAX_RMS)
     assert result["exact"] == [{"test": 0, "train": 0}]
     assert result["near"] == [{"test": 1, "train": 0, "rms": pytest.approx(3.0)}]
 
@@ -219,7 +219,7 @@ def test_duplicates_on_a_real_photo():
     train, photo = photo_crops()
     shifted = photo[16 + 8 : 48 + 8, 8:40]  # the first crop moved 8 pixels: another image
     test = np.stack([train[4], jpeg(train[2], 90), shifted, 255 - train[0]])
-    result = findings.find_duplicates(test, train, NEAR_DUPLICATE_MAX_RMS)
+    result = measures.find_duplicates(test, train, NEAR_DUPLICATE_MAX_RMS)
     assert result["exact"] == [{"test": 0, "train": 4}]
     assert [(n["test"], n["train"]) for n in result["near"]] == [(1, 2)]
     assert 0 < result["near"][0]["rms"] <= NEAR_DUPLICATE_MAX_RMS
@@ -230,7 +230,7 @@ def test_duplicate_search_misses_nothing_a_brute_force_finds():
     train = rng.integers(0, 256, (300, 32, 32, 3)).astype(np.uint8)
     test = np.clip(train[:40].astype(int) + rng.normal(0, 6, (40, 32, 32, 3)), 0, 255)
     test = test.astype(np.uint8)
-    result = findings.find_duplicates(test, train, 6.0, chunk=7)
+    result = measures.find_duplicates(test, train, 6.0, chunk=7)
     rms = np.sqrt(
         ((test.reshape(40, 1, -1).astype(float) - train.reshape(1, 300, -1)) ** 2).mean(axis=2)
     )
@@ -433,7 +433,7 @@ def test_page_shows_the_json_values_and_findings(reports_dir, report):
     )
     assert headline["summed superclass: accuracy"] == f"{report['summed_superclass_accuracy']:.1%}"
     for key, sentence in report["findings"].items():
-        assert html.escape(sentence) in page, key
+        assert escape(sentence) in page, key
     dataset = report["dataset"]
     assert f'<b id="exact">{dataset["test_with_exact_duplicate_in_train"]}</b>' in page
     assert f'<b id="near">{dataset["test_with_near_duplicate_in_train"]}</b>' in page
@@ -460,7 +460,7 @@ def test_comparison_page(reports_dir, report):
     assert gains == sorted(gains, reverse=True)
     page = (reports_dir / COMPARE_DIR / "index.html").read_text()
     for sentence in pair["findings"].values():
-        assert html.escape(sentence) in page
+        assert escape(sentence) in page
 
 
 def test_report_is_deterministic(reports_dir, workspace, cifar_tarball, tmp_path):

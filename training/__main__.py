@@ -27,7 +27,7 @@ from training.errors import RecipeError, ReportError, TrainingError
 from training.evaluate import evaluate_test_set
 from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
-from training.report import COMPARE_DIR, write_reports
+from training.report.write import COMPARE_DIR, write_reports
 from training.train import (
     AUGMENTATIONS,
     OPTIMIZERS,

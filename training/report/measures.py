@@ -1,11 +1,12 @@
-"""The report's measures: pure functions on NumPy arrays, no files, no pictures.
+"""The measures: pure functions on NumPy arrays that return plain numbers, no names, no files.
 
-Each takes labels, predictions, probabilities, features or pixels and returns plain
-numbers, lists and dicts, small enough to check against a case worked out by hand
-(tests/test_report.py does). training/report.py turns them into pages.
+Each takes labels (class indices), predictions, probabilities, features or pixels and returns
+numbers, lists and dicts small enough to check against a case worked out by hand
+(tests/test_report.py does). analysis.py runs them on a model's scores and names the classes.
 """
 
 import numpy as np
+from PIL import Image
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 from scipy.stats import binomtest
@@ -269,6 +270,18 @@ def find_duplicates(test: np.ndarray, train: np.ndarray, max_rms: float, chunk: 
         "exact": [{"test": t, "train": exact[t]} for t in sorted(exact)],
         "near": [{"test": t, "train": near[t][0], "rms": near[t][1]} for t in sorted(near)],
     }
+
+
+def dhash(images: np.ndarray) -> np.ndarray:
+    """64-bit difference hashes (the former near-duplicate test, kept to show how far off it
+    was): is each pixel of a 9x8 grey thumbnail brighter than the next?"""
+    hashes = np.empty(len(images), dtype=np.uint64)
+    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
+    for i, image in enumerate(images):
+        small = np.asarray(Image.fromarray(image).convert("L").resize((9, 8), Image.Resampling.BOX))
+        bits = (small[:, 1:] > small[:, :-1]).ravel()
+        hashes[i] = np.sum(weights[bits])
+    return hashes
 
 
 # --- two models ------------------------------------------------------------------------
