@@ -20,6 +20,7 @@ from training.__main__ import main
 from training.evaluate import compute_metrics
 from training.report import measures
 from training.report.dataset import NEAR_DUPLICATE_MAX_RMS
+from training.report.pages import render, render_compare
 from training.report.sentences import (
     capacity_sentences,
     say_calibration,
@@ -329,7 +330,11 @@ def test_capacity_sentences_follow_the_numbers():
 
 @pytest.fixture(scope="session")
 def reports_dir(workspace, cifar_tarball):
-    out = workspace / "reports"
+    return write_reports(workspace, cifar_tarball, workspace / "reports")
+
+
+def write_reports(workspace: Path, cifar_tarball: Path, out: Path) -> Path:
+    """`python -m training report` for both test-suite models into `out`."""
     args = ["report", "--models-dir", str(workspace / "models"), "--reports-dir", str(out)]
     assert main([*args, "--data-dir", str(cifar_tarball), "--val-size", "500"]) == 0
     return out
@@ -338,6 +343,11 @@ def reports_dir(workspace, cifar_tarball):
 @pytest.fixture(scope="session")
 def report(reports_dir):
     return json.loads((reports_dir / SMALL / "report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def comparison(reports_dir):
+    return json.loads((reports_dir / COMPARE_DIR / "report.json").read_text())
 
 
 def pages(reports_dir: Path) -> list[Path]:
@@ -356,26 +366,64 @@ def test_every_page_has_its_pictures_and_a_link_home(reports_dir):
         assert (path.parent / "report.json").exists()
 
 
-def json_numbers(value) -> list[float]:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return []
-    if isinstance(value, int | float):
-        return [float(value)]
-    items = value.values() if isinstance(value, dict) else value
-    return [n for item in items for n in json_numbers(item)]
+# Each page says "Every number on this page is in report.json". To check which number each
+# one claims to be, the page is rendered again from a copy of its JSON in which every number
+# is a marker naming it (a float k-th number becomes FLOAT_MARK + k, an int INT_MARK + k):
+# where the copy shows a marker, the real page must show that very number as the marker is
+# formatted; anywhere else (row numbers, counts of rows, the words' own numbers) the same.
+# (A list's min and max claim its first and last number: here every class has as many images.)
+FLOAT_MARK, INT_MARK = 10**4, 10**8
 
 
-def test_every_number_on_every_page_is_in_its_json(reports_dir):
+def plant(value, leaves: list):
+    """`value` with its numbers replaced by markers; the numbers are appended to `leaves`."""
+    if isinstance(value, dict):
+        return {key: plant(item, leaves) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plant(item, leaves) for item in value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    leaves.append(value)
+    k = len(leaves) - 1
+    return INT_MARK + k if isinstance(value, int) else float(FLOAT_MARK + k)
+
+
+def numbers_shown(page: str) -> list[tuple[str, str, str]]:
+    """Every number a reader sees, in order: (sign and digits, decimals, "%" or "")."""
+    text = html.unescape(re.sub(r"<style>.*?</style>|<[^>]+>", " ", page, flags=re.S))
+    return re.findall(r"(?<![\w.\-])([-+]?\d+(?:\.(\d+))?)(%?)(?![\w\-])", text)
+
+
+def claimed(marker: tuple[str, str, str], leaves: list) -> str | None:
+    """The text the real page must show where the planted page shows `marker`, or None if
+    that is no marker."""
+    number, decimals, percent = marker
+    value = float(number) / (100 if percent else 1)
+    for base, kind in ((INT_MARK, int), (FLOAT_MARK, float)):
+        k = round(value) - base
+        if 0 <= k < len(leaves) and isinstance(leaves[k], kind):
+            sign = "+" if number.startswith("+") else ""
+            spec = f"{sign}.{len(decimals)}{'%' if percent else 'f'}"
+            return format(leaves[k], spec) if decimals or percent else str(leaves[k])
+    return None
+
+
+def test_every_number_on_every_page_is_the_json_value_it_claims(reports_dir):
     for path in pages(reports_dir):
-        numbers = np.array(json_numbers(json.loads((path.parent / "report.json").read_text())))
-        text = re.sub(r"<style>.*?</style>|<[^>]+>", " ", path.read_text(), flags=re.S)
-        text = html.unescape(text)
-        tokens = re.findall(r"(?<![\w.\-])([-+]?\d+(?:\.(\d+))?)(%?)(?![\w\-])", text)
-        assert len(tokens) > 50
-        for number, decimals, percent in tokens:
-            value = float(number) / (100 if percent else 1)
-            tolerance = 0.5 * 10.0 ** -(len(decimals) + (2 if percent else 0)) + 1e-9
-            assert np.isclose(numbers, value, rtol=0, atol=tolerance).any(), (path, number)
+        saved = json.loads((path.parent / "report.json").read_text())
+        draw = render_compare if path.parent.name == COMPARE_DIR else render
+        page = path.read_text()
+        assert draw(saved) == page  # the page is its JSON and nothing else
+        leaves: list = []
+        shown, planted = numbers_shown(page), numbers_shown(draw(plant(saved, leaves)))
+        assert len(shown) > 50 and len(shown) == len(planted)
+        markers = 0
+        for real, marker in zip(shown, planted, strict=True):
+            expected = claimed(marker, leaves)
+            markers += expected is not None
+            text = real[0] + real[2]
+            assert text == (expected or marker[0] + marker[2]), (path, text, marker)
+        assert markers > 30  # the pages do show the JSON's numbers
 
 
 def test_numbers_agree_with_each_other(report, workspace):
@@ -444,8 +492,19 @@ def test_page_shows_the_json_values_and_findings(reports_dir, report):
         assert f'<tr><td>{name}</td><td class="num">{accuracy:.1%}</td></tr>' in page
 
 
-def test_comparison_page(reports_dir, report):
-    comparison = json.loads((reports_dir / COMPARE_DIR / "report.json").read_text())
+def test_pages_escape_the_names_a_user_supplies(report, comparison):
+    """Class names come from the dataset's files: markup in one is shown, never run."""
+    hostile = '<script>alert("x")</script> & co'
+    for saved, draw, name in (
+        (report, render, report["best_classes"][0]),
+        (comparison, render_compare, comparison["pairs"][0]["most_gained"][0]["class"]),
+    ):
+        tampered = json.loads(json.dumps(saved).replace(json.dumps(name), json.dumps(hostile)))
+        page = draw(tampered)
+        assert "<script>" not in page and escape(hostile) in page
+
+
+def test_comparison_page(reports_dir, report, comparison):
     assert [m["model_id"] for m in comparison["models"]] == [SMALL, LARGE]  # by size
     (pair,) = comparison["pairs"]
     assert (pair["small"], pair["large"]) == (SMALL, LARGE)
@@ -464,8 +523,7 @@ def test_comparison_page(reports_dir, report):
 
 
 def test_report_is_deterministic(reports_dir, workspace, cifar_tarball, tmp_path):
-    args = ["report", "--models-dir", str(workspace / "models"), "--reports-dir", str(tmp_path)]
-    assert main([*args, "--data-dir", str(cifar_tarball), "--val-size", "500"]) == 0
+    write_reports(workspace, cifar_tarball, tmp_path)
     for folder in (SMALL, LARGE, COMPARE_DIR):
         names = sorted(p.name for p in (reports_dir / folder).iterdir())
         assert names == sorted(p.name for p in (tmp_path / folder).iterdir())
