@@ -157,10 +157,11 @@ def test_a_crashed_loop_fails_pending_requests_and_restarts():
         with pytest.raises(NotReady, match="failed"):
             await batcher.predict(image(1), loop.time() + 30)
         assert batcher.restarts == 1
-        while not batcher.alive:  # restarting after a short backoff
-            with pytest.raises(NotReady, match="not running"):
-                batcher.submit(image(1), loop.time() + 30)
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not batcher.alive:  # restarting after a short backoff
+                with pytest.raises(NotReady, match="not running"):
+                    batcher.submit(image(1), loop.time() + 30)
+                await asyncio.sleep(0.01)
         result = await batcher.predict(image(2), loop.time() + 30)
         assert result.outputs["probabilities"].argmax() == 2
         await batcher.stop()
@@ -189,15 +190,28 @@ def test_batching_off_runs_one_request_per_call():
     assert calls == [2] * 5
 
 
-async def batch_still_gathering(batcher: MicroBatcher) -> asyncio.Future:
+async def until(condition, timeout: float = 10) -> None:
+    """Yield to the event loop until `condition()` holds (the batcher's own state)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def batch_still_gathering(max_wait: float) -> tuple[MicroBatcher, list, asyncio.Future]:
     """A request taken from the queue into a batch that waits `max_wait` for company
     (the loop waits only after a batch of several: concurrent load)."""
+    calls = []
+    batcher = batcher_of(fake_model(calls), max_wait=max_wait)
     batcher.start()
     deadline = asyncio.get_running_loop().time() + 30
     await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
+    assert calls == [2]  # one batch of two: the next one will wait for company
     gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
-    await asyncio.sleep(0.1)  # well inside max_wait
-    return gathering
+    # Gathering: out of the queue, held in the batch being formed, and not computed (the
+    # batcher has no public view of this; its private state is the condition itself).
+    await until(lambda: batcher._running and not batcher._pending)
+    assert calls == [2] and not gathering.done()
+    return batcher, calls, gathering
 
 
 def test_drain_answers_a_batch_still_gathering():
@@ -206,21 +220,21 @@ def test_drain_answers_a_batch_still_gathering():
     504 once seen in the hot-reload test)."""
 
     async def scenario():
-        batcher = batcher_of(fake_model([]), max_wait=0.5)
-        gathering = await batch_still_gathering(batcher)
+        batcher, calls, gathering = await batch_still_gathering(max_wait=0.5)
         await batcher.drain(timeout=10)
         result = await asyncio.wait_for(gathering, timeout=1)
         assert result.outputs["probabilities"].argmax() == 3
+        assert calls == [2, 1]  # computed by the drain, not failed
 
     asyncio.run(scenario())
 
 
 def test_stop_fails_a_batch_still_gathering_instead_of_hanging():
     async def scenario():
-        batcher = batcher_of(fake_model([]), max_wait=0.5)
-        gathering = await batch_still_gathering(batcher)
+        batcher, calls, gathering = await batch_still_gathering(max_wait=0.5)
         await batcher.stop()
         with pytest.raises(NotReady, match="shutting down"):
             await asyncio.wait_for(gathering, timeout=1)
+        assert calls == [2]  # never computed
 
     asyncio.run(scenario())
