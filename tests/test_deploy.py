@@ -26,6 +26,8 @@ from training import triton
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve"
+# The service's settings on a GPU host: the Kubernetes base and the compose GPU service.
+PROFILE = ROOT / "deploy" / "profiles" / "gpu.env"
 # Oldest and newest Kubernetes the manifests are checked against (schemas ship in the package).
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 # The kserve SDK pins protobuf<7, the training extra protobuf 7: it gets its own venv.
@@ -55,10 +57,36 @@ def kustomize(folder: Path) -> dict[str, dict]:
     assert result.returncode == 0, result.stderr
     objects = {o["kind"]: o for o in yaml.safe_load_all(result.stdout)}
     assert sorted(objects) == [
-        "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
+        "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
         "PodDisruptionBudget", "Service",
     ]  # fmt: skip
     return objects
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """A settings profile: KEY=VALUE lines and # comment lines only, no quotes or spaces,
+    so that kustomize's configMapGenerator, docker compose's env_file and python-dotenv all
+    read the same values from it."""
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Z][A-Z0-9_]*)=([^\s\"'#]+)", line)
+        assert match, f"{path}:{number}: {line!r} is not KEY=VALUE"
+        assert match[1] not in values, f"{path}:{number}: {match[1]} twice"
+        values[match[1]] = match[2]
+    return values
+
+
+def container_env(objects: dict[str, dict], container: dict) -> list[dict]:
+    """The variables the container gets, as Kubernetes resolves them: each envFrom
+    ConfigMap's data, then `env`, which wins over it."""
+    configmaps = {objects["ConfigMap"]["metadata"]["name"]: objects["ConfigMap"]}
+    values = {}
+    for source in container.get("envFrom", []):
+        values |= configmaps[source["configMapRef"]["name"]]["data"]  # KeyError: no such map
+    values |= {v["name"]: v["value"] for v in container.get("env", [])}
+    return [{"name": name, "value": value} for name, value in values.items()]
 
 
 BUILDS = {"base": kustomize(KUBERNETES / "base"), "cpu": kustomize(KUBERNETES / "overlays" / "cpu")}
@@ -86,15 +114,19 @@ def setting_names() -> set[str]:
     return names
 
 
-def check_container(container: dict, allowed_foreign: set[str]) -> Settings:
-    """What any container running our image must get right; returns its settings."""
+def check_container(
+    container: dict, allowed_foreign: set[str], objects: dict[str, dict] | None = None
+) -> Settings:
+    """What any container running our image must get right; returns its settings (with
+    the ConfigMaps its envFrom names, from `objects`)."""
     ports = {p.get("name", p["containerPort"]): p["containerPort"] for p in container["ports"]}
     assert set(ports.values()) == {API_PORT}, ports
-    for variable in container["env"]:
+    env = container_env(objects, container) if objects else container["env"]
+    for variable in env:
         name = variable["name"]
         assert name == name.upper(), name
         assert name.lower() in setting_names() or name in FOREIGN_ENV | allowed_foreign, name
-    settings = settings_from([v for v in container["env"] if v["name"] not in allowed_foreign])
+    settings = settings_from([v for v in env if v["name"] not in allowed_foreign])
     probes = [
         container[k] for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in container
     ]
@@ -162,7 +194,7 @@ def test_deployment_runs_our_image_as_the_project_defines_it(build):
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == f"{API_IMAGE}:{PROJECT_VERSION}"
-    settings = check_container(container, allowed_foreign=set())
+    settings = check_container(container, allowed_foreign=set(), objects=objects)
     check_pod(pod, settings)
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
@@ -190,15 +222,70 @@ def test_deployment_runs_our_image_as_the_project_defines_it(build):
 def test_gpu_in_the_base_and_none_in_the_cpu_overlay():
     gpu = BUILDS["base"]["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert settings_from(gpu["env"]).device == "cuda"  # no silent CPU fallback
-    assert settings_from(gpu["env"]).workers == 1
+    settings = settings_from(container_env(BUILDS["base"], gpu))
+    assert settings.device == "cuda"  # no silent CPU fallback
+    # Several workers on one GPU, a CPU requested for each, one onnxruntime thread each.
+    assert settings.workers == int(gpu["resources"]["requests"]["cpu"]) > 1
+    assert settings.onnx_threads == 1
 
     cpu = BUILDS["cpu"]["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com" not in json.dumps(BUILDS["cpu"])
-    settings = settings_from(cpu["env"])
+    settings = settings_from(container_env(BUILDS["cpu"], cpu))
     assert settings.device == "cpu"
     # One worker per CPU of the quota, as the README's benchmark found best.
     assert settings.workers == int(cpu["resources"]["limits"]["cpu"]) > 1
+    # Nothing of the GPU profile is left on the CPU: its batch and queue sizes are the
+    # defaults, which hold the CPU's latency target.
+    defaults = Settings.model_fields
+    assert settings.batch_max_size == defaults["batch_max_size"].default
+    assert settings.max_queue_images == defaults["max_queue_images"].default
+    assert settings.intra_op_threads == defaults["intra_op_threads"].default
+
+
+def test_gpu_profile_parses_into_the_service_settings():
+    """deploy/profiles/gpu.env: every key a setting, every value valid, each one explained
+    by the comment above it, and read alike by our reader and by pydantic-settings' own
+    .env reader (python-dotenv)."""
+    values = read_env_file(PROFILE)
+    assert values, "an empty profile"
+    for name in values:
+        assert name.lower() in setting_names() or name in FOREIGN_ENV, name
+    settings = settings_from([{"name": k, "value": v} for k, v in values.items()])
+    with pytest.MonkeyPatch.context() as patch:
+        for name in os.environ:
+            if name.lower() in setting_names():
+                patch.delenv(name)
+        assert Settings(_env_file=PROFILE) == settings
+    defaults = Settings()
+    assert settings.device == "cuda"
+    assert settings.workers > 1 and settings.intra_op_threads == 1
+    assert settings.batch_max_size > defaults.batch_max_size
+    assert settings.max_queue_images > defaults.max_queue_images
+    assert settings.max_queue_images >= 2 * settings.batch_max_size  # room for whole batches
+    lines = PROFILE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            assert lines[number - 1].startswith("# "), f"{line}: no comment says why"
+
+
+def test_kubernetes_base_carries_exactly_the_gpu_profile():
+    """The base's ConfigMap is gpu.env, key for key; the Deployment reads it, and sets
+    nothing inline that the profile sets; the CPU overlay replaces it whole."""
+    base = BUILDS["base"]
+    configmap = base["ConfigMap"]
+    assert configmap["data"] == read_env_file(PROFILE)
+    (container,) = base["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": configmap["metadata"]["name"]}}]
+    assert not {v["name"] for v in container["env"]} & set(configmap["data"])
+    # A new profile is a new ConfigMap name (a content hash), so editing it rolls the pods.
+    assert configmap["metadata"]["name"].startswith("cifar100-api-settings-")
+
+    cpu = BUILDS["cpu"]
+    assert cpu["ConfigMap"]["data"] == read_env_file(KUBERNETES / "overlays/cpu/settings.env")
+    (container,) = cpu["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [
+        {"configMapRef": {"name": cpu["ConfigMap"]["metadata"]["name"]}}
+    ]
 
 
 @pytest.mark.parametrize("build", list(BUILDS))
