@@ -73,11 +73,20 @@ def known_keys(tokens: str, digests_file: Path | None) -> frozenset[bytes]:
     return frozenset(keys)
 
 
-def validate(settings: Settings) -> None:
-    """At startup: a malformed keys file stops the server instead of locking everyone out."""
+def validate(settings: Settings) -> frozenset[bytes]:
+    """At startup, the keys to require (empty: open). A malformed keys file, or a key
+    setting that holds no key at all (`API_KEYS=","`, a file of comments), stops the
+    server: it was meant to be closed, and starting open would say nothing."""
     try:
         keys = known_keys(settings.api_keys, settings.api_keys_file)
     except (OSError, ValueError) as err:
         raise ValueError(f"API_KEYS_FILE {settings.api_keys_file}: {err}") from None
     if any(len(key) != 32 for key in keys):
         raise ValueError(f"API_KEYS_FILE {settings.api_keys_file}: one SHA-256 (64 hex) a line")
+    configured = bool(settings.api_keys.strip()) or settings.api_keys_file is not None
+    if configured and not keys:
+        raise ValueError(
+            "API_KEYS or API_KEYS_FILE is set but holds no key; unset both to run without "
+            "keys, or give at least one"
+        )
+    return keys

@@ -15,8 +15,7 @@ rename) or removed are loaded, swapped or unloaded. A request holds the version 
 started on until it is answered; a broken new file is reported and the version it was
 meant to replace keeps serving.
 
-`infer` is the one path from a tensor to probabilities: /predict and /v2 both call it,
-so batching, queue bounds and deadlines hold for every protocol.
+Each version's micro-batcher is made here; service/dataplane.py hands requests to it.
 """
 
 import asyncio
@@ -26,12 +25,10 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from service.batching import MicroBatcher, Result
+from service.batching import MicroBatcher
 from service.classifier import Classifier
 from service.config import Settings
-from service.errors import InvalidModel, NotReady, UnknownModel
+from service.errors import DeviceUnavailable, InvalidModel, NotReady, UnknownModel
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -93,10 +90,6 @@ class Catalog:
     def is_default(self, served: Served) -> bool:
         versions = self.models.get(served.model_id, {})
         return served.model_id == self.default_id and default_version(versions) == served.version
-
-    async def infer(self, served: Served, images: np.ndarray, deadline: float) -> Result:
-        """Every output for `images`, computed in some batch before `deadline` (loop clock)."""
-        return await served.batcher.predict(images, deadline)
 
     @property
     def ready(self) -> bool:
@@ -170,6 +163,11 @@ class Catalog:
             return None
         except InvalidModel as err:
             self._skip(path, err.message.removeprefix(f"{path.name}: "), err.__cause__)
+            return None
+        except DeviceUnavailable:
+            raise  # DEVICE=cuda without CUDA: the whole server must not start
+        except Exception as err:  # anything else one file does must not stop the others
+            self._skip(path, f"it cannot be loaded ({type(err).__name__})", err)
             return None
         existing = self.models.get(model.model_id, {}).get(model.version)
         if existing is not None:

@@ -14,8 +14,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service.config import Settings
-
 log = logging.getLogger(__name__)
 
 
@@ -96,14 +94,6 @@ class DeviceUnavailable(ServiceError):
     """DEVICE=cuda and the CUDA provider cannot be used: startup fails."""
 
 
-def body_too_large(settings: Settings) -> str:
-    return (
-        f"the request body is above {settings.max_request_bytes:,} bytes: at most "
-        f"{settings.max_upload_bytes:,} bytes per image and "
-        f"{settings.max_images_per_request} images per request"
-    )
-
-
 def error_response(path: str, status: int, message: str, headers=None) -> JSONResponse:
     """The error body for `path`: `{"error": ...}` under /v2 (the protocol's), else
     `{"detail": ...}` (FastAPI's)."""
@@ -111,15 +101,14 @@ def error_response(path: str, status: int, message: str, headers=None) -> JSONRe
     return JSONResponse({key: message}, status_code=status, headers=headers)
 
 
-def install_handlers(app: FastAPI, settings: Settings) -> None:
+def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(request.url.path, exc.status_code, exc.message, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        message = body_too_large(settings) if exc.status_code == 413 else str(exc.detail)
-        return error_response(request.url.path, exc.status_code, message, exc.headers)
+        return error_response(request.url.path, exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,13 +12,23 @@ import functools
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service.errors import InvalidImage, UploadTooLarge
 from service.modelcard import IMAGE_SIZE
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 WHITE = (255, 255, 255, 255)
+# Pillow inflates a PNG's compressed text and ICC chunks as it reads them: by default up
+# to 1 MiB a chunk and 64 MiB of text an image, from a few KB sent. We read pixels only.
+MAX_PNG_CHUNK = 256 * 1024
+MAX_PNG_TEXT = 256 * 1024
+
+
+def bound_metadata() -> None:
+    """Cap what a PNG's metadata may inflate to (Pillow's own, process-wide limits)."""
+    PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_CHUNK
+    PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT
 
 
 def open_image(data: bytes, resize: bool, max_pixels: int) -> Image.Image:
@@ -32,6 +42,13 @@ def open_image(data: bytes, resize: bool, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as err:  # claims more pixels than Pillow allows
         raise UploadTooLarge(f"the image header claims too many pixels: {err}") from None
+    except ValueError as err:
+        if "MAX_TEXT" not in str(err):
+            raise InvalidImage(f"not an image we can read; send {', '.join(FORMATS)}") from None
+        raise InvalidImage(
+            f"the image's metadata (PNG text or ICC chunks) inflates to more than "
+            f"{MAX_PNG_TEXT // 1024} KiB; strip it and send the pixels"
+        ) from None
     except Exception:  # UnidentifiedImageError mostly; hostile headers can raise others
         raise InvalidImage(f"not an image we can read; send {', '.join(FORMATS)}") from None
     width, height = image.size
@@ -73,11 +90,6 @@ def decode(image: Image.Image, resize: bool) -> np.ndarray:
     except Exception as err:  # Pillow on damaged data: OSError mostly, but not only
         raise InvalidImage(f"the image is truncated or corrupt ({err})") from None
     return np.asarray(image, dtype=np.uint8)
-
-
-def decode_image(data: bytes, resize: bool, max_pixels: int) -> np.ndarray:
-    """One image, both steps."""
-    return decode(open_image(data, resize, max_pixels), resize)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -2,8 +2,10 @@
 
 - A deadline for every request: REQUEST_TIMEOUT_SECONDS, shortened by an
   `X-Request-Timeout` header (seconds). The inference path drops work past it (504).
-- A bound on the body: MAX_REQUEST_BYTES worth (every image at its limit), refused from
-  the Content-Length header or, without one, as soon as the stream crosses it (413).
+- A bound on the body that fits its protocol: for /v2, the largest valid inference request
+  (service/codec.py: every value of MAX_IMAGES_PER_REQUEST images spelt out in JSON);
+  elsewhere every image at its upload limit. Refused from the Content-Length header or,
+  without one, as soon as the stream crosses it (413).
 - A bound on waiting for the body: a client that stops sending mid-body (or sends less
   than its Content-Length) gets 408 after BODY_TIMEOUT_SECONDS of silence, and the
   connection is closed.
@@ -24,9 +26,11 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.codec import max_request_bytes
 from service.config import Settings
-from service.errors import Overloaded, body_too_large, error_response
+from service.errors import Overloaded, error_response
 from service.images import release_memory
+from service.metrics import record_of
 
 TIMEOUT_HEADER = b"x-request-timeout"
 T = TypeVar("T")
@@ -37,6 +41,7 @@ class LimitsMiddleware:
         self.app = app
         self.settings = settings
         self.max_body = settings.max_request_bytes
+        self.max_v2_body = max_request_bytes(settings.max_images_per_request)
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.draining = draining
@@ -45,6 +50,14 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         timeout = self.request_timeout
+        v2 = scope["path"].startswith("/v2/")
+        max_body = self.max_v2_body if v2 else self.max_body
+        too_large = (
+            f"the request body is above {max_body:,} bytes, the largest valid inference "
+            f"request of {self.settings.max_images_per_request} images"
+            if v2
+            else body_too_large(self.settings)
+        )
         for name, value in scope["headers"]:
             if name == TIMEOUT_HEADER:
                 asked = _seconds(value)
@@ -52,11 +65,10 @@ class LimitsMiddleware:
                     message = "X-Request-Timeout must be a positive number of seconds"
                     return await _refuse(400, message, scope, receive, send)
                 timeout = min(timeout, asked)
-            elif name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+            elif name == b"content-length" and value.isdigit() and int(value) > max_body:
                 # Refused on the header alone, in the same words as while streaming.
-                message = body_too_large(self.settings)
-                return await _refuse(413, message, scope, receive, send)
-        scope.setdefault("state", {})["deadline"] = asyncio.get_running_loop().time() + timeout
+                return await _refuse(413, too_large, scope, receive, send)
+        record_of(scope).deadline = asyncio.get_running_loop().time() + timeout
 
         body_done, received = False, 0
 
@@ -75,8 +87,8 @@ class LimitsMiddleware:
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:  # refused while it streams in, never buffered
-                    raise HTTPException(413, headers={"Connection": "close"})
+                if received > max_body:  # refused while it streams in, never buffered
+                    raise HTTPException(413, too_large, headers={"Connection": "close"})
             body_done = message["type"] != "http.request" or not message.get("more_body")
             return message
 
@@ -86,6 +98,14 @@ class LimitsMiddleware:
             await send(message)
 
         await self.app(scope, receive_bounded, send_closing)
+
+
+def body_too_large(settings: Settings) -> str:
+    return (
+        f"the request body is above {settings.max_request_bytes:,} bytes: at most "
+        f"{settings.max_upload_bytes:,} bytes per image and "
+        f"{settings.max_images_per_request} images per request"
+    )
 
 
 async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send) -> None:

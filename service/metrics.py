@@ -8,10 +8,12 @@ hash) that answered.
 """
 
 import logging
+import math
 import os
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,6 +33,28 @@ REQUEST_ID = b"x-request-id"
 VALID_ID = re.compile(rb"[\w.:@/+=-]{1,128}")  # what we echo back and log, verbatim
 
 access_log = logging.getLogger("service.access")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did, filled in as it goes (the limits set its deadline, the data
+    plane the model and timings) and read once at the end for its metrics and log line.
+    It travels in the ASGI scope's state, under `RECORD`."""
+
+    request_id: str
+    deadline: float = math.inf  # on the event loop's clock
+    model_id: str = ""
+    model_version: str = ""
+    images: int | None = None
+    queue_ms: float | None = None
+    inference_ms: float | None = None
+
+
+RECORD = "record"
+
+
+def record_of(scope: Scope) -> RequestRecord:
+    return scope["state"][RECORD]
 
 
 class Metrics:
@@ -134,8 +158,8 @@ class MetricsMiddleware:
             )
             or uuid.uuid4().hex.encode()
         )
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id.decode()
+        record = RequestRecord(request_id.decode())
+        scope.setdefault("state", {})[RECORD] = record
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -149,16 +173,15 @@ class MetricsMiddleware:
         finally:
             seconds = time.perf_counter() - start
             route = route_template(scope)
-            model, version = state.get("model_id", ""), state.get("model_version", "")
-            labels = (route, model, version, str(status))
+            labels = (route, record.model_id, record.model_version, str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(seconds)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={
-                    "request_id": state["request_id"], "method": scope["method"],
-                    "route": route, "status": status, "model": model or None,
-                    "version": version or None, "images": state.get("images"),
-                    "queue_ms": state.get("queue_ms"), "inference_ms": state.get("inference_ms"),
+                    "request_id": record.request_id, "method": scope["method"],
+                    "route": route, "status": status, "model": record.model_id or None,
+                    "version": record.model_version or None, "images": record.images,
+                    "queue_ms": record.queue_ms, "inference_ms": record.inference_ms,
                     "total_ms": round(seconds * 1000, 3),
                 })  # fmt: skip
 

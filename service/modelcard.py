@@ -37,6 +37,17 @@ class ModelCard:
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
 
     def __post_init__(self) -> None:
+        # A card comes from a file anyone may drop into MODELS_DIR: check every type, so a
+        # wrong one is this file's ValueError, never another error later, elsewhere.
+        _expect(self.model_id, str, "model_id")
+        _expect(self.parameter_count, int, "parameter_count")
+        _expect_list(self.class_names, str, "class_names")
+        _expect_list(self.superclass_names, str, "superclass_names")
+        _expect_list(self.fine_to_coarse, int, "fine_to_coarse")
+        _expect_list(self.outputs, str, "outputs")
+        _expect(self.training, dict, "training")
+        if self.evaluation is not None:
+            _expect(self.evaluation, dict, "evaluation")
         # The id names URLs (/models/{id}, /v2/models/{id}) and folders (reports/{id}/):
         # a strict pattern keeps "..", slashes and odd bytes out of both.
         if not MODEL_ID_PATTERN.fullmatch(self.model_id):
@@ -78,6 +89,17 @@ class ModelCard:
                 values["outputs"] = json.loads(props["outputs"])
         except KeyError as missing:
             raise ValueError(f"model card is missing {missing}") from None
-        except (json.JSONDecodeError, ValueError) as err:
+        except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
             raise ValueError(f"model card has an unreadable field: {err}") from None
         return cls(**values)
+
+
+def _expect(value: Any, kind: type, name: str) -> None:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"model card field {name} must be a {kind.__name__}")
+
+
+def _expect_list(values: Any, kind: type, name: str) -> None:
+    _expect(values, list, name)
+    for value in values:
+        _expect(value, kind, f"{name}[...]")

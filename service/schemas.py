@@ -134,25 +134,12 @@ class V2ModelMetadata(BaseModel):
     )
 
 
-class V2InferenceRequest(BaseModel):
-    """The protocol's inference request (documentation; the route parses it itself, so
-    that binary tensor data can follow the JSON)."""
+class V2Live(BaseModel):
+    live: bool
 
-    id: str | None = None
-    parameters: dict[str, Any] | None = Field(
-        None, description='`{"binary_data_output": true}`: every output in binary'
-    )
-    inputs: list[dict[str, Any]] = Field(
-        description="exactly one: `images`, UINT8, shape [N, 32, 32, 3], `data` flat or "
-        "nested, or `parameters.binary_data_size` with the bytes after the JSON",
-        examples=[[{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
-                    "data": [0] * 3072}]],
-    )  # fmt: skip
-    outputs: list[dict[str, Any]] | None = Field(
-        None,
-        description="`probabilities` (default) and/or `features`; `parameters`: "
-        '`{"binary_data": true}` or `{"classification": k}` ("score:index:label")',
-    )
+
+class V2Ready(BaseModel):
+    ready: bool
 
 
 class V2Error(BaseModel):

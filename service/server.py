@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
 
 
+_GUARDED = threading.Event()  # set in a process whose app was loaded by a ServerConfig
+
+
 class ServerConfig(uvicorn.Config):
     """uvicorn's config plus our header limits (a module-level class: it is pickled to
     worker processes)."""
@@ -38,6 +41,15 @@ class ServerConfig(uvicorn.Config):
         super().__init__(app, **kw)
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
+
+    def load(self) -> None:
+        _GUARDED.set()  # each worker loads the app through its own copy of this config
+        super().load()
+
+
+def guarded() -> bool:
+    """Whether this process's server was configured here (so the limits are in force)."""
+    return _GUARDED.is_set()
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -123,23 +135,35 @@ def drain_on_sigterm(draining: threading.Event, seconds: float) -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
-def serve(settings: Settings) -> None:
-    """`python -m service`: serve models/ with every limit taken from the settings."""
-    config = ServerConfig(
-        "service.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        http=GuardedHttpToolsProtocol,
-        timeout_keep_alive=settings.keep_alive_seconds,
-        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # the app configures logging: one JSON formatter for every line
-        access_log=False,  # the app writes one access line per request, with its id
+def server_config(settings: Settings, app: Any = "service.main:app", **overrides) -> ServerConfig:
+    """The one uvicorn configuration, from the settings: every way this project starts a
+    server (`python -m service`, the tests, the benchmark) goes through here, so none
+    runs without the head limits, keep-alive and shutdown bounds. `overrides` are for
+    where it listens and how much it logs."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "http": GuardedHttpToolsProtocol,
+        "timeout_keep_alive": settings.keep_alive_seconds,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,  # the app configures logging: one JSON formatter for every line
+        "access_log": False,  # the app writes one access line per request, with its id
+        "factory": isinstance(app, str),
+        **overrides,
+    }
+    return ServerConfig(
+        app,
         max_header_bytes=settings.max_header_bytes,
         header_timeout=settings.header_timeout_seconds,
+        **options,
     )
+
+
+def serve(settings: Settings) -> None:
+    """`python -m service`: serve MODELS_DIR with every limit taken from the settings."""
+    config = server_config(settings)
     if config.workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:

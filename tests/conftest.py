@@ -1,13 +1,18 @@
 """Session fixtures: a small dataset in the official format, and models trained and
 exported from it by the real command line, shared by the training and service tests."""
 
+import fcntl
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.synthetic import write_cifar100, write_tarball
 
+KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
 VAL_SIZE = 500
 SMALL_VAL_SIZE = 100  # of small_tarball's 800 training images
 
@@ -65,3 +70,29 @@ def models_dir(workspace) -> Path:
 def model_copy(models_dir, tmp_path) -> Path:
     """A private models folder a test may add broken files to."""
     return Path(shutil.copytree(models_dir, tmp_path / "models"))
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> Path:
+    """A Python with KServe's SDK (its client and its typed manifests), in a venv of its
+    own under the user's cache: created once (about 90 s and 450 MB; needs PyPI the first
+    time), since its pins clash with ours."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar100"
+    tag = "-".join(p.replace("==", "-") for p in KSERVE_SDK)
+    venv = cache / f"venv-{tag}-py{sys.version_info.major}.{sys.version_info.minor}"
+    python = venv / "bin" / "python"
+    done = venv / ".installed"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build it once
+        if not done.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
+            subprocess.run(
+                [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 *KSERVE_SDK],
+                check=True, timeout=900,
+            )  # fmt: skip
+            done.write_text("\n".join(KSERVE_SDK))
+    return python

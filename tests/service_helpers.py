@@ -18,7 +18,7 @@ from PIL import Image
 from service.config import get_settings
 from service.main import create_app
 from service.modelcard import INPUT_NAME, OUTPUT_NAME
-from service.server import GuardedHttpToolsProtocol, ServerConfig
+from service.server import server_config
 
 
 def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -51,20 +51,15 @@ def environment(**env: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def live_server(models_dir, **env: str) -> Iterator[int]:
-    """The app behind our real server (its protocol limits included) on a loopback port,
-    in a thread; yields the port. Signals need a process: see bench's service_process."""
+    """The app behind our real server (service.server.server_config: its protocol limits
+    included) on a loopback port, in a thread; yields the port. Signals need a process:
+    see bench's service_process."""
     with environment(models_dir=models_dir, log_json="false", **env):
         settings = get_settings()
-        config = ServerConfig(
-            create_app(),
-            host="127.0.0.1",
-            port=0,
+        config = server_config(
+            settings, create_app(settings), host="127.0.0.1", port=0, workers=1,
             log_level="error",
-            http=GuardedHttpToolsProtocol,
-            timeout_keep_alive=settings.keep_alive_seconds,
-            max_header_bytes=settings.max_header_bytes,
-            header_timeout=settings.header_timeout_seconds,
-        )
+        )  # fmt: skip
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -88,7 +83,7 @@ def serve(monkeypatch, models_dir, **env: str) -> Iterator[TestClient]:
         monkeypatch.setenv(key.upper(), str(value))
     get_settings.cache_clear()
     try:
-        with TestClient(create_app()) as client:
+        with TestClient(create_app(get_settings())) as client:
             yield client
     finally:
         get_settings.cache_clear()

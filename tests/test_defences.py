@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.__main__ import service_process
 from bench.load import multipart_body, multipart_form
+from bench.servers import service_process
 from service.classifier import file_version
 from service.errors import Overloaded
 from service.limits import DecodeSlots
@@ -210,7 +210,7 @@ def test_a_dead_batcher_makes_the_service_unready_instead_of_hanging(
     monkeypatch, models_dir, images
 ):
     with serve(monkeypatch, models_dir) as client:
-        catalog = client.app.state.catalog
+        catalog = client.app.state.plane.catalog
         for served in catalog.served():
             client.portal.call(served.batcher._task.cancel)  # the loop ends, as if killed
         ready = client.get("/health/ready")
@@ -255,6 +255,98 @@ def test_reports_are_served_from_inside_reports_dir_only(monkeypatch, models_dir
         assert leak.status_code == 404 and "secret" not in leak.text
 
 
+def with_card_field(source, target, key: str, value: str) -> None:
+    """A copy of the model file `source` whose card has `key` set to the raw text `value`."""
+    model = onnx.load(source)
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    onnx.save(model, target)
+
+
+BROKEN_CARDS = {
+    "names-not-a-list.onnx": ("class_names", "5"),
+    "training-a-list.onnx": ("training", "[]"),
+    "float-superclasses.onnx": ("fine_to_coarse", json.dumps([0.5] * 100)),
+    "deep-json.onnx": ("evaluation", "[" * 100_000 + "]" * 100_000),
+}
+
+
+def test_a_card_of_the_wrong_types_is_skipped_and_the_good_models_still_load(
+    monkeypatch, model_copy, images
+):
+    for name, (key, value) in BROKEN_CARDS.items():
+        with_card_field(model_copy / f"{SMALL}.onnx", model_copy / name, key, value)
+    with serve(monkeypatch, model_copy) as client:
+        listed = client.get("/models").json()
+        assert set(listed["failed"]) == set(BROKEN_CARDS)
+        assert "class_names must be a list" in listed["failed"]["names-not-a-list.onnx"]
+        assert "training must be a dict" in listed["failed"]["training-a-list.onnx"]
+        assert "fine_to_coarse[...] must be a int" in listed["failed"]["float-superclasses.onnx"]
+        assert "unreadable field" in listed["failed"]["deep-json.onnx"]
+        assert {m["model_id"] for m in listed["models"]} == {SMALL, LARGE}
+        assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
+
+
+def test_a_broken_file_does_not_stop_polling_for_the_files_after_it(
+    monkeypatch, model_copy, tmp_path
+):
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    (model_copy / f"{LARGE}.onnx").rename(spare / f"{LARGE}.onnx")
+    with serve(monkeypatch, model_copy, model_poll_seconds=0.1) as client:
+        # "a-" sorts before the good file: the poll meets the broken one first.
+        with_card_field(
+            model_copy / f"{SMALL}.onnx", model_copy / "a-broken.onnx", "class_names", "5"
+        )
+        (spare / f"{LARGE}.onnx").rename(model_copy / f"z-{LARGE}.onnx")
+        deadline = time.monotonic() + 30
+        while LARGE not in {m["model_id"] for m in client.get("/models").json()["models"]}:
+            assert time.monotonic() < deadline, client.get("/models").json()
+            time.sleep(0.1)
+        assert "class_names" in client.get("/models").json()["failed"]["a-broken.onnx"]
+
+
+@pytest.mark.parametrize("keys", [{"api_keys": ","}, {"api_keys": " , "}, {"api_keys_file": "#"}])
+def test_a_key_setting_with_no_key_in_it_stops_startup_instead_of_serving_open(
+    monkeypatch, models_dir, tmp_path, keys
+):
+    if "api_keys_file" in keys:
+        (tmp_path / "keys").write_text("# only a comment\n\n")
+        keys = {"api_keys_file": tmp_path / "keys"}
+    with pytest.raises(ValueError, match="holds no key"), serve(monkeypatch, models_dir, **keys):
+        pass
+
+
+def test_with_keys_set_open_health_does_not_name_the_failed_files(monkeypatch, tmp_path):
+    (tmp_path / "secret-name.onnx").write_bytes(b"\x08\x07garbage")
+    with serve(monkeypatch, tmp_path, api_keys="k") as client:
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and "secret-name" not in ready.text
+        assert "1 file(s) failed" in ready.json()["detail"]
+        listed = client.get("/models", headers={"Authorization": "Bearer k"}).json()
+        assert "secret-name.onnx" in listed["failed"]
+
+
+def test_every_file_served_says_nosniff_no_framing_and_html_has_the_policy(
+    monkeypatch, models_dir, tmp_path
+):
+    reports = tmp_path / "reports"
+    (reports / SMALL).mkdir(parents=True)
+    (reports / SMALL / "index.html").write_text("<h1>report</h1>")
+    with serve(monkeypatch, models_dir, reports_dir=reports) as client:
+        for path in ("/", "/static/index.html", f"/models/{SMALL}/report/index.html",
+                     "/static/app.js"):  # fmt: skip
+            response = client.get(path)
+            assert response.status_code == 200, path
+            assert response.headers["x-content-type-options"] == "nosniff", path
+            assert response.headers["x-frame-options"] == "DENY", path
+            has_policy = "frame-ancestors 'none'" in response.headers.get(
+                "content-security-policy", ""
+            )
+            assert has_policy == path.endswith(("/", ".html")), path
+
+
 def test_failures_show_file_names_and_short_reasons_only(monkeypatch, model_copy):
     (model_copy / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
     with serve(monkeypatch, model_copy) as client:
@@ -278,10 +370,13 @@ def test_metrics_label_route_templates_and_one_bucket_for_unknown_paths(client):
 
 def test_empty_uploads_are_refused_and_the_schema_says_so(client):
     spec = client.get("/openapi.json").json()
-    files = spec["components"]["schemas"]["Body_predict_predict_post"]["properties"]["files"]
-    assert files["minItems"] == 1
+    fields = spec["components"]["schemas"]["Body_predict_predict_post"]["properties"]
+    assert {"files", "file"} <= set(fields)  # either may carry the images, so neither is
+    operation = spec["paths"]["/predict"]["post"]  # required: the operation says so
+    assert "at least one image" in operation["description"]
     response = client.post("/predict", data={"other": "x"}, files=[("x", ("a", b"1"))])
     assert response.status_code == 422
+    assert "at least one image" in response.json()["detail"]
 
 
 @pytest.fixture
@@ -297,12 +392,9 @@ def test_sigterm_drains_then_finishes_what_is_in_flight(models_dir, images):
     """SIGTERM: readiness 503 at once while requests are still served (with Connection:
     close); a request whose upload is under way is still answered; then the process exits."""
     body, content_type = multipart_body(encode(images[0]), "a.png")
-    env = {
-        "MODELS_DIR": str(models_dir),
-        "SHUTDOWN_DRAIN_SECONDS": "3",
-        "GRACEFUL_SHUTDOWN_SECONDS": "30",
-    }
-    with service_process(env) as (port, process):
+    settings = {"models_dir": models_dir, "shutdown_drain_seconds": 3,
+                "graceful_shutdown_seconds": 30}  # fmt: skip
+    with service_process(**settings) as (port, process):
         slow = socket.create_connection(("127.0.0.1", port))
         head = (
             f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"

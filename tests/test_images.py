@@ -1,4 +1,4 @@
-"""decode_image on damaged files: every failure is a clear domain error, never a crash."""
+"""open_image + decode on damaged files: every failure is a clear domain error, never a crash."""
 
 import io
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidImage, UploadTooLarge
-from service.images import decode_image
+from service.images import decode, open_image
 from tests.synthetic import make_images
 
 FORMATS = {
@@ -28,7 +28,7 @@ def encoded(fmt: str) -> bytes:
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_format_decodes_to_32x32_rgb(fmt):
-    pixels = decode_image(encoded(fmt), resize=False, max_pixels=1 << 24)
+    pixels = decode(open_image(encoded(fmt), False, 1 << 24), resize=False)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
@@ -47,7 +47,7 @@ def test_damaged_files_fail_cleanly(fmt):
     for sample in damaged:
         for resize in (False, True):
             try:
-                pixels = decode_image(sample, resize=resize, max_pixels=1 << 20)
+                pixels = decode(open_image(sample, resize, 1 << 20), resize)
             except (InvalidImage, UploadTooLarge):
                 continue
             assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8

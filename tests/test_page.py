@@ -18,7 +18,7 @@ from PIL import Image
 
 from bench.__main__ import free_port, server_process
 from bench.load import multipart_body
-from service.images import decode_image
+from service.images import decode, open_image
 from tests.service_helpers import encode
 from tests.synthetic import make_images
 
@@ -280,7 +280,7 @@ def test_upload_shows_the_32x32_input_five_bars_and_the_superclass_like_the_api(
         canvas.evaluate("c => Array.from(c.getContext('2d').getImageData(0, 0, 32, 32).data)"),
         dtype=np.float64,
     ).reshape(32, 32, 4)[..., :3]
-    served = decode_image(data, resize=True, max_pixels=1 << 24).astype(np.float64)
+    served = decode(open_image(data, True, 1 << 24), resize=True).astype(np.float64)
     assert np.abs(preview - served).mean() < 12
     visit.assert_only_local()
 

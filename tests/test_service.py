@@ -18,8 +18,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from bench.__main__ import service_process
 from bench.load import multipart_body
+from bench.servers import service_process
 from service.classifier import file_version
 from service.errors import DeviceUnavailable
 from tests.service_helpers import (
@@ -197,7 +197,7 @@ def png_claiming(width: int, height: int) -> bytes:
         (upload(b"definitely not an image"), "", 422, "not an image"),
         (upload(b""), "", 422, "empty"),
         ("truncated", "", 422, "truncated or corrupt"),
-        (None, "", 422, "Field required"),
+        (None, "", 422, "send at least one image"),
         ("ok", "?model=cifar100-1", 404, "unknown model 'cifar100-1'"),
         ("ok", "?top_k=0", 422, "greater than or equal to 1"),
         ("ok", "?top_k=101", 422, "less than or equal to 100"),
@@ -378,6 +378,16 @@ def test_metrics_count_requests_latency_and_batches(client, models_dir, images):
     assert f"model_version_loaded{{{model},{version}}} 1.0" in text
 
 
+def test_the_tutorial_field_file_works_alone_and_beside_files(client, images):
+    """`curl -F file=@cat.png` (the form most tutorials use) and `files` together."""
+    one = client.post("/predict", files=[("file", ("cat.png", encode(images[0]), "image/png"))])
+    assert one.status_code == 200, one.text
+    assert [p["filename"] for p in one.json()["predictions"]] == ["cat.png"]
+    both = client.post("/predict", files=[("file", ("a.png", encode(images[0]), "image/png")),
+                                          *upload(encode(images[1]), name="b")])  # fmt: skip
+    assert [p["filename"] for p in both.json()["predictions"]] == ["a.png", "b0"]
+
+
 def test_docs_work_offline(client):
     for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
         html = client.get(page).text
@@ -447,7 +457,8 @@ def test_concurrent_requests_get_their_own_answers(monkeypatch, models_dir, batc
         got = probabilities_of(body["predictions"][0])
         np.testing.assert_allclose([got[c] for c in range(100)], expected[i], rtol=1e-5, atol=1e-7)
     assert len(results) == len(images)
-    batches = _metric(metrics, f'inference_batch_size_count{{model="{LARGE}",version=')
+    version = file_version(models_dir / f"{LARGE}.onnx")
+    batches = _metric(metrics, f'inference_batch_size_count{{model="{LARGE}",version="{version}"}}')
     if batching == "true":
         assert batches < len(images)  # some requests shared an onnxruntime call
     else:
@@ -455,21 +466,18 @@ def test_concurrent_requests_get_their_own_answers(monkeypatch, models_dir, batc
 
 
 def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name):
-            return float(line.split()[-1])
-    return 0.0
+    """The value of the series `name` (its labels included, exactly as exposed): a
+    missing series fails the test instead of reading as 0."""
+    lines = [line.rpartition(" ") for line in text.splitlines()]
+    values = [float(value) for series, _, value in lines if series == name]
+    assert len(values) == 1, f"{len(values)} series {name!r} in /metrics"
+    return values[0]
 
 
 def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
     """uvicorn --workers 2: /metrics counts every worker's requests, not one worker's."""
     prometheus_dir = tmp_path / "prometheus"
-    prometheus_dir.mkdir()
-    env = {
-        "MODELS_DIR": str(models_dir), "WEB_CONCURRENCY": "2",
-        "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir), "LOG_LEVEL": "WARNING",
-    }  # fmt: skip
-    with service_process(env) as (port, _):
+    with service_process(prometheus_dir, models_dir=models_dir, workers=2) as (port, _):
         body, content_type = multipart_body(encode(images[0]), "a.png")
 
         def post(_) -> int:  # a new connection each, eight at a time: both workers get some
@@ -490,4 +498,5 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
                 sent += 40
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert len(pids()) == 2  # both workers served requests
-    assert _metric(text, f'images_classified_total{{model="{LARGE}",version=') == sent
+    version = file_version(models_dir / f"{LARGE}.onnx")
+    assert _metric(text, f'images_classified_total{{model="{LARGE}",version="{version}"}}') == sent

@@ -4,6 +4,7 @@ the classification extension and every error case. Top-1 through /v2 equals /pre
 equals onnxruntime on the same images."""
 
 import json
+import subprocess
 import urllib.request
 
 import numpy as np
@@ -213,14 +214,15 @@ def test_unknown_models_and_versions_are_404_in_the_protocols_shape(client, imag
 
 
 def test_v2_shares_the_limits_of_predict(models_dir, images):
-    """Same queue bound and body limit: one data plane, whatever the protocol."""
-    with live_server(models_dir, max_queue_images=2, max_upload_bytes=1024) as port:
+    """Same queue bound and images per request: one data plane, whatever the protocol;
+    and a body limit of its own, the largest valid v2 request of that many images."""
+    with live_server(models_dir, max_queue_images=2, max_images_per_request=4) as port:
         client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
         with pytest.raises(InferenceServerException) as shed:
             client.infer(LARGE, [images_input(images[:3], binary=True)])
         assert shed.value.status() == "503" and "images queued" in shed.value.message()
-        # max_request_bytes = 1024 * 64 + 64 KiB: a JSON tensor of 64 images is far above
-        body = json.dumps({"inputs": [tensor([8, 32, 32, 3], data=[255] * 8 * 3072)]}).encode()
+        # at most 64 KiB + 4 images x 3,072 values x 10 bytes: 16 images of JSON are above
+        body = json.dumps({"inputs": [tensor([16, 32, 32, 3], data=[255] * 16 * 3072)]}).encode()
         status, reply = post(port, f"/v2/models/{LARGE}/infer", body)
         assert status == 413 and "request body is above" in reply["error"]
         client.close()
@@ -233,3 +235,47 @@ def test_not_ready_is_a_4xx_on_health_and_503_on_infer(tmp_path):
         status, reply = post(port, f"/v2/models/{LARGE}/infer", b"{}")
         assert status == 503 and "no model loaded" in reply["error"]
         client.close()
+
+
+# Runs in the kserve SDK's own venv (the kserve_python fixture): KServe's client against
+# our /v2, health through its JSON bodies, inference in JSON and in binary.
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+base, model, path = sys.argv[1], sys.argv[2], sys.argv[3]
+images = np.load(path)
+
+async def main():
+    client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=60))
+    found = {"live": await client.is_server_live(base),
+             "ready": await client.is_server_ready(base),
+             "model_ready": await client.is_model_ready(base, model)}
+    for binary in (False, True):
+        tensor = InferInput("images", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images, binary_data=binary)
+        request = InferRequest(model_name=model, infer_inputs=[tensor], request_id="k-1")
+        response = await client.infer(base, request, model_name=model)
+        found[f"binary={binary}"] = response.outputs[0].as_numpy().tolist()
+    await client.close()
+    print(json.dumps(found))
+
+asyncio.run(main())
+"""
+
+
+def test_kserves_own_client_reads_health_and_infers(server, models_dir, images, kserve_python,
+                                                    tmp_path):  # fmt: skip
+    np.save(tmp_path / "images.npy", images)
+    found = subprocess.run(
+        [kserve_python, "-c", KSERVE_CLIENT, f"http://127.0.0.1:{server}", LARGE,
+         str(tmp_path / "images.npy")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr[-2000:]
+    result = json.loads(found.stdout)
+    assert result["live"] is True and result["ready"] is True and result["model_ready"] is True
+    expected = onnx_probabilities(models_dir / f"{LARGE}.onnx", images)
+    for binary in (False, True):
+        np.testing.assert_allclose(result[f"binary={binary}"], expected, atol=1e-6)

@@ -7,8 +7,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, RedirectResponse
 
 from service.catalog import Catalog, Served
-from service.deps import CatalogDep, SettingsDep
+from service.deps import CatalogDep, PlaneDep
 from service.errors import ReportNotFound
+from service.routes.page import REPORT_POLICY, file_response
 from service.schemas import ErrorBody, ModelDetail, ModelInfo, ModelList
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -66,11 +67,11 @@ async def get_report(model_id: str, catalog: CatalogDep) -> RedirectResponse:
     responses={200: {"content": {"text/html": {}, "image/png": {}}}, 404: {"model": ErrorBody}},
 )
 async def get_report_file(
-    model_id: str, name: str, catalog: CatalogDep, settings: SettingsDep
+    model_id: str, name: str, catalog: CatalogDep, plane: PlaneDep
 ) -> FileResponse:
     """A file of the model's report: index.html, report.json or a plot."""
     model_id = catalog.get(model_id).model_id  # a served id: it matches MODEL_ID_PATTERN
-    reports = settings.reports_dir.resolve()
+    reports = plane.settings.reports_dir.resolve()
     path = (reports / model_id / name).resolve()
     # Flat file names only, and nothing outside REPORTS_DIR, through a symlink or not.
     if (
@@ -81,7 +82,7 @@ async def get_report_file(
         if name == "index.html":
             raise ReportNotFound(f"no report for {model_id!r} yet; run `make report`")
         raise ReportNotFound(f"the report of {model_id!r} has no file {name!r}")
-    return FileResponse(path)
+    return file_response(path, REPORT_POLICY)
 
 
 def _info(served: Served, catalog: Catalog) -> ModelInfo:

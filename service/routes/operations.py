@@ -1,11 +1,11 @@
 """For operators: liveness, readiness and Prometheus metrics."""
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.auth import metrics_token
-from service.deps import CatalogDep, MetricsDep
+from service.deps import PlaneDep
 from service.metrics import exposition
 from service.schemas import ErrorBody, Health
 
@@ -19,16 +19,12 @@ def live() -> Health:
 
 
 @router.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
-def ready(request: Request, catalog: CatalogDep) -> Health | JSONResponse:
+def ready(plane: PlaneDep) -> Health | JSONResponse:
     """200 once a model is loaded, warmed up and its batcher running; 503 with the reason
     otherwise, and from the moment the server is told to stop (SIGTERM)."""
-    if request.app.state.draining.is_set():
-        body = Health(status="not ready", detail="shutting down")
-    elif not catalog.ready:
-        body = Health(status="not ready", detail=catalog.not_ready_reason())
-    else:
+    if (reason := plane.not_ready_reason()) is None:
         return Health(status="ready")
-    return JSONResponse(body.model_dump(), status_code=503)
+    return JSONResponse(Health(status="not ready", detail=reason).model_dump(), status_code=503)
 
 
 @router.get(
@@ -37,6 +33,6 @@ def ready(request: Request, catalog: CatalogDep) -> Health | JSONResponse:
     dependencies=[Depends(metrics_token)],
     responses={401: {"model": ErrorBody, "description": "METRICS_TOKEN is set"}},
 )
-def metrics(metrics: MetricsDep) -> Response:
+def metrics(plane: PlaneDep) -> Response:
     """Prometheus text format: requests and latency per route, model and status; batch sizes."""
-    return Response(exposition(metrics), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(plane.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -17,11 +17,26 @@ POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
+# A report is a single static file: its own inline CSS and its plots, no script at all.
+REPORT_POLICY = (
+    "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+# On every file we serve: the browser takes the declared type (no sniffing a PNG into
+# HTML) and no other site may frame our pages; HTML gets a policy.
+FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
+
+
+def file_response(path: Path, policy: str = POLICY) -> FileResponse:
+    headers = dict(FILE_HEADERS)
+    if path.suffix == ".html":
+        headers["Content-Security-Policy"] = policy
+    return FileResponse(path, headers=headers)
 
 
 @router.get("/")
 async def index() -> FileResponse:
-    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": POLICY})
+    return file_response(STATIC / "index.html")
 
 
 @router.get("/static/{name:path}")
@@ -32,4 +47,4 @@ async def static(name: str) -> FileResponse:
     path = STATIC / name
     if not path.is_file():
         raise HTTPException(404, "no such file")
-    return FileResponse(path)
+    return file_response(path)

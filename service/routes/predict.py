@@ -1,4 +1,4 @@
-"""POST /predict: decode the uploads, call the model, encode the answer."""
+"""POST /predict: decode the uploads, call the data plane, encode the answer."""
 
 from typing import Annotated
 
@@ -7,7 +7,7 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from PIL import Image
 
 from service.config import Settings
-from service.deps import InferenceDep
+from service.deps import PlaneDep, RecordDep
 from service.errors import InvalidImage, TooManyImages, UploadTooLarge
 from service.images import decode, decoded_pixels, open_image
 from service.modelcard import IMAGE_SIZE
@@ -17,6 +17,7 @@ router = APIRouter(tags=["predict"])
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)
 
 ERRORS = {
+    400: {"model": ErrorBody, "description": "The body is not a readable multipart form"},
     401: {"model": ErrorBody, "description": "API_KEYS is set and no valid key was sent"},
     404: {"model": ErrorBody, "description": "Unknown model or version"},
     408: {"model": ErrorBody, "description": "The body did not arrive in time"},
@@ -34,20 +35,29 @@ ERRORS = {
 }
 
 
+FILES_DOC = "One or more 32x32 images: PNG, JPEG, BMP, GIF, WebP or TIFF"
+FILE_DOC = "One image, as `curl -F file=@cat.png` sends it (beside or instead of `files`)"
+# Swagger UI shows a file picker for `format: binary`, not for the OpenAPI 3.1
+# `contentMediaType` FastAPI writes: without this, /docs could not upload.
+BINARY = {"type": "string", "format": "binary"}
+
+
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)
 async def predict(
     request: Request,
+    plane: PlaneDep,
+    record: RecordDep,
     files: Annotated[
-        list[UploadFile],
+        list[UploadFile], File(description=FILES_DOC, json_schema_extra={"items": BINARY})
+    ] = (),  # optional: `file` may carry the one image instead
+    file: Annotated[
+        UploadFile | None,
         File(
-            description="One or more 32x32 images: PNG, JPEG, BMP, GIF, WebP or TIFF",
-            min_length=1,
-            # Swagger UI shows a file picker for `format: binary`, not for the OpenAPI 3.1
-            # `contentMediaType` FastAPI writes: without this, /docs could not upload.
-            json_schema_extra={"items": {"type": "string", "format": "binary"}},
+            description="One image, as `curl -F file=@cat.png` sends it (beside or "
+            "instead of `files`)",
+            json_schema_extra=BINARY,
         ),
-    ],
-    inference: InferenceDep,
+    ] = None,
     model: Annotated[str | None, Query(description="Model id; default: DEFAULT_MODEL")] = None,
     version: Annotated[
         str | None, Query(description="Version (content hash); default: the newest trained")
@@ -57,9 +67,14 @@ async def predict(
         bool, Query(description="Centre-crop to a square and resize to 32x32 instead of refusing")
     ] = False,
 ) -> PredictResponse:
-    """Classify images into the 100 CIFAR-100 classes and their 20 superclasses."""
-    settings = inference.settings
-    inference.model(model, version)  # unknown model or version: 404 before any decoding
+    """Classify images into the 100 CIFAR-100 classes and their 20 superclasses.
+
+    Send at least one image: as `files` (one or more), or as `file` (one)."""
+    settings = plane.settings
+    plane.model(record, model, version)  # unknown model or version: 404 before decoding
+    files = [*([file] if file is not None else []), *files]
+    if not files:
+        raise InvalidImage("send at least one image, as `files` (or `file`)")
     if len(files) > settings.max_images_per_request:
         raise TooManyImages(
             f"{len(files)} images in one request; at most {settings.max_images_per_request}"
@@ -73,10 +88,12 @@ async def predict(
     contents = [await upload.read() for upload in files]
     opened = _open_all(contents, files, resize, settings)  # headers only: cheap
     if any(image.size != SQUARE for image in opened):  # real decoding work: bounded
-        images = await request.app.state.decode_slots.run(lambda: _decode_all(opened, files))
+        images = await plane.decode(lambda: _decode_all(opened, files))
     else:  # 32x32: microseconds, cheaper than a thread hop
         images = _decode_all(opened, files)
-    served, outputs, inference_ms = await inference.run(model, version, images)
+    served, outputs, inference_ms = await plane.infer(
+        record, request.receive, model, version, images
+    )
     return PredictResponse(
         model_id=served.model_id,
         model_version=served.version,

@@ -1,0 +1,292 @@
+"""The Open Inference Protocol's tensor codec: request bytes -> one uint8 tensor, and a
+model's outputs -> response bytes. Knows nothing of HTTP or of models.
+
+The request is validated by `InferenceRequest`, the same pydantic model the OpenAPI
+document shows, parsed straight from the bytes by pydantic's JSON parser (which refuses
+nesting deeper than 200, so a body of `[[[[...` is a 400, not a RecursionError). Parsing
+refuses what it does not understand instead of casting it: `data` holds integers 0..255
+only (no floats, booleans or strings), parameters are finite scalars, and an output may
+be asked once. So every request's work and answer are bounded by its size: the answer
+holds at most each output once per image.
+
+Binary tensor data: `Inference-Header-Content-Length` bytes of JSON, then the raw
+tensors; an output asked with `binary_data` comes back the same way.
+"""
+
+import json
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from service.errors import InvalidTensor, TooManyImages
+from service.modelcard import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_HEADER_BYTES = 64 * 1024  # the JSON before binary data: names and parameters only
+# Compact JSON spends at most 4 bytes on a value ("255,"); nesting adds about one more.
+# Twice that leaves room for spaces and newlines: the largest valid JSON request.
+JSON_BYTES_PER_VALUE = 10
+VALUES_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3
+
+Byte = Annotated[StrictInt, Field(ge=0, le=255)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+Scalar = StrictBool | StrictInt | FiniteFloat | Annotated[str, Field(max_length=256)]
+# Flat (the protocol's row-major form), or nested as the shape says; fail_fast: one bad
+# value ends validation instead of collecting an error for each of 196,608 values.
+
+
+def _list(item: Any) -> Any:
+    # Never empty: `[[], [], ...]` would cost a list object per 3 bytes sent.
+    return Annotated[list[item], Field(min_length=1, fail_fast=True)]
+
+
+FlatData = _list(Byte)
+NestedData = _list(_list(_list(_list(Byte))))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorParameters(Strict):
+    binary_data_size: StrictInt | None = Field(None, ge=0)
+
+
+class InputTensor(Strict):
+    name: Literal["images"] = Field(description="the model's one input")
+    datatype: Literal["UINT8"]
+    shape: list[StrictInt] = Field(
+        min_length=4, max_length=4, description="[N, 32, 32, 3]", examples=[[1, 32, 32, 3]]
+    )
+    parameters: TensorParameters | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def images_of_32x32(cls, shape: list[int]) -> list[int]:
+        if shape[0] < 1 or shape[1:] != [IMAGE_SIZE, IMAGE_SIZE, 3]:
+            raise ValueError("must be [N, 32, 32, 3]")
+        return shape
+
+    data: Annotated[FlatData | NestedData, Field(union_mode="left_to_right")] | None = Field(
+        None, description="integers 0..255, flat (row-major) or nested as `shape`; or "
+        "`parameters.binary_data_size` with the bytes after the JSON"
+    )  # fmt: skip
+
+
+class OutputParameters(Strict):
+    binary_data: StrictBool | None = None
+    classification: StrictInt | None = Field(
+        None, ge=1, description='the top k as "score:index:label" strings'
+    )
+
+
+class RequestedOutput(Strict):
+    name: str = Field(max_length=64, examples=[OUTPUT_NAME])
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    """Ours, and up to 16 others (the protocol lets clients send any): finite scalars."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, Scalar] = Field(init=False)
+
+    binary_data_output: StrictBool = Field(False, description="every output in binary")
+
+    @model_validator(mode="after")
+    def few(self) -> "RequestParameters":
+        if len(self.__pydantic_extra__ or {}) > 16:
+            raise ValueError("at most 16 request parameters")
+        return self
+
+
+class InferenceRequest(Strict):
+    """The protocol's inference request, as this server takes it."""
+
+    id: str | None = Field(None, max_length=256)
+    parameters: RequestParameters | None = None
+    inputs: list[InputTensor] = Field(
+        min_length=1, max_length=1, description="exactly one: `images`, UINT8 [N, 32, 32, 3]"
+    )
+    outputs: list[RequestedOutput] | None = Field(
+        None,
+        max_length=8,
+        description="`probabilities` (default) and/or `features`, each at most once; "
+        '`parameters`: `{"binary_data": true}` or `{"classification": k}`',
+    )
+
+
+def max_request_bytes(max_images: int) -> int:
+    """The largest valid inference request: JSON with every value spelt out, or the
+    binary form (smaller)."""
+    return MAX_HEADER_BYTES + max_images * VALUES_PER_IMAGE * JSON_BYTES_PER_VALUE
+
+
+def decode_request(
+    body: bytes, header_length: int | None, max_images: int
+) -> tuple[InferenceRequest, np.ndarray]:
+    """The validated request and its images, uint8 [N, 32, 32, 3]; InvalidTensor (400)
+    or TooManyImages (413) with a message that says what is wrong."""
+    if header_length is None:
+        header_length = len(body)
+    elif header_length > min(len(body), MAX_HEADER_BYTES):
+        raise InvalidTensor(
+            f"{HEADER_LENGTH} is {header_length}; it must be at most the body's "
+            f"{len(body)} bytes and {MAX_HEADER_BYTES:,}"
+        )
+    try:
+        request = InferenceRequest.model_validate_json(body[:header_length])
+    except ValidationError as err:
+        raise InvalidTensor(_problem(err)) from None
+    (tensor,) = request.inputs
+    shape = tensor.shape
+    if shape[0] > max_images:
+        raise TooManyImages(f"{shape[0]} images in one request; at most {max_images}")
+    count = math.prod(shape)
+    binary = memoryview(body)[header_length:]
+    size = tensor.parameters.binary_data_size if tensor.parameters else None
+    if size is not None:
+        if size != count or len(binary) != size:
+            raise InvalidTensor(
+                f"binary_data_size is {size} and {len(binary)} bytes follow the header; "
+                f"shape {shape} of UINT8 needs {count}"
+            )
+        return request, np.frombuffer(binary, dtype=np.uint8).reshape(shape)
+    if len(binary):
+        raise InvalidTensor("binary data follows the header but no input has binary_data_size")
+    if tensor.data is None:
+        raise InvalidTensor(f"input {INPUT_NAME!r} needs 'data' or binary data")
+    try:
+        values = np.asarray(tensor.data, dtype=np.uint8)
+    except ValueError:  # nested lists of uneven lengths
+        raise InvalidTensor(f"input {INPUT_NAME!r}: data is not shaped {shape}") from None
+    if values.size != count or (values.ndim > 1 and list(values.shape) != shape):
+        raise InvalidTensor(f"input {INPUT_NAME!r}: {values.size} values for shape {shape}")
+    return request, values.reshape(shape)
+
+
+def requested_outputs(request: InferenceRequest, widths: dict[str, int]) -> list[RequestedOutput]:
+    """The outputs to send back (default: probabilities), checked against the model's
+    outputs and their widths before any work is done: known, asked once, and top-k
+    only of the probabilities, with k at most their width."""
+    asked = request.outputs if request.outputs is not None else [RequestedOutput(name=OUTPUT_NAME)]
+    names = [output.name for output in asked]
+    if unknown := [name for name in names if name not in widths]:
+        raise InvalidTensor(f"unknown output {unknown[0]!r}; this model has {sorted(widths)}")
+    if len(set(names)) != len(names):
+        raise InvalidTensor(f"each output may be asked once; asked {names}")
+    for output in asked:
+        k = output.parameters.classification if output.parameters else None
+        if k is not None and output.name != OUTPUT_NAME:
+            raise InvalidTensor(f"classification applies to {OUTPUT_NAME!r} only")
+        if k is not None and k > widths[output.name]:
+            raise InvalidTensor(
+                f"classification must be an integer from 1 to {widths[output.name]}"
+            )
+    return asked
+
+
+def encode_response(
+    request: InferenceRequest,
+    asked: list[RequestedOutput],
+    model_name: str,
+    model_version: str,
+    outputs: dict[str, np.ndarray],
+    class_names: list[str],
+) -> tuple[bytes, int | None]:
+    """The response body for the outputs `requested_outputs` accepted, and the JSON
+    header's length when binary outputs follow it."""
+    binary_default = request.parameters is not None and request.parameters.binary_data_output
+    described, blobs = [], []
+    for output in asked:
+        options = output.parameters or OutputParameters()
+        values, datatype = outputs[output.name], "FP32"
+        if options.classification is not None:
+            values, datatype = classify(class_names, values, options.classification), "BYTES"
+        entry: dict[str, Any] = {"name": output.name, "datatype": datatype,
+                                 "shape": list(values.shape)}  # fmt: skip
+        binary = options.binary_data if options.binary_data is not None else binary_default
+        if binary:
+            blob = bytes_tensor(values) if datatype == "BYTES" else values.astype("<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = values.ravel().tolist()
+        described.append(entry)
+    body: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": described,
+    }
+    if request.id is not None:
+        body["id"] = request.id
+    head = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
+
+
+def classify(names: list[str], values: np.ndarray, k: int) -> np.ndarray:
+    """Triton's classification extension: the top k as "score:index:label"."""
+    best = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return np.array(
+        [
+            [f"{row[i]:.6f}:{i}:{names[i]}" for i in top]
+            for row, top in zip(values, best, strict=True)
+        ],
+        dtype=object,
+    )
+
+
+def bytes_tensor(values: np.ndarray) -> bytes:
+    """BYTES in binary: each element as a 4-byte little-endian length, then its bytes."""
+    parts = []
+    for value in values.ravel():
+        encoded = str(value).encode()
+        parts.append(len(encoded).to_bytes(4, "little") + encoded)
+    return b"".join(parts)
+
+
+def _problem(err: ValidationError) -> str:
+    """One line a client can act on, for the first problem (fail_fast: often the only)."""
+    first = err.errors(include_url=False)[0]
+    loc, kind = first["loc"], first["type"]
+    seen = first.get("input")  # quoted back only when small: never a whole data list
+    if not isinstance(seen, str | int | None) and not (isinstance(seen, list) and len(seen) < 9):
+        seen = "..."
+    if kind == "json_invalid":
+        return f"the inference request is not valid JSON ({first['msg']})"
+    if not loc or loc == ("inputs",):
+        return (
+            "the inference request must be a JSON object with an 'inputs' list of one "
+            f"input named {INPUT_NAME!r}"
+        )
+    match loc[0], loc[2:3]:
+        case "inputs", ("name",):
+            return f"expected one input named {INPUT_NAME!r}, got {seen!r}"
+        case "inputs", ("datatype",):
+            return f"input {INPUT_NAME!r} must have datatype UINT8, got {seen!r}"
+        case "inputs", ("shape",):
+            shape = seen if loc[3:] == () else "a shape with non-integers"
+            return f"input {INPUT_NAME!r} must have shape [N, 32, 32, 3], got {shape}"
+        case "inputs", ("data",) if kind in ("less_than_equal", "greater_than_equal"):
+            return f"input {INPUT_NAME!r}: UINT8 values must be within 0..255"
+        case "inputs", ("data",):
+            return (
+                f"input {INPUT_NAME!r}: data must hold integers only, flat or nested as the shape"
+            )
+        case "outputs", _ if "classification" in loc:
+            return "classification must be an integer from 1 to the number of classes"
+    where = ".".join(str(part) for part in loc)
+    return f"invalid inference request: {where}: {first['msg']}"
