@@ -1,4 +1,4 @@
-"""python -m bench faults: the service under faults and overload, one table.
+"""python -m bench faults: the service under faults and overload, and what hostile requests cost.
 
 Loopback only; every load is bounded in time and count and stops by itself. The server
 is `python -m service` (with its protocol limits), WORKERS processes, with
@@ -20,6 +20,9 @@ clients are cut within the run. Rows:
   amplification 64 solid-colour 4096x4096 PNGs with resize=true (refused from the
                 headers) and the largest request accepted (4 x 2048x2048): server
                 CPU-seconds per request, from /proc
+Then a second table: every case of the hostile corpus (bench/hostile.py) sent once, with
+bytes sent and answered, status (and whether it is one documented for the case), server
+CPU-seconds and peak RSS growth, and the worst ratios to the bytes sent.
 The SIGTERM rows are bench/shutdown.py's; a request's cost is measured by
 bench/amplification.py. Writes <out>/faults.json and faults.md; prints the Markdown.
 """
@@ -34,7 +37,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.amplification import measure
+from bench.amplification import hostile_markdown, hostile_rows, measure, warm_up
+from bench.hostile import cases
 from bench.load import (
     build_requests,
     closed_loop,
@@ -78,6 +82,9 @@ def main(args: argparse.Namespace) -> int:
             "body_timeout_seconds": args.client_timeout,
         }  # fmt: skip
         rows = run_all(Path(scratch) / "metrics", settings, args)
+        with service_process(Path(scratch) / "metrics", **settings) as (port, process):
+            warm_up(port, args.model)
+            hostile = hostile_rows(port, process.pid, cases(args.model))
     results = {
         "model": args.model,
         "workers": args.workers,
@@ -85,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
         "client_timeout_seconds": args.client_timeout,
         "load_average": list(os.getloadavg()),
         "rows": rows,
+        "hostile": hostile,
     }
     write(results, args.out, "faults", to_markdown)
     return 0
@@ -295,4 +303,12 @@ def to_markdown(results: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {r['fault']} | {r['load']} | {describe(r)} |" for r in results["rows"]]
-    return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "Amplification, by hostile case (bench/hostile.py): each sent once, on a server of "
+        "its own warmed up by the largest legitimate requests; CPU and peak RSS growth of "
+        "the server's process tree from /proc.",
+        "",
+        hostile_markdown(results["hostile"]),
+    ]
+    return "\n".join(lines)

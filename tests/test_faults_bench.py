@@ -1,11 +1,15 @@
 """`python -m bench faults` in smoke mode: every row of the table produced, on loopback,
 in seconds. Nothing timed is asserted; what must hold whatever the speed is: overload is
 shed and still served, slow connections are cut with 408 while a normal client is
-served, nothing accepted is lost and everything answered after SIGTERM is a 200."""
+served, nothing accepted is lost and everything answered after SIGTERM is a 200; every
+hostile case is answered and measured (its documented status is tests/test_hostile.py's
+to check)."""
 
 import json
 import subprocess
 import sys
+
+from bench.hostile import cases
 
 FAULTS = [
     "overload", "slow clients", "soak", "amplification", "largest accepted", "ordinary",
@@ -53,5 +57,13 @@ def test_faults_smoke_run_produces_every_row(models_dir, tmp_path):
     upload = rows["slow upload during SIGTERM"]
     assert upload["upload_status"] == 200 and upload["shutdown_seconds"] is not None
 
+    hostile = results["hostile"]
+    assert [row["case"] for row in hostile] == [case.name for case in cases(results["model"])]
+    for row in hostile:
+        assert row["status"] is not None and row["bytes_sent"] >= 1
+        assert row["cpu_seconds_per_request"] >= 0 and row["rss_growth_mib"] >= 0
+
     markdown = (tmp_path / "faults.md").read_text()
     assert all(f"| {fault} |" in markdown for fault in FAULTS)
+    assert all(f"| {row['case']} | {row['bytes_sent']:,} |" in markdown for row in hostile)
+    assert "Worst ratios: peak RSS growth" in markdown
