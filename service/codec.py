@@ -59,7 +59,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TensorParameters(Strict):
+class Parameters(BaseModel):
+    """The protocol lets clients send parameters of their own: up to 16 finite scalars are
+    taken (and ignored); the ones this server knows are typed in each subclass."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, Scalar] = Field(init=False)
+
+    @model_validator(mode="after")
+    def few(self) -> "Parameters":
+        if len(self.__pydantic_extra__ or {}) > 16:
+            raise ValueError("at most 16 parameters")
+        return self
+
+
+class TensorParameters(Parameters):
     binary_data_size: StrictInt | None = Field(None, ge=0)
 
 
@@ -84,7 +98,7 @@ class InputTensor(Strict):
     )  # fmt: skip
 
 
-class OutputParameters(Strict):
+class OutputParameters(Parameters):
     binary_data: StrictBool | None = None
     classification: StrictInt | None = Field(
         None, ge=1, description='the top k as "score:index:label" strings'
@@ -96,25 +110,17 @@ class RequestedOutput(Strict):
     parameters: OutputParameters | None = None
 
 
-class RequestParameters(BaseModel):
-    """Ours, and up to 16 others (the protocol lets clients send any): finite scalars."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    __pydantic_extra__: dict[str, Scalar] = Field(init=False)
-
+class RequestParameters(Parameters):
     binary_data_output: StrictBool = Field(False, description="every output in binary")
-
-    @model_validator(mode="after")
-    def few(self) -> "RequestParameters":
-        if len(self.__pydantic_extra__ or {}) > 16:
-            raise ValueError("at most 16 request parameters")
-        return self
 
 
 class InferenceRequest(Strict):
     """The protocol's inference request, as this server takes it."""
 
     id: str | None = Field(None, max_length=256)
+    # KServe's client names the model in the body too; the URL decides which answers.
+    model_name: str | None = Field(None, max_length=64)
+    model_version: str | None = Field(None, max_length=64)
     parameters: RequestParameters | None = None
     inputs: list[InputTensor] = Field(
         min_length=1, max_length=1, description="exactly one: `images`, UINT8 [N, 32, 32, 3]"
