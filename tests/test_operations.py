@@ -3,6 +3,7 @@ control and CORS, all through the real app (and a real server where it matters).
 
 import concurrent.futures
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import pytest
 
 from bench.load import multipart_body
 from service.classifier import file_version
+from service.dataplane import DataPlane
 from service.logs import JsonFormatter
 from tests.service_helpers import encode, live_server, serve, upload
 from tests.synthetic import make_images
@@ -82,6 +84,24 @@ def test_the_same_bytes_under_two_names_are_served_once(monkeypatch, model_copy)
 # --- reload without restart -----------------------------------------------------------------
 
 
+def listing(base: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{base}/models", timeout=30).read())
+
+
+def wait_for(what: str, condition, timeout: float = 60):
+    """Poll `condition` until it returns something true (returned), for at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        time.sleep(0.02)
+    return result
+
+
+def versions_of(models: dict, model_id: str) -> list[str]:
+    return [m["version"] for m in models["models"] if m["model_id"] == model_id]
+
+
 def test_models_are_swapped_added_and_removed_under_load_with_no_failed_request(
     model_copy, tmp_path, images
 ):
@@ -91,9 +111,13 @@ def test_models_are_swapped_added_and_removed_under_load_with_no_failed_request(
     new = file_version(tmp_path / "new.onnx")
     with live_server(model_copy, model_poll_seconds=0.1) as port:
         base = f"http://127.0.0.1:{port}"
-        statuses, versions, stop = [], set(), threading.Event()
+        answered: list[str] = []  # every answer's model version or failure, as it comes
+        stop = threading.Event()
 
-        def client() -> None:
+        def client() -> list[str]:
+            """One client's outcomes: a 200's model version, else what went wrong (an
+            error status, a reset, a timeout: any of them is a failed request)."""
+            outcomes = []
             while not stop.is_set():
                 request = urllib.request.Request(
                     f"{base}/predict?model={LARGE}", data=body,
@@ -101,76 +125,89 @@ def test_models_are_swapped_added_and_removed_under_load_with_no_failed_request(
                 )  # fmt: skip
                 try:
                     with urllib.request.urlopen(request, timeout=30) as response:
-                        statuses.append(response.status)
-                        versions.add(json.loads(response.read())["model_version"])
+                        outcome = json.loads(response.read())["model_version"]
                 except urllib.error.HTTPError as err:
-                    statuses.append(err.code)
+                    outcome = f"HTTP {err.code}: {err.read()[:200]!r}"
+                except (OSError, http.client.HTTPException) as err:  # reset, timeout, ...
+                    outcome = f"{type(err).__name__}: {err}"
+                outcomes.append(outcome)
+                answered.append(outcome)
+            return outcomes
 
-        def listing() -> dict:
-            return json.loads(urllib.request.urlopen(f"{base}/models", timeout=30).read())
-
-        def wait_for(condition) -> dict:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if condition(current := listing()):
-                    return current
-                time.sleep(0.05)
-            pytest.fail(f"the catalog never changed: {listing()}")
+        def answered_by(version: str, at_least: int, after: int = 0) -> bool:
+            return answered[after:].count(version) >= at_least
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(client)
-            time.sleep(0.5)  # load running on the old version (not an assertion)
-            os.replace(tmp_path / "new.onnx", model_copy / f"{LARGE}.onnx")  # atomic swap
-            wait_for(
-                lambda m: [x["version"] for x in m["models"] if x["model_id"] == LARGE] == [new]
-            )
-            (model_copy / "broken.onnx").write_bytes(b"not onnx")
-            (model_copy / f"{SMALL}.onnx").unlink()
-            after = wait_for(lambda m: "broken.onnx" in m["failed"] and len(m["models"]) == 1)
-            assert after["models"][0]["version"] == new
-            time.sleep(0.5)
-            stop.set()
+            clients = [pool.submit(client) for _ in range(4)]
+            try:
+                wait_for("load on the old version", lambda: answered_by(old, 8))
+                os.replace(tmp_path / "new.onnx", model_copy / f"{LARGE}.onnx")  # atomic swap
+                wait_for("the swap", lambda: versions_of(listing(base), LARGE) == [new])
+                (model_copy / "broken.onnx").write_bytes(b"not onnx")
+                (model_copy / f"{SMALL}.onnx").unlink()
+                after = wait_for("the removal and the broken file", lambda: (
+                    m if "broken.onnx" in (m := listing(base))["failed"] and len(m["models"]) == 1
+                    else None
+                ))  # fmt: skip
+                assert after["models"][0]["version"] == new
+                since = len(answered)  # the load goes on after the catalog settled
+                wait_for("load on the new version", lambda: answered_by(new, 8, after=since))
+            finally:
+                stop.set()
+            outcomes = [outcome for future in clients for outcome in future.result(timeout=60)]
         metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
-    assert statuses and set(statuses) == {200}, f"failed requests: {statuses.count(500)}"
-    assert versions == {old, new}
+    failed = [outcome for outcome in outcomes if outcome not in (old, new)]
+    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed: {failed[:5]}"
+    assert len(outcomes) == len(answered) and {old, new} <= set(outcomes)
     assert f'model_version_loaded{{model="{LARGE}",version="{old}"}} 0.0' in metrics
     assert f'model_version_loaded{{model="{LARGE}",version="{new}"}} 1.0' in metrics
+    in_flight = [line for line in metrics.splitlines()
+                 if line.startswith("inference_requests_in_flight{")]  # fmt: skip
+    assert in_flight and all(line.endswith(" 0.0") for line in in_flight), in_flight
 
 
 def test_a_request_whose_version_is_swapped_while_its_body_arrives_is_answered(
-    model_copy, tmp_path, images
+    monkeypatch, model_copy, tmp_path, images
 ):
     """The version is looked up when the request starts (404 before the body is read) and
     again when its images are handed over: one swapped out in between has stopped taking
     requests, so the newest answers instead of a 503 from the departed batcher."""
+    old = file_version(model_copy / f"{LARGE}.onnx")
     retrained(model_copy / f"{LARGE}.onnx", tmp_path / "new.onnx", "2099-01-01T00:00:00Z")
     new = file_version(tmp_path / "new.onnx")
     body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8",
                                    "shape": [1, 32, 32, 3],
                                    "data": images[0].ravel().tolist()}]}).encode()  # fmt: skip
+    looked_up: list = []  # every version the data plane chose, in order
+    lookup = DataPlane.model
+
+    def spy(self, record, model_id, version):
+        served = lookup(self, record, model_id, version)
+        looked_up.append(served)
+        return served
+
+    monkeypatch.setattr(DataPlane, "model", spy)
     with live_server(model_copy, model_poll_seconds=0.1) as port:
         base = f"http://127.0.0.1:{port}"
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(
-                f"POST /v2/models/{LARGE}/infer HTTP/1.1\r\nHost: x\r\n"
+                f"POST /v2/models/{LARGE}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                 + body[:100]
             )
-            time.sleep(0.5)  # the route has looked up the old version and awaits the body
+            # The route has looked up the old version and awaits the rest of the body.
+            first = wait_for("the route's lookup", lambda: looked_up and looked_up[0])
+            assert first.version == old
             os.replace(tmp_path / "new.onnx", model_copy / f"{LARGE}.onnx")
-            deadline = time.monotonic() + 60
-            while [m["version"] for m in json.loads(
-                urllib.request.urlopen(f"{base}/models", timeout=30).read()
-            )["models"] if m["model_id"] == LARGE] != [new]:  # fmt: skip
-                assert time.monotonic() < deadline, "the swap never happened"
-                time.sleep(0.05)
-            time.sleep(0.5)  # the old version's batcher has drained and stopped
+            wait_for("the swap", lambda: versions_of(listing(base), LARGE) == [new])
+            # The old version's batcher has drained and stopped.
+            wait_for("the old batcher to stop", lambda: not first.batcher.alive)
             sock.sendall(body[100:])
             reply = sock.makefile("rb").read().decode()
     head, _, payload = reply.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 200"), reply
     assert json.loads(payload)["model_version"] == new
+    assert [served.version for served in looked_up] == [old, new]  # looked up again
 
 
 def test_a_broken_replacement_keeps_the_old_version_serving(model_copy, images):
@@ -179,16 +216,10 @@ def test_a_broken_replacement_keeps_the_old_version_serving(model_copy, images):
         base = f"http://127.0.0.1:{port}"
         (model_copy / "tmp").write_bytes(b"\x08\x07garbage")
         os.replace(model_copy / "tmp", model_copy / f"{SMALL}.onnx")
-        deadline = time.monotonic() + 60
-        while (
-            f"{SMALL}.onnx"
-            not in (
-                listing := json.loads(urllib.request.urlopen(f"{base}/models", timeout=30).read())
-            )["failed"]
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        served = {m["model_id"]: m["version"] for m in listing["models"]}
+        models = wait_for("the broken file refused", lambda: (
+            m if f"{SMALL}.onnx" in (m := listing(base))["failed"] else None
+        ))  # fmt: skip
+        served = {m["model_id"]: m["version"] for m in models["models"]}
         assert served[SMALL] == old  # still serving the version it had
         body, content_type = multipart_body(encode(images[0]), "a.png")
         request = urllib.request.Request(
