@@ -3,13 +3,14 @@ with the real training loop, writes the table, and a rerun trains nothing again.
 
 import fcntl
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
+import pytest
 
 from tests.conftest import SMALL_VAL_SIZE
 from training.__main__ import main
-from training.ablation import present_classes
+from training.ablation import RESULT, VARIANTS, present_classes, write_table
 from training.data import Split
 from training.train import Recipe
 
@@ -25,7 +26,8 @@ def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_pat
     table = json.loads((out / "ablation.json").read_text())
     assert [row["variant"] for row in table["rows"]] == ["base", "flip"]
     assert table["present_classes"] == list(range(100))  # every synthetic class is present
-    assert table["chosen_by_validation"] in ("base", "flip")
+    chosen = next(row for row in table["rows"] if row["variant"] == table["chosen_by_validation"])
+    assert chosen["val_mean"] == max(row["val_mean"] for row in table["rows"])
     for row in table["rows"]:
         assert row["seeds"] == [0, 1]
         assert 0 <= row["val_mean"] <= 1 and 0 <= row["test_mean"] <= 1
@@ -52,6 +54,37 @@ def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_pat
     assert "training" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.keras")} == stamps
     assert json.loads((out / "ablation.json").read_text())["rows"] == table["rows"]
+
+
+def test_the_variant_kept_is_the_best_by_validation_mean_never_by_test(tmp_path):
+    """Results where every criterion but the right one picks another variant: the best
+    test mean (no-augment), the best single validation seed (crop), the best training
+    accuracy (base). The table keeps flip, the best validation mean, and says so."""
+    base = Recipe(epochs=1, batch_size=64)
+    scores = {  # variant -> per seed: (val, test, last-epoch train accuracy)
+        "base": [(0.30, 0.30, 0.99), (0.30, 0.30, 0.99)],
+        "no-augment": [(0.35, 0.70, 0.50), (0.35, 0.70, 0.50)],
+        "flip": [(0.41, 0.20, 0.50), (0.39, 0.20, 0.50)],
+        "crop": [(0.60, 0.40, 0.50), (0.10, 0.40, 0.50)],
+    }
+    for name, seeds in scores.items():
+        for seed, (val, test, train) in enumerate(seeds):
+            recipe = replace(base, **VARIANTS[name][1], seed=seed)
+            folder = tmp_path / name / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / RESULT).write_text(json.dumps({
+                "recipe": asdict(recipe), "checkpoint": "best.keras", "val_accuracy": val,
+                "test_accuracy": test, "last_epoch_train_accuracy": train, "train_seconds": 60,
+            }))  # fmt: skip
+    markdown = write_table(tmp_path, "cifar100-712868", base, list(range(100)), "synthetic")
+    table = json.loads((tmp_path / "ablation.json").read_text())
+    assert table["chosen_by_validation"] == "flip"
+    means = {row["variant"]: (row["val_mean"], row["test_mean"]) for row in table["rows"]}
+    assert means["flip"] == pytest.approx((0.40, 0.20))
+    assert means["no-augment"] == pytest.approx((0.35, 0.70))
+    assert markdown == (tmp_path / "ablation.md").read_text()
+    marked = [line for line in markdown.splitlines() if "(best val)" in line]
+    assert len(marked) == 1 and marked[0].startswith("| flip **(best val)** |")
 
 
 def test_a_run_claimed_by_another_process_is_left_to_it(small_tarball, tmp_path, capsys):
