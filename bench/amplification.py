@@ -12,6 +12,7 @@ import contextlib
 import time
 from typing import Protocol
 
+from bench.hostile import GROWTH_CONSTANT, GROWTH_PER_BYTE, growth_bound
 from bench.load import V2_HEADER, http_request, multipart_form, pixel_images, png_images, v2_body
 from bench.procfs import PeakGrowth, cpu_seconds
 from bench.servers import HOST
@@ -119,6 +120,7 @@ def hostile_rows(port: int, pid: int, cases: list[Case]) -> list[dict]:
         row["as_documented"] = row["status"] in case.expected
         row["rss_per_byte_sent"] = round(row["rss_growth_mib"] * 2**20 / row["bytes_sent"], 2)
         row["received_per_byte_sent"] = round(row["bytes_received"] / row["bytes_sent"], 2)
+        row["within_bound"] = row["rss_growth_mib"] * 2**20 <= growth_bound(row["bytes_sent"])
         print(f"  hostile {row}", flush=True)
         rows.append(row)
     return rows
@@ -138,6 +140,7 @@ def hostile_markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         mark = "" if r["as_documented"] else " **not documented**"
+        mark += "" if r["within_bound"] else " **RSS above the bound**"
         documented = "/".join(map(str, r["expected"]))
         lines.append(
             f"| {r['case']} | {r['bytes_sent']:,} | {r['status']} ({documented}){mark} "
@@ -155,6 +158,8 @@ def hostile_markdown(rows: list[dict]) -> str:
             f"({memory['case']}); answer {answer['received_per_byte_sent']} bytes per byte "
             f"sent ({answer['case']}); most CPU {cpu['cpu_seconds_per_request']} s "
             f"({cpu['case']}). Peak RSS from {rows[0]['rss_method']}, the server's process "
-            f"tree. Statuses not documented: {', '.join(odd) or 'none'}.",
+            f"tree. Statuses not documented: {', '.join(odd) or 'none'}. Bound: "
+            f"{GROWTH_PER_BYTE} x bytes sent + {GROWTH_CONSTANT >> 20} MiB; above it: "
+            f"{', '.join(r['case'] for r in rows if not r['within_bound']) or 'none'}.",
         ]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,16 @@ from PIL import Image
 
 SIDE = 32
 MIB = 1 << 20
+# The bound every case is held to (tests/test_hostile.py; flagged in the faults table):
+# the server's peak resident memory may grow by GROWTH_PER_BYTE times the bytes sent plus
+# GROWTH_CONSTANT, and its answer may be at most ANSWER_SLACK bytes longer than the request.
+GROWTH_PER_BYTE = 4
+GROWTH_CONSTANT = 48 * MIB
+ANSWER_SLACK = 64 * 1024
+
+
+def growth_bound(bytes_sent: int) -> int:
+    return GROWTH_PER_BYTE * bytes_sent + GROWTH_CONSTANT
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,12 @@ def service_env(**settings: object) -> dict[str, str]:
 
 @contextlib.contextmanager
 def service_process(
-    metrics_dir: Path | None = None, **settings: object
+    metrics_dir: Path | None = None, ready_path: str = "/health/ready", **settings: object
 ) -> Iterator[tuple[int, subprocess.Popen]]:
     """`python -m service` with `settings` (and nothing inherited that names a setting) on
-    a free loopback port, ready; yields (port, process), so a caller can signal it.
-    `metrics_dir`: PROMETHEUS_MULTIPROC_DIR, needed for /metrics with several workers."""
+    a free loopback port, once `ready_path` answers; yields (port, process), so a caller
+    can signal it. `metrics_dir`: PROMETHEUS_MULTIPROC_DIR, needed for /metrics with
+    several workers; `ready_path="/health/live"` for a server that will never be ready."""
     port = free_port()
     env = service_env(host=HOST, port=port, log_level="WARNING", **settings)
     if metrics_dir is not None:
@@ -73,7 +74,7 @@ def service_process(
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     inherited = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
     command = [sys.executable, "-m", "service"]
-    with server_process(command, env, port, inherit=inherited) as process:
+    with server_process(command, env, port, ready_path, inherit=inherited) as process:
         yield port, process
 
 

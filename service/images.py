@@ -25,6 +25,12 @@ MAX_PNG_CHUNK = 256 * 1024
 MAX_PNG_TEXT = 256 * 1024
 
 
+# What decoding reads from `info`; every other entry is metadata (EXIF, XMP, ICC, text):
+# dropped once the header is read, so a request holds its bytes once, not three times.
+DECODE_INFO = {"transparency", "adobe", "adobe_transform", "progressive", "progression",
+               "duration", "loop", "background", "compression"}  # fmt: skip
+
+
 def bound_metadata() -> None:
     """Cap what a PNG's metadata may inflate to (Pillow's own, process-wide limits)."""
     PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_CHUNK
@@ -51,6 +57,10 @@ def open_image(data: bytes, resize: bool, max_pixels: int) -> Image.Image:
         ) from None
     except Exception:  # UnidentifiedImageError mostly; hostile headers can raise others
         raise InvalidImage(f"not an image we can read; send {', '.join(FORMATS)}") from None
+    for key in [key for key in image.info if key not in DECODE_INFO]:
+        del image.info[key]
+    if hasattr(image, "applist"):  # JPEG keeps every APPn segment's bytes here too
+        image.applist = []
     width, height = image.size
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) and not resize:
         if width * height > max_pixels:

@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.__main__ import free_port, server_process
 from bench.load import multipart_body
+from bench.servers import service_process
 from service.images import decode, open_image
 from tests.service_helpers import encode
 from tests.synthetic import make_images
@@ -44,13 +43,10 @@ X = "\u00d7"  # the page writes sizes as 96\u00d764
 
 
 @contextlib.contextmanager
-def service_server(env: dict[str, str]):
+def service_server(**settings: object):
     """Our real server (`python -m service`) in its own process; yields its base URL once
     it answers /health/live (a server without models never becomes ready)."""
-    port = free_port()
-    env = {"HOST": "127.0.0.1", "PORT": str(port), "LOG_JSON": "false", "LOG_LEVEL": "WARNING",
-           **env}  # fmt: skip
-    with server_process([sys.executable, "-m", "service"], env, port, ready_path="/health/live"):
+    with service_process(ready_path="/health/live", log_json=False, **settings) as (port, _):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -65,8 +61,9 @@ def reports_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(models_dir, reports_dir):
-    env = {"MODELS_DIR": str(models_dir), "REPORTS_DIR": str(reports_dir)}
-    with service_server({**env, "MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}) as base:
+    with service_server(
+        models_dir=models_dir, reports_dir=reports_dir, max_upload_bytes=UPLOAD_LIMIT
+    ) as base:
         yield base
 
 
@@ -401,7 +398,7 @@ def test_phone_sized_screen(phone):
 @pytest.fixture(scope="module")
 def empty_base_url(tmp_path_factory):
     empty = tmp_path_factory.mktemp("no-models")
-    with service_server({"MODELS_DIR": str(empty), "REPORTS_DIR": str(empty)}) as base:
+    with service_server(models_dir=empty, reports_dir=empty) as base:
         yield base
 
 
@@ -427,8 +424,7 @@ KEY = "page-test-key"
 
 @pytest.fixture(scope="module")
 def keyed_base_url(models_dir, reports_dir):
-    env = {"MODELS_DIR": str(models_dir), "REPORTS_DIR": str(reports_dir), "API_KEYS": KEY}
-    with service_server(env) as base:
+    with service_server(models_dir=models_dir, reports_dir=reports_dir, api_keys=KEY) as base:
         yield base
 
 
