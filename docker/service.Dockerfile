@@ -1,7 +1,14 @@
 # The API: onnxruntime-gpu on CUDA 13 + cuDNN 9 (what onnxruntime-gpu 1.31 is built for).
 # No TensorFlow: only the service package and its base dependencies are installed.
 # On a machine without an NVIDIA GPU it runs on the CPU (DEVICE=auto).
-FROM nvidia/cuda:13.1.1-cudnn-runtime-ubuntu24.04
+# BASE: a mirror of the default, or any Debian-family image with apt and Python 3.11+
+# (--build-arg BASE=...); without CUDA and cuDNN in it, the service runs on the CPU only.
+ARG BASE=nvidia/cuda:13.1.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE}
+
+# A package index of your own, passed only when set (--build-arg PIP_INDEX_URL=...).
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -15,10 +22,18 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
-# Only service/ is copied, so `pip install .` finds and installs only that package.
-COPY pyproject.toml README.md ./
+# Only service/ is copied, so `pip install .` finds and installs only that package. The
+# dependencies first, from pyproject.toml alone (empty files stand in for the code and the
+# README), so that a change to either rebuilds only the small layer below.
+COPY pyproject.toml ./
+RUN mkdir service \
+    && touch README.md service/__init__.py \
+    && pip install . \
+    && rm -rf README.md service build ./*.egg-info
+COPY README.md ./
 COPY service ./service
-RUN pip install . \
+RUN pip install --no-deps . \
+    && rm -rf build ./*.egg-info \
     && useradd --system --uid 10001 --no-create-home api
 USER 10001
 

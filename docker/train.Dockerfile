@@ -1,6 +1,16 @@
-# Training and export: TensorFlow with its CUDA libraries from PyPI (the `train-gpu` extra).
-# Without an NVIDIA GPU, TensorFlow trains on the CPU in the same image.
-FROM python:3.11-slim-bookworm
+# Training and export.
+#   EXTRA=train-gpu (default): TensorFlow with its CUDA libraries from PyPI (gigabytes);
+#     without an NVIDIA GPU, TensorFlow trains on the CPU in the same image.
+#   EXTRA=train: TensorFlow alone, for CPU-only machines (compose's train-cpu builds this).
+# BASE: a mirror of the default, or any Debian-family image whose `python` is 3.11-3.13
+# and whose `pip` installs into a writable environment (--build-arg BASE=...).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ARG EXTRA=train-gpu
+# A package index of your own, passed only when set (--build-arg PIP_INDEX_URL=...).
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -9,12 +19,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     CIFAR100_CACHE=/cache
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# The dependencies first, from pyproject.toml alone (empty files stand in for the code and
+# the README), so that a change to either rebuilds only the small layer below.
+COPY pyproject.toml ./
+RUN mkdir service training \
+    && touch README.md service/__init__.py training/__init__.py \
+    && pip install ".[${EXTRA}]" \
+    && rm -rf README.md service training build ./*.egg-info
+COPY README.md ./
 COPY service ./service
 COPY training ./training
-RUN pip install ".[train-gpu]" \
-    && mkdir -p /cache /app/models /app/runs /app/reports \
-    && chmod 1777 /cache /app/models /app/runs /app/reports
+RUN pip install --no-deps . \
+    && rm -rf build ./*.egg-info \
+    && mkdir -p /cache /cuda-cache /app/models /app/runs /app/reports \
+    && chmod 1777 /cache /cuda-cache /app/models /app/runs /app/reports
 
 # docker-compose.yml runs this as the host user (HOST_UID), so its files are theirs.
 USER 65534
