@@ -72,8 +72,31 @@ bench-profile: setup
 triton-repo: setup
 	$(PY) -m training export-triton
 
-# On a machine with an NVIDIA GPU: one epoch per model on the synthetic data, export,
-# serve with DEVICE=cuda, check CUDAExecutionProvider, print images/s. Without a GPU:
-# a message and exit code 1.
-gpu-check: setup
-	$(PY) -m training.gpu_check
+# On a machine with an NVIDIA GPU: two epochs per model on synthetic data, export, serve
+# with DEVICE=cuda, check CUDAExecutionProvider, print images/s. Without one: a message
+# and exit code 1, asked of the driver before anything is installed. Training and serving
+# get an environment each, built on first use under $(GPU_VENVS): TensorFlow's CUDA 12
+# wheels (.[train-gpu]) and onnxruntime-gpu's CUDA 13 wheels ([cuda,cudnn]) unpack into the
+# same site-packages/nvidia/ folders and cannot share one. (Inside the training image:
+# `docker compose run --rm train gpu-check`.)
+GPU_VENVS ?= $(VENV)/gpu
+gpu-check:
+	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13; set PYTHON=/path/to/python3.1x" >&2; exit 1; }
+	$(PYTHON) -m training.gpu_check --driver-only
+	$(MAKE) --no-print-directory $(GPU_VENVS)/train/.installed $(GPU_VENVS)/serve/.installed
+	$(GPU_VENVS)/train/bin/python -m training.gpu_check \
+		--service-python $(GPU_VENVS)/serve/bin/python
+
+$(GPU_VENVS)/train/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENVS)/train
+	$(GPU_VENVS)/train/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENVS)/train/bin/python -m pip install --quiet -e '.[train-gpu]'
+	touch $@
+
+# The service and onnxruntime-gpu (the version pyproject.toml pins) with its CUDA 13 and
+# cuDNN 9 wheels.
+$(GPU_VENVS)/serve/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENVS)/serve
+	$(GPU_VENVS)/serve/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENVS)/serve/bin/python -m pip install --quiet -e . 'onnxruntime-gpu[cuda,cudnn]'
+	touch $@

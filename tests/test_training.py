@@ -1,14 +1,17 @@
 """The training loop on the synthetic dataset: it learns, it checkpoints, it resumes
 exactly where it stopped, and a seed makes it repeatable, interrupted or not."""
 
+import ast
 import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -25,6 +28,8 @@ from training.train import (
     train,
     train_dataset,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def history(run_dir):
@@ -82,6 +87,72 @@ def test_same_seed_same_weights(cifar_dir, tmp_path):
         weights.append(model.get_weights())
     for a, b in zip(*weights, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_speed_switches_reach_tensorflow_and_keras_and_are_saved(cifar_dir, tmp_path, monkeypatch):
+    """--no-deterministic turns op determinism off while the run compiles and trains (so
+    Keras may choose XLA on a GPU), --steps-per-execution reaches model.compile, every step
+    is still taken, and both are part of the run's recipe.json and method; the default
+    recipe turns determinism back on in the same process."""
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    data = cifar.load(cifar_dir, val_size=VAL_SIZE)
+    small = cifar.Cifar100(
+        data.train.take(np.arange(256)), data.val, data.test,
+        data.class_names, data.superclass_names, data.fine_to_coarse, data.source,
+    )  # fmt: skip
+    compiled, fitted = [], []
+    real_compile, real_fit = keras.Model.compile, keras.Model.fit
+
+    def compile(self, *args, **kwargs):
+        compiled.append((kwargs.get("steps_per_execution"), is_op_determinism_enabled()))
+        return real_compile(self, *args, **kwargs)
+
+    def fit(self, *args, **kwargs):
+        fitted.append(is_op_determinism_enabled())
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", compile)
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    fast = Recipe(epochs=1, batch_size=64, deterministic=False, steps_per_execution=3)
+    best = train("cifar100-712868", small, tmp_path / "fast", fast, False)
+    assert (compiled, fitted) == ([(3, False)], [False])
+    saved = json.loads((tmp_path / "fast" / "recipe.json").read_text())
+    assert saved["recipe"]["deterministic"] is False
+    assert saved["recipe"]["steps_per_execution"] == 3
+    assert Recipe(**saved["recipe"]) == fast
+    assert "nondeterministic" in saved["method"]["execution"]
+    assert "3 step(s) per execution" in saved["method"]["execution"]
+    differs = saved["choice"]["differs_from_default"]
+    assert differs["deterministic"] is False and differs["steps_per_execution"] == 3
+
+    compiled.clear()
+    fitted.clear()
+    train("cifar100-712868", small, tmp_path / "exact", Recipe(epochs=1, batch_size=64), False)
+    assert (compiled, fitted) == ([(1, True)], [True])
+    saved = json.loads((tmp_path / "exact" / "recipe.json").read_text())["recipe"]
+    assert (saved["deterministic"], saved["steps_per_execution"]) == (True, 1)
+
+    monkeypatch.undo()  # Keras does not compile a loaded model whose compile looks custom
+    # 256 images in batches of 64 at 3 steps per call: 3 + 1, none skipped.
+    assert int(keras.models.load_model(best).optimizer.iterations) == 4
+
+
+def test_speed_switches_on_the_command_line():
+    from training.__main__ import parser, recipe_of
+    from training.errors import RecipeError
+
+    def recipe(*argv):
+        return recipe_of(parser().parse_args(argv))
+
+    model = ["--model", "cifar100-712868"]
+    assert recipe("train", *model) == Recipe()
+    assert Recipe().deterministic is True and Recipe().steps_per_execution == 1
+    switches = ["--no-deterministic", "--steps-per-execution", "16"]
+    for command in (["train", *model], ["train-export"], ["ablate", *model]):
+        assert recipe(*command, *switches) == Recipe(deterministic=False, steps_per_execution=16)
+    with pytest.raises(RecipeError, match="steps per execution"):
+        recipe("train", *model, "--steps-per-execution", "0")
 
 
 def test_augmentation_crops_and_flips_reproducibly(cifar_dir):
@@ -239,7 +310,7 @@ sys.exit(main(["export", "--model", "cifar100-712868",
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(2 replica(s))" in done.stdout
+    assert "(2 replica(s); op determinism on" in done.stdout
     assert "Parity on" in done.stdout
     recipe = json.loads((tmp_path / "runs" / "cifar100-712868" / "recipe.json").read_text())
     assert recipe["recipe"]["mixed_precision"] is True
@@ -247,14 +318,71 @@ sys.exit(main(["export", "--model", "cifar100-712868",
 
 
 def test_gpu_check_stops_with_a_message_without_a_gpu(tmp_path):
-    """`make gpu-check` where no NVIDIA driver is found (here: none on PATH)."""
+    """`make gpu-check` where no NVIDIA driver is found (here: none on PATH), by either
+    entry: the module, and the training image's `python -m training gpu-check`."""
     from training import gpu_check
     from training.models import MODEL_IDS
 
     assert gpu_check.MODEL_IDS == MODEL_IDS
     env = {**os.environ, "PATH": str(tmp_path)}
+    for command in (["training.gpu_check"], ["training", "gpu-check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", *command], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 1, (command, done.stderr[-2000:])
+        assert "needs an NVIDIA GPU; nothing was run" in done.stdout
+
+
+def test_make_gpu_check_asks_the_driver_before_installing_anything(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA driver: `make gpu-check` would run the check")
+    venvs = tmp_path / "gpu-venvs"
     done = subprocess.run(
-        [sys.executable, "-m", "training.gpu_check"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 1
+        ["make", "--no-print-directory", "gpu-check", f"GPU_VENVS={venvs}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
     assert "needs an NVIDIA GPU; nothing was run" in done.stdout
+    assert not venvs.exists()
+
+
+def test_gpu_check_steps_run_end_to_end_on_the_cpu(tmp_path):
+    """Every step `make gpu-check` takes, with --device cpu: the dataset from training/
+    (not tests/), training and export each in a process of their own, the service
+    started as `python -m service` from --service-python, its /models providers checked,
+    images/s measured, and TensorFlow never loaded by the process that outlives the
+    service. What only a GPU shows is that CUDA is used, and how fast."""
+    from training.models import MODEL_IDS
+
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "gpu-check", "--device", "cpu", "--keep",
+         str(tmp_path), "--train-per-class", "2", "--serve-seconds", "1",
+         "--service-python", sys.executable],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    for model_id in MODEL_IDS:
+        for variant in ("default recipe", "speed switches --no-deterministic"):
+            assert re.search(
+                rf"gpu-check: trained {model_id} \({variant}[^)]*\): [\d,]+ images/s in epoch 2 ",
+                out,
+            ), variant
+        assert re.search(rf"gpu-check: served {model_id}: [\d,]+ images/s", out)
+        assert (tmp_path / "models" / f"{model_id}.onnx").exists()
+    (providers,) = re.findall(r"^gpu-check: /models providers: (\{.*\})$", out, re.M)
+    assert ast.literal_eval(providers) == dict.fromkeys(MODEL_IDS, "CPUExecutionProvider")
+    assert out.rstrip().endswith("gpu-check: passed")
+
+
+def test_training_and_service_never_import_tests_or_bench():
+    """They run in images that hold neither folder (the training image, the service's)."""
+    for path in sorted([*ROOT.glob("training/**/*.py"), *ROOT.glob("service/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in {"tests", "bench"}, (path, name)

@@ -1,10 +1,11 @@
-"""python -m training {train,evaluate,export,train-export,report,ablate,export-triton}: train,
-score, export and study the models."""
+"""python -m training {train,evaluate,export,train-export,report,ablate,export-triton,gpu-check}:
+train, score, export and study the models, and check the whole pipeline on a GPU."""
 
 import argparse
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
@@ -16,6 +17,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
     from training.triton import main as export_triton
 
     sys.exit(export_triton(sys.argv[1:]))
+if __name__ == "__main__" and sys.argv[1:2] == ["gpu-check"]:
+    # The training image's entry for `make gpu-check`: it runs training and serving in
+    # processes of their own and must not load TensorFlow itself.
+    from training.gpu_check import main as gpu_check
+
+    sys.exit(gpu_check(sys.argv[2:]))
 
 import keras
 
@@ -48,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is triton.run:  # reads the exports only, never the dataset
             triton.run(args)
+        elif args.command is run_gpu_check:  # makes its own dataset
+            return run_gpu_check(args)
         else:
             args.command(args, load_data(args))
     except TrainingError as err:  # ours, with a message that says it all; bugs keep tracebacks
@@ -94,6 +103,20 @@ def parser() -> argparse.ArgumentParser:
     recipe.add_argument("--seed", type=int, default=Recipe.seed)
     recipe.add_argument(
         "--mixed-precision", action="store_true", help="float16 compute (GPU), float32 softmax"
+    )
+    recipe.add_argument(
+        "--no-deterministic",
+        dest="deterministic",
+        action="store_false",
+        help="allow nondeterministic kernels and XLA (faster on a GPU; runs no longer repeat "
+        "exactly, nor resume to the weights of an uninterrupted run)",
+    )
+    recipe.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=Recipe.steps_per_execution,
+        help="training steps per tf.function call (default %(default)s; on a GPU, 8 to 32 "
+        "keeps it busy between these small batches)",
     )
     # Not part of the recipe: how it is run. (train-export and ablate decide resuming
     # per run themselves, so only `train` takes --resume.)
@@ -151,6 +174,14 @@ def parser() -> argparse.ArgumentParser:
     ablate.set_defaults(command=run_ablate)
 
     triton.add_command(commands)  # export-triton: a Triton model repository, no TensorFlow
+    gpu_check = commands.add_parser(
+        "gpu-check",
+        add_help=False,
+        help="train, export and serve on an NVIDIA GPU, on synthetic data (make gpu-check; "
+        "options: python -m training.gpu_check --help)",
+    )
+    gpu_check.add_argument("options", nargs=argparse.REMAINDER)
+    gpu_check.set_defaults(command=run_gpu_check)
     return root
 
 
@@ -172,6 +203,11 @@ def run_train_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
             run_train(args, data)
         run_evaluate(args, data)
         run_export(args, data)
+
+
+def run_gpu_check(args: argparse.Namespace) -> int:
+    """In a fresh process: this one has imported TensorFlow, and the check must not."""
+    return subprocess.run([sys.executable, "-m", "training.gpu_check", *args.options]).returncode
 
 
 def run_train(args: argparse.Namespace, data: cifar.Cifar100) -> None:

@@ -29,6 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# Not exported under tf.config (only its enable_ twin is); Keras reads the same module.
+from tensorflow.python.framework.config import disable_op_determinism
+
 from service.modelcard import NUM_CLASSES
 from training.atomic import write_text
 from training.data import Cifar100, Split
@@ -64,6 +67,14 @@ class Recipe:
     label_smoothing: float = 0.0
     seed: int = 0
     mixed_precision: bool = False
+    # How fast it runs. Op determinism is what makes a resumed run end with the weights of
+    # an uninterrupted one, and a seed repeatable; it also keeps Keras from compiling with
+    # XLA. Off (--no-deterministic), TensorFlow may pick faster nondeterministic GPU kernels
+    # and Keras compiles the train step with XLA where it can (on a GPU, one device).
+    deterministic: bool = True
+    # Training steps per tf.function call: 1 returns to Python after every batch, which
+    # leaves a fast GPU idle between the small batches of these small models.
+    steps_per_execution: int = 1
 
     def __post_init__(self) -> None:
         # A recipe.json of another version, or a typo on the command line, fails here and
@@ -80,6 +91,10 @@ class Recipe:
                 raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("epochs, batch size and learning rate must be positive")
+        if self.steps_per_execution < 1:
+            raise ValueError(
+                f"steps per execution must be at least 1, not {self.steps_per_execution}"
+            )
 
     def method(self) -> dict:
         """What the numbers above drive, in words, for the model card."""
@@ -104,6 +119,12 @@ class Recipe:
             "dropout": f"{self.conv_dropout} after conv blocks, {self.dense_dropout} after dense",
             "label_smoothing": self.label_smoothing,
             "precision": "mixed float16, float32 softmax" if self.mixed_precision else "float32",
+            "execution": (
+                "op determinism (exact resumes), no XLA"
+                if self.deterministic
+                else "nondeterministic kernels allowed, XLA where Keras can"
+            )
+            + f", {self.steps_per_execution} step(s) per execution",
             "checkpoint_selection": "best validation accuracy",
         }
 
@@ -168,14 +189,13 @@ def train(
         first_epoch = 0
 
     strategy = distribution(devices)
-    gpus = tf.config.list_physical_devices("GPU")
-    print(
-        f"Training {model_id} on {'GPU: ' + gpus[0].name if gpus else 'CPU'}"
-        f" ({strategy.num_replicas_in_sync} replica(s))",
-        flush=True,
-    )
     keras.utils.set_random_seed(recipe.seed)  # the initial weights
-    tf.config.experimental.enable_op_determinism()
+    # A process-wide switch, set both ways: a process may train runs of both kinds. Before
+    # compile, which decides on XLA from it.
+    if recipe.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        disable_op_determinism()
 
     steps_per_epoch = math.ceil(len(data.train) / recipe.batch_size)
     # float16 compute, float32 variables; the model keeps its softmax in float32.
@@ -190,7 +210,16 @@ def train(
                 keras.metrics.CategoricalAccuracy(name="accuracy"),
                 keras.metrics.TopKCategoricalAccuracy(5, name="top5"),
             ],
+            steps_per_execution=recipe.steps_per_execution,
         )
+    gpus = tf.config.list_physical_devices("GPU")
+    print(
+        f"Training {model_id} on {'GPU: ' + gpus[0].name if gpus else 'CPU'}"
+        f" ({strategy.num_replicas_in_sync} replica(s); op determinism "
+        f"{'on' if recipe.deterministic else 'off'}, XLA {'on' if model.jit_compile else 'off'}, "
+        f"{recipe.steps_per_execution} step(s) per execution)",
+        flush=True,
+    )
     model.fit(
         # One dataset for all remaining epochs: each epoch's batches depend only on
         # (seed, epoch), so starting it at `first_epoch` is what an uninterrupted run sees.
