@@ -17,11 +17,18 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import np_to_triton_dtype
 
+from service.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
 from service.modelcard import INPUT_NAME, OUTPUT_NAME, ModelCard
 from training import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("tensorflow", "keras", "tf2onnx")
+# How the onnxruntime backend reads its CUDA `parameters` (src/onnxruntime.cc): numbers
+# standing for onnxruntime's own option values.
+BACKEND_CODES = {
+    "cudnn_conv_algo_search": {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"},
+    "arena_extend_strategy": {"0": "kNextPowerOfTwo", "1": "kSameAsRequested"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +134,7 @@ def test_every_config_parses_with_tritons_schema_and_matches_the_onnx_graph(expo
         assert 0 < batching.max_queue_delay_microseconds <= 10_000
 
 
-def test_gpu_config_and_its_cpu_alternative_differ_only_in_the_device(exported):
+def test_gpu_config_and_its_cpu_alternative_differ_only_in_device_settings(exported):
     out, _, _ = exported
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         gpu = parse(folder / "config.pbtxt")
@@ -138,8 +145,33 @@ def test_gpu_config_and_its_cpu_alternative_differ_only_in_the_device(exported):
         assert [(g.kind, g.count) for g in cpu.instance_group] == [
             (model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)
         ]
-        del gpu.instance_group[:]
-        del cpu.instance_group[:]
+        # The GPU instance tunes cuDNN by heuristics (not the backend's default exhaustive
+        # benchmark at every new batch shape) and grows its arena by what is asked: the
+        # options the service gives its own CUDA sessions.
+        parameters = {k: v.string_value for k, v in gpu.parameters.items()}
+        decoded = {key: BACKEND_CODES[key][value] for key, value in parameters.items()}
+        assert decoded == {
+            key: CUDA_PROVIDER_OPTIONS[key]
+            for key in ("cudnn_conv_algo_search", "arena_extend_strategy")
+        }
+        assert not cpu.parameters
+        # Warm-up before ready, at the sizes the service warms its own sessions at.
+        assert [w.batch_size for w in gpu.model_warmup] == warm_up_sizes(gpu.max_batch_size, CUDA)
+        assert [w.batch_size for w in cpu.model_warmup] == warm_up_sizes(cpu.max_batch_size, CPU)
+        assert [w.batch_size for w in gpu.model_warmup] == [128, 64, 32, 16, 8, 4, 2, 1]
+        for warmup in [*gpu.model_warmup, *cpu.model_warmup]:
+            assert warmup.name == f"batch_{warmup.batch_size}"
+            (image,) = gpu.input
+            (name,) = warmup.inputs
+            data = warmup.inputs[name]
+            assert (name, data.data_type, list(data.dims)) == (
+                image.name, image.data_type, list(image.dims)
+            )  # fmt: skip
+            assert data.WhichOneof("input_data_type") == "zero_data" and data.zero_data
+        for config in (gpu, cpu):
+            del config.instance_group[:]
+            config.ClearField("parameters")
+            del config.model_warmup[:]
         assert gpu == cpu
 
 
@@ -152,7 +184,9 @@ def test_each_copied_model_runs_at_the_shapes_its_config_declares(exported):
             str(path.parent / triton.VERSION / triton.MODEL_FILE),
             providers=["CPUExecutionProvider"],
         )
-        for batch in (1, max(config.dynamic_batching.preferred_batch_size)):
+        warmups = {w.batch_size for w in config.model_warmup}
+        assert max(warmups) == config.max_batch_size and min(warmups) == 1
+        for batch in sorted({1, max(config.dynamic_batching.preferred_batch_size), *warmups}):
             (image,) = config.input
             pixels = rng.integers(0, 256, (batch, *image.dims), dtype=np.uint8)
             results = session.run([t.name for t in config.output], {image.name: pixels})

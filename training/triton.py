@@ -1,7 +1,8 @@
 """python -m training export-triton: a Triton model repository from the exported ONNX files.
 
 For every models/<id>.onnx, out/ gets:
-    <id>/config.pbtxt        platform onnxruntime_onnx, dynamic batching, one instance on a GPU
+    <id>/config.pbtxt        platform onnxruntime_onnx, dynamic batching, one instance on a GPU,
+                             cuDNN's heuristic search, warm-up at the batch sizes it will run
     <id>/configs/cpu.pbtxt   the same on the CPU (tritonserver --model-config-name=cpu)
     <id>/labels.txt          the 100 class names in class-index order (Triton's classification)
     <id>/1/model.onnx        the export, byte for byte
@@ -38,6 +39,20 @@ MAX_BATCH_SIZE = 128
 PREFERRED_BATCH_SIZES = (64, 128)
 # The service's BATCH_MAX_WAIT_MS default: a request waits at most 2 ms for company.
 MAX_QUEUE_DELAY_MICROSECONDS = 2000
+# Warm-up requests Triton runs before it marks a model ready, largest first, as the
+# service warms its sessions (service.classifier.warm_up_sizes; the tests hold the two to
+# the same rule): on a GPU every power of two up to the batch cap, since the dynamic
+# batcher forms batches of any size up to it; on the CPU the cap and a single image.
+GPU_WARMUP_BATCH_SIZES = (128, 64, 32, 16, 8, 4, 2, 1)
+CPU_WARMUP_BATCH_SIZES = (MAX_BATCH_SIZE, 1)
+# The onnxruntime backend's CUDA provider options (its README: "ONNX Runtime with CUDA
+# Execution Provider optimization"), as the service sets them: cuDNN's heuristics instead
+# of the default exhaustive benchmark at every new batch shape (cudnn_conv_algo_search 1 =
+# HEURISTIC), and an arena grown by what is asked (arena_extend_strategy 1 =
+# kSameAsRequested). Model-level `parameters`, which every release of the backend reads
+# (newer ones also take them from a "cuda" execution accelerator, but where both are given
+# these win, and an absent one here is reset to onnxruntime's default).
+GPU_PARAMETERS = {"cudnn_conv_algo_search": "1", "arena_extend_strategy": "1"}
 
 
 class RepositoryError(TrainingError):
@@ -140,7 +155,23 @@ def model_config(
             entries.append("  {\n" + "".join(f"    {line}\n" for line in lines) + "  }")
         return f"{field} [\n" + ",\n".join(entries) + "\n]\n"
 
+    def warmup(sizes: tuple[int, ...]) -> str:
+        (name, data_type, dims) = tensors["input"][0]
+        entries = [
+            "  {\n"
+            f'    name: "batch_{size}"\n'
+            f"    batch_size: {size}\n"
+            f'    inputs {{\n      key: "{name}"\n'
+            f"      value: {{ data_type: {data_type} dims: {list(dims)} zero_data: true }}\n"
+            "    }\n"
+            "  }"
+            for size in sizes
+        ]
+        return "model_warmup [\n" + ",\n".join(entries) + "\n]\n"
+
     kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[device]
+    parameters = GPU_PARAMETERS if device == "gpu" else {}
+    sizes = GPU_WARMUP_BATCH_SIZES if device == "gpu" else CPU_WARMUP_BATCH_SIZES
     return (
         f"# {card.model_id}: written by `python -m training export-triton` from the ONNX file\n"
         f"# and its model card ({card.parameter_count:,} parameters). Inputs are raw uint8 RGB\n"
@@ -158,6 +189,11 @@ def model_config(
         "instance_group [\n"
         f"  {{\n    count: 1\n    kind: {kind}\n  }}\n"
         "]\n"
+        + "".join(
+            f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+            for key, value in parameters.items()
+        )
+        + warmup(sizes)
     )
 
 
