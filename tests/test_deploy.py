@@ -42,7 +42,9 @@ KSERVE_MODELS_DIR = "/mnt/models"  # where KServe's storage initializer puts sto
 
 PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 API = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
-API_IMAGE = API["image"]  # what docker compose tags the build of docker/service.Dockerfile as
+# The repository docker compose tags the build of docker/service.Dockerfile as (its tag,
+# ${IMAGE_TAG:-latest}, is compose's; the manifests pin the project's version).
+API_IMAGE = API["image"].split(":", 1)[0]
 DOCKERFILE = (ROOT / API["build"]["dockerfile"]).read_text().replace("\\\n", " ")
 (API_PORT,) = (int(p) for p in re.findall(r"^EXPOSE (\d+)$", DOCKERFILE, re.M))
 (API_USER,) = (int(u) for u in re.findall(r"^USER (\d+)$", DOCKERFILE, re.M))
