@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.synthetic import write_cifar100, write_tarball
+from tests.service_helpers import serve
+from tests.synthetic import make_images, write_cifar100, write_tarball
 
 KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
 VAL_SIZE = 500
@@ -70,6 +72,19 @@ def models_dir(workspace) -> Path:
 def model_copy(models_dir, tmp_path) -> Path:
     """A private models folder a test may add broken files to."""
     return Path(shutil.copytree(models_dir, tmp_path / "models"))
+
+
+@pytest.fixture(scope="session")
+def images() -> np.ndarray:
+    """Six synthetic images of known classes, uint8 [6, 32, 32, 3], for the service tests."""
+    return make_images(np.array([3, 17, 42, 99, 0, 58]), seed=11)
+
+
+@pytest.fixture
+def client(monkeypatch, models_dir):
+    """The real app, lifespan included, serving the session's models (in-process)."""
+    with serve(monkeypatch, models_dir) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,13 @@
 """Genuine Keras 2 HDF5 files of the original architectures, written by Keras 2 itself
 (the `tf-keras` package, imported as `tf_keras`), with the layer names of the original
-summaries (`conv2d_1`, `dense_1`, ...; see tests/test_models.py)."""
+summaries (`conv2d_1`, `dense_1`, ...)."""
 
 import warnings
 
 import numpy as np
 import tf_keras
 
-from tests.test_models import ORIGINAL_SUMMARIES
+from tests.originals import ORIGINAL_SUMMARIES
 
 # How each original layer was built, by the type in its name.
 _FIRST_PADDING = {"cifar100-712868": "valid", "cifar100-5735844": "same"}

@@ -92,13 +92,6 @@ def test_a_body_shorter_than_its_length_gets_408_not_a_hang(models_dir, images):
         assert b"no body data for 1 s" in reply and b"connection: close" in reply.lower()
 
 
-@pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    from tests.synthetic import make_images
-
-    return make_images(np.array([3, 17, 42, 99]), seed=5)
-
-
 # --- expensive images -------------------------------------------------------------------
 
 
@@ -377,12 +370,6 @@ def test_empty_uploads_are_refused_and_the_schema_says_so(client):
     response = client.post("/predict", data={"other": "x"}, files=[("x", ("a", b"1"))])
     assert response.status_code == 422
     assert "at least one image" in response.json()["detail"]
-
-
-@pytest.fixture
-def client(monkeypatch, models_dir):
-    with serve(monkeypatch, models_dir) as client:
-        yield client
 
 
 # --- shutdown -------------------------------------------------------------------------------

@@ -5,52 +5,10 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.originals import ORIGINAL_SUMMARIES
 from training.errors import WeightsError
 from training.models import MODEL_IDS, build_model, load_original_weights
 
-# (layer, output shape without batch, parameters), from the original experiments' summaries.
-ORIGINAL_SUMMARIES = {
-    "cifar100-712868": [
-        ("conv2d_1", (30, 30, 32), 896),
-        ("conv2d_2", (28, 28, 64), 18496),
-        ("max_pooling2d_1", (14, 14, 64), 0),
-        ("dropout_1", (14, 14, 64), 0),
-        ("conv2d_3", (14, 14, 128), 73856),
-        ("activation_1", (14, 14, 128), 0),
-        ("max_pooling2d_2", (7, 7, 128), 0),
-        ("dropout_2", (7, 7, 128), 0),
-        ("conv2d_4", (7, 7, 256), 295168),
-        ("activation_2", (7, 7, 256), 0),
-        ("max_pooling2d_3", (3, 3, 256), 0),
-        ("dropout_3", (3, 3, 256), 0),
-        ("flatten_1", (2304,), 0),
-        ("dense_1", (128,), 295040),
-        ("dropout_4", (128,), 0),
-        ("dense_2", (128,), 16512),
-        ("dropout_5", (128,), 0),
-        ("predictions", (100,), 12900),
-    ],
-    "cifar100-5735844": [
-        ("conv2d_9", (32, 32, 32), 896),
-        ("conv2d_10", (32, 32, 64), 18496),
-        ("max_pooling2d_7", (16, 16, 64), 0),
-        ("dropout_11", (16, 16, 64), 0),
-        ("conv2d_11", (16, 16, 128), 73856),
-        ("activation_5", (16, 16, 128), 0),
-        ("max_pooling2d_8", (8, 8, 128), 0),
-        ("dropout_12", (8, 8, 128), 0),
-        ("conv2d_12", (8, 8, 256), 295168),
-        ("activation_6", (8, 8, 256), 0),
-        ("max_pooling2d_9", (4, 4, 256), 0),
-        ("dropout_13", (4, 4, 256), 0),
-        ("flatten_3", (4096,), 0),
-        ("dense_5", (1024,), 4195328),
-        ("dropout_14", (1024,), 0),
-        ("dense_6", (1024,), 1049600),
-        ("dropout_15", (1024,), 0),
-        ("predictions", (100,), 102500),
-    ],
-}
 TOTALS = {"cifar100-712868": 712_868, "cifar100-5735844": 5_735_844}
 
 

@@ -35,17 +35,6 @@ from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
 
 
-@pytest.fixture
-def client(monkeypatch, models_dir):
-    with serve(monkeypatch, models_dir) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    return make_images(np.array([3, 17, 42, 99, 0, 58]), seed=11)
-
-
 def probabilities_of(prediction: dict) -> dict[int, float]:
     return {c["class_id"]: c["probability"] for c in prediction["top_k"]}
 

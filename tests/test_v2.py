@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from bench.load import multipart_form
 from service.classifier import file_version
 from tests.service_helpers import encode, live_server, onnx_probabilities
-from tests.synthetic import CLASS_NAMES, make_images
+from tests.synthetic import CLASS_NAMES
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
 
@@ -31,11 +31,6 @@ def client(server):
     client = triton.InferenceServerClient(url=f"127.0.0.1:{server}")
     yield client
     client.close()
-
-
-@pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    return make_images(np.array([3, 17, 42, 99, 0, 58]), seed=21)
 
 
 def images_input(images: np.ndarray, binary: bool) -> triton.InferInput:

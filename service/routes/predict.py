@@ -85,7 +85,10 @@ async def predict(
                 f"{_name(index, upload)} is {upload.size:,} bytes; "
                 f"the limit is {settings.max_upload_bytes:,} per image"
             )
-    contents = [await upload.read() for upload in files]
+    contents = []
+    for upload in files:  # each part's buffer is freed as soon as its bytes are ours
+        contents.append(await upload.read())
+        await upload.close()
     opened = _open_all(contents, files, resize, settings)  # headers only: cheap
     if any(image.size != SQUARE for image in opened):  # real decoding work: bounded
         images = await plane.decode(lambda: _decode_all(opened, files))
