@@ -217,6 +217,9 @@ def test_page_loads_from_the_service_with_the_model_cards(visit, base_url):
         visit.expect(card).to_contain_text(f"{info['parameter_count']:,}")
         visit.expect(card).to_contain_text(info["file"])
         visit.expect(card).to_contain_text("Training")
+        training = card.locator("h4:has-text('Training') + dl")  # in words, not raw JSON
+        visit.expect(training).to_contain_text("Differs from default")
+        visit.expect(training).not_to_contain_text("{")
         if "version" in info:
             visit.expect(card).to_contain_text(str(info["version"]))
         top1 = info["evaluation"]["top1_accuracy"]

@@ -139,10 +139,14 @@ const RECIPE_NAMES = {
 };
 const capitalised = (text) => text.charAt(0).toUpperCase() + text.slice(1);
 
+// In words, never raw JSON: {} is "none", {a: 1} is "a: 1", lists are comma-separated.
 function describeValue(value) {
   if (typeof value === 'boolean') return value ? 'yes' : 'no';
   if (value === null || value === undefined) return '—';
-  if (typeof value === 'object') return JSON.stringify(value);
+  const parts = Array.isArray(value)
+    ? value.map(describeValue)
+    : typeof value === 'object' ? Object.entries(value).map(([k, v]) => `${human(k)}: ${describeValue(v)}`) : null;
+  if (parts) return parts.length ? parts.join(', ') : 'none';
   return String(value);
 }
 
