@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         4096 * 4096, gt=0, description="pixels all images of one request may decode to"
     )
+    max_body_bytes_in_flight: int = Field(
+        128 * MIB,
+        gt=0,
+        description="request bodies being received or held at once (per worker); beyond it "
+        "new requests are shed (503): bounds memory and the spool in /tmp across connections",
+    )
     max_large_decodes: int = Field(
         2, gt=0, description="requests decoding images other than 32x32 at once; more: 503"
     )

@@ -7,8 +7,11 @@
   elsewhere every image at its upload limit. Refused from the Content-Length header or,
   without one, as soon as the stream crosses it (413).
 - A bound on waiting for the body: a client that stops sending mid-body (or sends less
-  than its Content-Length) gets 408 after BODY_TIMEOUT_SECONDS of silence, and the
-  connection is closed.
+  than its Content-Length) gets 408 after BODY_TIMEOUT_SECONDS of silence, and one that
+  trickles it gets 408 at the request's deadline; the connection is closed.
+- A budget for all bodies at once: MAX_BODY_BYTES_IN_FLIGHT, reserved from Content-Length
+  (or counted as a chunked body streams in) and released when the response is done;
+  beyond it 503 with Retry-After, before anything is read.
 - While the server drains for shutdown, every response says `Connection: close`, so
   keep-alive clients reconnect (elsewhere) instead of meeting a closed socket.
 
@@ -45,6 +48,8 @@ class LimitsMiddleware:
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.draining = draining
+        self.budget = settings.max_body_bytes_in_flight
+        self.in_flight = 0  # body bytes reserved by requests under way (one event loop)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +63,7 @@ class LimitsMiddleware:
             if v2
             else body_too_large(self.settings)
         )
+        declared = 0
         for name, value in scope["headers"]:
             if name == TIMEOUT_HEADER:
                 asked = _seconds(value)
@@ -65,30 +71,43 @@ class LimitsMiddleware:
                     message = "X-Request-Timeout must be a positive number of seconds"
                     return await _refuse(400, message, scope, receive, send)
                 timeout = min(timeout, asked)
-            elif name == b"content-length" and value.isdigit() and int(value) > max_body:
-                # Refused on the header alone, in the same words as while streaming.
-                return await _refuse(413, too_large, scope, receive, send)
-        record_of(scope).deadline = asyncio.get_running_loop().time() + timeout
-
-        body_done, received = False, 0
+            elif name == b"content-length" and value.isdigit():
+                declared = int(value)
+                if declared > max_body:  # on the header alone, in the words used mid-stream
+                    return await _refuse(413, too_large, scope, receive, send)
+        if self.in_flight + declared > self.budget:
+            return await _refuse(503, self._busy(), scope, receive, send, {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        deadline = record_of(scope).deadline = loop.time() + timeout
+        body_done, received, reserved = False, 0, declared
+        self.in_flight += reserved
 
         async def receive_bounded() -> Message:
-            nonlocal body_done, received
+            nonlocal body_done, received, reserved
             if body_done:  # later receives wait for the disconnect: no bound wanted there
                 return await receive()
+            left = deadline - loop.time()
             try:
-                async with asyncio.timeout(self.body_timeout):
+                async with asyncio.timeout(min(self.body_timeout, max(left, 0))):
                     message = await receive()
             except TimeoutError:
-                raise HTTPException(
-                    408,
-                    f"no body data for {self.body_timeout:g} s; send the whole body promptly",
-                    headers={"Connection": "close"},
-                ) from None
+                why = (
+                    f"no body data for {self.body_timeout:g} s"
+                    if left > self.body_timeout
+                    else f"the body did not arrive within the request's {timeout:g} s"
+                )
+                raise HTTPException(408, f"{why}; send the whole body promptly",
+                                    headers={"Connection": "close"}) from None  # fmt: skip
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > max_body:  # refused while it streams in, never buffered
                     raise HTTPException(413, too_large, headers={"Connection": "close"})
+                if received > reserved:  # a chunked body: counted as it arrives
+                    self.in_flight += received - reserved
+                    reserved = received
+                    if self.in_flight > self.budget:
+                        raise HTTPException(503, self._busy(), headers={
+                            "Connection": "close", "Retry-After": "1"})  # fmt: skip
             body_done = message["type"] != "http.request" or not message.get("more_body")
             return message
 
@@ -97,7 +116,14 @@ class LimitsMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
-        await self.app(scope, receive_bounded, send_closing)
+        try:
+            await self.app(scope, receive_bounded, send_closing)
+        finally:
+            self.in_flight -= reserved
+
+    def _busy(self) -> str:
+        return (f"the server is already receiving {self.in_flight:,} bytes of request bodies "
+                f"(MAX_BODY_BYTES_IN_FLIGHT {self.budget:,}); retry shortly")  # fmt: skip
 
 
 def body_too_large(settings: Settings) -> str:
@@ -108,8 +134,10 @@ def body_too_large(settings: Settings) -> str:
     )
 
 
-async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send) -> None:
-    headers = {"Connection": "close"}  # the unread body must not be taken for a request
+async def _refuse(
+    status: int, message: str, scope: Scope, receive: Receive, send: Send, extra=None
+) -> None:
+    headers = {"Connection": "close", **(extra or {})}  # the unread body is not a request
     await error_response(scope["path"], status, message, headers)(scope, receive, send)
 
 

@@ -92,6 +92,50 @@ def test_a_body_shorter_than_its_length_gets_408_not_a_hang(models_dir, images):
         assert b"no body data for 1 s" in reply and b"connection: close" in reply.lower()
 
 
+def test_a_body_trickled_in_gets_408_at_the_requests_deadline(models_dir, images):
+    body, content_type = multipart_body(encode(images[0]), "a.png")
+    with live_server(models_dir, body_timeout_seconds=5) as port:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(
+                f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                f"X-Request-Timeout: 1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            )
+            conn.settimeout(0.2)
+            reply = b""
+            for byte in body:  # one byte every 0.2 s: never silent for 5 s, never done
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                with contextlib.suppress(TimeoutError):
+                    reply += conn.recv(65536)
+                if reply:
+                    break
+            reply += read_reply(conn)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert b"within the request's 1 s" in reply
+
+
+def test_bodies_in_flight_share_one_budget_and_beyond_it_requests_are_shed(models_dir, images):
+    body, content_type = multipart_body(encode(images[0]), "a.png")
+    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: {}\r\n\r\n")  # fmt: skip
+    with live_server(models_dir, max_body_bytes_in_flight=len(body) + 1000) as port:
+        with socket.create_connection(("127.0.0.1", port)) as first:
+            first.sendall(head.format(len(body)).encode() + body[:100])  # reserved, under way
+            with socket.create_connection(("127.0.0.1", port)) as second:
+                second.sendall(head.format(len(body)).encode())
+                refused = read_reply(second)
+            assert refused.startswith(b"HTTP/1.1 503"), refused[:80]
+            assert b"retry-after: 1" in refused.lower() and b"MAX_BODY_BYTES_IN_FLIGHT" in refused
+            first.sendall(body[100:])
+            first.settimeout(30)
+            assert first.recv(65536).startswith(b"HTTP/1.1 200")
+        # The first request's reservation was released: the same request is taken now.
+        with socket.create_connection(("127.0.0.1", port)) as third:
+            third.sendall(head.format(len(body)).encode() + body)
+            third.settimeout(30)
+            assert third.recv(65536).startswith(b"HTTP/1.1 200")
+
+
 # --- expensive images -------------------------------------------------------------------
 
 
