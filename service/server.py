@@ -56,13 +56,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
+        self._head_tail = b""  # the last bytes seen, for a blank line split across chunks
         self._head_timer: asyncio.TimerHandle | None = None
         self._start_head_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._head_timer is None:  # a new request on a kept-alive connection
-            self._head_bytes = 0
+            self._head_bytes, self._head_tail = 0, b""
             self._start_head_timer()
 
     def on_headers_complete(self) -> None:
@@ -70,16 +71,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
-        timer = self._head_timer
-        super().data_received(data)
-        # Count a chunk only if a head was already under way before it and still is after
-        # it: a chunk that ends one request's body and starts the next head is not all head.
-        if timer is not None and self._head_timer is timer and not self.transport.is_closing():
-            self._head_bytes += len(data)
+        # While a head is under way, count the part of this chunk up to the blank line that
+        # ends it (the chunk that completes a head counts too), before the parser sees it.
+        if self._head_timer is not None and not self.transport.is_closing():
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+            self._head_tail = seen[-3:]
             if self._head_bytes > self.config.max_header_bytes:
                 self._refuse(
                     431, f"the request head is above {self.config.max_header_bytes:,} bytes"
                 )
+                return
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()

@@ -69,6 +69,12 @@ def test_an_oversized_head_gets_431(models_dir):
             reply = read_reply(conn)
         assert reply.startswith(b"HTTP/1.1 431"), reply[:80]
         assert b"above 4,096 bytes" in reply
+        # The same head in one chunk, complete: counted before the parser sees it.
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8192
+                         + b"\r\n\r\n")  # fmt: skip
+            reply = read_reply(conn)
+        assert reply.startswith(b"HTTP/1.1 431"), reply[:80]
         # A normal request with a few headers is still fine.
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(
