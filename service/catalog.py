@@ -272,6 +272,12 @@ def _open(path: Path, settings: Settings) -> Classifier:
         regular = False  # a dangling symlink
     if not regular:
         raise InvalidModel(f"{path.name}: not a regular file")
-    model = Classifier(path, settings.device, settings.onnx_threads, settings.inter_op_threads)
+    model = Classifier(
+        path,
+        settings.device,
+        settings.onnx_threads,
+        settings.inter_op_threads,
+        max_batch_size=settings.batch_max_size,  # warm-up runs the sizes the batcher sends
+    )
     model.warm_up()
     return model
