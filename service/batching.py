@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,7 +31,9 @@ from service.errors import DeadlineExceeded, NotReady, Overloaded
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]  # output name -> array with one row per image
-Predict = Callable[[np.ndarray], Outputs]
+# The model: images and the names of the outputs wanted (their union over the batch, so
+# nothing is copied back that no request of the batch returns).
+Predict = Callable[[np.ndarray, Sequence[str]], Outputs]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class _Request:
     future: asyncio.Future
     deadline: float  # on the event loop's clock
     queued_at: float
+    outputs: frozenset[str]  # the names this request returns
     taken: bool = False  # moved into a batch
 
 
@@ -107,8 +110,8 @@ class MicroBatcher:
             await asyncio.sleep(0.01)
         await self.stop()
 
-    def submit(self, images: np.ndarray, deadline: float) -> asyncio.Future:
-        """Queue `images` (uint8 [N, 32, 32, 3]); the future gets their rows of each output.
+    def submit(self, images: np.ndarray, deadline: float, outputs: Sequence[str]) -> asyncio.Future:
+        """Queue `images` (uint8 [N, 32, 32, 3]); the future gets their rows of `outputs`.
 
         Raises Overloaded at once when the queue is full: shedding early keeps the wait of
         the requests already accepted bounded."""
@@ -123,7 +126,7 @@ class MicroBatcher:
                 f"{self._max_queue}); retry shortly"
             )
         loop = asyncio.get_running_loop()
-        request = _Request(images, loop.create_future(), deadline, loop.time())
+        request = _Request(images, loop.create_future(), deadline, loop.time(), frozenset(outputs))
         # A request given up while it waits (deadline, client gone) leaves the queue at
         # once: its images stop counting against the bound, and the drop is counted now.
         request.future.add_done_callback(lambda _, r=request: self._withdraw(r))
@@ -132,9 +135,9 @@ class MicroBatcher:
         self._wakeup.set()
         return request.future
 
-    async def predict(self, images: np.ndarray, deadline: float) -> Result:
+    async def predict(self, images: np.ndarray, deadline: float, outputs: Sequence[str]) -> Result:
         """Submit and wait until `deadline` (loop clock); DeadlineExceeded after it."""
-        future = self.submit(images, deadline)
+        future = self.submit(images, deadline, outputs)
         try:
             async with asyncio.timeout_at(deadline):
                 return await future  # a timeout cancels the future: it will be skipped
@@ -227,7 +230,10 @@ class MicroBatcher:
         started = loop.time()
         try:
             stacked = np.concatenate([request.images for request in batch])
-            outputs, sizes = await loop.run_in_executor(self._worker, self._run_capped, stacked)
+            names = sorted(frozenset().union(*(request.outputs for request in batch)))
+            outputs, sizes = await loop.run_in_executor(
+                self._worker, self._run_capped, stacked, names
+            )
         except Exception as err:
             if len(batch) == 1:
                 if not batch[0].future.done():
@@ -244,14 +250,14 @@ class MicroBatcher:
         for request in batch:
             end = start + len(request.images)
             if not request.future.done():
-                rows = {k: v[start:end] for k, v in outputs.items()}
+                rows = {k: outputs[k][start:end] for k in request.outputs}
                 request.future.set_result(Result(rows, started - request.queued_at, seconds))
             start = end
 
-    def _run_capped(self, images: np.ndarray) -> tuple[Outputs, list[int]]:
+    def _run_capped(self, images: np.ndarray, names: list[str]) -> tuple[Outputs, list[int]]:
         """Never more than max_batch images per call, even for one large request."""
         chunks = [images[i : i + self._max_batch] for i in range(0, len(images), self._max_batch)]
-        parts = [self._predict(chunk) for chunk in chunks]
+        parts = [self._predict(chunk, names) for chunk in chunks]
         if len(parts) == 1:
             return parts[0], [len(images)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, list(map(len, chunks))

@@ -10,18 +10,23 @@ from service.batching import MicroBatcher
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 
 POISON = 13
+BOTH = ("probabilities", "features")
 
 
-def fake_model(calls: list[int]):
-    """Probability row = the image's first pixel, as one-hot; fails on a poisoned image."""
+def fake_model(calls: list[int], asked: list[list[str]] | None = None):
+    """Probability row = the image's first pixel, as one-hot; fails on a poisoned image.
+    Returns only the outputs asked for, and notes them in `asked`."""
+    asked = [] if asked is None else asked
 
-    def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         calls.append(len(images))
+        asked.append(list(names))
         if (images[:, 0, 0, 0] == POISON).any():
             raise ValueError("poisoned image")
         out = np.zeros((len(images), 100), np.float32)
         out[np.arange(len(images)), images[:, 0, 0, 0]] = 1
-        return {"probabilities": out, "features": images[:, 0, 0, :].astype(np.float32)}
+        every = {"probabilities": out, "features": images[:, 0, 0, :].astype(np.float32)}
+        return {name: every[name] for name in names}
 
     return predict
 
@@ -40,7 +45,7 @@ async def run_requests(batcher: MicroBatcher, requests: list[np.ndarray], timeou
     deadline = asyncio.get_running_loop().time() + timeout
     try:
         return await asyncio.gather(
-            *(batcher.predict(r, deadline) for r in requests), return_exceptions=True
+            *(batcher.predict(r, deadline, BOTH) for r in requests), return_exceptions=True
         )
     finally:
         await batcher.stop()
@@ -59,6 +64,31 @@ def test_concurrent_requests_share_calls_and_get_their_own_rows():
         assert result.queue_seconds >= 0 and result.inference_seconds > 0
     assert sum(calls) == 13 and len(calls) < 11
     assert sizes == calls
+
+
+def test_a_batch_fetches_the_outputs_its_requests_want_and_each_gets_only_its_own():
+    calls, asked = [], []
+    batcher = batcher_of(fake_model(calls, asked))
+
+    async def scenario():
+        batcher.start()
+        deadline = asyncio.get_running_loop().time() + 30
+        try:
+            return await asyncio.gather(
+                batcher.predict(image(1), deadline, ["probabilities"]),
+                batcher.predict(image(2), deadline, ["probabilities"]),
+            ), await asyncio.gather(
+                batcher.predict(image(3), deadline, ["probabilities"]),
+                batcher.predict(image(4), deadline, ["features"]),
+            )
+        finally:
+            await batcher.stop()
+
+    only_probabilities, mixed = asyncio.run(scenario())
+    assert asked == [["probabilities"], ["features", "probabilities"]]  # one call each
+    assert [set(r.outputs) for r in only_probabilities] == [{"probabilities"}] * 2
+    assert [set(r.outputs) for r in mixed] == [{"probabilities"}, {"features"}]
+    assert mixed[1].outputs["features"][0, 0] == 4
 
 
 def test_batch_max_size_is_a_hard_cap_on_every_call():
@@ -90,13 +120,13 @@ def test_a_full_queue_sheds_at_once():
         batcher = batcher_of(fake_model([]), max_queue=4, on_drop=lambda *d: drops.append(d))
         batcher.start()
         deadline = asyncio.get_running_loop().time() + 30
-        accepted = [batcher.submit(image(1, n=2), deadline) for _ in range(2)]
+        accepted = [batcher.submit(image(1, n=2), deadline, BOTH) for _ in range(2)]
         with pytest.raises(Overloaded, match="4 images queued") as shed:
-            batcher.submit(image(1), deadline)
+            batcher.submit(image(1), deadline, BOTH)
         assert shed.value.headers == {"Retry-After": "1"}
         assert [len((await f).outputs["probabilities"]) for f in accepted] == [2, 2]
         assert drops == [("shed", 1)]
-        batcher.submit(image(1), deadline)  # room again once the queue drained
+        batcher.submit(image(1), deadline, BOTH)  # room again once the queue drained
         await batcher.stop()
 
     asyncio.run(scenario())
@@ -109,15 +139,15 @@ def test_expired_requests_are_answered_504_and_never_computed():
         loop = asyncio.get_running_loop()
         batcher.start()
         # Queued with a deadline already past: dropped before it is computed.
-        late = batcher.submit(image(7), loop.time() - 1)
-        on_time = batcher.submit(image(8), loop.time() + 30)
+        late = batcher.submit(image(7), loop.time() - 1, BOTH)
+        on_time = batcher.submit(image(8), loop.time() + 30, BOTH)
         with pytest.raises(DeadlineExceeded):
             await late
         assert (await on_time).outputs["probabilities"].argmax() == 8
         assert calls == [1] and drops == [("expired", 1)]
         # Waiting past the deadline: predict gives up with 504 at the deadline.
         with pytest.raises(DeadlineExceeded):
-            await batcher.predict(image(9), loop.time())
+            await batcher.predict(image(9), loop.time(), BOTH)
         await batcher.stop()
 
     asyncio.run(scenario())
@@ -129,9 +159,9 @@ def test_abandoned_requests_are_skipped_and_counted():
         batcher = batcher_of(fake_model(calls), max_wait=0, on_drop=lambda *d: drops.append(d))
         loop = asyncio.get_running_loop()
         batcher.start()
-        gone = batcher.submit(image(3), loop.time() + 30)
+        gone = batcher.submit(image(3), loop.time() + 30, BOTH)
         gone.cancel()  # what the route does when its client disconnects
-        kept = batcher.submit(image(4), loop.time() + 30)
+        kept = batcher.submit(image(4), loop.time() + 30, BOTH)
         assert (await kept).outputs["probabilities"].argmax() == 4
         assert calls == [1] and drops == [("abandoned", 1)]
         await batcher.stop()
@@ -155,14 +185,14 @@ def test_a_crashed_loop_fails_pending_requests_and_restarts():
         loop = asyncio.get_running_loop()
         batcher.start()
         with pytest.raises(NotReady, match="failed"):
-            await batcher.predict(image(1), loop.time() + 30)
+            await batcher.predict(image(1), loop.time() + 30, BOTH)
         assert batcher.restarts == 1
         async with asyncio.timeout(10):
             while not batcher.alive:  # restarting after a short backoff
                 with pytest.raises(NotReady, match="not running"):
-                    batcher.submit(image(1), loop.time() + 30)
+                    batcher.submit(image(1), loop.time() + 30, BOTH)
                 await asyncio.sleep(0.01)
-        result = await batcher.predict(image(2), loop.time() + 30)
+        result = await batcher.predict(image(2), loop.time() + 30, BOTH)
         assert result.outputs["probabilities"].argmax() == 2
         await batcher.stop()
 
@@ -173,12 +203,12 @@ def test_stop_fails_pending_requests_instead_of_hanging():
     async def scenario():
         batcher = batcher_of(fake_model([]), max_wait=0)
         batcher.start()
-        pending = batcher.submit(image(1), asyncio.get_running_loop().time() + 30)
+        pending = batcher.submit(image(1), asyncio.get_running_loop().time() + 30, BOTH)
         await batcher.stop()  # before the loop ever ran
         with pytest.raises(NotReady, match="shutting down"):
             await pending
         with pytest.raises(NotReady, match="shutting down"):
-            batcher.submit(image(1), asyncio.get_running_loop().time() + 30)
+            batcher.submit(image(1), asyncio.get_running_loop().time() + 30, BOTH)
 
     asyncio.run(scenario())
 
@@ -204,9 +234,9 @@ async def batch_still_gathering(max_wait: float) -> tuple[MicroBatcher, list, as
     batcher = batcher_of(fake_model(calls), max_wait=max_wait)
     batcher.start()
     deadline = asyncio.get_running_loop().time() + 30
-    await asyncio.gather(*(batcher.predict(image(i), deadline) for i in (1, 2)))
+    await asyncio.gather(*(batcher.predict(image(i), deadline, BOTH) for i in (1, 2)))
     assert calls == [2]  # one batch of two: the next one will wait for company
-    gathering = asyncio.ensure_future(batcher.predict(image(3), deadline))
+    gathering = asyncio.ensure_future(batcher.predict(image(3), deadline, BOTH))
     # Gathering: out of the queue, held in the batch being formed, and not computed (the
     # batcher has no public view of this; its private state is the condition itself).
     await until(lambda: batcher._running and not batcher._pending)

@@ -111,7 +111,7 @@ async def model_infer(
     parsed, images = decode_request(body, header_length, plane.settings.max_images_per_request)
     asked = requested_outputs(parsed, served.model.output_widths)  # 400 before any work
     served, outputs, _ = await plane.infer(record, request.receive, model_name, model_version,
-                                           images)  # fmt: skip
+                                           images, [o.name for o in asked])  # fmt: skip
     content, head = encode_response(parsed, asked, served.model_id, served.version, outputs,
                                     served.model.card.class_names)  # fmt: skip
     if head is None:
