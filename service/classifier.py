@@ -25,7 +25,6 @@ from service.modelcard import (
     IMAGE_SIZE,
     INPUT_NAME,
     NUM_CLASSES,
-    NUM_SUPERCLASSES,
     OUTPUT_NAME,
     ModelCard,
 )
@@ -118,9 +117,6 @@ class Classifier:
         self.trained_at = str(self.card.training.get("trained_at") or "") or time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)
         )
-        # Summing fine probabilities within each superclass is a matrix product.
-        self.to_superclasses = np.zeros((NUM_CLASSES, NUM_SUPERCLASSES), dtype=np.float32)
-        self.to_superclasses[np.arange(NUM_CLASSES), self.card.fine_to_coarse] = 1
         self.ready = False
 
     @property
@@ -131,10 +127,6 @@ class Classifier:
     def provider(self) -> str:
         """The execution provider actually in use, e.g. CUDAExecutionProvider."""
         return self.session.get_providers()[0]
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, 32, 32, 3] -> float32 [N, 100] probabilities."""
-        return self.run(images)[OUTPUT_NAME]
 
     def run(
         self, images: np.ndarray, outputs: Sequence[str] | None = None
@@ -147,9 +139,6 @@ class Classifier:
         names = list(self.output_names if outputs is None else outputs)
         results = self.session.run(names, {INPUT_NAME: images})
         return dict(zip(names, results, strict=True))
-
-    def superclass_probabilities(self, probabilities: np.ndarray) -> np.ndarray:
-        return probabilities @ self.to_superclasses
 
     @property
     def warm_up_sizes(self) -> list[int]:

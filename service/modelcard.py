@@ -2,13 +2,15 @@
 
 Training writes a ModelCard into the file's `metadata_props`; the service reads it back.
 This module is the only place that knows the key names, so the two sides cannot drift.
-It imports neither TensorFlow nor onnxruntime.
+It imports neither TensorFlow nor onnxruntime (NumPy for the one sum both sides do).
 """
 
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 FORMAT_VERSION = "1"
 INPUT_NAME = "images"  # uint8 [batch, 32, 32, 3], RGB, unscaled: the graph scales it
@@ -31,10 +33,10 @@ class ModelCard:
     parameter_count: int
     training: dict[str, Any] = field(default_factory=dict)  # recipe, or where weights came from
     evaluation: dict[str, Any] | None = None  # test-set numbers; None if never evaluated
-    # The graph's outputs: OUTPUT_NAME always, "features" (penultimate activations, which
-    # the report needs) when the file has them. Cards from before this key: read as
-    # probabilities only, since nothing promised more.
-    outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
+    # The graph's outputs: OUTPUT_NAME and FEATURES_NAME (penultimate activations, which
+    # the report needs). The export writes what the graph it made has; this default is
+    # only for a card built before its graph.
+    outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME, FEATURES_NAME])
 
     def __post_init__(self) -> None:
         # A card comes from a file anyone may drop into MODELS_DIR: check every type, so a
@@ -85,8 +87,7 @@ class ModelCard:
             values: dict[str, Any] = {k: json.loads(props[k]) for k in _JSON_FIELDS}
             values["model_id"] = props["model_id"]
             values["parameter_count"] = int(props["parameter_count"])
-            if "outputs" in props:
-                values["outputs"] = json.loads(props["outputs"])
+            values["outputs"] = json.loads(props["outputs"])
         except KeyError as missing:
             raise ValueError(f"model card is missing {missing}") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
@@ -103,3 +104,11 @@ def _expect_list(values: Any, kind: type, name: str) -> None:
     _expect(values, list, name)
     for value in values:
         _expect(value, kind, f"{name}[...]")
+
+
+def superclass_probabilities(probabilities: np.ndarray, fine_to_coarse: list[int]) -> np.ndarray:
+    """[N, 100] fine probabilities -> [N, 20]: each superclass's summed fine probability.
+    What the service answers as the superclass, and what training scores it by."""
+    to_coarse = np.zeros((len(fine_to_coarse), max(fine_to_coarse) + 1), dtype=probabilities.dtype)
+    to_coarse[np.arange(len(fine_to_coarse)), fine_to_coarse] = 1
+    return probabilities @ to_coarse

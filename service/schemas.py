@@ -6,6 +6,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from service.classifier import Classifier
+from service.modelcard import superclass_probabilities
 
 
 class ClassScore(BaseModel):
@@ -48,7 +49,7 @@ def describe(
     """One image's probabilities as the API reports them."""
     card = model.card
     best = np.argsort(-probabilities, kind="stable")[:top_k]
-    superclasses = model.superclass_probabilities(probabilities)
+    superclasses = superclass_probabilities(probabilities, card.fine_to_coarse)
     top_super = int(superclasses.argmax())
     return ImagePrediction(
         filename=filename,
