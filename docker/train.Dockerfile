@@ -25,14 +25,23 @@ COPY pyproject.toml ./
 RUN mkdir service training \
     && touch README.md service/__init__.py training/__init__.py \
     && pip install ".[${EXTRA}]" \
+    && if [ "${EXTRA}" = "train-gpu" ]; then \
+         python -m venv /opt/serve && /opt/serve/bin/pip install . "onnxruntime-gpu[cuda,cudnn]"; \
+       fi \
     && rm -rf README.md service training build ./*.egg-info
 COPY README.md ./
 COPY service ./service
 COPY training ./training
 RUN pip install --no-deps . \
+    && if [ -x /opt/serve/bin/pip ]; then /opt/serve/bin/pip install --no-deps .; fi \
     && rm -rf build ./*.egg-info \
     && mkdir -p /cache /cuda-cache /app/models /app/runs /app/reports \
     && chmod 1777 /cache /cuda-cache /app/models /app/runs /app/reports
+
+# `docker compose run --rm train gpu-check` (train-gpu only): the check serves with the
+# service's own environment above, whose onnxruntime-gpu wheels bring CUDA 13 and cuDNN 9;
+# TensorFlow's CUDA 12 wheels unpack into the same site-packages/nvidia/ folders.
+ENV GPU_CHECK_SERVICE_PYTHON=/opt/serve/bin/python
 
 # docker-compose.yml runs this as the host user (HOST_UID), so its files are theirs.
 USER 65534

@@ -90,6 +90,11 @@ class CheckFailed(Exception):
     """A step of the check failed; the message says which and what to do."""
 
 
+def _service_python() -> str:
+    named = os.environ.get("GPU_CHECK_SERVICE_PYTHON")
+    return named if named and Path(named).exists() else sys.executable
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.gpu_check",
@@ -99,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="work in DIR and keep it (default: a temp dir)")
     parser.add_argument(
         "--service-python",
-        default=os.environ.get("GPU_CHECK_SERVICE_PYTHON") or sys.executable,
-        help="the Python that serves (default: $GPU_CHECK_SERVICE_PYTHON, else this one)",
+        default=_service_python(),
+        help="the Python that serves (default: $GPU_CHECK_SERVICE_PYTHON where it exists, "
+        "as in the GPU training image; else this one)",
     )
     parser.add_argument(
         "--driver-only", action="store_true", help="only ask the NVIDIA driver for a GPU"
