@@ -120,10 +120,13 @@ def hostile_rows(port: int, pid: int, cases: list[Case]) -> list[dict]:
         row["as_documented"] = row["status"] in case.expected
         row["rss_per_byte_sent"] = round(row["rss_growth_mib"] * 2**20 / row["bytes_sent"], 2)
         row["received_per_byte_sent"] = round(row["bytes_received"] / row["bytes_sent"], 2)
-        row["within_bound"] = row["rss_growth_mib"] * 2**20 <= growth_bound(row["bytes_sent"])
         print(f"  hostile {row}", flush=True)
         rows.append(row)
     return rows
+
+
+def within_bound(row: dict) -> bool:
+    return row["rss_growth_mib"] * 2**20 <= growth_bound(row["bytes_sent"])
 
 
 def worst(rows: list[dict], key: str) -> dict:
@@ -140,7 +143,7 @@ def hostile_markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         mark = "" if r["as_documented"] else " **not documented**"
-        mark += "" if r["within_bound"] else " **RSS above the bound**"
+        mark += "" if within_bound(r) else " **RSS above the bound**"
         documented = "/".join(map(str, r["expected"]))
         lines.append(
             f"| {r['case']} | {r['bytes_sent']:,} | {r['status']} ({documented}){mark} "
@@ -160,6 +163,6 @@ def hostile_markdown(rows: list[dict]) -> str:
             f"({cpu['case']}). Peak RSS from {rows[0]['rss_method']}, the server's process "
             f"tree. Statuses not documented: {', '.join(odd) or 'none'}. Bound: "
             f"{GROWTH_PER_BYTE} x bytes sent + {GROWTH_CONSTANT >> 20} MiB; above it: "
-            f"{', '.join(r['case'] for r in rows if not r['within_bound']) or 'none'}.",
+            f"{', '.join(r['case'] for r in rows if not within_bound(r)) or 'none'}.",
         ]
     return "\n".join(lines) + "\n"

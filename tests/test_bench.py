@@ -257,10 +257,13 @@ def test_hostile_table_names_the_worst_ratios_and_undocumented_statuses():
         row("small", 1000, 400, [400], 300, 0.01, 0.0),
         row("inflating", 2**20, 200, [200, 422], 100, 0.5, 8.0),
         row("echoing", 2000, 500, [400], 40_000, 0.02, 0.0),
+        row("swelling", 2**20, 400, [400], 300, 0.01, 100.0),  # above 4 x 1 MiB + 48 MiB
     ]
     markdown = hostile_markdown(rows)
     assert "| inflating | 1,048,576 | 200 (200/422) | 100 | 0.5 | 8.0 | 8.0 | 0.0 |" in markdown
     assert "| echoing | 2,000 | 500 (400) **not documented** |" in markdown
-    assert "peak RSS growth 8.0 bytes per byte sent (inflating)" in markdown
+    assert "peak RSS growth 100.0 bytes per byte sent (swelling)" in markdown
     assert "answer 20.0 bytes per byte sent (echoing)" in markdown
     assert "Statuses not documented: echoing." in markdown
+    assert "| swelling | 1,048,576 | 400 (400) **RSS above the bound** |" in markdown
+    assert "above it: swelling." in markdown and "8.0" in markdown  # inflating is within

@@ -5,11 +5,9 @@ schemas (kubernetes-validate, strict: unknown fields fail), the InferenceService
 deserialised into the kserve SDK's typed models, and every image, port, path, probe, env
 var and volume they name must exist in the project and agree with the code."""
 
-import fcntl
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -33,7 +31,6 @@ KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 # The kserve SDK pins protobuf<7, the training extra protobuf 7: it gets its own venv.
 # kubernetes 35: the last client whose models name types as the kserve SDK's deserialiser
 # expects ("dict(str, str)"); 36 writes "dict[str, str]", 37 moved to pydantic.
-KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
 # Env vars the manifests may set that are not our settings: uvicorn's and prometheus-client's
 # (both read by the image's command), and KServe's storage initializer's.
 FOREIGN_ENV = {"WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR"}
@@ -316,31 +313,6 @@ def test_service_autoscaler_and_disruption_budget_point_at_the_deployment(build)
     assert pdb["selector"] == deployment["spec"]["selector"]
     # With minAvailable equal to the replicas, a node drain would wait forever.
     assert pdb["minAvailable"] < hpa["minReplicas"]
-
-
-@pytest.fixture(scope="session")
-def kserve_python() -> Path:
-    """A Python with the kserve SDK, in a venv of its own under the user's cache (created
-    once, about 90 s and 450 MB; needs PyPI the first time)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar100"
-    tag = "-".join(p.replace("==", "-") for p in KSERVE_SDK)
-    venv = cache / f"venv-{tag}-py{sys.version_info.major}.{sys.version_info.minor}"
-    python = venv / "bin" / "python"
-    done = venv / ".installed"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build it once
-        if not done.exists():
-            shutil.rmtree(venv, ignore_errors=True)
-            base = getattr(sys, "_base_executable", sys.executable)
-            subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
-            subprocess.run(
-                [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                 *KSERVE_SDK],
-                check=True, timeout=900,
-            )  # fmt: skip
-            done.write_text("\n".join(KSERVE_SDK))
-    return python
 
 
 # Runs in the kserve venv: each InferenceService through the SDK's own deserialiser, then
