@@ -12,7 +12,7 @@ from tests.conftest import SMALL_VAL_SIZE
 from training.__main__ import main
 from training.ablation import RESULT, VARIANTS, present_classes, write_table
 from training.data import Split
-from training.train import Recipe
+from training.recipe import Recipe
 
 
 def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_path, capsys):

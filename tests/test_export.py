@@ -25,7 +25,8 @@ from training import export as exporter
 from training.__main__ import main
 from training.errors import TrainingError
 from training.models import MODEL_IDS, build_model
-from training.train import Recipe, best_checkpoint
+from training.recipe import Recipe
+from training.train import best_checkpoint
 
 
 def card_for(model: keras.Model) -> ModelCard:

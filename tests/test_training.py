@@ -20,8 +20,8 @@ import pytest
 from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
 from training import data as cifar
 from training.errors import RunError
+from training.recipe import Recipe
 from training.train import (
-    Recipe,
     _epoch_of,
     best_checkpoint,
     forget_unfinished_epochs,

@@ -34,16 +34,9 @@ from training.errors import RecipeError, ReportError, TrainingError
 from training.evaluate import evaluate_test_set
 from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
+from training.recipe import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, Recipe
 from training.report.write import COMPARE_DIR, write_reports
-from training.train import (
-    AUGMENTATIONS,
-    OPTIMIZERS,
-    SCHEDULES,
-    Recipe,
-    best_checkpoint,
-    run_state,
-    train,
-)
+from training.train import best_checkpoint, run_state, train
 
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("models")

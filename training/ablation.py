@@ -29,7 +29,8 @@ import numpy as np
 from training.atomic import write_text
 from training.data import Cifar100, Split
 from training.evaluate import compute_metrics
-from training.train import Recipe, best_checkpoint, run_state, train
+from training.recipe import Recipe
+from training.train import best_checkpoint, run_state, train
 
 # name -> (what changes, in words; the settings changed from the base recipe)
 VARIANTS: dict[str, tuple[str, dict]] = {
