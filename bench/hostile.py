@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from bench.load import multipart_form
+
 SIDE = 32
 MIB = 1 << 20
 # The bound every case is held to (tests/test_hostile.py; flagged in the faults table):
@@ -97,16 +99,8 @@ def cases(model_id: str, max_images: int = 64) -> list[Case]:
 
 
 def predict(name: str, images: list[bytes], expected: set[int], why: str) -> Case:
-    boundary = "hostile-corpus-boundary"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}.img"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-        for i, data in enumerate(images)
-    ]
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    body, content_type = multipart_form([(f"{i}.img", data) for i, data in enumerate(images)])
+    headers = {"Content-Type": content_type}
     return Case(name, "POST", "/predict", headers, body, frozenset(expected), why)
 
 
