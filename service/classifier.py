@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.config import Settings
 from service.errors import DeviceUnavailable, InvalidModel
 from service.modelcard import (
     IMAGE_SIZE,
@@ -31,7 +32,7 @@ from service.modelcard import (
 
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-DEFAULT_MAX_BATCH_SIZE = 64  # BATCH_MAX_SIZE's default in service.config
+DEFAULT_MAX_BATCH_SIZE = Settings.model_fields["batch_max_size"].default  # BATCH_MAX_SIZE
 
 # The CUDA provider's options, set deliberately rather than left to onnxruntime's defaults:
 # - cudnn_conv_algo_search: the default, EXHAUSTIVE, benchmarks every cuDNN algorithm for

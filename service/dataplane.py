@@ -25,6 +25,7 @@ from service.metrics import Metrics, RequestRecord
 from service.modelcard import OUTPUT_NAME
 
 T = TypeVar("T")
+STARTING = "starting: the models are loading"
 
 
 class Answer(NamedTuple):
@@ -37,6 +38,7 @@ class Answer(NamedTuple):
 class DataPlane:
     settings: Settings
     metrics: Metrics
+    keyed: bool = False  # API keys are required (auth.validate found some)
     draining: threading.Event = field(default_factory=threading.Event)
     catalog: Catalog | None = None  # set by the lifespan once the models are loaded
     decode_slots: DecodeSlots = field(init=False)
@@ -49,20 +51,24 @@ class DataPlane:
         if self.draining.is_set():
             return "shutting down"
         if self.catalog is None:
-            return "starting: the models are loading"
+            return STARTING
         if self.catalog.ready:
             return None
-        if self.catalog.failures and (self.settings.api_keys or self.settings.api_keys_file):
+        if self.catalog.failures and self.keyed:
             # Health is open to probes; with keys set, file names are for key holders.
             return (f"no model could be loaded ({len(self.catalog.failures)} file(s) failed: "
                     "GET /models with a key lists them)")  # fmt: skip
         return self.catalog.not_ready_reason()
 
+    def loaded(self) -> Catalog:
+        """The catalog; NotReady while the lifespan is still loading it."""
+        if self.catalog is None:
+            raise NotReady(STARTING)
+        return self.catalog
+
     def model(self, record: RequestRecord, model_id: str | None, version: str | None) -> Served:
         """The model version that answers (UnknownModel otherwise), named on the record."""
-        if self.catalog is None:
-            raise NotReady("starting: the models are loading")
-        served = self.catalog.get(model_id, version)
+        served = self.loaded().get(model_id, version)
         record.model_id, record.model_version = served.model_id, served.version
         return served
 

@@ -11,7 +11,6 @@ from fastapi import Depends, Request
 
 from service.catalog import Catalog
 from service.dataplane import DataPlane
-from service.errors import NotReady
 from service.metrics import RequestRecord, record_of
 
 
@@ -20,10 +19,7 @@ async def plane(request: Request) -> DataPlane:
 
 
 async def catalog(request: Request) -> Catalog:
-    catalog = request.app.state.plane.catalog
-    if catalog is None:
-        raise NotReady("starting: the models are loading")
-    return catalog
+    return request.app.state.plane.loaded()
 
 
 async def record(request: Request) -> RequestRecord:

@@ -45,6 +45,12 @@ class LimitsMiddleware:
         self.settings = settings
         self.max_body = settings.max_request_bytes
         self.max_v2_body = max_request_bytes(settings.max_images_per_request)
+        # The 413 messages, worded once: a request only picks one.
+        self.too_large = body_too_large(settings)
+        self.too_large_v2 = (
+            f"the request body is above {self.max_v2_body:,} bytes, the largest valid "
+            f"inference request of {settings.max_images_per_request} images"
+        )
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.draining = draining
@@ -57,12 +63,7 @@ class LimitsMiddleware:
         timeout = self.request_timeout
         v2 = scope["path"].startswith("/v2/")
         max_body = self.max_v2_body if v2 else self.max_body
-        too_large = (
-            f"the request body is above {max_body:,} bytes, the largest valid inference "
-            f"request of {self.settings.max_images_per_request} images"
-            if v2
-            else body_too_large(self.settings)
-        )
+        too_large = self.too_large_v2 if v2 else self.too_large
         declared = 0
         for name, value in scope["headers"]:
             if name == TIMEOUT_HEADER:

@@ -60,10 +60,11 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.plane = plane = DataPlane(settings, Metrics())
+    keys = auth.validate(settings)  # a broken key setting stops startup
+    app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
     app.add_middleware(LimitsMiddleware, settings=settings, draining=plane.draining)
     protected = (predict.router, v2.router, models.router)  # by API_KEYS, when set
-    if keys := auth.validate(settings):  # a broken key setting stops startup
+    if keys:
         routes = [route for router in protected for route in router.routes]
         app.add_middleware(auth.ApiKeyMiddleware, keys=keys, protected=routes)
     if settings.cors_origins:  # a page served elsewhere may call the API

@@ -52,11 +52,7 @@ async def predict(
     ] = (),  # optional: `file` may carry the one image instead
     file: Annotated[
         UploadFile | None,
-        File(
-            description="One image, as `curl -F file=@cat.png` sends it (beside or "
-            "instead of `files`)",
-            json_schema_extra=BINARY,
-        ),
+        File(description=FILE_DOC, json_schema_extra=BINARY),
     ] = None,
     model: Annotated[str | None, Query(description="Model id; default: DEFAULT_MODEL")] = None,
     version: Annotated[
