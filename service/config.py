@@ -50,6 +50,17 @@ class Settings(BaseSettings):
         description="images waiting per model version and worker; beyond it requests are shed "
         "(503). Two full batches: on a 2-CPU box about 0.1 s of work, which bounds the wait",
     )
+    min_familiarity: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="refuse (422) images whose familiarity is below this (the share of "
+        "validation images stranger than it); 0: off. Requests may set their own",
+    )
+    explain_patch: int = Field(
+        8, ge=1, le=32, description="/explain: side of the grey square slid over the image"
+    )
+    explain_stride: int = Field(4, ge=1, le=32, description="/explain: step between positions")
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="deadline per request (X-Request-Timeout may shorten it): 504"
     )

@@ -29,6 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Familiarity is a share of the validation set (uniform there by construction): fine
+# buckets near 0, where unfamiliar images fall. The top class's probability: tenths.
+FAMILIARITY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 REQUEST_ID = b"x-request-id"
 VALID_ID = re.compile(rb"[\w.:@/+=-]{1,128}")  # what we echo back and log, verbatim
 
@@ -84,6 +88,19 @@ class Metrics:
         )
         self.batch_size = histogram(
             "inference_batch_size", "Images per onnxruntime call", model, BATCH_BUCKETS
+        )
+        self.familiarity = histogram(
+            "prediction_familiarity",
+            "Familiarity of each image answered: the share of validation images less like "
+            "the training data (the model's familiarity output; models without it: none)",
+            model,
+            FAMILIARITY_BUCKETS,
+        )
+        self.top_probability = histogram(
+            "prediction_top_probability",
+            "Probability of the top fine class of each image answered",
+            model,
+            CONFIDENCE_BUCKETS,
         )
         self.images = Counter(
             "images_classified_total", "Images classified", model, registry=self.registry

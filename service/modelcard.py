@@ -16,6 +16,9 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "images"  # uint8 [batch, 32, 32, 3], RGB, unscaled: the graph scales it
 OUTPUT_NAME = "probabilities"  # float32 [batch, 100], softmax over the fine classes
 FEATURES_NAME = "features"  # float32 [batch, width]: the penultimate layer's activations
+# float32 [batch, 1]: the share of validation images less like the training data than this
+# one (Mahalanobis score of the features; 0.01: stranger than 99 % of the validation set).
+FAMILIARITY_NAME = "familiarity"
 IMAGE_SIZE = 32
 NUM_CLASSES = 100
 NUM_SUPERCLASSES = 20
@@ -37,6 +40,8 @@ class ModelCard:
     # the report needs). The export writes what the graph it made has; this default is
     # only for a card built before its graph.
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME, FEATURES_NAME])
+    # How the familiarity output was calibrated (images, method); None: the file has none.
+    familiarity: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # A card comes from a file anyone may drop into MODELS_DIR: check every type, so a
@@ -48,8 +53,9 @@ class ModelCard:
         _expect_list(self.fine_to_coarse, int, "fine_to_coarse")
         _expect_list(self.outputs, str, "outputs")
         _expect(self.training, dict, "training")
-        if self.evaluation is not None:
-            _expect(self.evaluation, dict, "evaluation")
+        for name in ("evaluation", "familiarity"):
+            if getattr(self, name) is not None:
+                _expect(getattr(self, name), dict, name)
         # The id names URLs (/models/{id}, /v2/models/{id}) and folders (reports/{id}/):
         # a strict pattern keeps "..", slashes and odd bytes out of both.
         if not MODEL_ID_PATTERN.fullmatch(self.model_id):
@@ -72,7 +78,10 @@ class ModelCard:
         """The card as ONNX metadata_props: strings only, structured values as JSON."""
         props = {"format_version": FORMAT_VERSION}
         for key, value in asdict(self).items():
-            props[key] = json.dumps(value) if key in (*_JSON_FIELDS, "outputs") else str(value)
+            if value is None and key == "familiarity":
+                continue
+            structured = key in (*_JSON_FIELDS, "outputs", "familiarity")
+            props[key] = json.dumps(value) if structured else str(value)
         return props
 
     @classmethod
@@ -88,6 +97,8 @@ class ModelCard:
             values["model_id"] = props["model_id"]
             values["parameter_count"] = int(props["parameter_count"])
             values["outputs"] = json.loads(props["outputs"])
+            if "familiarity" in props:  # files exported before it existed have none
+                values["familiarity"] = json.loads(props["familiarity"])
         except KeyError as missing:
             raise ValueError(f"model card is missing {missing}") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
