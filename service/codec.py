@@ -112,6 +112,9 @@ class RequestedOutput(Strict):
 
 class RequestParameters(Parameters):
     binary_data_output: StrictBool = Field(False, description="every output in binary")
+    min_familiarity: FiniteFloat | None = Field(
+        None, ge=0, le=1, description="refuse (422) images less familiar than this"
+    )
 
 
 class InferenceRequest(Strict):
@@ -128,7 +131,7 @@ class InferenceRequest(Strict):
     outputs: list[RequestedOutput] | None = Field(
         None,
         max_length=8,
-        description="`probabilities` (default) and/or `features`, each at most once; "
+        description="`probabilities` (default), `features`, `familiarity`, each at most once; "
         '`parameters`: `{"binary_data": true}` or `{"classification": k}`',
     )
 

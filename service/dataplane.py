@@ -16,13 +16,14 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 from starlette.types import Receive
 
+from service import explain
 from service.batching import Outputs
 from service.catalog import Catalog, Served
 from service.config import Settings
-from service.errors import ClientGone, NotReady
+from service.errors import BadParameter, ClientGone, NotReady, TooManyImages, Unfamiliar
 from service.limits import DecodeSlots
 from service.metrics import Metrics, RequestRecord
-from service.modelcard import OUTPUT_NAME
+from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
 
 T = TypeVar("T")
 STARTING = "starting: the models are loading"
@@ -32,6 +33,14 @@ class Answer(NamedTuple):
     served: Served  # the version that computed it
     outputs: Outputs
     inference_ms: float  # from hand-over to answer
+
+
+class Explanation(NamedTuple):
+    served: Served
+    class_index: int  # the class explained
+    probability: float  # its probability on the image itself
+    heat_map: np.ndarray  # float32 [32, 32]: how much covering each pixel lowered it
+    inference_ms: float
 
 
 @dataclass
@@ -84,9 +93,60 @@ class DataPlane:
         version: str | None,
         images: np.ndarray,
         outputs: Sequence[str] = (OUTPUT_NAME,),
+        min_familiarity: float | None = None,
     ) -> Answer:
-        """`outputs` for `images` from the version that answers now (only those are
-        copied back from onnxruntime: on a GPU, features cost ten times probabilities).
+        """`outputs` for `images` from the version that answers now. Every answered image
+        is watched (its familiarity and top probability, for drift); with a familiarity
+        floor (the request's, else MIN_FAMILIARITY), an image below it is refused (422)."""
+        served = self.model(record, model_id, version)
+        floor = self._familiarity_floor(served, min_familiarity)  # 422 before any work
+        fetch = {*outputs, OUTPUT_NAME}
+        if FAMILIARITY_NAME in served.model.output_widths:
+            fetch.add(FAMILIARITY_NAME)
+        answer = await self._compute(record, receive, model_id, version, images, fetch)
+        self._watch(answer)
+        if floor:
+            _refuse_unfamiliar(answer.outputs[FAMILIARITY_NAME][:, 0], floor)
+        return answer
+
+    async def explain(
+        self,
+        record: RequestRecord,
+        receive: Receive,
+        model_id: str | None,
+        version: str | None,
+        image: np.ndarray,
+        class_index: int | None = None,
+    ) -> Explanation:
+        """Occlusion sensitivity of one uint8 [32, 32, 3] image for `class_index` (else
+        its top class): `explain.count` images of work, sent as one request, so the queue
+        bound, the batch cap and the deadline count every copy."""
+        patch, stride = self.settings.explain_patch, self.settings.explain_stride
+        if (work := explain.count(patch, stride)) > self.settings.max_images_per_request:
+            raise TooManyImages(
+                f"an explanation is {work} images of work (EXPLAIN_PATCH={patch}, "
+                f"EXPLAIN_STRIDE={stride}), more than MAX_IMAGES_PER_REQUEST="
+                f"{self.settings.max_images_per_request}; raise the stride"
+            )
+        copies = explain.copies(image, patch, stride)
+        answer = await self._compute(record, receive, model_id, version, copies, {OUTPUT_NAME})
+        probabilities = answer.outputs[OUTPUT_NAME]
+        index = int(probabilities[0].argmax()) if class_index is None else class_index
+        heat = explain.heat_map(probabilities, index, patch, stride)
+        return Explanation(answer.served, index, float(probabilities[0, index]), heat,
+                           answer.inference_ms)  # fmt: skip
+
+    async def _compute(
+        self,
+        record: RequestRecord,
+        receive: Receive,
+        model_id: str | None,
+        version: str | None,
+        images: np.ndarray,
+        outputs: set[str],
+    ) -> Answer:
+        """Hand `images` to the batcher of the version that answers now (only `outputs`
+        are copied back from onnxruntime: on a GPU, features cost ten times probabilities).
 
         Looked up again at hand-over, with no await before the batcher takes the images:
         a version replaced or removed while the body was read or decoded has left the
@@ -101,7 +161,7 @@ class DataPlane:
         self.metrics.in_flight.labels(*labels).inc()
         start = loop.time()
         try:
-            result = await served.batcher.predict(images, record.deadline, outputs)
+            result = await served.batcher.predict(images, record.deadline, sorted(outputs))
         except asyncio.CancelledError:
             # Our watcher cancelled us (the client left): answer with a status for the logs
             # and metrics. Any other cancellation (shutdown) goes on up.
@@ -119,6 +179,41 @@ class DataPlane:
         self.metrics.queue_seconds.labels(*labels).observe(result.queue_seconds)
         self.metrics.images.labels(*labels).inc(len(images))
         return Answer(served, result.outputs, waited * 1000)
+
+    def _familiarity_floor(self, served: Served, requested: float | None) -> float:
+        """The floor that applies: the request's, else the setting's (0: none). A request
+        that asks for one from a model without the output is told so; the setting applies
+        to the models that have it."""
+        if FAMILIARITY_NAME in served.model.output_widths:
+            return self.settings.min_familiarity if requested is None else requested
+        if requested:
+            raise BadParameter(
+                f"{served.model_id} {served.version} has no {FAMILIARITY_NAME!r} output (it "
+                "was exported before it existed): it cannot apply min_familiarity"
+            )
+        return 0.0
+
+    def _watch(self, answer: Answer) -> None:
+        """Each answered image's top probability and familiarity, for drift dashboards."""
+        labels = (answer.served.model_id, answer.served.version)
+        top = self.metrics.top_probability.labels(*labels)
+        for value in answer.outputs[OUTPUT_NAME].max(axis=1).tolist():
+            top.observe(value)
+        if FAMILIARITY_NAME in answer.outputs:
+            familiarity = self.metrics.familiarity.labels(*labels)
+            for value in answer.outputs[FAMILIARITY_NAME][:, 0].tolist():
+                familiarity.observe(value)
+
+
+def _refuse_unfamiliar(familiarity: np.ndarray, floor: float) -> None:
+    if (below := np.flatnonzero(familiarity < floor)).size:
+        first = int(below[0])
+        raise Unfamiliar(
+            f"image {first + 1} is unlike the images the model was trained on: its familiarity "
+            f"is {familiarity[first]:.4f} (only {familiarity[first]:.1%} of the validation "
+            f"images were stranger), below the minimum {floor} asked (min_familiarity); "
+            f"{below.size} of {familiarity.size} image(s) below it"
+        )
 
 
 async def _cancel_when_gone(receive: Receive, task: asyncio.Task) -> None:

@@ -38,6 +38,19 @@ class InvalidTensor(ServiceError):
     status_code = 400
 
 
+class BadParameter(ServiceError):
+    """A parameter this model cannot honour (an unknown class, a floor it cannot apply)."""
+
+    status_code = 422
+
+
+class Unfamiliar(ServiceError):
+    """An image below the familiarity floor asked for: unlike what the model was trained
+    on, so its answer is refused rather than trusted."""
+
+    status_code = 422
+
+
 class UploadTooLarge(ServiceError):
     """Too many bytes, or more pixels than we will decode (per image or per request)."""
 

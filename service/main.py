@@ -22,7 +22,7 @@ from service.images import bound_metadata
 from service.limits import LimitsMiddleware
 from service.logs import configure_logging
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import models, operations, page, predict, v2
+from service.routes import explain, models, operations, page, predict, v2
 
 log = logging.getLogger(__name__)
 CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout",
@@ -63,7 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     keys = auth.validate(settings)  # a broken key setting stops startup
     app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
     app.add_middleware(LimitsMiddleware, settings=settings, draining=plane.draining)
-    protected = (predict.router, v2.router, models.router)  # by API_KEYS, when set
+    protected = (predict.router, explain.router, v2.router, models.router)  # by API_KEYS, when set
     if keys:
         routes = [route for router in protected for route in router.routes]
         app.add_middleware(auth.ApiKeyMiddleware, keys=keys, protected=routes)

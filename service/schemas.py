@@ -28,6 +28,12 @@ class ImagePrediction(BaseModel):
     filename: str | None = Field(examples=["bear.png"])
     top_k: list[ClassScore] = Field(description="most probable fine classes, best first")
     superclass: SuperclassScore = Field(description="most probable of the 20 superclasses")
+    familiarity: float | None = Field(
+        None,
+        description="share of the validation images less like the training data than this "
+        "one: 0.01 is stranger than 99 % of them (null: the model has no familiarity output)",
+        examples=[0.42],
+    )
 
 
 class PredictResponse(BaseModel):
@@ -44,7 +50,11 @@ class PredictResponse(BaseModel):
 
 
 def describe(
-    model: Classifier, probabilities: np.ndarray, top_k: int, filename: str | None
+    model: Classifier,
+    probabilities: np.ndarray,
+    top_k: int,
+    filename: str | None,
+    familiarity: float | None = None,
 ) -> ImagePrediction:
     """One image's probabilities as the API reports them."""
     card = model.card
@@ -67,7 +77,28 @@ def describe(
             label=card.superclass_names[top_super],
             probability=float(superclasses[top_super]),
         ),
+        familiarity=familiarity,
     )
+
+
+class ImageExplanation(BaseModel):
+    filename: str | None = Field(examples=["bear.png"])
+    class_id: int = Field(description="the class explained", examples=[3])
+    label: str = Field(examples=["bear"])
+    probability: float = Field(description="its probability on the image itself")
+    patch: int = Field(description="side of the grey square slid over the image (pixels)")
+    stride: int = Field(description="step between its positions (pixels)")
+    heat_map: list[list[float]] = Field(
+        description="32 rows of 32: at each pixel, how much covering it lowered the class's "
+        "probability (mean over the positions that covered it; negative: covering it helped)"
+    )
+
+
+class ExplainResponse(BaseModel):
+    model_id: str = Field(examples=["cifar100-5735844"])
+    model_version: str = Field(examples=["3f2a9c61d0b4"])
+    inference_ms: float = Field(description="the occluded copies' wait and inference")
+    explanations: list[ImageExplanation] = Field(description="one per image, in order")
 
 
 class ModelInfo(BaseModel):

@@ -38,6 +38,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": V2Error, "description": "API_KEYS is set and no valid key was sent"},
     404: {"model": V2Error, "description": "Unknown model or version"},
     413: {"model": V2Error, "description": "Too many images or too many bytes"},
+    422: {"model": V2Error, "description": "An image below min_familiarity"},
     503: {"model": V2Error, "description": "Not ready, shutting down, or overloaded"},
     504: {"model": V2Error, "description": "Not answered before the request's deadline"},
 }
@@ -104,14 +105,16 @@ async def model_infer(
     model_version: str | None = None,
 ) -> Response:
     """Classify a uint8 tensor `images` [N, 32, 32, 3]: `probabilities` FP32 [N, 100],
-    and `features` when asked. JSON data (flat or nested) or binary tensor data; outputs
+    and `features` or `familiarity` [N, 1] when asked (`parameters.min_familiarity`
+    refuses images below it). JSON data (flat or nested) or binary tensor data; outputs
     in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
     served = plane.model(record, model_name, model_version)  # 404 before the body is read
     body = await request.body()  # the protocol's body limit applies while it streams in
     parsed, images = decode_request(body, header_length, plane.settings.max_images_per_request)
     asked = requested_outputs(parsed, served.model.output_widths)  # 400 before any work
+    floor = parsed.parameters.min_familiarity if parsed.parameters else None
     served, outputs, _ = await plane.infer(record, request.receive, model_name, model_version,
-                                           images, [o.name for o in asked])  # fmt: skip
+                                           images, [o.name for o in asked], floor)  # fmt: skip
     content, head = encode_response(parsed, asked, served.model_id, served.version, outputs,
                                     served.model.card.class_names)  # fmt: skip
     if head is None:

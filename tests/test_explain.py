@@ -1,0 +1,169 @@
+"""What the model looked at (/explain) and when not to trust it (familiarity), through
+the real app, against the exported files asked directly with onnxruntime."""
+
+import json
+import re
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service import explain
+from service.classifier import file_version
+from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
+from tests.service_helpers import encode, serve, upload
+from tests.synthetic import CLASS_NAMES
+
+LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
+
+
+def run_file(path, images: np.ndarray, name: str) -> np.ndarray:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run([name], {INPUT_NAME: images})[0]
+
+
+def one(image: np.ndarray) -> list:
+    return [("file", ("img.png", encode(image), "image/png"))]
+
+
+# --- /explain ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", [LARGE, SMALL])
+def test_explain_maps_the_drop_of_the_top_class(client, models_dir, images, model_id):
+    response = client.post(f"/explain?model={model_id}", files=one(images[1]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (answer,) = body["explanations"]
+    path = models_dir / f"{model_id}.onnx"
+    # The reference: the same copies through the file itself.
+    copies = explain.copies(images[1], patch=8, stride=4)
+    probabilities = run_file(path, copies, OUTPUT_NAME)
+    top = int(probabilities[0].argmax())
+    assert answer["class_id"] == top and answer["label"] == CLASS_NAMES[top]
+    assert answer["probability"] == pytest.approx(float(probabilities[0, top]), abs=1e-5)
+    expected = explain.heat_map(probabilities, top, 8, 4)
+    heat = np.array(answer["heat_map"])
+    assert heat.shape == (32, 32)
+    np.testing.assert_allclose(heat, expected, atol=1e-4)
+    assert (answer["patch"], answer["stride"]) == (8, 4)
+    assert np.abs(heat).max() > 0  # covering parts of the image moved the answer
+
+
+def test_explain_another_class_by_label_or_id(client, models_dir, images):
+    by_label = client.post("/explain?class=class_47", files=one(images[0]))
+    by_id = client.post(f"/explain?class={CLASS_NAMES.index('class_47')}", files=one(images[0]))
+    assert by_label.status_code == by_id.status_code == 200, by_label.text
+    first, second = by_label.json()["explanations"][0], by_id.json()["explanations"][0]
+    assert first["label"] == second["label"] == "class_47"
+    assert first["heat_map"] == second["heat_map"]
+    unknown = client.post("/explain?class=unicorn", files=one(images[0]))
+    assert unknown.status_code == 422 and "unicorn" in unknown.json()["detail"]
+    assert client.post("/explain?class=100", files=one(images[0])).status_code == 422
+
+
+def test_an_explanation_counts_as_all_its_images(monkeypatch, models_dir, images):
+    """50 images of work: shed by a queue bound of 40 that one image passes, refused by an
+    image cap below it, and counted as 50 classified images."""
+    with serve(monkeypatch, models_dir, max_queue_images=40) as client:
+        assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
+        shed = client.post("/explain", files=one(images[0]))
+        assert shed.status_code == 503 and "limit is 40" in shed.json()["detail"]
+    with serve(monkeypatch, models_dir, max_images_per_request=20) as client:
+        refused = client.post("/explain", files=one(images[0]))
+        assert refused.status_code == 413 and "50 images of work" in refused.json()["detail"]
+    with serve(monkeypatch, models_dir, explain_stride=8) as client:
+        body = client.post("/explain", files=one(images[0])).json()
+        assert body["explanations"][0]["stride"] == 8
+        version = file_version(models_dir / f"{LARGE}.onnx")
+        text = client.get("/metrics").text
+        counted = f'images_classified_total{{model="{LARGE}",version="{version}"}} 17.0'
+        assert counted in text  # 1 + 4 x 4 positions
+
+
+def test_explain_refuses_what_predict_refuses(client):
+    assert (
+        client.post("/explain", files=[("file", ("a.png", b"junk", "image/png"))]).status_code
+        == 422
+    )
+    assert client.post("/explain").status_code == 422  # no file
+    assert (
+        client.post("/explain?model=nope", files=one(np.zeros((32, 32, 3), np.uint8))).status_code
+        == 404
+    )
+
+
+# --- familiarity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", [LARGE, SMALL])
+def test_predict_reports_the_files_familiarity(client, models_dir, images, model_id):
+    noise = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    sent = np.concatenate([images, noise])
+    response = client.post(f"/predict?model={model_id}", files=upload(*map(encode, sent)))
+    assert response.status_code == 200, response.text
+    got = [p["familiarity"] for p in response.json()["predictions"]]
+    expected = run_file(models_dir / f"{model_id}.onnx", sent, FAMILIARITY_NAME)[:, 0]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert all(0 <= value <= 1 for value in got)
+
+
+def test_min_familiarity_refuses_below_the_floor(client, models_dir, images):
+    path = models_dir / f"{LARGE}.onnx"
+    familiarity = float(run_file(path, images[:1], FAMILIARITY_NAME)[0, 0])
+    at = client.post(f"/predict?min_familiarity={familiarity}", files=upload(encode(images[0])))
+    assert at.status_code == 200, at.text
+    above = min(1.0, familiarity + 0.02)
+    refused = client.post(f"/predict?min_familiarity={above}", files=upload(encode(images[0])))
+    assert refused.status_code == 422
+    assert re.search(r"image 1 is unlike the images the model was trained on", refused.text)
+    assert (
+        client.post("/predict?min_familiarity=2", files=upload(encode(images[0]))).status_code
+        == 422
+    )
+
+
+def test_the_setting_sets_a_floor_for_every_request(monkeypatch, models_dir, images):
+    familiarity = run_file(models_dir / f"{LARGE}.onnx", images, FAMILIARITY_NAME)[:, 0]
+    assert familiarity.min() < familiarity.max()  # the images differ, so a floor splits them
+    best = int(familiarity.argmax())
+    with serve(monkeypatch, models_dir, min_familiarity=float(familiarity.max())) as client:
+        every = client.post("/predict", files=upload(*map(encode, images)))
+        assert every.status_code == 422, every.text
+        assert client.post("/predict", files=upload(encode(images[best]))).status_code == 200
+        off = client.post("/predict?min_familiarity=0", files=upload(*map(encode, images)))
+        assert off.status_code == 200  # a request may set its own floor
+
+
+def test_v2_serves_familiarity_and_its_floor(client, models_dir, images):
+    metadata = client.get(f"/v2/models/{LARGE}").json()
+    assert {"name": FAMILIARITY_NAME, "datatype": "FP32", "shape": [-1, 1]} in metadata["outputs"]
+    request = {
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 32, 32, 3],
+                    "data": images[:2].ravel().tolist()}],
+        "outputs": [{"name": FAMILIARITY_NAME}],
+    }  # fmt: skip
+    response = client.post(f"/v2/models/{LARGE}/infer", content=json.dumps(request))
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    expected = run_file(models_dir / f"{LARGE}.onnx", images[:2], FAMILIARITY_NAME)
+    assert output["shape"] == [2, 1]
+    np.testing.assert_allclose(output["data"], expected.ravel(), atol=1e-6)
+    floor = float(expected.max()) + 1e-3
+    if floor <= 1:
+        request["parameters"] = {"min_familiarity": floor}
+        refused = client.post(f"/v2/models/{LARGE}/infer", content=json.dumps(request))
+        assert refused.status_code == 422 and "unlike" in refused.json()["error"]
+
+
+def test_metrics_watch_every_answered_image(client, models_dir, images):
+    client.post("/predict", files=upload(*map(encode, images[:3])))
+    client.post("/explain", files=one(images[0]))  # occluded copies are not answers
+    version = file_version(models_dir / f"{LARGE}.onnx")
+    labels = f'model="{LARGE}",version="{version}"'
+    text = client.get("/metrics").text
+    assert f"prediction_familiarity_count{{{labels}}} 3.0" in text
+    assert f"prediction_top_probability_count{{{labels}}} 3.0" in text
+    expected = run_file(models_dir / f"{LARGE}.onnx", images[:3], FAMILIARITY_NAME)[:, 0]
+    total = float(re.search(rf"prediction_familiarity_sum{{{labels}}} (\S+)", text)[1])
+    assert total == pytest.approx(float(expected.sum()), abs=1e-5)
