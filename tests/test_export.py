@@ -1,5 +1,5 @@
-"""Exported ONNX files: uint8 in, probabilities out, a model card inside, and never
-written unless onnxruntime reproduces Keras."""
+"""Exported ONNX files: uint8 in, probabilities (and features, familiarity) out, a model card
+inside, and never written unless onnxruntime reproduces Keras and the familiarity reference."""
 
 import hashlib
 import json
@@ -18,11 +18,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
-from tests.conftest import SMALL_VAL_SIZE
+from service.modelcard import (
+    FAMILIARITY_NAME,
+    FEATURES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelCard,
+)
+from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 from training import export as exporter
+from training import familiarity
 from training.__main__ import main
+from training.data import load
 from training.errors import TrainingError
 from training.models import MODEL_IDS, build_model
 from training.recipe import Recipe
@@ -39,6 +47,25 @@ def card_for(model: keras.Model) -> ModelCard:
     )
 
 
+def calibration(n: int = 200) -> dict[str, np.ndarray]:
+    """export()'s familiarity images: synthetic training images of every class, and others
+    to calibrate on."""
+    labels = np.arange(n) % 100
+    return {
+        "train_images": make_images(labels, seed=21),
+        "train_labels": labels,
+        "val_images": make_images(labels, seed=22),
+    }
+
+
+def full_graph(model: keras.Model) -> tuple[onnx.ModelProto, familiarity.Familiarity]:
+    """The graph export() checks, familiarity head included, and what that head was fit to."""
+    fitted = exporter.fit_familiarity(model, **calibration())
+    proto = exporter.to_onnx(model)
+    familiarity.add_to_graph(proto, fitted)
+    return proto, fitted
+
+
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_exported_file_is_self_describing(models_dir, workspace, model_id):
     proto = onnx.load(models_dir / f"{model_id}.onnx")
@@ -47,10 +74,23 @@ def test_exported_file_is_self_describing(models_dir, workspace, model_id):
     assert image_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = image_input.type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 32, 32, 3]
-    assert sorted(o.name for o in proto.graph.output) == ["features", OUTPUT_NAME]
+    assert sorted(o.name for o in proto.graph.output) == ["familiarity", "features", OUTPUT_NAME]
+    (output,) = [o for o in proto.graph.output if o.name == FAMILIARITY_NAME]
+    assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim] == ["batch", 1]
 
     card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
     assert card.outputs == [o.name for o in proto.graph.output]  # the card says what it has
+    # Fitted on every training image of every class, calibrated on every validation image.
+    assert card.familiarity["training_images"] == 40 * 100 - VAL_SIZE
+    assert card.familiarity["classes"] == 100
+    assert card.familiarity["classes_without_training_images"] == []
+    assert card.familiarity["validation_images"] == VAL_SIZE
+    assert "Mahalanobis" in card.familiarity["method"]
+    regularisation = card.familiarity["regularisation"]
+    assert familiarity.MIN_SHRINKAGE <= regularisation["shrinkage"] <= 1
+    quantiles = list(card.familiarity["validation_distance_quantiles"].values())
+    assert quantiles == sorted(quantiles) and quantiles[0] > 0
     run_dir = workspace / "runs" / model_id
     assert card.model_id == model_id
     assert card.class_names == CLASS_NAMES and card.superclass_names == SUPERCLASS_NAMES
@@ -78,22 +118,47 @@ def test_onnx_matches_keras_on_any_batch_size(models_dir, workspace):
         np.testing.assert_allclose(probs, model.predict(images, verbose=0), atol=1e-4)
 
 
+def test_familiarity_on_the_trained_model(models_dir, cifar_tarball):
+    """On the validation images it was calibrated on, familiarity is uniform: each rank
+    0, 1/V, ..., (V-1)/V once, give or take the image's own float32 distance against its
+    stored copy. Unseen images of the training classes are typical; uniform noise, unlike
+    anything the model trained on, is stranger than almost every validation image."""
+    data = load(cifar_tarball, val_size=VAL_SIZE)
+    session = ort.InferenceSession(
+        models_dir / "cifar100-712868.onnx", providers=["CPUExecutionProvider"]
+    )
+
+    def familiarity_of(images: np.ndarray) -> np.ndarray:
+        (values,) = session.run([FAMILIARITY_NAME], {INPUT_NAME: images})
+        assert values.shape == (len(images), 1) and values.dtype == np.float32
+        return values[:, 0]
+
+    ranks = np.sort(familiarity_of(data.val.images)) * VAL_SIZE
+    assert np.abs(ranks - np.arange(VAL_SIZE)).max() <= 2
+    test = familiarity_of(data.test.images)
+    assert 0.3 < test.mean() < 0.7 and 0.03 < (test < 0.1).mean() < 0.25
+    noise = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    strange = familiarity_of(noise)
+    assert strange.max() <= 0.01, np.sort(strange)
+
+
 def test_failed_parity_writes_nothing(tmp_path):
     model, other = build_model("cifar100-712868"), build_model("cifar100-712868")
     images = make_images(np.arange(16), seed=0)
+    proto, fitted = full_graph(other)
     with pytest.raises(exporter.ExportError, match="differs from Keras"):
-        exporter.check_parity(exporter.to_onnx(other), model, images)
+        exporter.check_parity(proto, model, images, fitted)
 
     target = tmp_path / "cifar100-712868.onnx"
     target.write_bytes(b"previous good export")
 
-    def broken(proto, model, images):
+    def broken(proto, model, images, fitted):
         raise exporter.ExportError("simulated mismatch")
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(exporter, "check_parity", broken)
         with pytest.raises(exporter.ExportError):
-            exporter.export(model, card_for(model), target, images)
+            exporter.export(model, card_for(model), target, images, **calibration())
     assert target.read_bytes() == b"previous good export"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
@@ -157,14 +222,37 @@ def test_check_parity_compares_the_features_it_computes(monkeypatch):
     """The whole gate on a real graph: a Keras reference off in its features alone fails it."""
     model = build_model("cifar100-712868")
     images = make_images(np.arange(8), seed=0)
-    proto = exporter.to_onnx(model)
-    exporter.check_parity(proto, model, images)  # the real reference agrees
+    proto, fitted = full_graph(model)
+    exporter.check_parity(proto, model, images, fitted)  # the real reference agrees
     probs, features = exporter.keras_reference(model, images)
     scale = max(1.0, float(np.abs(features).max()))
     features[2, 3] += 3 * exporter.MAX_ABS_DIFF * scale
     monkeypatch.setattr(exporter, "keras_reference", lambda model, images: (probs, features))
     with pytest.raises(exporter.ExportError, match="on features"):
-        exporter.check_parity(proto, model, images)
+        exporter.check_parity(proto, model, images, fitted)
+
+
+@pytest.mark.parametrize(
+    "constant", ["whitening", "offset", "means_times_minus_two", "validation_distances"]
+)
+def test_check_parity_refuses_a_tampered_familiarity_constant(constant):
+    """The gate holds the graph's familiarity to the NumPy reference: any of its constants
+    changed in the file (here: moved to what a different fit would give) fails it."""
+    model = build_model("cifar100-712868")
+    images = make_images(np.arange(32) % 100, seed=0)
+    proto, fitted = full_graph(model)
+    exporter.check_parity(proto, model, images, fitted)
+    (tensor,) = [t for t in proto.graph.initializer if t.name == familiarity.PREFIX + constant]
+    value = onnx.numpy_helper.to_array(tensor)
+    if constant == "validation_distances":  # every distance halved: ranks shift for all
+        changed = value / 2
+    elif constant == "offset":  # the centre moved by one whitened unit per feature
+        changed = value + 1
+    else:  # 10 % off: a whitening or class means fitted to other images
+        changed = value * 1.1
+    tensor.CopyFrom(onnx.numpy_helper.from_array(changed.astype(np.float32), tensor.name))
+    with pytest.raises(exporter.ExportError, match="familiarity differs from the reference"):
+        exporter.check_parity(proto, model, images, fitted)
 
 
 @pytest.mark.parametrize("tf32_before", [True, False])
@@ -187,11 +275,11 @@ def test_parity_reference_is_computed_without_tf32(monkeypatch, tf32_before):
 
     model = build_model("cifar100-712868")
     images = make_images(np.arange(4), seed=0)
-    proto = exporter.to_onnx(model)
+    proto, fitted = full_graph(model)
     monkeypatch.setattr(exporter, "_with_features", Spy)
     tf.config.experimental.enable_tensor_float_32_execution(tf32_before)
     try:
-        exporter.check_parity(proto, model, images)
+        exporter.check_parity(proto, model, images, fitted)
         assert seen == [False]
         assert tf.config.experimental.tensor_float_32_execution_enabled() is tf32_before
 
@@ -215,17 +303,20 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr("os.replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        exporter.export(model, card_for(model), target, make_images(np.arange(4), seed=0))
+        exporter.export(
+            model, card_for(model), target, make_images(np.arange(4), seed=0), **calibration()
+        )
     assert list(target.parent.iterdir()) == []
 
 
-def test_graph_without_features_is_refused(tmp_path):
+@pytest.mark.parametrize("missing", [FEATURES_NAME, FAMILIARITY_NAME])
+def test_graph_without_an_output_is_refused(missing):
     model = build_model("cifar100-712868")
-    proto = exporter.to_onnx(model)
-    (features,) = [o for o in proto.graph.output if o.name == FEATURES_NAME]
-    proto.graph.output.remove(features)
-    with pytest.raises(exporter.ExportError, match="expected probabilities and features"):
-        exporter.check_parity(proto, model, make_images(np.arange(4), seed=0))
+    proto, fitted = full_graph(model)
+    (output,) = [o for o in proto.graph.output if o.name == missing]
+    proto.graph.output.remove(output)
+    with pytest.raises(exporter.ExportError, match="expected probabilities, features, familiarity"):
+        exporter.check_parity(proto, model, make_images(np.arange(4), seed=0), fitted)
 
 
 def test_report_says_when_a_file_lacks_features(models_dir, cifar_tarball, tmp_path, capsys):

@@ -2,11 +2,14 @@
 
 tf2onnx.convert.from_keras does not understand Keras 3 models, so we convert a
 tf.function with an explicit input signature instead. The graph takes uint8 images
-(the model's own first layer scales them) and returns two outputs:
+(the model's own first layer scales them) and returns three outputs:
     probabilities  [batch, 100]  what the service uses
     features       [batch, n]    the penultimate activations, for the report's feature map
-Both are checked against Keras before anything is written, and the model card lists the
-outputs the file has.
+    familiarity    [batch, 1]    how like the training data the features are, calibrated on
+                                 the validation images (training/familiarity.py)
+The first two are checked against Keras, the third against familiarity.py's NumPy
+reference, before anything is written; the model card lists the outputs the file has and
+says how familiarity was calibrated.
 """
 
 import contextlib
@@ -21,26 +24,49 @@ import tensorflow as tf
 import tf2onnx
 from google.protobuf.message import DecodeError
 
-from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.modelcard import (
+    FAMILIARITY_NAME,
+    FEATURES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelCard,
+)
+from training import familiarity
 from training.atomic import write_bytes
 from training.errors import ExportError
 from training.models import build_model
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
+EXPECTED_OUTPUTS = (OUTPUT_NAME, FEATURES_NAME, FAMILIARITY_NAME)
 
 
-def export(model: keras.Model, card: ModelCard, path, parity_images: np.ndarray) -> onnx.ModelProto:
-    """Convert, check parity on `parity_images`, then write `path` atomically."""
+def export(
+    model: keras.Model,
+    card: ModelCard,
+    path,
+    parity_images: np.ndarray,
+    *,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+) -> onnx.ModelProto:
+    """Convert, fit familiarity on the training images and calibrate it on the validation
+    images, check parity on `parity_images`, then write `path` atomically."""
     model = float32_twin(model)
+    fitted = fit_familiarity(model, train_images, train_labels, val_images)
     proto = to_onnx(model)
+    familiarity.add_to_graph(proto, fitted)
+    onnx.checker.check_model(proto)
     # The card states what the file has, read from the graph itself.
-    card = dataclasses.replace(card, outputs=[output.name for output in proto.graph.output])
+    card = dataclasses.replace(
+        card, outputs=[output.name for output in proto.graph.output], familiarity=fitted.card
+    )
     onnx.helper.set_model_props(proto, card.to_metadata())
     proto.doc_string = (
         f"CIFAR-100 classifier {card.model_id}: uint8 NHWC images in, probabilities out"
     )
-    check_parity(proto, model, parity_images)
+    check_parity(proto, model, parity_images, fitted)
     write_bytes(path, proto.SerializeToString())
     return proto
 
@@ -62,20 +88,44 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
     return proto
 
 
-def check_parity(proto: onnx.ModelProto, model: keras.Model, images: np.ndarray) -> None:
-    """Fail unless the graph has both outputs and onnxruntime agrees with Keras on both
-    (see `parity_failure`)."""
+def fit_familiarity(
+    model: keras.Model, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray
+) -> familiarity.Familiarity:
+    """Familiarity fitted on the features Keras computes for the training images (float32,
+    on the CPU, as the parity reference is) and calibrated on the validation images'."""
+    _, train_features = keras_reference(model, train_images)
+    _, val_features = keras_reference(model, val_images)
+    return familiarity.fit(train_features, train_labels, val_features)
+
+
+def check_parity(
+    proto: onnx.ModelProto,
+    model: keras.Model,
+    images: np.ndarray,
+    fitted: familiarity.Familiarity,
+) -> None:
+    """Fail unless the graph has all three outputs, onnxruntime agrees with Keras on the
+    probabilities and features (see `parity_failure`), and its familiarity is what the
+    NumPy reference computes from those same features (see familiarity.parity_failure)."""
     names = sorted(output.name for output in proto.graph.output)
-    if names != sorted([OUTPUT_NAME, FEATURES_NAME]):
+    if names != sorted(EXPECTED_OUTPUTS):
         raise ExportError(
-            f"the graph's outputs are {names}, expected {OUTPUT_NAME} and {FEATURES_NAME}; "
+            f"the graph's outputs are {names}, expected {', '.join(EXPECTED_OUTPUTS)}; "
             "not writing the file"
         )
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    onnx_probs, onnx_features = session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: images})
+    onnx_probs, onnx_features, onnx_familiarity = session.run(
+        list(EXPECTED_OUTPUTS), {INPUT_NAME: images}
+    )
     keras_probs, keras_features = keras_reference(model, images)
     if problem := parity_failure(onnx_probs, onnx_features, keras_probs, keras_features):
         raise ExportError(f"ONNX output differs from Keras: {problem}; not writing the file")
+    # On the graph's own features: those are held to Keras's just above, so this checks
+    # the familiarity head alone (its constants and ops), to its own rounding.
+    if problem := familiarity.parity_failure(fitted, onnx_features, onnx_familiarity):
+        raise ExportError(
+            f"ONNX familiarity differs from the reference: {problem}; not writing the file"
+        )
 
 
 def parity_failure(
@@ -112,7 +162,7 @@ def keras_reference(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray,
     convolutions in TF32 by default (10-bit mantissas), which alone moves these outputs
     by several times MAX_ABS_DIFF and would fail the gate for every GPU-trained model."""
     with full_float32(), tf.device("/CPU:0"):
-        probabilities, features = _with_features(model).predict(images, verbose=0)
+        probabilities, features = _with_features(model).predict(images, batch_size=256, verbose=0)
     return np.asarray(probabilities), np.asarray(features)
 
 
