@@ -1,7 +1,8 @@
 """Micro-batching: concurrent requests to one model share one onnxruntime call.
 
-Requests are queued with a deadline; one loop per model takes what is queued (under
-concurrent load, waiting at most `max_wait` for more), runs it in the model's own worker
+Requests are queued with a deadline; one loop per model takes what is queued (all of it
+at once when a queue built up during the last batch; when it was idle and requests come
+in parallel, after waiting at most `max_wait` for more), runs it in the model's own worker
 thread, so the event loop never blocks, and hands each request its rows.
 
 The bounds that keep a bad day from becoming an outage live here, in one place for
@@ -161,16 +162,19 @@ class MicroBatcher:
     async def _serve(self) -> None:
         concurrent = False  # did the last batch hold more than one request?
         while True:
+            idle = not self._pending
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Taken requests are out of the queue: they count as running from here on, while
             # the batch still gathers, so a drain waits for them and a stop fails them.
             batch = self._running = self._take([])
-            # Waiting only pays when requests come in parallel; a lone client would just
-            # be slowed down by max_wait on every request.
+            # Waiting pays only when the model was idle and requests come in parallel: a
+            # lone client would be slowed by max_wait on every request, and a queue that
+            # built up while the last batch ran is taken at once, whole.
             if (
                 self._combine
+                and idle
                 and concurrent
                 and self._size(batch) < self._max_batch
                 and self._max_wait > 0

@@ -2,6 +2,7 @@
 never leave a request hanging."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -266,5 +267,40 @@ def test_stop_fails_a_batch_still_gathering_instead_of_hanging():
         with pytest.raises(NotReady, match="shutting down"):
             await asyncio.wait_for(gathering, timeout=1)
         assert calls == [2]  # never computed
+
+    asyncio.run(scenario())
+
+
+def test_a_queue_that_built_up_during_a_batch_is_taken_at_once():
+    """Under load, the next batch starts with what queued while the last one ran, whole,
+    without waiting max_wait for more (a wait of 60 s here would hit the test's timeout);
+    it waits only when the model was idle."""
+    calls: list[int] = []
+    release = threading.Event()
+    model = fake_model(calls)
+
+    def slow(images, names):
+        release.wait(30)
+        return model(images, names)
+
+    async def scenario():
+        batcher = batcher_of(slow, max_wait=60)
+        batcher.start()
+        deadline = asyncio.get_running_loop().time() + 120
+
+        # A first batch of two (concurrent load: the old loop would now wait max_wait).
+        def ask(i: int) -> asyncio.Future:
+            return asyncio.ensure_future(batcher.predict(image(i), deadline, BOTH))
+
+        first = [ask(1), ask(2)]
+        await until(lambda: calls == [] and len(batcher._running) == 2)
+        later = [
+            asyncio.ensure_future(batcher.predict(image(i), deadline, BOTH)) for i in (3, 4, 5)
+        ]
+        await until(lambda: len(batcher._pending) == 3)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*first, *later), timeout=20)
+        assert calls == [2, 3]  # the three queued ones in one call, straight after
+        await batcher.stop()
 
     asyncio.run(scenario())
