@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         8, ge=1, le=32, description="/explain: side of the grey square slid over the image"
     )
     explain_stride: int = Field(4, ge=1, le=32, description="/explain: step between positions")
+    max_queue_delay_ms: float = Field(
+        50.0,
+        ge=0,
+        description="inference requests whose expected wait (time since arrival + the "
+        "requests ahead x this worker's measured seconds per request) is above this are "
+        "refused at the door (503 + Retry-After), before the body is read; 0: off",
+    )
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="deadline per request (X-Request-Timeout may shorten it): 504"
     )

@@ -18,12 +18,14 @@ import json
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from service.admission import ARRIVED
 from service.config import Settings
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._arrived = time.monotonic()  # for admission: how long it waited for the loop
         if self._head_timer is None:  # a new request on a kept-alive connection
             self._head_bytes, self._head_tail = 0, b""
             self._start_head_timer()
 
     def on_headers_complete(self) -> None:
         self._stop_head_timer()
-        super().on_headers_complete()
+        super().on_headers_complete()  # builds the scope; its task has not started yet
+        self.scope["state"][ARRIVED] = self._arrived
 
     def data_received(self, data: bytes) -> None:
         # While a head is under way, count the part of this chunk up to the blank line that
