@@ -38,7 +38,7 @@ def test_ablate_writes_the_table_and_reuses_finished_runs(small_tarball, tmp_pat
     saved = json.loads((out / "flip" / "seed-1" / "recipe.json").read_text())
     assert saved["recipe"] == flip["recipe"]
     assert saved["method"]["augmentation"] == "horizontal flip"
-    default = asdict(Recipe())
+    default = Recipe().record()  # as recipe.json holds it: lists, not tuples
     assert saved["choice"]["differs_from_default"] == {
         k: v for k, v in flip["recipe"].items() if k not in ("epochs", "seed") and default[k] != v
     }

@@ -176,6 +176,32 @@ def test_compare_predictions_on_a_case_worked_by_hand():
     assert c["share_of_large_errors_also_small_errors"] == 1.0
 
 
+def test_auroc_counts_pairs_and_halves_ties():
+    known, other = np.array([0.5, 0.6, 0.7, 0.8]), np.array([0.1, 0.55, 0.9])
+    # Known above other: 4 (over 0.1) + 3 (over 0.55) + 0 (over 0.9) of 12 pairs.
+    assert measures.auroc(known, other) == pytest.approx(7 / 12)
+    assert measures.auroc(other, known) == pytest.approx(5 / 12)  # the score upside down
+    assert measures.auroc(np.array([1.0, 2.0]), np.array([2.0, 0.0])) == pytest.approx(2.5 / 4)
+    assert measures.auroc(np.ones(5), np.ones(3)) == 0.5  # all tied: a coin
+    assert measures.auroc(np.arange(10.0, 20), np.arange(10.0)) == 1.0
+    with pytest.raises(ValueError):
+        measures.auroc(known, np.array([]))
+
+
+def test_false_positives_at_recall():
+    known = np.arange(1, 101) / 100  # 0.01 .. 1.00
+    other = np.array([0.03, 0.06, 0.5, 0.99])
+    # 95 % of 100: reject the 5 lowest, so the threshold is the 6th, 0.06.
+    r = measures.false_positives_at_recall(known, other, 0.95)
+    assert r == {"threshold": 0.06, "recall": 0.95, "false_positive_rate": 0.75}
+    # 90 % of 10: reject exactly one (1 - 0.9 is 0.0999... in floating point).
+    r = measures.false_positives_at_recall(np.arange(10.0), np.array([0.5, 1.0]), 0.9)
+    assert (r["threshold"], r["recall"], r["false_positive_rate"]) == (1.0, 0.9, 0.5)
+    # Ties at the threshold are all accepted: recall can only come out higher.
+    r = measures.false_positives_at_recall(np.array([0.0, 0.0, 0.0, 1.0]), np.zeros(2), 0.5)
+    assert (r["threshold"], r["recall"], r["false_positive_rate"]) == (0.0, 1.0, 1.0)
+
+
 # --- duplicates: exact and near, on smooth gradients and on a real photo -----------------
 
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
@@ -36,7 +36,7 @@ from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
 from training.recipe import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, Recipe
 from training.report.write import COMPARE_DIR, write_reports
-from training.train import best_checkpoint, run_state, train
+from training.train import best_checkpoint, run_state, saved_recipe, train
 
 DEFAULT_RUNS_DIR = Path("runs")
 DEFAULT_MODELS_DIR = Path("models")
@@ -111,6 +111,15 @@ def parser() -> argparse.ArgumentParser:
         help="training steps per tf.function call (default %(default)s; on a GPU, 8 to 32 "
         "keeps it busy between these small batches)",
     )
+    recipe.add_argument(
+        "--hold-out",
+        dest="held_out_classes",
+        type=class_list,
+        default=Recipe.held_out_classes,
+        metavar="CLASS,CLASS",
+        help="leave these classes (comma-separated names) out of training and validation; "
+        "their test images are scored apart, test accuracy is over the other classes",
+    )
     # Not part of the recipe: how it is run. (train-export and ablate decide resuming
     # per run themselves, so only `train` takes --resume.)
     recipe.add_argument(
@@ -142,6 +151,16 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--model", choices=MODEL_IDS, help="default: every model in --models-dir")
     report.add_argument("--reports-dir", type=Path, default=DEFAULT_REPORTS_DIR)
+    report.add_argument(
+        "--unfamiliar",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="other images to measure familiarity on: a folder of image files (any size, "
+        "made 32x32 as the service does with resize=true) or a cifar-100-python folder or "
+        "archive (its test images); may be given more than once",
+    )
     report.set_defaults(command=run_report)
 
     everything = commands.add_parser(
@@ -185,7 +204,7 @@ def run_train_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     for model_id in MODEL_IDS:
         args.model = model_id
         card = exported_card(args.models_dir / f"{model_id}.onnx")
-        if card is not None and card.training.get("recipe") == asdict(recipe):
+        if card is not None and card.training.get("recipe") == recipe.record():
             print(f"{model_id}: already exported with this recipe, skipping it", flush=True)
             continue
         state = run_state(args.runs_dir / model_id, recipe)
@@ -207,6 +226,12 @@ def run_train(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     run_dir = args.runs_dir / args.model
     best = train(args.model, data, run_dir, recipe_of(args), args.resume, devices=args.gpus)
     print(f"Best checkpoint: {best}")
+
+
+def class_list(text: str) -> tuple[str, ...]:
+    """--hold-out bed,bottle -> ("bed", "bottle"); the names are checked against the
+    dataset's when training starts."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def recipe_of(args: argparse.Namespace) -> Recipe:
@@ -251,6 +276,9 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         checkpoint = best_checkpoint(args.runs_dir / model_id)
         model = keras.models.load_model(checkpoint)
         saved = json.loads((checkpoint.parent / "recipe.json").read_text())
+        # Held-out classes leave the training and validation images (familiarity is fitted
+        # and calibrated on those); the test split keeps them, scored apart.
+        data = cifar.without_classes(data, saved_recipe(checkpoint.parent).held_out_classes)
         training = {"source": checkpoint.name, "recipe": saved["recipe"], "method": saved["method"]}
         training["choice"] = saved["choice"]
         # The service serves the newest version of a model by this date.
@@ -292,7 +320,7 @@ def run_report(args: argparse.Namespace, data: cifar.Cifar100) -> None:
                 f"{path} has no {FEATURES_NAME!r} output (it has: {', '.join(outputs)}), which "
                 "the report's feature map needs; export the model with `python -m training export`"
             )
-    for report in write_reports(found, data, args.reports_dir):
+    for report in write_reports(found, data, args.reports_dir, args.unfamiliar):
         print(
             f"Wrote {args.reports_dir / report['model_id'] / 'index.html'}: "
             f"top-1 {report['top1_accuracy']:.4f} (original {report['original_accuracy']:.2f})"
@@ -324,15 +352,23 @@ def evaluation_of(checkpoint: Path, data: cifar.Cifar100) -> dict:
     result = {
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": digest,
-        **evaluate_model(keras.models.load_model(checkpoint), data),
+        **evaluate_model(
+            keras.models.load_model(checkpoint),
+            data,
+            saved_recipe(checkpoint.parent).held_out_classes,
+        ),
     }
     write_text(saved, json.dumps(result, indent=2))
     print(f"Wrote {saved}")
     return result
 
 
-def evaluate_model(model: keras.Model, data: cifar.Cifar100) -> dict:
-    return evaluate_test_set(lambda images: model.predict(images, batch_size=512, verbose=0), data)
+def evaluate_model(
+    model: keras.Model, data: cifar.Cifar100, held_out: tuple[str, ...] = ()
+) -> dict:
+    return evaluate_test_set(
+        lambda images: model.predict(images, batch_size=512, verbose=0), data, held_out
+    )
 
 
 def print_metrics(evaluation: dict) -> None:
@@ -341,6 +377,11 @@ def print_metrics(evaluation: dict) -> None:
         f"superclass of top class {evaluation['superclass_of_top_class_accuracy']:.4f}  "
         f"summed superclass {evaluation['summed_superclass_accuracy']:.4f}  "
         f"on {evaluation['images']} test images"
+        + (
+            f" (of the known classes; held out: {', '.join(held)})"
+            if (held := evaluation.get("held_out_classes", {}).get("classes"))
+            else ""
+        )
     )
 
 

@@ -20,14 +20,14 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from training.atomic import write_text
-from training.data import Cifar100, Split
+from training.data import Cifar100, Split, without_classes
 from training.evaluate import compute_metrics
 from training.recipe import Recipe
 from training.train import best_checkpoint, run_state, train
@@ -73,7 +73,8 @@ def run(
 ) -> str:
     """Train and score every (variant, seed) not already done; write and return the table."""
     out_dir = Path(out_dir)
-    present = present_classes(data.train)
+    # Held-out classes are never trained on: scored on the others, like `evaluate` does.
+    present = present_classes(without_classes(data, base.held_out_classes).train)
     for seed in seeds:  # every variant's first seed first: a cut-short ablation still compares
         for name in variants:
             recipe = replace(base, **VARIANTS[name][1], seed=seed)
@@ -114,7 +115,7 @@ def result_of(
 ) -> dict:
     """The run's result.json if it is for this recipe, else train (or resume) and score."""
     saved = run_dir / RESULT
-    if saved.exists() and (result := json.loads(saved.read_text()))["recipe"] == asdict(recipe):
+    if saved.exists() and (result := json.loads(saved.read_text()))["recipe"] == recipe.record():
         return result
     state = run_state(run_dir, recipe)
     started = time.monotonic()
@@ -127,7 +128,7 @@ def result_of(
     rows = (run_dir / "history.csv").read_text().splitlines()
     last = dict(zip(rows[0].split(","), rows[-1].split(","), strict=True))
     result = {
-        "recipe": asdict(recipe),
+        "recipe": recipe.record(),
         "checkpoint": checkpoint.name,
         "val_accuracy": accuracy(model, data.val, present, data),
         "test_accuracy": accuracy(model, data.test, present, data),
@@ -157,7 +158,7 @@ def write_table(out_dir: Path, model_id: str, base: Recipe, present: list[int], 
     from `base` only as its variant says (and by seed)."""
     rows = []
     for name, (words, changes) in VARIANTS.items():
-        expected = asdict(replace(base, **changes, seed=0)) | {"seed": None}
+        expected = replace(base, **changes, seed=0).record() | {"seed": None}
         results = [
             result
             for path in sorted((out_dir / name).glob(f"seed-*/{RESULT}"))
@@ -170,7 +171,7 @@ def write_table(out_dir: Path, model_id: str, base: Recipe, present: list[int], 
         "model_id": model_id,
         "data": str(source),
         "present_classes": present,
-        "base_recipe": asdict(base) | {"seed": None},
+        "base_recipe": base.record() | {"seed": None},
         "chosen_by_validation": best,
         "rows": rows,
     }

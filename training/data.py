@@ -10,6 +10,7 @@ unpickler that builds only what the official files hold (dicts, lists, bytes, nu
 NumPy arrays) and refuses anything else before it runs.
 """
 
+import difflib
 import hashlib
 import os
 import pickle
@@ -17,7 +18,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.atomic import umask
-from training.errors import DataError
+from training.errors import DataError, RecipeError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -92,6 +93,46 @@ def load(
     fine_to_coarse = _fine_to_coarse(train)
     train, val = split_validation(train, val_size)
     return Cifar100(train, val, test, class_names, superclass_names, fine_to_coarse, str(source))
+
+
+def test_split(source: Path) -> Split:
+    """The test split of a cifar-100-python folder or archive, read like `load` reads it
+    (the same restricted unpickler), without the validation split or the names."""
+    return _split(_read_files(Path(source))["test"], f"{source}:test")
+
+
+def held_out_indices(data: Cifar100, names: tuple[str, ...] | list[str]) -> list[int]:
+    """The class indices of `names`; RecipeError for a name the dataset does not have, or
+    for names that would leave no class to train on."""
+    index = {name: i for i, name in enumerate(data.class_names)}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {', '.join(close)}?)"
+            if (close := difflib.get_close_matches(name, data.class_names, n=2))
+            else repr(name)
+            for name in unknown
+        ]
+        raise RecipeError(f"held-out classes not in the dataset: {', '.join(hints)}")
+    indices = sorted(index[name] for name in names)
+    if not np.isin(data.train.fine, indices, invert=True).any():
+        raise RecipeError("held-out classes cover every class with training images: none left")
+    return indices
+
+
+def without_classes(data: Cifar100, names: tuple[str, ...] | list[str]) -> Cifar100:
+    """`data` with the classes `names` gone from the training and validation splits. The
+    test split keeps them (their images are scored apart: see evaluate.py), and the
+    validation images of the other classes are the ones a run without held-out classes
+    selects checkpoints on."""
+    if not names:
+        return data
+    indices = held_out_indices(data, names)
+
+    def keep(split: Split) -> Split:
+        return split.take(np.flatnonzero(np.isin(split.fine, indices, invert=True)))
+
+    return replace(data, train=keep(data.train), val=keep(data.val))
 
 
 def download(cache_dir: Path) -> Path:

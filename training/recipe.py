@@ -43,10 +43,23 @@ class Recipe:
     # Training steps per tf.function call: 1 returns to Python after every batch, which
     # leaves a fast GPU idle between the small batches of these small models.
     steps_per_execution: int = 1
+    # Classes left out of training and validation (by name, sorted); their test images stay
+    # in the test split, scored apart: how the model meets classes it does not know.
+    held_out_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A recipe.json of another version, or a typo on the command line, fails here and
         # not hours later.
+        held_out = self.held_out_classes
+        if not isinstance(held_out, tuple | list) or not all(
+            isinstance(n, str) and n for n in held_out
+        ):
+            raise ValueError(f"held-out classes must be class names, not {held_out!r}")
+        if len(set(held_out)) != len(held_out):
+            raise ValueError(f"held-out classes name a class twice: {', '.join(held_out)}")
+        # One spelling per set of classes (recipe.json holds a list): runs that hold out the
+        # same classes have equal recipes, whatever the order they were given in.
+        object.__setattr__(self, "held_out_classes", tuple(sorted(held_out)))
         for name, value, allowed in (
             ("augment", self.augment, AUGMENTATIONS),
             ("optimizer", self.optimizer, OPTIMIZERS),
@@ -94,12 +107,23 @@ class Recipe:
             )
             + f", {self.steps_per_execution} step(s) per execution",
             "checkpoint_selection": "best validation accuracy",
+            "classes": (
+                f"all but {', '.join(self.held_out_classes)} (held out of training and "
+                "validation; test accuracy is over the other classes' images)"
+                if self.held_out_classes
+                else "all"
+            ),
         }
+
+    def record(self) -> dict:
+        """The recipe as recipe.json and the model card hold it (lists where the recipe has
+        tuples): what a saved recipe is compared with."""
+        return {**asdict(self), "held_out_classes": list(self.held_out_classes)}
 
     def choice(self) -> dict:
         """How this recipe relates to the default one, and why the default is what it is."""
-        default = asdict(Recipe(epochs=self.epochs, seed=self.seed))
-        differs = {k: v for k, v in asdict(self).items() if default[k] != v}
+        default = Recipe(epochs=self.epochs, seed=self.seed).record()
+        differs = {k: v for k, v in self.record().items() if default[k] != v}
         return {"differs_from_default": differs, "evidence": EVIDENCE}
 
     def optimizer_instance(self, steps_per_epoch: int) -> keras.optimizers.Optimizer:

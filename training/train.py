@@ -22,7 +22,6 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -34,7 +33,7 @@ from tensorflow.python.framework.config import disable_op_determinism
 
 from service.modelcard import NUM_CLASSES
 from training.atomic import write_text
-from training.data import Cifar100, Split
+from training.data import Cifar100, Split, without_classes
 from training.errors import RunError
 from training.models import build_model
 from training.recipe import Recipe
@@ -59,6 +58,15 @@ def train(
         if not backup_dir.exists():
             raise RunError(f"nothing to resume in {run_dir}: no interrupted run there")
         recipe = saved_recipe(run_dir)
+    # Before the folder is touched: a class name the dataset lacks is refused here.
+    data = without_classes(data, recipe.held_out_classes)
+    if recipe.held_out_classes:
+        print(
+            f"Holding out {', '.join(recipe.held_out_classes)}: {len(data.train)} training, "
+            f"{len(data.val)} validation images left",
+            flush=True,
+        )
+    if resume:
         first_epoch = forget_unfinished_epochs(run_dir)
         print(f"Resuming {model_id} after epoch {first_epoch} with its saved recipe", flush=True)
     else:
@@ -74,7 +82,7 @@ def train(
             json.dumps(
                 {
                     "model_id": model_id,
-                    "recipe": asdict(recipe),
+                    "recipe": recipe.record(),
                     "method": recipe.method(),
                     "choice": recipe.choice(),
                 },

@@ -1,8 +1,9 @@
 """The numbers of a report: the measures run over one model's scores, with classes named.
 
-analyse() gives one model's report (every number its page shows, and the sentences derived
-from them); compare() gives the side-by-side numbers of every pair of models. Both return
-plain dicts that go to report.json as they are.
+analyse() gives one model's report (every number its page shows; write.py adds the
+familiarity and explanation sections and the sentences); familiarity() measures how its
+familiarity output tells known images from others; compare() gives the side-by-side
+numbers of every pair of models. All return plain dicts that go to report.json as they are.
 """
 
 from itertools import combinations
@@ -15,7 +16,7 @@ from training.data import Cifar100
 from training.evaluate import compute_metrics
 from training.models import ORIGINAL_ACCURACY
 from training.report import measures
-from training.report.sentences import capacity_sentences, sentences
+from training.report.sentences import capacity_sentences
 
 CALIBRATION_BINS = 15
 CLUSTERS = 20  # cut of the learned class tree, as many groups as official superclasses
@@ -23,6 +24,9 @@ NEAREST_K = 4  # each class's nearest classes; a superclass has 4 other classes
 SIGNIFICANCE = 0.01  # binomial test level for "more (or less) than chance"
 SHOWN = 20  # label-issue candidates and uncertain images shown
 TSNE_POINTS = 3000  # t-SNE runs on at most this many test images (a fixed sample)
+RECALL = 0.95  # false positive rates are read where this share of known images is accepted
+UNFAMILIAR_LEVEL = 0.05  # familiarity below it: stranger than 95 % of validation images
+TAKEN_FOR = 3  # the classes other images are most often given
 SEED = 0
 
 
@@ -33,11 +37,19 @@ def analyse(
     features: np.ndarray,
     data: Cifar100,
     dataset: dict,
+    test_index: np.ndarray | None = None,
+    held_out: list[str] | None = None,
 ) -> dict:
     """One model's numbers from its probabilities and penultimate features on data.test, with
-    `dataset` (dataset.describe_dataset's, the same for every model), and under "findings"
-    the sentences they support."""
+    `dataset` (dataset.describe_dataset's, the same for every model). The familiarity and
+    explanation sections are added by write.py, then the findings (sentences.sentences).
+
+    A model that held classes out of training is analysed on the known classes' test images
+    only: `data.test` holds those, `test_index` says where each sits in the test file (the
+    image numbers the report shows), `held_out` names the classes left out."""
     test, names, supernames = data.test, data.class_names, data.superclass_names
+    test_index = np.arange(len(test)) if test_index is None else np.asarray(test_index)
+    held_out = list(held_out or [])
     to_coarse = np.asarray(data.fine_to_coarse)
     metrics = compute_metrics(probabilities, test.fine, data.fine_to_coarse, names, supernames)
     predicted = probabilities.argmax(axis=1)
@@ -57,8 +69,10 @@ def analyse(
         if off_diagonal[t, p] > 0
     ]
 
-    per_class = sorted(metrics["per_class_accuracy"].items(), key=lambda kv: (-kv[1], kv[0]))
-    counts = np.bincount(test.fine, minlength=100)
+    # Classes without a test image here (held out of training) have no accuracy to rank.
+    scored = [(name, acc) for name, acc in metrics["per_class_accuracy"].items() if acc is not None]
+    per_class = sorted(scored, key=lambda kv: (-kv[1], kv[0]))
+    counts = np.bincount(test.fine, minlength=100)[[names.index(name) for name, _ in per_class]]
     mean_per_class = float(np.mean([acc for _, acc in per_class]))
     within = measures.within_superclass(test.fine, predicted, to_coarse)
 
@@ -67,6 +81,7 @@ def analyse(
     uncertain = measures.most_uncertain(probabilities, SHOWN)
     issues = measures.label_issues(test.fine, probabilities, SHOWN)
     for candidate in issues["candidates"]:
+        candidate["index"] = int(test_index[candidate["index"]])
         candidate["given"] = names[candidate["given"]]
         candidate["suggested"] = names[candidate["suggested"]]
 
@@ -74,6 +89,7 @@ def analyse(
         "model_id": model_id,
         "parameter_count": parameters,
         "images": len(test),
+        "held_out_classes": held_out,
         "classes": 100,
         "superclasses": 20,
         "original_epochs": 48,
@@ -106,7 +122,7 @@ def analyse(
             else None,
             "most_uncertain": [
                 {
-                    "index": int(i),
+                    "index": int(test_index[i]),
                     "true": names[test.fine[i]],
                     "predicted": names[predicted[i]],
                     "probability": float(probabilities[i].max()),
@@ -124,8 +140,93 @@ def analyse(
         },
         "dataset": dataset,
     }
-    report["findings"] = sentences(report)
     return report
+
+
+def familiarity(known: dict[str, np.ndarray], others: list[dict], names: list[str]) -> dict:
+    """How well the model's familiarity output tells the known classes' test images from
+    other images, against the simplest alternative, the top probability.
+
+    `known` and each of `others` hold arrays over their images: "familiarity" ([N] or
+    [N, 1]), "probabilities" [N, classes], and for held-out test images "labels"; each
+    of `others` also says its "name", "kind", "source" and "skipped" (files not read).
+    Known images are the positives: AUROC is the chance a known image is more familiar
+    than another image, and the false positive rate is the share of other images still
+    accepted at the threshold that accepts RECALL of the known ones."""
+    known_familiarity = np.ravel(known["familiarity"])
+    known_top = known["probabilities"].max(axis=1)
+    cut = measures.false_positives_at_recall(known_familiarity, known_familiarity, RECALL)
+    top_cut = measures.false_positives_at_recall(known_top, known_top, RECALL)
+    sets = []
+    for other in others:
+        values, probabilities = np.ravel(other["familiarity"]), other["probabilities"]
+        entry = {
+            "name": other["name"],
+            "kind": other["kind"],
+            "source": other["source"],
+            "skipped": other["skipped"],
+            **separation(known_familiarity, known_top, values, probabilities, names),
+        }
+        if "labels" in other:  # held-out test images: each class on its own as well
+            entry["per_class"] = [
+                {
+                    "class": names[label],
+                    **separation(
+                        known_familiarity,
+                        known_top,
+                        values[other["labels"] == label],
+                        probabilities[other["labels"] == label],
+                        names,
+                    ),
+                }
+                for label in np.unique(other["labels"])
+            ]
+        sets.append(entry)
+    return {
+        "available": True,
+        "recall": RECALL,
+        "level": UNFAMILIAR_LEVEL,
+        "known": {
+            "images": len(known_familiarity),
+            "median_familiarity": float(np.median(known_familiarity)),
+            "share_below_level": float((known_familiarity < UNFAMILIAR_LEVEL).mean()),
+        },
+        "threshold": cut["threshold"],
+        "threshold_recall": cut["recall"],
+        "top_probability_threshold": top_cut["threshold"],
+        "sets": sets,
+    }
+
+
+def separation(
+    known: np.ndarray,
+    known_top: np.ndarray,
+    values: np.ndarray,
+    probabilities: np.ndarray,
+    names: list[str],
+) -> dict:
+    """One set of other images against the known ones: by familiarity and by top
+    probability, and the classes the model gives them most often."""
+    top = probabilities.max(axis=1)
+    by_familiarity = measures.false_positives_at_recall(known, values, RECALL)
+    by_top = measures.false_positives_at_recall(known_top, top, RECALL)
+    predicted = np.bincount(probabilities.argmax(axis=1), minlength=len(names))
+    taken_for = np.argsort(-predicted, kind="stable")[:TAKEN_FOR]
+    return {
+        "images": len(values),
+        "median_familiarity": float(np.median(values)),
+        "share_below_level": float((values < UNFAMILIAR_LEVEL).mean()),
+        "auroc": measures.auroc(known, values),
+        "false_positive_rate": by_familiarity["false_positive_rate"],
+        "top_probability_auroc": measures.auroc(known_top, top),
+        "top_probability_false_positive_rate": by_top["false_positive_rate"],
+        "mean_top_probability": float(top.mean()),
+        "taken_for": [
+            {"class": names[c], "share": float(predicted[c] / len(values))}
+            for c in taken_for
+            if predicted[c]
+        ],
+    }
 
 
 def recovery(distances: np.ndarray, data: Cifar100) -> dict:
@@ -210,14 +311,17 @@ def class_calibration(probabilities: np.ndarray, labels: np.ndarray, names: list
 
 
 def compare(scored: list[tuple[str, int, np.ndarray]], data: Cifar100) -> dict:
-    """Every pair of models, smaller first, on the same test images."""
+    """Every pair of models, smaller first, on the same test images (those of the classes
+    every model was trained on: `data.test` holds only those)."""
     names, labels = data.class_names, data.test.fine
+    present = np.bincount(labels, minlength=100) > 0
     scored = sorted(scored, key=lambda item: (item[1], item[0]))
     pairs = []
     for (small_id, _, small), (large_id, _, large) in combinations(scored, 2):
         c = measures.compare_predictions(labels, small, large, 100)
         gain = np.asarray(c["per_class_gain"])
         order = np.lexsort((np.arange(100), -gain))  # biggest gain first, ties by class index
+        order = order[present[order]]  # a class without test images here has no accuracy
         rows = [
             {
                 "class": names[i],
@@ -242,7 +346,7 @@ def compare(scored: list[tuple[str, int, np.ndarray]], data: Cifar100) -> dict:
     return {
         "models": [{"model_id": m, "parameter_count": p} for m, p, _ in scored],
         "images": len(labels),
-        "classes": 100,
+        "classes": int(present.sum()),
         "pairs": pairs,
     }
 

@@ -61,11 +61,15 @@ def draw_compare(comparison: dict, data: Cifar100, out: Path) -> None:
 
 def per_class(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(14, 4))
-    accuracies = list(report["per_class_accuracy"].values())
-    ax.bar(range(100), accuracies, color="#4c72b0")
+    accuracies = list(report["per_class_accuracy"].values())  # classes held out have none
+    ax.bar(range(len(accuracies)), accuracies, color="#4c72b0")
     ax.axhline(report["top1_accuracy"], color="black", lw=1, ls="--", label="top-1")
-    ax.set(xlabel="classes, best to worst", ylabel="accuracy", xlim=(-1, 100), ylim=(0, 1))
-    ax.set_xticks(range(100), list(report["per_class_accuracy"]), rotation=90, fontsize=6)
+    ax.set(
+        xlabel="classes, best to worst", ylabel="accuracy", xlim=(-1, len(accuracies)), ylim=(0, 1)
+    )
+    ax.set_xticks(
+        range(len(accuracies)), list(report["per_class_accuracy"]), rotation=90, fontsize=6
+    )
     ax.legend()
     save(fig, out / "per_class.png")
 
@@ -184,6 +188,61 @@ def features_map(maps: dict, data: Cifar100, palette: list, out: Path) -> None:
     save(fig, out / "features_map.png")
 
 
+def familiarity(section: dict, groups: list[dict], out: Path) -> None:
+    """The familiarity of each group of images (known test images first) as a histogram
+    of shares, and the threshold that accepts the RECALL share of the known ones."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    edges = np.linspace(0, 1, 21)
+    for n, group in enumerate(groups):
+        values = np.ravel(group["familiarity"])
+        ax.hist(
+            values,
+            bins=edges,
+            weights=np.full(len(values), 1 / len(values)),
+            histtype="stepfilled" if n == 0 else "step",
+            alpha=0.35 if n == 0 else 1.0,
+            lw=2,
+            color=plt.get_cmap("tab10")(n),
+            label=f"{group['name']} ({len(values)})",
+        )
+    ax.axvline(
+        section["threshold"],
+        color="black",
+        lw=1,
+        ls="--",
+        label=f"accepts {section['threshold_recall']:.0%} of known images",
+    )
+    ax.set(
+        xlabel="familiarity (share of validation images less like the training data)",
+        ylabel="share of the group's images",
+        xlim=(0, 1),
+    )
+    ax.legend(fontsize=8)
+    save(fig, out / "familiarity.png")
+
+
+def explanations(numbers: dict, images: np.ndarray, maps: list[np.ndarray], out: Path) -> None:
+    """One row per explained image: the image, then the heat maps of the true and the
+    predicted class on one colour scale (red: covering there lowers the class)."""
+    examples = numbers["examples"]
+    fig, axes = plt.subplots(
+        len(examples), 3, figsize=(7, 2.3 * len(examples)), squeeze=False, layout="constrained"
+    )
+    for row, (example, both) in zip(axes, zip(examples, maps, strict=True), strict=True):
+        limit = max(float(np.abs(both).max()), 1e-6)
+        row[0].imshow(images[example["index"]], interpolation="nearest")
+        row[0].set_title(f"test #{example['index']}", fontsize=9)
+        for ax, heat, key in zip(row[1:], both, ("true", "predicted"), strict=True):
+            shown = ax.imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(
+                f"{key}: {example[key]}\np = {example[key + '_probability']:.3f}", fontsize=9
+            )
+        fig.colorbar(shown, ax=row[1:].tolist(), shrink=0.8, label="drop in p")
+        for ax in row:
+            ax.set(xticks=[], yticks=[])
+    save(fig, out / "explanations.png", tight=False)  # laid out by matplotlib as drawn
+
+
 # --- pieces ------------------------------------------------------------------------------
 
 
@@ -241,9 +300,10 @@ def legend(ax, labels, palette, **where) -> None:
     ax.legend(handles, labels, fontsize=7, **where)
 
 
-def save(fig, path: Path) -> None:
+def save(fig, path: Path, tight: bool = True) -> None:
     buffer = io.BytesIO()
-    fig.tight_layout()
+    if tight:  # a figure made with layout="constrained" (colour bars over axes) is laid out
+        fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=110, **PNG)
     plt.close(fig)
     write_bytes(path, buffer.getvalue())

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import adjusted_rand_score
 
 # --- errors and the taxonomy ----------------------------------------------------------
@@ -183,6 +183,39 @@ def per_class_calibration(probabilities: np.ndarray, labels: np.ndarray, classes
     }
 
 
+# --- known images against others --------------------------------------------------------
+
+
+def auroc(known: np.ndarray, other: np.ndarray) -> float:
+    """Area under the ROC curve of a score meant to be higher on known images than on
+    others: the chance that a known image drawn at random scores above another image drawn
+    at random, ties counting half (the Mann-Whitney U over both counts). 1: every known
+    image above every other; 0.5: a coin; 0: the score is upside down."""
+    n, m = len(known), len(other)
+    if not n or not m:
+        raise ValueError("AUROC needs at least one image on each side")
+    ranks = rankdata(np.concatenate([known, other]).astype(np.float64))  # ties: mean rank
+    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
+
+
+def false_positives_at_recall(known: np.ndarray, other: np.ndarray, recall: float) -> dict:
+    """Accepting the images that score at least a threshold, the highest threshold that
+    accepts `recall` of the known images (or more, on ties): that threshold, the share of
+    known images it accepts, and the share of the others it accepts too (the false
+    positive rate, where known is positive)."""
+    if not len(known) or not len(other):
+        raise ValueError("a false positive rate needs at least one image on each side")
+    # Reject at most this many known images, the lowest ones. The tiny term: 1 - 0.9 is
+    # 0.09999999999999998 in floating point, and 10 images must reject 1, not 0.
+    rejected = int(np.floor(len(known) * (1 - recall) + 1e-9))
+    threshold = float(np.sort(known)[rejected])
+    return {
+        "threshold": threshold,
+        "recall": float((known >= threshold).mean()),
+        "false_positive_rate": float((other >= threshold).mean()),
+    }
+
+
 # --- labels ----------------------------------------------------------------------------
 
 
@@ -296,6 +329,7 @@ def compare_predictions(
     wrong_small, wrong_large = ~right_small, ~right_large
     both_wrong = int((wrong_small & wrong_large).sum())
     n = len(labels)
+    present = np.bincount(labels, minlength=classes) > 0  # better/worse/equal: among these
     counts = np.maximum(np.bincount(labels, minlength=classes), 1)
     acc_small = np.bincount(labels, weights=right_small, minlength=classes) / counts
     acc_large = np.bincount(labels, weights=right_large, minlength=classes) / counts
@@ -317,9 +351,9 @@ def compare_predictions(
         "per_class_small": acc_small.tolist(),
         "per_class_large": acc_large.tolist(),
         "per_class_gain": (acc_large - acc_small).tolist(),
-        "classes_better": int((acc_large > acc_small).sum()),
-        "classes_worse": int((acc_large < acc_small).sum()),
-        "classes_equal": int((acc_large == acc_small).sum()),
+        "classes_better": int((acc_large > acc_small)[present].sum()),
+        "classes_worse": int((acc_large < acc_small)[present].sum()),
+        "classes_equal": int((acc_large == acc_small)[present].sum()),
     }
 
 

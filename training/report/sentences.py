@@ -28,6 +28,8 @@ def sentences(report: dict) -> dict:
             d["mean_entropy_bits_correct"], d["mean_entropy_bits_wrong"]
         ),
         "duplicates": say_duplicates(report["dataset"]),
+        "familiarity": say_familiarity(report["familiarity"]),
+        "explanations": say_explanations(report["explanations"]["examples"]),
     }
 
 
@@ -142,6 +144,69 @@ def say_duplicates(d: dict) -> str:
     return (
         f"{found} The former 64-bit difference-hash test (within {d['old_hash_max_bits']} "
         f"bits) would have flagged {d['old_hash_test_matches']}."
+    )
+
+
+def say_familiarity(f: dict) -> str:
+    """How well familiarity tells known images from each other set, against the top
+    probability; or that the file has no familiarity output."""
+    if not f["available"]:
+        return (
+            "This model file has no familiarity output (it was exported before the export "
+            "added one): export it again to see how it meets images unlike its training data."
+        )
+    known = f["known"]
+    calibrated = (
+        f"On the known classes' test images, {pct(known['share_below_level'])} score below "
+        f"{f['level']}; a familiarity calibrated on images like these would put "
+        f"{pct(f['level'])} there."
+    )
+    if not f["sets"]:
+        return (
+            f"{calibrated} No other images to compare with: the recipe held no class out; "
+            "pass --unfamiliar PATH for a folder of other images."
+        )
+    parts = [calibrated]
+    for s in f["sets"]:
+        auroc = s["auroc"]
+        if auroc >= 0.9:
+            verdict = "separates them well from"
+        elif auroc >= 0.7:
+            verdict = "partly separates them from"
+        else:
+            verdict = "hardly separates them from"
+        rival = s["top_probability_auroc"]
+        versus = (
+            f"better than the top probability alone (AUROC {rival:.3f})"
+            if auroc > rival
+            else f"no better than the top probability alone (AUROC {rival:.3f})"
+        )
+        parts.append(
+            f"Against {s['name']} ({s['images']} images), familiarity {verdict} the "
+            f"known images (AUROC {auroc:.3f}), {versus}; the threshold that accepts "
+            f"{pct(f['threshold_recall'])} of the known images accepts "
+            f"{pct(s['false_positive_rate'])} of these."
+        )
+    return " ".join(parts)
+
+
+def say_explanations(examples: list[dict]) -> str:
+    """Whether the same pixels speak for the true and the predicted class."""
+    if not examples:
+        return "The model confuses no pair of classes on these images: nothing to explain."
+    measured = [e["map_correlation"] for e in examples if e["map_correlation"] is not None]
+    if not measured:
+        return "Every heat map is flat: covering any patch moves neither class's probability."
+    same = sum(c > 0 for c in measured)
+    if same * 2 > len(measured):
+        return (
+            f"In {same} of {len(measured)} examples the two maps correlate positively: the "
+            "same regions support both classes, and the model weighs them towards the wrong "
+            "one."
+        )
+    return (
+        f"In {len(measured) - same} of {len(measured)} examples the two maps do not correlate "
+        "positively: other regions support the wrong class than the true one."
     )
 
 
