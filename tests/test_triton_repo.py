@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import np_to_triton_dtype
 
 from service.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
-from service.modelcard import INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from training import triton
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +122,8 @@ def test_every_config_parses_with_tritons_schema_and_matches_the_onnx_graph(expo
         assert list(outputs[OUTPUT_NAME].dims) == [100]
         assert outputs[OUTPUT_NAME].data_type == model_config_pb2.TYPE_FP32
         assert "features" in outputs and outputs["features"].dims[0] > 0
+        assert list(outputs[FAMILIARITY_NAME].dims) == [1]
+        assert outputs[FAMILIARITY_NAME].data_type == model_config_pb2.TYPE_FP32
         labelled = {name for name, t in outputs.items() if t.label_filename}
         assert labelled == {OUTPUT_NAME}
         labels = (folder / outputs[OUTPUT_NAME].label_filename).read_text().splitlines()
@@ -224,6 +226,24 @@ def test_a_file_that_is_not_one_of_our_exports_is_refused_by_name(models_dir, tm
     empty.mkdir()
     assert triton.main(["export-triton", "--models-dir", str(empty), "--out", str(out)]) == 2
     assert "no exported model" in capsys.readouterr().err
+
+
+def test_a_familiarity_output_of_another_shape_is_refused(models_dir, tmp_path):
+    """The service and Triton's clients read familiarity as one float per image."""
+    model = onnx.load(models_dir / "cifar100-712868.onnx")
+    (output,) = [o for o in model.graph.output if o.name == FAMILIARITY_NAME]
+    output.type.tensor_type.shape.dim[1].dim_value = 2
+    models = tmp_path / "models"
+    models.mkdir()
+    onnx.save(model, models / "wide.onnx")
+    with pytest.raises(triton.RepositoryError, match="familiarity as TYPE_FP32"):
+        triton.write_repository(models, tmp_path / "repo")
+    # A file exported before familiarity existed is still described (it has no such output).
+    model.graph.output.remove(output)
+    onnx.save(model, models / "wide.onnx")
+    (folder,) = triton.write_repository(models, tmp_path / "repo")
+    config = parse(folder / "config.pbtxt")
+    assert FAMILIARITY_NAME not in [t.name for t in config.output]
 
 
 def test_a_graph_with_a_fixed_batch_size_is_refused(models_dir, tmp_path):

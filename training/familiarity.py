@@ -171,7 +171,13 @@ def familiarity_of(familiarity: Familiarity, features: np.ndarray) -> np.ndarray
 
 
 def ranks_above(validation: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """[N, 1] float32: for each score, the share of the sorted `validation` above it."""
+    """[N, 1] float32: for each score, the share of the sorted `validation` above it.
+
+    Scores are rounded to float32 first, as the graph's are: a validation image's own
+    distance then ties with its stored float32 copy instead of landing on either side of
+    it, and the reference gives the validation set exactly the ranks 0, 1/V, ..., (V-1)/V.
+    """
+    scores = np.asarray(scores).astype(np.float32)
     above = len(validation) - np.searchsorted(validation, scores, side="right")
     return (above / len(validation)).astype(np.float32)[:, None]
 

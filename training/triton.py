@@ -20,7 +20,14 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from service.modelcard import IMAGE_SIZE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, ModelCard
+from service.modelcard import (
+    FAMILIARITY_NAME,
+    IMAGE_SIZE,
+    INPUT_NAME,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    ModelCard,
+)
 from training.atomic import write_bytes, write_text
 from training.errors import TrainingError
 
@@ -101,7 +108,9 @@ def tensor_specs(model: onnx.ModelProto) -> dict[str, list[tuple[str, str, list[
     """{"input": [...], "output": [...]} as (name, Triton type, dims without the batch dim).
 
     Checks the contract the service relies on too: uint8 images [batch, 32, 32, 3] in,
-    float32 probabilities [batch, 100] out, and a batch dimension left free.
+    float32 probabilities [batch, 100] out, float32 familiarity [batch, 1] where the file
+    has it (files exported before it existed do not), and a batch dimension left free.
+    Every output of the graph is listed, so Triton's clients can ask for any of them.
     """
     initializers = {i.name for i in model.graph.initializer}
     specs: dict[str, list[tuple[str, str, list[int]]]] = {"input": [], "output": []}
@@ -132,6 +141,11 @@ def tensor_specs(model: onnx.ModelProto) -> dict[str, list[tuple[str, str, list[
         raise ValueError(f"expected the one input {expected['input']}, found {specs['input']}")
     if expected["output"] not in specs["output"]:
         raise ValueError(f"expected the output {expected['output']}, found {specs['output']}")
+    familiarity = [spec for spec in specs["output"] if spec[0] == FAMILIARITY_NAME]
+    if familiarity and familiarity != [(FAMILIARITY_NAME, "TYPE_FP32", [1])]:
+        raise ValueError(
+            f"expected the output {FAMILIARITY_NAME} as TYPE_FP32 [1], found {familiarity}"
+        )
     return specs
 
 
