@@ -7,26 +7,40 @@ lost when they are shed at the queue. So each worker decides at the door, from t
 headers alone, before the body is read or anything decoded:
 
     expected wait = (time since the request's first byte was parsed)
-                  + (inference requests already admitted here) x (seconds per request)
+                  + (inference requests already admitted here) / (images per second)
 
-and answers 503 with Retry-After at once when that is above MAX_QUEUE_DELAY_MS. Seconds
-per request is measured, not configured: this worker's busy time (some inference request
-in the system) over the requests it completed, in windows of WINDOW_SECONDS, smoothed.
-Busy time over completions is the reciprocal of the rate this worker actually answers
-at, with whatever batching the load gives it, so the bound follows the machine, the
-model and the request mix (Triton's queue policy bounds the queue by a delay too; here
-the delay is estimated before the request costs anything).
+and answers 503 with Retry-After at once when that is above MAX_QUEUE_DELAY_MS (Triton's
+queue policy bounds the queue by a delay too; here it is decided before the request
+costs anything). Images per second is measured, not configured: the images the model's
+batches computed over the seconds they took, in windows of WINDOW_SECONDS of compute,
+smoothed. It is the rate of the batches themselves, so it rises as load makes batches
+larger, and shedding (which keeps batches smaller) cannot talk it down. A first try that
+measured busy time per completed request instead collapsed: at light load that is the
+latency of small batches, the bound came out tight, shedding kept batches small, and a
+worker at half load shed most of its requests.
 
+Requests are counted as one image each (the door has not read how many a body holds).
 A request is always admitted into an empty worker: the bound sheds queueing, never the
 only request.
+
+`AdmissionMiddleware` is the app's outermost layer, so a refusal costs next to nothing: no
+request id, no access line, no body; a counter (`requests_shed_at_door_total`) and at
+most one log line a second say how many were refused.
 """
 
+import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
 ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when its first byte was parsed
-WINDOW_SECONDS = 0.2  # busy time per measurement of the service rate
+WINDOW_SECONDS = 0.2  # compute time per measurement of the rate
 SMOOTHING = 0.3  # weight of the newest window in the average
 
 
@@ -35,39 +49,91 @@ class Admission:
     max_delay: float  # seconds; 0 turns the bound off
     clock: Callable[[], float] = field(default=time.monotonic)
     in_system: int = 0  # inference requests admitted and not yet answered (this worker)
-    seconds_per_request: float = 0.0  # measured; 0 until the first window
-    _busy: float = 0.0  # busy seconds in the current window, up to _busy_since
-    _busy_since: float | None = None
-    _done: int = 0  # completions in the current window
+    images_per_second: float = 0.0  # measured from the batches; 0 until the first window
+    _images: int = 0  # in the current window
+    _seconds: float = 0.0
 
     def expected_wait(self, now: float, arrived: float | None) -> float:
         waited = 0.0 if arrived is None else max(0.0, now - arrived)
-        return waited + self.in_system * self.seconds_per_request
+        rate = self.images_per_second
+        return waited + (self.in_system / rate if rate else 0.0)
 
     def admit(self, arrived: float | None = None) -> float | None:
         """None when admitted (the caller must call `leave` once it is answered); else
         the expected wait that got it refused."""
-        now = self.clock()
-        wait = self.expected_wait(now, arrived)
+        wait = self.expected_wait(self.clock(), arrived)
         if self.max_delay and self.in_system and wait > self.max_delay:
             return wait
-        if self.in_system == 0:
-            self._busy_since = now
         self.in_system += 1
         return None
 
     def leave(self) -> None:
-        now = self.clock()
         self.in_system -= 1
-        self._done += 1
-        busy = self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
-        if busy >= WINDOW_SECONDS:
-            sample = busy / self._done
-            self.seconds_per_request = (
-                sample
-                if not self.seconds_per_request
-                else SMOOTHING * sample + (1 - SMOOTHING) * self.seconds_per_request
+
+    def batch_ran(self, size: int, seconds: float) -> None:
+        """A batch of `size` images took `seconds` (the batchers of every model here)."""
+        self._images += size
+        self._seconds += seconds
+        if self._seconds >= WINDOW_SECONDS:
+            sample = self._images / self._seconds
+            previous = self.images_per_second
+            self.images_per_second = (
+                sample if not previous else SMOOTHING * sample + (1 - SMOOTHING) * previous
             )
-            busy, self._done = 0.0, 0
-        # Busy time so far is carried until the window fills; the clock runs while busy.
-        self._busy, self._busy_since = busy, (now if self.in_system else None)
+            self._images, self._seconds = 0, 0.0
+
+
+V2_INFER = "/v2/models/{model_name}/infer"
+
+
+def route_of(scope: Scope) -> str | None:
+    """The inference route a request is for (those queue for a model), else None."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    if path in ("/predict", "/explain"):
+        return path
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return V2_INFER
+    return None
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: ASGIApp, admission: Admission, refused: Counter) -> None:
+        self.app, self.admission, self.refused = app, admission, refused
+        self._children = {r: refused.labels(r) for r in ("/predict", "/explain", V2_INFER)}
+        self._logged_at, self._unlogged = 0.0, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = route_of(scope)
+        if route is None:
+            return await self.app(scope, receive, send)
+        wait = self.admission.admit(scope["state"].get(ARRIVED) if "state" in scope else None)
+        if wait is not None:
+            return await self._refuse(route, wait, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.leave()
+
+    async def _refuse(self, route: str, wait: float, send: Send) -> None:
+        self._children[route].inc()
+        message = (
+            f"overloaded: this request would wait about {wait * 1000:.0f} ms, above "
+            f"MAX_QUEUE_DELAY_MS ({self.admission.max_delay * 1000:g}); retry shortly"
+        )
+        body = json.dumps({"error" if route == V2_INFER else "detail": message}).encode()
+        # Kept alive: the connection is fine, only this request came too late; the server
+        # discards its body as it arrives.
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"retry-after", b"1"),
+            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+        self._unlogged += 1
+        if (now := time.monotonic()) - self._logged_at >= 1.0:
+            log.warning("shedding at the door", extra={
+                "refused": self._unlogged, "expected_wait_ms": round(wait * 1000, 1),
+                "in_system": self.admission.in_system,
+                "images_per_second": round(self.admission.images_per_second, 1),
+            })  # fmt: skip
+            self._logged_at, self._unlogged = now, 0

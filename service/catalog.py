@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class Catalog:
     models: dict[str, dict[str, Served]] = field(default_factory=dict)  # id -> version ->
     failures: dict[str, str] = field(default_factory=dict)  # file name -> why not served
     default_id: str | None = None
+    # Told of every batch any model runs (the admission's measure of the service rate).
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None
     # file name -> (size, mtime, inode) and what it serves, to see what changed on disk
     _files: dict[str, tuple[tuple[int, int, int], Served | None]] = field(default_factory=dict)
 
@@ -209,6 +212,7 @@ class Catalog:
         def on_batch(size: int, seconds: float) -> None:
             metrics.batch_size.labels(*labels).observe(size)
             metrics.inference_seconds.labels(*labels).observe(seconds)
+            self.on_batch(size, seconds)
 
         batcher = MicroBatcher(
             model.run,
@@ -248,8 +252,12 @@ def default_version(versions: dict[str, Served]) -> str:
     return max(versions, key=lambda v: versions[v].model.trained_at)
 
 
-async def load_catalog(settings: Settings, metrics: Metrics) -> Catalog:
-    catalog = Catalog(settings, metrics)
+async def load_catalog(
+    settings: Settings,
+    metrics: Metrics,
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None,
+) -> Catalog:
+    catalog = Catalog(settings, metrics, on_batch=on_batch)
     await catalog.sync()
     if not catalog.models:
         log.error("not ready", extra={"reason": catalog.not_ready_reason()})

@@ -17,6 +17,7 @@ import numpy as np
 from starlette.types import Receive
 
 from service import explain
+from service.admission import Admission
 from service.batching import Outputs
 from service.catalog import Catalog, Served
 from service.config import Settings
@@ -51,9 +52,11 @@ class DataPlane:
     draining: threading.Event = field(default_factory=threading.Event)
     catalog: Catalog | None = None  # set by the lifespan once the models are loaded
     decode_slots: DecodeSlots = field(init=False)
+    admission: Admission = field(init=False)  # the door (service/admission.py)
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.settings.max_large_decodes)
+        self.admission = Admission(self.settings.max_queue_delay_ms / 1000)
 
     def not_ready_reason(self) -> str | None:
         """None when a model can take requests; else why not (shutdown first)."""

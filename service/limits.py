@@ -12,9 +12,6 @@
 - A budget for all bodies at once: MAX_BODY_BYTES_IN_FLIGHT, reserved from Content-Length
   (or counted as a chunked body streams in) and released when the response is done;
   beyond it 503 with Retry-After, before anything is read.
-- Admission for inference requests (service/admission.py): refused at the door, 503 with
-  Retry-After and before the body is read, when their expected wait is above
-  MAX_QUEUE_DELAY_MS.
 - While the server drains for shutdown, every response says `Connection: close`, so
   keep-alive clients reconnect (elsewhere) instead of meeting a closed socket.
 
@@ -32,7 +29,6 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import ARRIVED, Admission
 from service.codec import max_request_bytes
 from service.config import Settings
 from service.errors import Overloaded, error_response
@@ -60,7 +56,6 @@ class LimitsMiddleware:
         self.draining = draining
         self.budget = settings.max_body_bytes_in_flight
         self.in_flight = 0  # body bytes reserved by requests under way (one event loop)
-        self.admission = Admission(settings.max_queue_delay_ms / 1000)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,16 +78,6 @@ class LimitsMiddleware:
                     return await _refuse(413, too_large, scope, receive, send)
         if self.in_flight + declared > self.budget:
             return await _refuse(503, self._busy(), scope, receive, send, {"Retry-After": "1"})
-        admitted = _is_inference(scope)
-        if admitted and (wait := self.admission.admit(scope["state"].get(ARRIVED))) is not None:
-            # Kept alive: the connection is fine, only this request is too late.
-            message = (
-                f"overloaded: this request would wait about {wait * 1000:.0f} ms, above "
-                f"MAX_QUEUE_DELAY_MS ({self.admission.max_delay * 1000:g}); retry shortly"
-            )
-            return await error_response(scope["path"], 503, message, {"Retry-After": "1"})(
-                scope, receive, send
-            )
         loop = asyncio.get_running_loop()
         deadline = record_of(scope).deadline = loop.time() + timeout
         body_done, received, reserved = False, 0, declared
@@ -136,19 +121,10 @@ class LimitsMiddleware:
             await self.app(scope, receive_bounded, send_closing)
         finally:
             self.in_flight -= reserved
-            if admitted:
-                self.admission.leave()
 
     def _busy(self) -> str:
         return (f"the server is already receiving {self.in_flight:,} bytes of request bodies "
                 f"(MAX_BODY_BYTES_IN_FLIGHT {self.budget:,}); retry shortly")  # fmt: skip
-
-
-def _is_inference(scope: Scope) -> bool:
-    """The requests that queue for a model: /predict, /explain, /v2/models/.../infer."""
-    path = scope["path"]
-    v2 = path.startswith("/v2/models/") and path.endswith("/infer")
-    return scope["method"] == "POST" and (v2 or path in ("/predict", "/explain"))
 
 
 def body_too_large(settings: Settings) -> str:

@@ -14,6 +14,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import multiprocess
 
 from service import auth, server
+from service.admission import AdmissionMiddleware
 from service.catalog import load_catalog
 from service.config import Settings, get_settings
 from service.dataplane import DataPlane
@@ -33,7 +34,8 @@ CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Time
 async def lifespan(app: FastAPI):
     plane: DataPlane = app.state.plane
     settings = plane.settings
-    plane.catalog = catalog = await load_catalog(settings, plane.metrics)  # DeviceUnavailable
+    # DeviceUnavailable stops startup; every batch tells the door how fast models run.
+    plane.catalog = catalog = await load_catalog(settings, plane.metrics, plane.admission.batch_ran)
     log.info("ready" if catalog.ready else "started without a model", extra={
         "models": {f"{s.model_id} {s.version}": s.model.provider for s in catalog.served()},
         "default_model": catalog.default_id, "batching": settings.batching,
@@ -73,6 +75,9 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=CORS_HEADERS,
                            expose_headers=exposed)  # fmt: skip
     app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
+    # Outermost: a request refused at the door costs no more than its refusal.
+    app.add_middleware(AdmissionMiddleware, admission=plane.admission,
+                       refused=plane.metrics.shed_at_door)  # fmt: skip
     install_handlers(app)
     for router in (*protected, v2.health, operations.router, page.router):
         app.include_router(router)

@@ -102,6 +102,13 @@ class Metrics:
             model,
             CONFIDENCE_BUCKETS,
         )
+        self.shed_at_door = Counter(
+            "requests_shed_at_door_total",
+            "Inference requests refused at the door (503) because their expected wait was "
+            "above MAX_QUEUE_DELAY_MS; never read, so they carry no model label",
+            ["route"],
+            registry=self.registry,
+        )
         self.images = Counter(
             "images_classified_total", "Images classified", model, registry=self.registry
         )

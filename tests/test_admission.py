@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bench.load import multipart_body
-from service.admission import WINDOW_SECONDS, Admission
+from service.admission import Admission
 from tests.service_helpers import encode, live_server
 
 
@@ -19,36 +19,24 @@ class Clock:
         return self.now
 
 
-def test_seconds_per_request_is_busy_time_over_completions():
-    clock = Clock()
-    door = Admission(max_delay=0, clock=clock)  # measuring only
-    # Four requests in the system throughout, one answered every 30 ms: the first window
-    # closes at the 7th (0.21 s busy / 7).
-    for _ in range(4):
-        assert door.admit() is None
-    for _ in range(10):
-        clock.now += 0.03
-        door.leave()
-        assert door.admit() is None
-    assert door.seconds_per_request == pytest.approx(0.03)
-    # Idle time does not count: the window so far (0.09 s busy, 3 answered) takes the
-    # four answered at once, then a minute idle, then one request of 0.2 s: 0.29 s / 8.
-    for _ in range(4):
-        door.leave()
-    clock.now += 60
-    assert door.admit() is None
-    clock.now += WINDOW_SECONDS
-    door.leave()
-    assert door.seconds_per_request == pytest.approx(0.3 * (0.29 / 8) + 0.7 * 0.03)
+def test_the_rate_is_measured_from_the_batches_run():
+    door = Admission(max_delay=0.05)
+    for _ in range(3):
+        door.batch_ran(32, 0.06)
+    assert door.images_per_second == 0  # not a whole window of compute yet (0.18 s)
+    door.batch_ran(32, 0.06)
+    assert door.images_per_second == pytest.approx(128 / 0.24)
+    for _ in range(3):
+        door.batch_ran(8, 0.07)  # a slower window: smoothed, not taken whole
+    assert door.images_per_second == pytest.approx(0.3 * 24 / 0.21 + 0.7 * 128 / 0.24)
 
 
 def test_refuses_when_the_expected_wait_is_above_the_bound():
     clock = Clock()
     door = Admission(max_delay=0.05, clock=clock)
-    door.seconds_per_request = 0.01
-    for _ in range(5):  # 0, 1, ... 4 ahead: waits up to 40 ms
+    door.images_per_second = 100.0  # 10 ms per request ahead
+    for _ in range(6):  # 0, 1, ... 5 ahead: waits up to 50 ms, at the bound: admitted
         assert door.admit() is None
-    assert door.admit() is None  # 5 ahead x 10 ms = 50 ms: at the bound, admitted
     assert door.admit() == pytest.approx(0.06)  # 6 ahead: 60 ms, refused
     # Time already spent waiting for the event loop counts too.
     door.leave()
@@ -59,10 +47,10 @@ def test_refuses_when_the_expected_wait_is_above_the_bound():
 def test_an_empty_worker_admits_and_zero_turns_it_off():
     clock = Clock()
     door = Admission(max_delay=0.001, clock=clock)
-    door.seconds_per_request = 10.0
+    door.images_per_second = 0.1
     assert door.admit(arrived=clock.now - 5) is None  # alone: never refused
     off = Admission(max_delay=0, clock=clock)
-    off.seconds_per_request = 10.0
+    off.images_per_second = 0.1
     assert all(off.admit() is None for _ in range(100))
 
 
@@ -95,15 +83,15 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
 
 def test_the_door_refuses_before_the_body_and_keeps_the_connection(models_dir, images):
     """A request admitted and still sending its body holds a place; the next one, whose
-    expected wait (one request ahead at the measured seconds per request) is above a 1 ms
+    expected wait (one request ahead at the measured images per second) is above a 1 ms
     bound, gets 503 + Retry-After while its own body is still unsent, and the same
     connection then carries a request that is answered."""
     body, content_type = multipart_body(encode(images[0]), "a.png")
     with live_server(models_dir, max_queue_delay_ms="1") as port:
         warm = socket.create_connection(("127.0.0.1", port), timeout=30)
-        # Enough sequential requests to measure the service rate (one busy window).
+        # Enough sequential requests for the door to measure the model's rate.
         started = time.monotonic()
-        while time.monotonic() - started < 3 * WINDOW_SECONDS:
+        while time.monotonic() - started < 3:
             warm.sendall(head(content_type, len(body)) + body)
             assert _read_response(warm)[0] == 200
         holder = _send_head(port, content_type, len(body))  # admitted, its body pending
