@@ -1,0 +1,566 @@
+"""Faster twins of an exported float32 file: int8 for CPUs, float16 for GPUs.
+
+Both start from what `python -m training export` wrote (`models/<id>.onnx`, uint8 images
+in, its own preprocessing, a model card) and write a file of their own model id beside
+it, `<id>-int8.onnx` or `<id>-float16.onnx`, so the service serves the twin next to the
+float model and a client picks one by name. Inputs and outputs keep their names, types
+and shapes: the twin is a drop-in file for the service, Triton and the report.
+
+int8 (`quantize_int8`, and `export_int8` which gates it): static quantization with
+onnxruntime's own tools. `quant_pre_process` optimises the graph and infers its shapes,
+`quantize_static` runs it on calibration images to learn each activation's range and
+writes QuantizeLinear/DequantizeLinear pairs around the layers that become int8
+(onnxruntime's CPU provider fuses them into integer kernels when it loads the file).
+What is quantized and how (INT8) was chosen by measurement on a model trained on real
+photos (README, "int8 and float16"). Nodes stay float where int8 would change the
+answer or gains nothing:
+  - the familiarity head (Mahalanobis distances ranked against validation distances):
+    a rank, which rounding moves; it is a few small matmuls beside the network;
+  - the softmax: a uint8 probability is a step of 1/256, which ties near-equal classes
+    and changes the top-1 class that the service answers;
+  - the last INT8.float_layers weighted layers (the classifier): they decide between
+    near-equal classes and are a small share of the compute.
+`export_int8` writes the file only if its top-1 accuracy on the test split is within
+ACCURACY_DROP_LIMIT of the float model's (onnxruntime on both, same images); it states
+that accuracy and the top-1 agreement with the float model in the card. Calibration
+reads training images only: the test split is what the promise is measured on.
+
+float16 (`export_float16`): onnxconverter-common's convert_float_to_float16 with
+float32 inputs and outputs kept, for GPUs (tensor cores); written only if it matches the
+float model within FLOAT16_* on the test split, run on onnxruntime's CPU provider.
+"""
+
+import dataclasses
+import hashlib
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from training.atomic import write_bytes
+from training.data import Cifar100
+from training.errors import ExportError
+from training.evaluate import compute_metrics
+
+PRECISIONS = ("float32", "int8", "float16")
+# The int8 file's promise: top-1 accuracy at most this much below the float model's
+# (absolute: 0.01 is one percentage point), measured on the test split.
+ACCURACY_DROP_LIMIT = 0.01
+CALIBRATION_IMAGES = 1000  # a seeded sample of the training split (see calibration_sample)
+CALIBRATION_SEED = 0
+CALIBRATION_BATCH = 100
+# float16 parity with the float model on the test split. float16 keeps 11 significant
+# bits (a relative rounding of 5e-4 per value), and the error grows through the layers:
+# measured on a model trained on real photos, the largest probability difference was
+# about 1e-3 and the features' about 2e-3 of their largest value. The limits allow a few
+# times that; a top-1 class may change only where two classes are within float16's
+# rounding of each other, which the agreement floor allows for.
+FLOAT16_MAX_ABS_DIFF = 5e-3  # probabilities
+FLOAT16_MAX_FEATURES_DIFF = 1e-2  # features, relative to their largest value
+FLOAT16_MIN_AGREEMENT = 0.995  # top-1 agreement with the float model
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the layers that carry the compute
+KEPT_FLOAT = {
+    "off_path": "computes the familiarity output only (Mahalanobis distances ranked against "
+    "the validation distances): a rank, which int8 rounding moves; cheap in float",
+    "softmax": "the probabilities: uint8 steps of 1/256 would tie near-equal classes and "
+    "change the top-1 class",
+    "tail": "the classifier layers: they decide between near-equal classes, and are a small "
+    "share of the compute",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Scheme:
+    """How the float graph becomes int8. INT8 below is the measured choice; the others
+    are what the measurement compared it with."""
+
+    calibration: str = "MinMax"  # MinMax, Entropy or Percentile (onnxruntime's methods)
+    per_channel: bool = False  # weight scales per output channel, else one per tensor
+    quant_format: str = "QDQ"  # QDQ (Quantize/DequantizeLinear pairs) or QOperator
+    weights: str = "int8"  # int8 or uint8
+    activations: str = "uint8"  # uint8: onnxruntime's x86 kernels are u8 x s8
+    float_layers: int = 1  # the last weighted layers on the probabilities' path kept float
+    float_softmax: bool = True
+    percentile: float = 99.999  # Percentile calibration only
+
+    def __post_init__(self) -> None:
+        if self.calibration not in ("MinMax", "Entropy", "Percentile"):
+            raise ValueError(f"unknown calibration method {self.calibration!r}")
+        if self.quant_format not in ("QDQ", "QOperator"):
+            raise ValueError(f"unknown quantization format {self.quant_format!r}")
+        if {self.weights, self.activations} - {"int8", "uint8"}:
+            raise ValueError("weights and activations are int8 or uint8")
+        if self.float_layers < 0:
+            raise ValueError("float_layers cannot be negative")
+
+    def describe(self) -> dict:
+        """What the card says about it."""
+        return {
+            "format": self.quant_format,
+            "activations": f"{self.activations}, one scale per tensor",
+            "weights": f"{self.weights}, symmetric, "
+            + ("one scale per output channel" if self.per_channel else "one scale per tensor"),
+            "per_channel": self.per_channel,
+        }
+
+
+INT8 = Int8Scheme()
+
+
+# int8: the speed-only conversion (what the benchmark calls) and the gated export.
+
+
+def int8_model_id(model_id: str) -> str:
+    return f"{model_id}-int8"
+
+
+def float16_model_id(model_id: str) -> str:
+    return f"{model_id}-float16"
+
+
+def quantize_int8(source: Path, target: Path, calibration_images: np.ndarray) -> None:
+    """Write `target`: the int8 twin of the exported float file `source`, calibrated on
+    `calibration_images` (uint8 [N, 32, 32, 3]). For speed only: nothing is measured, and
+    the card says so (no evaluation). `export_int8` is the gated version of this."""
+    proto = quantized_int8(
+        Path(source).read_bytes(),
+        calibration_images,
+        calibration_note="given by the caller; accuracy not measured (speed only)",
+    )
+    write_bytes(Path(target), proto.SerializeToString())
+
+
+def export_int8(
+    source: Path, target: Path, data: Cifar100, *, limit: float | None = None
+) -> ModelCard:
+    """Quantize `source`, calibrated on training images, and write `target` only if its
+    top-1 accuracy on the test split is at most `limit` (ACCURACY_DROP_LIMIT by default)
+    below the float model's; else ExportError and no file. Returns the card written."""
+    limit = ACCURACY_DROP_LIMIT if limit is None else limit
+    content = Path(source).read_bytes()
+    calibration = calibration_sample(data.train.images)
+    proto = quantized_int8(
+        content,
+        calibration,
+        calibration_note=f"training split: {len(calibration)} of its {len(data.train)} images, "
+        f"drawn at random with seed {CALIBRATION_SEED}",
+    )
+    card = card_of(proto)
+    comparison = compare_with_float(content, proto, data, limit=limit)
+    print(
+        f"{card.model_id} on {comparison['images']} test images: top-1 "
+        f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f}, "
+        f"limit -{limit:g}), top-1 agreement with float32 {comparison['top1_agreement']:.4f}",
+        flush=True,
+    )
+    drop = comparison["float32_top1_accuracy"] - comparison["top1_accuracy"]
+    if drop > limit:
+        raise ExportError(
+            f"the int8 model's top-1 accuracy on the test split is "
+            f"{comparison['top1_accuracy']:.4f}, {drop:.4f} below the float model's "
+            f"{comparison['float32_top1_accuracy']:.4f}: more than the {limit:g} it may lose; "
+            f"not writing {Path(target).name}"
+        )
+    return write_twin(proto, card, comparison, target)
+
+
+def calibration_sample(
+    images: np.ndarray, count: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED
+) -> np.ndarray:
+    """`count` of `images` (all of them if fewer), drawn at random with a fixed seed: the
+    same file every time from the same data, and every class in proportion."""
+    if len(images) <= count:
+        return images
+    index = np.sort(np.random.default_rng(seed).choice(len(images), count, replace=False))
+    return images[index]
+
+
+class CalibrationImages(CalibrationDataReader):
+    """What quantize_static reads: the images as the graph's input, a batch at a time."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = CALIBRATION_BATCH):
+        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or not len(images):
+            raise ValueError(f"expected uint8 [N, 32, 32, 3] images, got {images.dtype} "
+                             f"{images.shape}")  # fmt: skip
+        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position == len(self.batches):
+            return None
+        self.position += 1
+        return {INPUT_NAME: self.batches[self.position - 1]}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def quantized_int8(
+    source: bytes,
+    calibration_images: np.ndarray,
+    scheme: Int8Scheme = INT8,
+    *,
+    calibration_note: str,
+    calibration_cache: Path | None = None,
+) -> onnx.ModelProto:
+    """The int8 graph of the float file `source` (its bytes), with its card: the model id
+    `<id>-int8`, how it was quantized and from which file, and no evaluation yet.
+    `calibration_cache` (a JSON file) keeps the ranges across calls with the same
+    calibration method: the measurement of the schemes, not the export, uses it."""
+    float_proto = onnx.load_from_string(source)
+    card = card_of(float_proto)
+    name_nodes(float_proto)
+    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        folder = Path(tmp)
+        onnx.save(float_proto, folder / "float.onnx")
+        # Shape inference and onnxruntime's basic graph optimisations (constant folding,
+        # fusions), as the quantization tools ask. Symbolic shape inference is for
+        # transformers' dynamic shapes (and needs sympy): every shape here is known.
+        quant_pre_process(folder / "float.onnx", folder / "prepared.onnx", skip_symbolic_shape=True)
+        prepared = onnx.load(folder / "prepared.onnx")
+        kept_float = float_nodes(prepared.graph, scheme)
+        quantize_static(
+            folder / "prepared.onnx",
+            folder / "int8.onnx",
+            CalibrationImages(calibration_images),
+            quant_format=getattr(QuantFormat, scheme.quant_format),
+            per_channel=scheme.per_channel,
+            # VNNI and AMX multiply u8 by s8 without the overflow that reduce_range avoids
+            # on older CPUs (it costs a bit of accuracy); this is no such CPU.
+            reduce_range=False,
+            activation_type=_QUANT_TYPES[scheme.activations],
+            weight_type=_QUANT_TYPES[scheme.weights],
+            nodes_to_exclude=list(kept_float),
+            calibrate_method=getattr(CalibrationMethod, scheme.calibration),
+            extra_options={"CalibPercentile": scheme.percentile},
+            calibration_cache_path=calibration_cache,
+        )
+        proto = onnx.load(folder / "int8.onnx")
+    check_same_signature(float_proto, proto)
+    calibration = {"method": scheme.calibration, "images": len(calibration_images)}
+    if scheme.calibration == "Percentile":
+        calibration["percentile"] = scheme.percentile
+    quantization = {
+        "tool": f"onnxruntime {ort.__version__}: quant_pre_process, quantize_static",
+        **scheme.describe(),
+        "calibration": {**calibration, "source": calibration_note},
+        "kept_float": kept_float_card(prepared.graph, kept_float),
+    }
+    twin = twin_card(card, int8_model_id(card.model_id), "int8", source, quantization=quantization)
+    set_card(proto, twin)
+    return proto
+
+
+_QUANT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+
+
+def float_nodes(graph: onnx.GraphProto, scheme: Int8Scheme) -> dict[str, str]:
+    """The nodes that stay float, each with its reason (a KEPT_FLOAT key)."""
+    on_path = ancestors(graph, [OUTPUT_NAME])
+    kept = {node.name: "off_path" for node in graph.node if node.name not in on_path}
+    path = [node for node in graph.node if node.name in on_path]  # graph order: topological
+    if scheme.float_softmax:
+        kept.update({node.name: "softmax" for node in path if node.op_type == "Softmax"})
+    weighted = [i for i, node in enumerate(path) if node.op_type in WEIGHTED_OPS]
+    if scheme.float_layers:
+        start = weighted[-min(scheme.float_layers, len(weighted))]
+        kept.update({node.name: "tail" for node in path[start:] if node.name not in kept})
+    return kept
+
+
+def kept_float_card(graph: onnx.GraphProto, kept: dict[str, str]) -> list[dict]:
+    """The card's list: which nodes stayed float and why, grouped by reason."""
+    ops = {node.name: node.op_type for node in graph.node}
+    return [
+        {"why": why, "nodes": [f"{name} ({ops[name]})" for name in kept if kept[name] == reason]}
+        for reason, why in KEPT_FLOAT.items()
+        if reason in kept.values()
+    ]
+
+
+def ancestors(graph: onnx.GraphProto, outputs: Iterable[str]) -> set[str]:
+    """The names of the nodes that `outputs` are computed from."""
+    producer = {name: node for node in graph.node for name in node.output}
+    found: set[str] = set()
+    pending = list(outputs)
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and node.name not in found:
+            found.add(node.name)
+            pending.extend(node.input)
+    return found
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name (from its first output): the quantization and
+    float16 tools pick the nodes they leave alone by name, and the familiarity head's
+    nodes have none."""
+    taken = {node.name for node in proto.graph.node if node.name}
+    for node in proto.graph.node:
+        if not node.name:
+            name, n = node.output[0], 1
+            while name in taken:
+                name, n = f"{node.output[0]}#{n}", n + 1
+            node.name = name
+            taken.add(name)
+
+
+# Measuring a twin against the float model.
+
+
+def run_all(model: bytes | onnx.ModelProto, images: np.ndarray, batch: int = 256) -> dict:
+    """Every output of `model` for `images`, on onnxruntime's CPU provider, in batches."""
+    content = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    parts = [session.run(names, {INPUT_NAME: images[i : i + batch]})
+             for i in range(0, len(images), batch)]  # fmt: skip
+    return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(names)}
+
+
+def compare_with_float(
+    source: bytes, twin: onnx.ModelProto, data: Cifar100, *, limit: float | None = None
+) -> dict:
+    """The twin's test-split metrics, the float model's top-1 accuracy on the same images,
+    their top-1 agreement and how far the other outputs moved: what the card records."""
+    reference = run_all(source, data.test.images)
+    outputs = run_all(twin, data.test.images)
+    card = card_of(twin)
+    metrics = compute_metrics(
+        outputs[OUTPUT_NAME], data.test.fine, card.fine_to_coarse, card.class_names,
+        card.superclass_names,
+    )  # fmt: skip
+    float_top1 = reference[OUTPUT_NAME].argmax(axis=1)
+    comparison = {
+        **metrics,
+        "split": "test",
+        "float32_top1_accuracy": float((float_top1 == data.test.fine).mean()),
+        "top1_agreement": float((outputs[OUTPUT_NAME].argmax(axis=1) == float_top1).mean()),
+        "probabilities_max_abs_difference": max_abs(outputs, reference, OUTPUT_NAME),
+    }
+    if limit is not None:
+        comparison["accuracy_drop_limit"] = limit
+    if FEATURES_NAME in reference:
+        scale = max(1.0, float(np.abs(reference[FEATURES_NAME]).max()))
+        comparison["features_max_relative_difference"] = (
+            max_abs(outputs, reference, FEATURES_NAME) / scale
+        )
+    for name in sorted(set(reference) - {OUTPUT_NAME, FEATURES_NAME}):  # familiarity
+        comparison[f"{name}_max_abs_difference"] = max_abs(outputs, reference, name)
+        comparison[f"{name}_mean_abs_difference"] = float(
+            np.abs(outputs[name] - reference[name]).mean()
+        )
+    return comparison
+
+
+def max_abs(outputs: dict, reference: dict, name: str) -> float:
+    return float(np.abs(outputs[name].astype(np.float64) - reference[name]).max())
+
+
+# float16.
+
+
+def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
+    """Convert `source` to float16 and write `target` only if it matches the float model
+    on the test split (FLOAT16_*, on onnxruntime's CPU provider); else ExportError."""
+    content = Path(source).read_bytes()
+    proto = converted_float16(content)
+    card = card_of(proto)
+    comparison = compare_with_float(content, proto, data)
+    probabilities = comparison["probabilities_max_abs_difference"]
+    features = comparison.get("features_max_relative_difference", 0.0)
+    agreement = comparison["top1_agreement"]
+    print(
+        f"{card.model_id} on {comparison['images']} test images: max |float16 - float32| = "
+        f"{probabilities:.2e} (probabilities), {features:.2e} (features, relative), top-1 "
+        f"agreement {agreement:.4f}, top-1 {comparison['top1_accuracy']:.4f} (float32 "
+        f"{comparison['float32_top1_accuracy']:.4f})",
+        flush=True,
+    )
+    if (
+        not probabilities <= FLOAT16_MAX_ABS_DIFF  # not <=: a NaN fails too
+        or not features <= FLOAT16_MAX_FEATURES_DIFF
+        or agreement < FLOAT16_MIN_AGREEMENT
+    ):
+        raise ExportError(
+            f"the float16 graph differs from the float32 one: {probabilities:.2e} on "
+            f"probabilities (limit {FLOAT16_MAX_ABS_DIFF:g}), {features:.2e} on features "
+            f"(limit {FLOAT16_MAX_FEATURES_DIFF:g}), top-1 agreement {agreement:.4f} (at least "
+            f"{FLOAT16_MIN_AGREEMENT:g}); not writing {Path(target).name}"
+        )
+    comparison["limits"] = {
+        "probabilities_max_abs_difference": FLOAT16_MAX_ABS_DIFF,
+        "features_max_relative_difference": FLOAT16_MAX_FEATURES_DIFF,
+        "top1_agreement": FLOAT16_MIN_AGREEMENT,
+    }
+    return write_twin(proto, card, comparison, target)
+
+
+def converted_float16(source: bytes) -> onnx.ModelProto:
+    """The float16 graph of the float file `source`, with its card (`<id>-float16`).
+
+    Only the network is converted: the nodes that the probabilities are computed from.
+    The rest (the familiarity head) stays float32 and reads the float32 `features`
+    output: its squared distances reach the thousands in a thousand dimensions, near
+    float16's largest value (65504), and the converter would clamp its stored validation
+    distances to 1e4. convert_float_to_float16 needs two things done around it:
+      - `features` is an output and also the last layer's input; under keep_io_types the
+        converter casts the output to float32 and leaves the layer reading that float32
+        tensor beside its float16 weights (onnxruntime refuses such a graph). So the
+        network gets an internal name for it and an Identity to the output.
+      - it does not retarget Cast nodes: the uint8 -> float Cast of the input would still
+        say float while its output became float16. That Cast is kept float32 by name
+        (node_block_list), and the converter casts its output to float16.
+    """
+    # Imported here: the converter is a training dependency, and the int8 path and the
+    # benchmark need none of it.
+    from onnxconverter_common import float16
+
+    proto = onnx.load_from_string(source)
+    card = card_of(proto)
+    name_nodes(proto)
+    graph = proto.graph
+    network = ancestors(graph, [OUTPUT_NAME])
+    body = [node for node in graph.node if node.name in network]
+    head = [node for node in graph.node if node.name not in network]
+    produced = {name for node in body for name in node.output}
+    body_outputs = [output for output in graph.output if output.name in produced]
+    for output in body_outputs:
+        if any(output.name in node.input for node in body):
+            internal = f"{output.name}/float16"
+            for node in body:
+                node.input[:] = [internal if n == output.name else n for n in node.input]
+                node.output[:] = [internal if n == output.name else n for n in node.output]
+            body.append(helper.make_node("Identity", [internal], [output.name], name=internal))
+    read = {name for node in body for name in node.input}
+    network_model = helper.make_model(
+        helper.make_graph(
+            body,
+            graph.name,
+            list(graph.input),
+            body_outputs,
+            [tensor for tensor in graph.initializer if tensor.name in read],
+        ),
+        opset_imports=list(proto.opset_import),
+        ir_version=proto.ir_version,
+    )
+    float_casts = [
+        node.name
+        for node in body
+        if node.op_type == "Cast"
+        and helper.get_attribute_value(node.attribute[0]) == TensorProto.FLOAT
+    ]
+    with warnings.catch_warnings():
+        # It warns for each weight below float16's smallest normal value (set to 1e-7
+        # instead); the parity gate measures what such rounding does to the outputs.
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(
+            network_model, keep_io_types=True, node_block_list=float_casts
+        )
+    converted.graph.node.extend(head)
+    converted.graph.initializer.extend(t for t in graph.initializer if t.name not in read)
+    # The outputs in the source's order, with the source's types (float32 throughout).
+    order = [output.name for output in graph.output]
+    del converted.graph.output[:]
+    converted.graph.output.extend(sorted(graph.output, key=lambda o: order.index(o.name)))
+    onnx.checker.check_model(converted)
+    check_same_signature(proto, converted)
+    details = {
+        "tool": "onnxconverter-common convert_float_to_float16(keep_io_types=True)",
+        "kept_float32": [
+            {
+                "why": "the uint8 -> float Cast of the input (the converter does not retarget "
+                "Cast nodes; its output is cast to float16 after it)",
+                "nodes": float_casts,
+            },
+            {
+                "why": "computes the familiarity output only: squared Mahalanobis distances "
+                "near float16's largest value",
+                "nodes": [node.name for node in head],
+            },
+        ],
+        "tested_on": f"onnxruntime {ort.__version__} CPUExecutionProvider (the parity gate); "
+        "not measured on a GPU",
+    }
+    twin = twin_card(card, float16_model_id(card.model_id), "float16", source, float16=details)
+    set_card(converted, twin)
+    return converted
+
+
+# The twin's file and card.
+
+
+def card_of(proto: onnx.ModelProto) -> ModelCard:
+    try:
+        return ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+    except ValueError as err:
+        raise ExportError(f"not an exported model of ours: {err}") from None
+
+
+def twin_card(
+    card: ModelCard, model_id: str, precision: str, source: bytes, **details: dict
+) -> ModelCard:
+    """The float model's card for its twin: the new id, and in `training` the precision,
+    which file it was converted from and how. No evaluation until one is measured."""
+    training = {
+        **card.training,
+        "precision": precision,
+        "converted_from": {
+            "model_id": card.model_id,
+            # As the service names versions (service.classifier.content_version).
+            "version": hashlib.sha256(source).hexdigest()[:12],
+            "sha256": hashlib.sha256(source).hexdigest(),
+        },
+        **details,
+    }
+    return dataclasses.replace(card, model_id=model_id, training=training, evaluation=None)
+
+
+def set_card(proto: onnx.ModelProto, card: ModelCard) -> None:
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, card.to_metadata())
+    precision = card.training["precision"]
+    proto.doc_string = (
+        f"CIFAR-100 classifier {card.model_id} ({precision}): uint8 NHWC images in, "
+        "probabilities out"
+    )
+
+
+def write_twin(
+    proto: onnx.ModelProto, card: ModelCard, evaluation: dict, target: Path
+) -> ModelCard:
+    card = dataclasses.replace(card, evaluation=evaluation)
+    set_card(proto, card)
+    write_bytes(Path(target), proto.SerializeToString())
+    return card
+
+
+def check_same_signature(source: onnx.ModelProto, twin: onnx.ModelProto) -> None:
+    """The twin takes and returns what the float file does (names, types, order): a
+    drop-in file for the service and Triton."""
+
+    def signature(proto: onnx.ModelProto) -> list:
+        return [
+            (value.name, value.type.tensor_type.elem_type)
+            for value in [*proto.graph.input, *proto.graph.output]
+        ]
+
+    if signature(source) != signature(twin):
+        raise ExportError(
+            f"the converted graph's inputs and outputs {signature(twin)} differ from the "
+            f"float file's {signature(source)}; not writing it"
+        )
