@@ -27,10 +27,10 @@ if __name__ == "__main__" and sys.argv[1:2] == ["gpu-check"]:
 import keras
 
 from service.modelcard import FEATURES_NAME, ModelCard
-from training import ablation, triton
+from training import ablation, quantize, triton
 from training import data as cifar
 from training.atomic import write_text
-from training.errors import RecipeError, ReportError, TrainingError
+from training.errors import ExportError, RecipeError, ReportError, TrainingError
 from training.evaluate import evaluate_test_set
 from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
@@ -144,6 +144,14 @@ def parser() -> argparse.ArgumentParser:
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODEL_IDS, help="export the run's best checkpoint")
     source.add_argument("--weights", type=Path, help="export a Keras 2 .hdf5 weights file")
+    export.add_argument(
+        "--precision",
+        choices=quantize.PRECISIONS,
+        default="float32",
+        help="float32 (default): export the checkpoint; int8 (CPUs) or float16 (GPUs): convert "
+        "the float32 export models/<id>.onnx into models/<id>-<precision>.onnx, written only "
+        "if it keeps to the float model on the test split",
+    )
     export.set_defaults(command=run_export)
 
     report = commands.add_parser(
@@ -266,6 +274,8 @@ def run_evaluate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
 
 
 def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    if getattr(args, "precision", "float32") != "float32":  # train-export has no --precision
+        return run_export_precision(args, data)
     if args.weights:
         model = load_original_weights(args.weights)
         model_id = model.name
@@ -306,6 +316,28 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         val_images=data.val.images,
     )
     print(f"Wrote {path}")
+
+
+def run_export_precision(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    """int8 or float16: a twin of the float32 export, from that file (training/quantize.py)."""
+    if args.weights:
+        raise ExportError(
+            f"--precision {args.precision} converts an exported file, models/<id>.onnx: name "
+            "it with --model (export the weights first, without --precision)"
+        )
+    source = args.models_dir / f"{args.model}.onnx"
+    if not source.exists():
+        raise ExportError(
+            f"{source} does not exist: --precision {args.precision} converts the float32 "
+            f"export; run `python -m training export --model {args.model}` first"
+        )
+    if args.precision == "int8":
+        target = args.models_dir / f"{quantize.int8_model_id(args.model)}.onnx"
+        quantize.export_int8(source, target, data)
+    else:
+        target = args.models_dir / f"{quantize.float16_model_id(args.model)}.onnx"
+        quantize.export_float16(source, target, data)
+    print(f"Wrote {target}")
 
 
 def run_report(args: argparse.Namespace, data: cifar.Cifar100) -> None:

@@ -52,9 +52,9 @@ from onnxruntime.quantization import (
 
 from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from training.atomic import write_bytes
-from training.data import Cifar100
+from training.data import Cifar100, without_classes
 from training.errors import ExportError
-from training.evaluate import compute_metrics
+from training.evaluate import compute_metrics, known_test_images
 
 PRECISIONS = ("float32", "int8", "float16")
 # The int8 file's promise: top-1 accuracy at most this much below the float model's
@@ -152,6 +152,7 @@ def export_int8(
     below the float model's; else ExportError and no file. Returns the card written."""
     limit = ACCURACY_DROP_LIMIT if limit is None else limit
     content = Path(source).read_bytes()
+    data = as_trained(data, card_of(onnx.load_from_string(content)))
     calibration = calibration_sample(data.train.images)
     proto = quantized_int8(
         content,
@@ -176,6 +177,18 @@ def export_int8(
             f"not writing {Path(target).name}"
         )
     return write_twin(proto, card, comparison, target)
+
+
+def as_trained(data: Cifar100, card: ModelCard) -> Cifar100:
+    """`data` as the float model saw it: without the classes its recipe held out of
+    training, in the training split (no calibration on classes it never learned) and in
+    the test split (scored like its own evaluation, over the classes it knows)."""
+    recipe = card.training.get("recipe")
+    held_out = tuple(recipe.get("held_out_classes") or ()) if isinstance(recipe, dict) else ()
+    if not held_out:
+        return data
+    known = without_classes(data, held_out)
+    return dataclasses.replace(known, test=data.test.take(known_test_images(data, held_out)))
 
 
 def calibration_sample(
@@ -378,6 +391,7 @@ def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
     """Convert `source` to float16 and write `target` only if it matches the float model
     on the test split (FLOAT16_*, on onnxruntime's CPU provider); else ExportError."""
     content = Path(source).read_bytes()
+    data = as_trained(data, card_of(onnx.load_from_string(content)))
     proto = converted_float16(content)
     card = card_of(proto)
     comparison = compare_with_float(content, proto, data)
