@@ -19,7 +19,7 @@ This module has three parts, top-down: `fit` (NumPy, float64), the NumPy referen
 `add_to_graph` (the ONNX nodes, float32, opset 17).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,10 +33,10 @@ METHOD = (
     "per class and one shared (pooled within-class) covariance (Lee et al., 2018); "
     "familiarity = share of validation images whose distance is larger"
 )
-# Ledoit-Wolf's intensity is the default; this floor only binds when it comes out near 0
-# (many images per feature, well-conditioned covariance). It bounds the whitening's
-# condition number at about 1 / MIN_SHRINKAGE times the features' own spread, which
-# keeps the float32 graph within a few hundred float32 epsilons of the float64 reference.
+# Ledoit-Wolf's intensity is the rule; this floor only binds when it comes out near 0
+# (many images per feature). Every eigenvalue is then at least MIN_SHRINKAGE times the mean
+# variance, so the condition number is at most (largest / mean variance) / MIN_SHRINKAGE,
+# which keeps the float32 graph within SCORE_RTOL of the float64 reference.
 MIN_SHRINKAGE = 1e-3
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # The graph's squared distances are float32 sums of terms as large as |z|^2 and |m|^2
@@ -118,7 +118,7 @@ def fit(
             for q in QUANTILES
         },
     }
-    return Familiarity(**{**partial.__dict__, "validation_distances": validation, "card": card})
+    return replace(partial, validation_distances=validation, card=card)
 
 
 def shrunk_covariance(residuals: np.ndarray) -> tuple[np.ndarray, float, float]:
