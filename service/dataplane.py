@@ -156,12 +156,12 @@ class DataPlane:
         catalog and drains, so a request that named no version goes to the new one (one
         that pinned the old version gets 404) instead of a 503 from a stopped batcher."""
         served = self.model(record, model_id, version)
-        labels = (served.model_id, served.version)
+        metrics = self.metrics.for_model(served.model_id, served.version)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         watcher = loop.create_task(_cancel_when_gone(receive, task))
         record.images = len(images)
-        self.metrics.in_flight.labels(*labels).inc()
+        metrics.in_flight.inc()
         start = loop.time()
         try:
             result = await served.batcher.predict(images, record.deadline, sorted(outputs))
@@ -175,12 +175,12 @@ class DataPlane:
             raise
         finally:
             watcher.cancel()
-            self.metrics.in_flight.labels(*labels).dec()
+            metrics.in_flight.dec()
         waited = loop.time() - start
         record.queue_ms = round(result.queue_seconds * 1000, 3)
         record.inference_ms = round(result.inference_seconds * 1000, 3)
-        self.metrics.queue_seconds.labels(*labels).observe(result.queue_seconds)
-        self.metrics.images.labels(*labels).inc(len(images))
+        metrics.queue_seconds.observe(result.queue_seconds)
+        metrics.images.inc(len(images))
         return Answer(served, result.outputs, waited * 1000)
 
     def _familiarity_floor(self, served: Served, requested: float | None) -> float:
@@ -198,14 +198,12 @@ class DataPlane:
 
     def _watch(self, answer: Answer) -> None:
         """Each answered image's top probability and familiarity, for drift dashboards."""
-        labels = (answer.served.model_id, answer.served.version)
-        top = self.metrics.top_probability.labels(*labels)
+        metrics = self.metrics.for_model(answer.served.model_id, answer.served.version)
         for value in answer.outputs[OUTPUT_NAME].max(axis=1).tolist():
-            top.observe(value)
+            metrics.top_probability.observe(value)
         if FAMILIARITY_NAME in answer.outputs:
-            familiarity = self.metrics.familiarity.labels(*labels)
             for value in answer.outputs[FAMILIARITY_NAME][:, 0].tolist():
-                familiarity.observe(value)
+                metrics.familiarity.observe(value)
 
 
 def _refuse_unfamiliar(familiarity: np.ndarray, floor: float) -> None:
