@@ -18,8 +18,10 @@ answer or gains nothing:
     a rank, which rounding moves; it is a few small matmuls beside the network;
   - the softmax: a uint8 probability is a step of 1/256, which ties near-equal classes
     and changes the top-1 class that the service answers;
-  - the last INT8.float_layers weighted layers (the classifier): they decide between
-    near-equal classes and are a small share of the compute.
+  - the last two dense layers: the one that computes the features (the familiarity
+    head whitens them, which magnifies int8 steps into rank changes: measured 0.087 mean
+    shift of familiarity with it int8, 0.008 float) and the classifier (it decides
+    between near-equal classes); together under 2 % of the compute.
 `export_int8` writes the file only if its top-1 accuracy on the test split is within
 ACCURACY_DROP_LIMIT of the float model's (onnxruntime on both, same images); it states
 that accuracy and the top-1 agreement with the float model in the card. Calibration
@@ -50,7 +52,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.modelcard import (
+    FAMILIARITY_NAME,
+    FEATURES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ModelCard,
+)
 from training.atomic import write_bytes
 from training.data import Cifar100, without_classes
 from training.errors import ExportError
@@ -63,14 +71,21 @@ ACCURACY_DROP_LIMIT = 0.01
 CALIBRATION_IMAGES = 1000  # a seeded sample of the training split (see calibration_sample)
 CALIBRATION_SEED = 0
 CALIBRATION_BATCH = 100
+# The familiarity output (a share in [0, 1]) is computed from the features, and the
+# service refuses images below a floor on it when asked to. Mean shift on the test split,
+# measured with the features layer float: 0.008 (large model, real photos), 0.014 (small
+# model, real photos), 0.025 (the tests' small model, synthetic images); with it int8 as
+# well, 0.087 on the large model, which this refuses.
+INT8_MAX_FAMILIARITY_DIFF = 0.05  # mean over the test split
 # float16 parity with the float model on the test split. float16 keeps 11 significant
 # bits (a relative rounding of 5e-4 per value), and the error grows through the layers:
-# measured on a model trained on real photos, the largest probability difference was
-# about 1e-3 and the features' about 2e-3 of their largest value. The limits allow a few
-# times that; a top-1 class may change only where two classes are within float16's
-# rounding of each other, which the agreement floor allows for.
+# measured on the real-photo model (1,180 test images), at most 1.1e-3 on probabilities,
+# 4.2e-4 of the features' largest value, 0.006 on familiarity (3 of 500 validation
+# ranks), and 1 top-1 change. The limits allow about 5 times that; a top-1 class can only
+# change where two classes are within float16's rounding, which the floor allows for.
 FLOAT16_MAX_ABS_DIFF = 5e-3  # probabilities
-FLOAT16_MAX_FEATURES_DIFF = 1e-2  # features, relative to their largest value
+FLOAT16_MAX_FEATURES_DIFF = 2e-3  # features, relative to their largest value
+FLOAT16_MAX_FAMILIARITY_DIFF = 0.03
 FLOAT16_MIN_AGREEMENT = 0.995  # top-1 agreement with the float model
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the layers that carry the compute
 KEPT_FLOAT = {
@@ -78,22 +93,32 @@ KEPT_FLOAT = {
     "the validation distances): a rank, which int8 rounding moves; cheap in float",
     "softmax": "the probabilities: uint8 steps of 1/256 would tie near-equal classes and "
     "change the top-1 class",
-    "tail": "the classifier layers: they decide between near-equal classes, and are a small "
-    "share of the compute",
+    "tail": "the last dense layers: the features layer (int8 steps in the features move the "
+    "familiarity score, whose whitening magnifies them) and the classifier (it decides between "
+    "near-equal classes); under 2 % of the compute",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8Scheme:
-    """How the float graph becomes int8. INT8 below is the measured choice; the others
-    are what the measurement compared it with."""
+    """How the float graph becomes int8. INT8 below is the measured choice, on a model
+    trained on real photos (README, "int8 and float16"), against the alternatives:
+      - calibration: Entropy kept the MinMax ranges (same file); Percentile (99.999)
+        clipped activations and moved the features by 12 to 23 % of their range;
+      - weights: uint8 weights ran at about 1.2x the float model (onnxruntime's fast x86
+        kernels multiply u8 activations by s8 weights), int8 at 2.5 to 3x;
+      - per channel or per tensor, QDQ or QOperator: the same accuracy and speed within
+        the noise; per channel is the safer for weights whose channels differ in scale,
+        and QDQ is the format onnxruntime recommends (it fuses the pairs itself);
+      - float_layers 2: see the module's docstring (familiarity).
+    """
 
     calibration: str = "MinMax"  # MinMax, Entropy or Percentile (onnxruntime's methods)
-    per_channel: bool = False  # weight scales per output channel, else one per tensor
+    per_channel: bool = True  # weight scales per output channel, else one per tensor
     quant_format: str = "QDQ"  # QDQ (Quantize/DequantizeLinear pairs) or QOperator
     weights: str = "int8"  # int8 or uint8
     activations: str = "uint8"  # uint8: onnxruntime's x86 kernels are u8 x s8
-    float_layers: int = 1  # the last weighted layers on the probabilities' path kept float
+    float_layers: int = 2  # the last weighted layers on the probabilities' path kept float
     float_softmax: bool = True
     percentile: float = 99.999  # Percentile calibration only
 
@@ -161,22 +186,45 @@ def export_int8(
         f"drawn at random with seed {CALIBRATION_SEED}",
     )
     card = card_of(proto)
-    comparison = compare_with_float(content, proto, data, limit=limit)
+    comparison = compare_with_float(content, proto, data)
+    comparison["limits"] = {
+        "top1_accuracy_drop": limit,
+        f"{FAMILIARITY_NAME}_mean_abs_difference": INT8_MAX_FAMILIARITY_DIFF,
+    }
+    moved = comparison.get(f"{FAMILIARITY_NAME}_mean_abs_difference")
     print(
         f"{card.model_id} on {comparison['images']} test images: top-1 "
         f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f}, "
-        f"limit -{limit:g}), top-1 agreement with float32 {comparison['top1_agreement']:.4f}",
+        f"limit -{limit:g}), top-1 agreement with float32 {comparison['top1_agreement']:.4f}"
+        + ("" if moved is None else f", familiarity moved by {moved:.4f} on average"),
         flush=True,
     )
-    drop = comparison["float32_top1_accuracy"] - comparison["top1_accuracy"]
-    if drop > limit:
+    if problems := int8_problems(comparison):
         raise ExportError(
-            f"the int8 model's top-1 accuracy on the test split is "
-            f"{comparison['top1_accuracy']:.4f}, {drop:.4f} below the float model's "
-            f"{comparison['float32_top1_accuracy']:.4f}: more than the {limit:g} it may lose; "
+            f"the int8 model does not keep to the float model: {'; '.join(problems)}; "
             f"not writing {Path(target).name}"
         )
     return write_twin(proto, card, comparison, target)
+
+
+def int8_problems(comparison: dict) -> list[str]:
+    """What breaks the int8 file's promise (`comparison`'s limits), in words."""
+    limits = comparison["limits"]
+    problems = []
+    accuracy, reference = comparison["top1_accuracy"], comparison["float32_top1_accuracy"]
+    if not reference - accuracy <= limits["top1_accuracy_drop"]:  # a NaN fails too
+        problems.append(
+            f"its top-1 accuracy on the test split is {accuracy:.4f}, {reference - accuracy:.4f} "
+            f"below the float model's {reference:.4f}: more than the "
+            f"{limits['top1_accuracy_drop']:g} it may lose"
+        )
+    key = f"{FAMILIARITY_NAME}_mean_abs_difference"
+    if key in comparison and not comparison[key] <= limits[key]:
+        problems.append(
+            f"its familiarity output moved by {comparison[key]:.4f} on average (at most "
+            f"{limits[key]:g}): the features it is computed from lost too much"
+        )
+    return problems
 
 
 def as_trained(data: Cifar100, card: ModelCard) -> Cifar100:
@@ -345,9 +393,7 @@ def run_all(model: bytes | onnx.ModelProto, images: np.ndarray, batch: int = 256
     return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(names)}
 
 
-def compare_with_float(
-    source: bytes, twin: onnx.ModelProto, data: Cifar100, *, limit: float | None = None
-) -> dict:
+def compare_with_float(source: bytes, twin: onnx.ModelProto, data: Cifar100) -> dict:
     """The twin's test-split metrics, the float model's top-1 accuracy on the same images,
     their top-1 agreement and how far the other outputs moved: what the card records."""
     reference = run_all(source, data.test.images)
@@ -365,8 +411,6 @@ def compare_with_float(
         "top1_agreement": float((outputs[OUTPUT_NAME].argmax(axis=1) == float_top1).mean()),
         "probabilities_max_abs_difference": max_abs(outputs, reference, OUTPUT_NAME),
     }
-    if limit is not None:
-        comparison["accuracy_drop_limit"] = limit
     if FEATURES_NAME in reference:
         scale = max(1.0, float(np.abs(reference[FEATURES_NAME]).max()))
         comparison["features_max_relative_difference"] = (
@@ -395,33 +439,43 @@ def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
     proto = converted_float16(content)
     card = card_of(proto)
     comparison = compare_with_float(content, proto, data)
-    probabilities = comparison["probabilities_max_abs_difference"]
-    features = comparison.get("features_max_relative_difference", 0.0)
-    agreement = comparison["top1_agreement"]
-    print(
-        f"{card.model_id} on {comparison['images']} test images: max |float16 - float32| = "
-        f"{probabilities:.2e} (probabilities), {features:.2e} (features, relative), top-1 "
-        f"agreement {agreement:.4f}, top-1 {comparison['top1_accuracy']:.4f} (float32 "
-        f"{comparison['float32_top1_accuracy']:.4f})",
-        flush=True,
-    )
-    if (
-        not probabilities <= FLOAT16_MAX_ABS_DIFF  # not <=: a NaN fails too
-        or not features <= FLOAT16_MAX_FEATURES_DIFF
-        or agreement < FLOAT16_MIN_AGREEMENT
-    ):
-        raise ExportError(
-            f"the float16 graph differs from the float32 one: {probabilities:.2e} on "
-            f"probabilities (limit {FLOAT16_MAX_ABS_DIFF:g}), {features:.2e} on features "
-            f"(limit {FLOAT16_MAX_FEATURES_DIFF:g}), top-1 agreement {agreement:.4f} (at least "
-            f"{FLOAT16_MIN_AGREEMENT:g}); not writing {Path(target).name}"
-        )
     comparison["limits"] = {
         "probabilities_max_abs_difference": FLOAT16_MAX_ABS_DIFF,
         "features_max_relative_difference": FLOAT16_MAX_FEATURES_DIFF,
+        f"{FAMILIARITY_NAME}_max_abs_difference": FLOAT16_MAX_FAMILIARITY_DIFF,
         "top1_agreement": FLOAT16_MIN_AGREEMENT,
     }
+    print(
+        f"{card.model_id} on {comparison['images']} test images: max |float16 - float32| = "
+        + ", ".join(
+            f"{comparison[key]:.2e} ({key.split('_')[0]})"
+            for key in comparison["limits"]
+            if key.endswith("difference") and key in comparison
+        )
+        + f"; top-1 agreement {comparison['top1_agreement']:.4f}, top-1 "
+        f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f})",
+        flush=True,
+    )
+    if problems := float16_problems(comparison):
+        raise ExportError(
+            f"the float16 graph differs from the float32 one: {'; '.join(problems)}; "
+            f"not writing {Path(target).name}"
+        )
     return write_twin(proto, card, comparison, target)
+
+
+def float16_problems(comparison: dict) -> list[str]:
+    """Where the float16 outputs leave `comparison`'s limits, in words."""
+    problems = []
+    for key, limit in comparison["limits"].items():
+        if key not in comparison:  # a file without familiarity
+            continue
+        value = comparison[key]
+        if key == "top1_agreement" and not value >= limit:
+            problems.append(f"top-1 agreement {value:.4f} (at least {limit:g})")
+        elif key != "top1_agreement" and not value <= limit:  # not <=: a NaN fails too
+            problems.append(f"{key} {value:.2e} (limit {limit:g})")
+    return problems
 
 
 def converted_float16(source: bytes) -> onnx.ModelProto:
