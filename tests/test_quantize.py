@@ -108,8 +108,9 @@ def test_int8_graph_is_int8_where_the_compute_is_and_float_where_it_decides(twin
     kept += [node for node in proto.graph.node if node.op_type == "Softmax"]
     assert len(kept) > 5
     assert initializer_types(proto, kept) <= {TensorProto.FLOAT}
+    # ... and reads no int8 tensor: nothing of theirs comes through a DequantizeLinear.
     assert not [name for node in kept for name in node.input
-                if name in producer and producer[name].op_type == "QuantizeLinear"]  # fmt: skip
+                if name in producer and producer[name].op_type == "DequantizeLinear"]  # fmt: skip
 
 
 def test_int8_card_says_how_it_was_made_and_what_it_scored(twins, data):
