@@ -478,7 +478,9 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
             return urllib.request.urlopen(request, timeout=30).status
 
         def pids() -> set[str]:
-            return {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("counter_*.db")}
+            # Histogram files appear with a worker's first request (counters exist from the
+            # start: the door's refusal counters are bound when the app is built).
+            return {p.stem.rsplit("_", 1)[-1] for p in prometheus_dir.glob("histogram_*.db")}
 
         sent = 0  # until both workers served some (the second may still be warming up)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
