@@ -29,8 +29,10 @@ def one_model_options() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     text = argparse.RawDescriptionHelpFormatter
+    # No abbreviations: argparse reads every option against the top level's (run's)
+    # first, so a mode's `--model` was taken for an ambiguous `--models`/`--models-dir`.
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__, formatter_class=text
+        prog="python -m bench", description=__doc__, formatter_class=text, allow_abbrev=False
     )
     run.add_arguments(parser)  # `python -m bench --peers`: run's options without its name
     modes = parser.add_subparsers(dest="mode", title="modes")

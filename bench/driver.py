@@ -15,12 +15,14 @@ CONCURRENCY = (1, 8, 32, 64)
 
 
 def run_load(target: dict, args: argparse.Namespace, **mode: float) -> dict:
-    """One load run against `target` (port, kind, path[, field][, pid: the server's, for
-    its CPU]) for `args.seconds`: `concurrency=N` (closed loop) or `rate=R` (open loop)."""
+    """One load run against `target` (port, kind, path[, field][, images: per v2
+    request][, pid: the server's, for its CPU]) for `args.seconds`: `concurrency=N`
+    (closed loop) or `rate=R` (open loop)."""
     command = [
         sys.executable, "-m", "bench.load", "--port", str(target["port"]),
         "--kind", target["kind"], "--path", target["path"],
         "--field", target.get("field", "files"), "--duration", str(args.seconds),
+        "--images", str(target.get("images", 1)),
     ]  # fmt: skip
     if "rate" in mode:
         command += ["--rate", str(mode["rate"]), "--requests", str(args.requests)]
@@ -31,13 +33,8 @@ def run_load(target: dict, args: argparse.Namespace, **mode: float) -> dict:
     server = target.get("pid")
     server_cpu = cpu_seconds(server) if server else None
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    row = json.loads(out)
+    row = {"images_per_request": target.get("images", 1), **json.loads(out)}
     if server_cpu is not None:
         row["server_cpu_s"] = round(cpu_seconds(server) - server_cpu, 3)
     print(f"  {target['kind']} {target['path']} {mode}: {row}", flush=True)
     return row
-
-
-def closed_loop_rows(target: dict, args: argparse.Namespace) -> list[dict]:
-    """`run_load` at every client count of CONCURRENCY."""
-    return [run_load(target, args, concurrency=c) for c in CONCURRENCY]

@@ -11,9 +11,10 @@ Two ways to load:
   closed loop  N clients, each sends its next request when the last one is answered
   open loop    requests arrive at a fixed mean rate (Poisson), answered or not; latency
                counts from the scheduled arrival, so queueing is not hidden
-Only 200s count as answered (throughput, percentiles); 503s (shed), other 4xx
-(refused: 413, 422...) and everything else (5xx, resets, timeouts) have their own
-counts. Bounded by a request count and a duration; prints one JSON object.
+Only 200s count as answered (throughput, percentiles); 503s (shed: their own
+percentiles, and a count of those without Retry-After), other 4xx (refused: 413,
+422...) and everything else (5xx, resets, timeouts) have their own counts. Bounded by a
+request count and a duration; prints one JSON object.
 """
 
 import argparse
@@ -132,6 +133,15 @@ def build_requests(
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """Read one response (Content-Length, chunked, or until EOF): (status, keep-alive)."""
+    status, _, keep_alive = await read_response_headers(reader)
+    return status, keep_alive
+
+
+async def read_response_headers(
+    reader: asyncio.StreamReader,
+) -> tuple[int, dict[str, str], bool]:
+    """Read one response (Content-Length, chunked, or until EOF): (status, its headers
+    with lower-case names and values, keep-alive)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -153,43 +163,57 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     elif status >= 200 and status not in (204, 304):
         await reader.read()  # delimited by the end of the connection
         keep_alive = False
-    return status, keep_alive
+    return status, headers, keep_alive
+
+
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    """The `q`th percentile of `seconds`, in milliseconds to 0.01; None for none."""
+    if not seconds:
+        return None
+    return round(float(np.percentile(np.array(seconds) * 1000, q)), 2)
 
 
 class Tally:
-    """Outcomes of a load run: latencies of the 200s, and a count of everything else."""
+    """Outcomes of a load run: latencies of the 200s and of the 503s, and a count of
+    everything else."""
 
     def __init__(self) -> None:
         self.latencies: list[float] = []
-        self.shed = 0  # 503
+        self.shed_latencies: list[float] = []  # 503: how fast the refusals came back
+        self.shed_without_retry_after = 0
         self.refused = 0  # other 4xx: 413, 422...
         self.errors = 0  # other statuses, resets, EOFs, timeouts
 
-    def record(self, status: int | None, seconds: float) -> None:
+    @property
+    def shed(self) -> int:  # 503
+        return len(self.shed_latencies)
+
+    def record(self, status: int | None, seconds: float, headers: dict | None = None) -> None:
+        """One outcome; `headers` (lower-case names), where known, to check that a 503
+        says when to come back."""
         if status == 200:
             self.latencies.append(seconds)
         elif status == 503:
-            self.shed += 1
+            self.shed_latencies.append(seconds)
+            if headers is not None and "retry-after" not in headers:
+                self.shed_without_retry_after += 1
         elif status is not None and 400 <= status < 500:
             self.refused += 1
         else:
             self.errors += 1
 
     def summary(self, elapsed: float) -> dict:
-        ms = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
-
-        def pct(q: float) -> float | None:
-            value = float(np.percentile(ms, q))
-            return None if np.isnan(value) else round(value, 2)
-
         return {
             "requests": len(self.latencies),
             "seconds": round(elapsed, 3),
             "rps": round(len(self.latencies) / elapsed, 1) if elapsed > 0 else 0.0,
-            "p50_ms": pct(50),
-            "p95_ms": pct(95),
-            "p99_ms": pct(99),
+            "p50_ms": percentile_ms(self.latencies, 50),
+            "p95_ms": percentile_ms(self.latencies, 95),
+            "p99_ms": percentile_ms(self.latencies, 99),
             "shed": self.shed,
+            "shed_p50_ms": percentile_ms(self.shed_latencies, 50),
+            "shed_p99_ms": percentile_ms(self.shed_latencies, 99),
+            "shed_without_retry_after": self.shed_without_retry_after,
             "refused": self.refused,
             "errors": self.errors,
         }
@@ -215,7 +239,7 @@ async def closed_loop(
                     if connection is None:
                         connection = await asyncio.open_connection(host, port)
                     connection[1].write(request)
-                    status, keep_alive = await read_response(connection[0])
+                    status, headers, keep_alive = await read_response_headers(connection[0])
                 except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                     tally.record(None, 0.0)
                     connection = _close(connection)
@@ -224,7 +248,7 @@ async def closed_loop(
                     tally.record(None, 0.0)
                     connection = _close(connection)
                     continue
-                tally.record(status, time.perf_counter() - start)
+                tally.record(status, time.perf_counter() - start, headers)
                 if not keep_alive:
                     connection = _close(connection)
         finally:
@@ -261,13 +285,13 @@ async def open_loop(
             if connection is None:
                 connection = await asyncio.open_connection(host, port)
             connection[1].write(request)
-            status, keep_alive = await read_response(connection[0])
+            status, headers, keep_alive = await read_response_headers(connection[0])
         except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             tally.record(None, 0.0)
             _close(connection)
             open_count -= 1
             return
-        tally.record(status, time.perf_counter() - scheduled)
+        tally.record(status, time.perf_counter() - scheduled, headers)
         if keep_alive:
             idle.append(connection)
         else:

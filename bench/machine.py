@@ -9,7 +9,27 @@ import onnxruntime as ort
 
 from service.config import Settings, available_cpus
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+CPU_FLAGS = (
+    "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+    "amx_bf16", "amx_int8",
+)  # fmt: skip
+# What onnxruntime's int8 kernels (MLAS) can use, best first: /proc/cpuinfo flags -> name.
+INT8_KERNELS = (
+    (("amx_int8", "amx_tile"), "AMX"),
+    (("avx512_vnni",), "AVX-512 VNNI"),
+    (("avx_vnni",), "AVX-VNNI"),
+    (("avx512bw",), "AVX-512 (no VNNI)"),
+    (("avx2",), "AVX2 (no VNNI)"),
+)
+
+
+def int8_kernels(flags: list[str] | set[str]) -> str:
+    """The widest int8 dot-product instructions `flags` offer (onnxruntime's MLAS has a
+    kernel for each of INT8_KERNELS and picks the widest at start)."""
+    for needs, name in INT8_KERNELS:
+        if set(needs) <= set(flags):
+            return name
+    return "none of AVX2/AVX-512/AMX"
 
 
 def describe_machine(settings: Settings) -> dict:
@@ -24,6 +44,7 @@ def describe_machine(settings: Settings) -> dict:
     return {
         "cpu": info.get("model name") or platform.processor() or platform.machine(),
         "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "int8_kernels": int8_kernels(flags),
         "cores": os.cpu_count(),
         "cpus_available": available_cpus(),
         "onnxruntime": ort.__version__,
@@ -40,8 +61,9 @@ def machine_line(m: dict) -> str:
     flags = ", ".join(m["cpu_flags"]) or "none of " + "/".join(CPU_FLAGS[:2])
     load = "/".join(f"{x:.2f}" for x in m["load_average_start"][:1] + m.get(
         "load_average_end", [float("nan")])[:1])  # fmt: skip
+    int8 = f"; int8 kernels: {m['int8_kernels']}" if m.get("int8_kernels") else ""
     return (
-        f"Machine: {m['cpu']} ({flags}), {m['cpus_available']} CPUs available "
+        f"Machine: {m['cpu']} ({flags}{int8}), {m['cpus_available']} CPUs available "
         f"({m['cores']} cores), onnxruntime {m['onnxruntime']}, Python {m['python']}; service: "
         f"{m['workers']} worker(s) x {m['onnx_threads']} onnxruntime thread(s); load generator "
         f"on the same CPUs; 1-minute load average at start/end {load}."

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.driver import closed_loop_rows
 from bench.load import multipart_body, pixel_images, png_bytes
 from bench.servers import free_port, server_process
 from service.config import available_cpus
@@ -115,8 +115,14 @@ def peer_env(peer: Peer, model: Path, port: int, workers: int, threads: int) -> 
     }  # fmt: skip
 
 
-def measure_all(venvs: dict[str, Path], model: Path, args: argparse.Namespace) -> dict:
-    """Each peer: start, verify top-1, load at every concurrency, stop."""
+def measure_all(
+    venvs: dict[str, Path],
+    model: Path,
+    args: argparse.Namespace,
+    measure_rows: Callable[[str, dict], list[dict]],
+) -> dict:
+    """Each peer: start, verify top-1, load it (`measure_rows(name, target)`: the rows at
+    every client count, between ceiling windows), stop."""
     threads = max(1, available_cpus() // args.workers)
     results = {}
     for peer in PEERS:
@@ -127,7 +133,7 @@ def measure_all(venvs: dict[str, Path], model: Path, args: argparse.Namespace) -
         with server_process(command, env, port, peer.ready_path, 300, cwd=BENCH):
             matched = verify_top1(port, model)
             target = {"port": port, "kind": "png", "path": "/predict", "field": "files"}
-            rows = closed_loop_rows(target, args)
+            rows = measure_rows(peer.name, target)
         settings = f"{args.workers} workers x {threads} threads, {peer.describe()}"
         results[peer.name] = {"settings": settings, "top1_matches": matched, "rows": rows}
     return results
