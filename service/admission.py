@@ -7,7 +7,7 @@ lost when they are shed at the queue. So each worker decides at the door, from t
 headers alone, before the body is read or anything decoded:
 
     expected wait = (time since the request's first byte was parsed)
-                  + (inference requests already admitted here) / (images per second)
+                  + (inference requests here whose body is in) / (images per second)
 
 and answers 503 with Retry-After at once when that is above MAX_QUEUE_DELAY_MS (Triton's
 queue policy bounds the queue by a delay too; here it is decided before the request
@@ -19,9 +19,11 @@ measured busy time per completed request instead collapsed: at light load that i
 latency of small batches, the bound came out tight, shedding kept batches small, and a
 worker at half load shed most of its requests.
 
-Requests are counted as one image each (the door has not read how many a body holds).
-A request is always admitted into an empty worker: the bound sheds queueing, never the
-only request.
+Requests are counted as one image each (the door has not read how many a body holds),
+from the moment their body is in: a request still uploading waits for its client, not for
+the model, and counting it from the door let a few hundred slow uploads make the door
+refuse everyone else (the faults benchmark's slow-clients row did exactly that). A request
+is always admitted into an empty worker: the bound sheds queueing, never the only one.
 
 `AdmissionMiddleware` is the app's outermost layer, so a refusal costs next to nothing: no
 request id, no access line, no body; a counter (`requests_shed_at_door_total`) and at
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ SMOOTHING = 0.3  # weight of the newest window in the average
 class Admission:
     max_delay: float  # seconds; 0 turns the bound off
     clock: Callable[[], float] = field(default=time.monotonic)
-    in_system: int = 0  # inference requests admitted and not yet answered (this worker)
+    in_system: int = 0  # inference requests with their body in, not yet answered (worker)
     images_per_second: float = 0.0  # measured from the batches; 0 until the first window
     _images: int = 0  # in the current window
     _seconds: float = 0.0
@@ -59,15 +61,18 @@ class Admission:
         return waited + (self.in_system / rate if rate else 0.0)
 
     def admit(self, arrived: float | None = None) -> float | None:
-        """None when admitted (the caller must call `leave` once it is answered); else
-        the expected wait that got it refused."""
+        """None when admitted; else the expected wait that got it refused."""
         wait = self.expected_wait(self.clock(), arrived)
         if self.max_delay and self.in_system and wait > self.max_delay:
             return wait
-        self.in_system += 1
         return None
 
+    def enter(self) -> None:
+        """An admitted request's body is in: it now waits for the model."""
+        self.in_system += 1
+
     def leave(self) -> None:
+        """A request that entered is answered (or gone)."""
         self.in_system -= 1
 
     def batch_ran(self, size: int, seconds: float) -> None:
@@ -108,13 +113,25 @@ class AdmissionMiddleware:
         route = route_of(scope)
         if route is None:
             return await self.app(scope, receive, send)
-        wait = self.admission.admit(scope["state"].get(ARRIVED) if "state" in scope else None)
+        admission = self.admission
+        wait = admission.admit(scope["state"].get(ARRIVED) if "state" in scope else None)
         if wait is not None:
             return await self._refuse(route, wait, send)
+        entered = False
+
+        async def receive_counted() -> Message:
+            nonlocal entered
+            message = await receive()
+            if not entered and not message.get("more_body"):  # the last of the body
+                entered = True
+                admission.enter()
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive_counted, send)
         finally:
-            self.admission.leave()
+            if entered:
+                admission.leave()
 
     async def _refuse(self, route: str, wait: float, send: Send) -> None:
         self._children[route].inc()

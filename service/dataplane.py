@@ -101,12 +101,15 @@ class DataPlane:
         """`outputs` for `images` from the version that answers now. Every answered image
         is watched (its familiarity and top probability, for drift); with a familiarity
         floor (the request's, else MIN_FAMILIARITY), an image below it is refused (422)."""
-        served = self.model(record, model_id, version)
-        floor = self._familiarity_floor(served, min_familiarity)  # 422 before any work
-        fetch = {*outputs, OUTPUT_NAME}
-        if FAMILIARITY_NAME in served.model.output_widths:
-            fetch.add(FAMILIARITY_NAME)
-        answer = await self._compute(record, receive, model_id, version, images, fetch)
+
+        def plan(served: Served) -> tuple[set[str], float]:
+            # For the version that answers: what to fetch, and the floor (422 before work).
+            fetch = {*outputs, OUTPUT_NAME}
+            if FAMILIARITY_NAME in served.model.output_widths:
+                fetch.add(FAMILIARITY_NAME)
+            return fetch, self._familiarity_floor(served, min_familiarity)
+
+        answer, floor = await self._compute(record, receive, model_id, version, images, plan)
         self._watch(answer)
         if floor:
             _refuse_unfamiliar(answer.outputs[FAMILIARITY_NAME][:, 0], floor)
@@ -132,7 +135,8 @@ class DataPlane:
                 f"{self.settings.max_images_per_request}; raise the stride"
             )
         copies = explain.copies(image, patch, stride)
-        answer = await self._compute(record, receive, model_id, version, copies, {OUTPUT_NAME})
+        answer, _ = await self._compute(record, receive, model_id, version, copies,
+                                        lambda served: ({OUTPUT_NAME}, 0.0))  # fmt: skip
         probabilities = answer.outputs[OUTPUT_NAME]
         index = int(probabilities[0].argmax()) if class_index is None else class_index
         heat = explain.heat_map(probabilities, index, patch, stride)
@@ -146,16 +150,18 @@ class DataPlane:
         model_id: str | None,
         version: str | None,
         images: np.ndarray,
-        outputs: set[str],
-    ) -> Answer:
-        """Hand `images` to the batcher of the version that answers now (only `outputs`
-        are copied back from onnxruntime: on a GPU, features cost ten times probabilities).
+        plan: Callable[[Served], tuple[set[str], float]],
+    ) -> tuple[Answer, float]:
+        """Hand `images` to the batcher of the version that answers now, with the outputs
+        `plan` names for it (only those are copied back from onnxruntime: on a GPU,
+        features cost ten times probabilities); its answer and `plan`'s other value.
 
         Looked up again at hand-over, with no await before the batcher takes the images:
         a version replaced or removed while the body was read or decoded has left the
         catalog and drains, so a request that named no version goes to the new one (one
         that pinned the old version gets 404) instead of a 503 from a stopped batcher."""
         served = self.model(record, model_id, version)
+        outputs, planned = plan(served)
         metrics = self.metrics.for_model(served.model_id, served.version)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -181,7 +187,7 @@ class DataPlane:
         record.inference_ms = round(result.inference_seconds * 1000, 3)
         metrics.queue_seconds.observe(result.queue_seconds)
         metrics.images.inc(len(images))
-        return Answer(served, result.outputs, waited * 1000)
+        return Answer(served, result.outputs, waited * 1000), planned
 
     def _familiarity_floor(self, served: Served, requested: float | None) -> float:
         """The floor that applies: the request's, else the setting's (0: none). A request
