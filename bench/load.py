@@ -166,6 +166,12 @@ async def read_response_headers(
     return status, headers, keep_alive
 
 
+def retry_after(headers: dict[str, str]) -> float | None:
+    """Retry-After in seconds (the delta-seconds form), or None."""
+    value = headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
 def percentile_ms(seconds: list[float], q: float) -> float | None:
     """The `q`th percentile of `seconds`, in milliseconds to 0.01; None for none."""
     if not seconds:
@@ -222,7 +228,10 @@ class Tally:
 async def closed_loop(
     host: str, port: int, requests: list[bytes], concurrency: int, duration: float, limit: int
 ) -> dict:
-    """`concurrency` clients, each with one request in flight at a time."""
+    """`concurrency` clients, each with one request in flight at a time. A client told 503
+    with Retry-After waits that long (within the run) before its next request, as a
+    well-behaved client does: one that retried at once would measure how fast the server
+    refuses, not how fast it answers."""
     tally = Tally()
     issued = 0
     deadline = time.perf_counter() + duration
@@ -251,6 +260,8 @@ async def closed_loop(
                 tally.record(status, time.perf_counter() - start, headers)
                 if not keep_alive:
                     connection = _close(connection)
+                if status == 503 and (after := retry_after(headers)) is not None:
+                    await asyncio.sleep(max(0.0, min(after, deadline - time.perf_counter())))
         finally:
             _close(connection)
 

@@ -646,3 +646,33 @@ def test_hostile_table_names_the_worst_ratios_and_undocumented_statuses():
     assert "Statuses not documented: echoing." in markdown
     assert "| swelling | 1,048,576 | 400 (400) **RSS above the bound** |" in markdown
     assert "above it: swelling." in markdown and "8.0" in markdown  # inflating is within
+
+
+def test_closed_loop_clients_wait_as_retry_after_says():
+    """A client told 503 + Retry-After: 1 waits before its next request (within the run):
+    over 0.5 s against a server that always sheds, each of two clients sends once."""
+    import asyncio
+
+    from bench.load import closed_loop
+
+    async def scenario() -> tuple[dict, int]:
+        seen = 0
+
+        async def shed(reader, writer) -> None:
+            nonlocal seen
+            while await reader.readuntil(b"\r\n\r\n"):
+                seen += 1
+                body = b'{"detail":"shed"}'
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                await writer.drain()
+
+        server = await asyncio.start_server(shed, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        async with server:
+            result = await closed_loop("127.0.0.1", port, [request], 2, 0.5, 1000)
+        return result, seen
+
+    result, seen = asyncio.run(scenario())
+    assert seen == 2 and result["shed"] == 2
