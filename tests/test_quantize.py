@@ -4,6 +4,7 @@ cards that say how they were made and what they scored, an accuracy gate that re
 calibration on training images only, and float16 parity."""
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import shutil
@@ -297,3 +298,24 @@ def test_precision_needs_the_float_export(cifar_tarball, tmp_path, capsys):
     assert main([*weights, "--data-dir", str(cifar_tarball), "--val-size", str(VAL_SIZE)]) == 2
     assert "name it with --model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_held_out_classes_are_left_out_of_calibration_and_scoring(data):
+    """A model trained without some classes is calibrated on the training images it saw
+    and scored, like its own evaluation, on the test images of the classes it knows."""
+    held_out = [data.class_names[3], data.class_names[17]]
+    card = ModelCard(
+        model_id=MODEL,
+        class_names=data.class_names,
+        superclass_names=data.superclass_names,
+        fine_to_coarse=data.fine_to_coarse,
+        parameter_count=1,
+        training={"recipe": {"held_out_classes": held_out}},
+    )
+    trained = quantize.as_trained(data, card)
+    for split in ("train", "val", "test"):
+        labels = getattr(trained, split).fine
+        assert not np.isin(labels, [3, 17]).any(), split
+        assert len(labels) == np.isin(getattr(data, split).fine, [3, 17], invert=True).sum()
+    original = dataclasses.replace(card, training={"recipe": "original Keras 2 experiment"})
+    assert quantize.as_trained(data, original) is data
