@@ -213,7 +213,10 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict:
         "requests": result["requests"],
         "rps": result["rps"],
         "p99_ms": result["p99_ms"],
-        "failed": result["shed"] + result["refused"] + result["errors"],
+        # 64 clients ask more than 2 CPUs answer within MAX_QUEUE_DELAY_MS: shedding some
+        # is the door working (the clients wait as Retry-After says), not a failure.
+        "shed": result["shed"],
+        "failed": result["refused"] + result["errors"],
     }
 
 
@@ -272,13 +275,14 @@ def describe(row: dict) -> str:
         return (
             f"RSS {r['rss_start_mib']} MiB at the start, {r['rss_end_mib']} MiB at the end; "
             f"{r['requests']} answered ({r['rps']} req/s), p99 {r['p99_ms']} ms, "
-            f"{r['failed']} failed"
+            f"{r['shed']} shed (503 + Retry-After), {r['failed']} failed"
         )
     if r["fault"] == "SIGTERM under load":
         return (
             f"accepted requests lost: **{r['lost']}**; answered {r['answered_before']} "
-            f"before and {r['answered_after']} after SIGTERM ({r['failed_after']} non-200 "
-            f"after); resets of new connections (kernel backlog) {r['reset_new_connection']}"
+            f"before and {r['answered_after']} after SIGTERM ({r['shed_after']} shed with "
+            f"Retry-After, {r['failed_after']} other non-200 after); resets of new "
+            f"connections (kernel backlog) {r['reset_new_connection']}"
             f"; refused connects {r['refused_connect']}; exited after {r['shutdown_seconds']} s"
         )
     if r["fault"] == "slow upload during SIGTERM":

@@ -32,6 +32,7 @@ most one log line a second say how many were refused.
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,8 +105,11 @@ def route_of(scope: Scope) -> str | None:
 
 
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, admission: Admission, refused: Counter) -> None:
+    def __init__(
+        self, app: ASGIApp, admission: Admission, refused: Counter, draining: threading.Event
+    ) -> None:
         self.app, self.admission, self.refused = app, admission, refused
+        self.draining = draining
         self._children = {r: refused.labels(r) for r in ("/predict", "/explain", V2_INFER)}
         self._logged_at, self._unlogged = 0.0, 0
 
@@ -141,10 +145,13 @@ class AdmissionMiddleware:
         )
         body = json.dumps({"error" if route == V2_INFER else "detail": message}).encode()
         # Kept alive: the connection is fine, only this request came too late; the server
-        # discards its body as it arrives.
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"retry-after", b"1"),
-            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        # discards its body as it arrives. Closed while draining for shutdown, like every
+        # other answer then, so the client reconnects elsewhere.
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        if self.draining.is_set():
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self._unlogged += 1
         if (now := time.monotonic()) - self._logged_at >= 1.0:

@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
     # Outermost: a request refused at the door costs no more than its refusal.
     app.add_middleware(AdmissionMiddleware, admission=plane.admission,
-                       refused=plane.metrics.shed_at_door)  # fmt: skip
+                       refused=plane.metrics.shed_at_door, draining=plane.draining)  # fmt: skip
     install_handlers(app)
     for router in (*protected, v2.health, operations.router, page.router):
         app.include_router(router)
