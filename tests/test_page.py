@@ -6,18 +6,21 @@ import contextlib
 import io
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from bench.load import multipart_body
 from bench.servers import service_process
 from service.images import decode, open_image
+from service.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from tests.service_helpers import encode
 from tests.synthetic import make_images
 
@@ -37,6 +40,7 @@ LAUNCH_ARGS = [
 UPLOAD_LIMIT = 60_000  # MAX_UPLOAD_BYTES of the server under test: small, to reach the 413
 TIMEOUT_MS = 30_000  # two shared CPUs: generous
 X = "\u00d7"  # the page writes sizes as 96\u00d764
+UNFAMILIAR_BELOW = 0.01  # the page warns below this familiarity (stranger than 99 %)
 
 
 # --- the service and the browser -----------------------------------------------------------
@@ -122,6 +126,11 @@ class Visit:
         self.state(f"{count}-results")
         return self.page.locator(".result")
 
+    def settled(self) -> None:
+        """No heat map still being worked out: the page has nothing in flight, so a test's
+        own call to the API is batched alone, as the page's were."""
+        self.expect(self.page.locator('.heat[data-state="loading"]')).to_have_count(0)
+
     @property
     def expect(self):
         from playwright.sync_api import expect
@@ -190,6 +199,26 @@ def api_predict(base: str, model: str, data: bytes, name: str = "x.png") -> dict
         return json.load(response)["predictions"][0]
 
 
+def api_explain(base: str, model: str, data: bytes, class_id: int | None = None) -> dict:
+    query = f"model={model}&resize=true" + ("" if class_id is None else f"&class={class_id}")
+    body, content_type = multipart_body(data, "x.png", field="file")
+    request = urllib.request.Request(
+        f"{base}/explain?{query}", data=body, headers={"Content-Type": content_type}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)["explanations"][0]
+
+
+def file_familiarity(models_dir: Path, model: str, images: list[bytes]) -> np.ndarray:
+    """The familiarity output of the model file itself (onnxruntime, no service) for these
+    uploads, decoded as the service decodes them with resize=true."""
+    session = ort.InferenceSession(models_dir / f"{model}.onnx", providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    assert FAMILIARITY_NAME in names, f"{model}.onnx has no familiarity output: {names}"
+    batch = np.stack([decode(open_image(data, True, 1 << 24), resize=True) for data in images])
+    return session.run([FAMILIARITY_NAME], {INPUT_NAME: batch})[0][:, 0]
+
+
 def png(pixels: np.ndarray) -> bytes:
     return encode(pixels)
 
@@ -200,6 +229,40 @@ def larger(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def column(card, model_id: str):
     return card.locator(f'.model-result[data-model-id="{model_id}"]')
+
+
+def pixels_of(canvas) -> np.ndarray:
+    """What a canvas holds, read back from the browser: uint8 [height, width, 4]."""
+    width, height, data = canvas.evaluate(
+        "c => [c.width, c.height,"
+        " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]"
+    )
+    return np.array(data, dtype=np.uint8).reshape(height, width, 4)
+
+
+def drawn_heat(visit, heat) -> tuple[int, np.ndarray, np.ndarray]:
+    """A drawn heat map: (class explained, the map the page holds, the canvas's pixels),
+    once the page says it is done."""
+    visit.expect(heat).to_have_attribute("data-state", "done")
+    held = np.array(json.loads(heat.get_attribute("data-heat-map")), dtype=np.float64)
+    return int(heat.get_attribute("data-class-id")), held, pixels_of(heat.locator(".heat-map"))
+
+
+def assert_heat_pixels(pixels: np.ndarray, heat: np.ndarray) -> None:
+    """The canvas is the map: opacity in proportion to the change (the largest opaque), red
+    where covering lowered the class's probability and blue where it raised it."""
+    assert pixels.shape == (32, 32, 4)
+    scale = np.abs(heat).max()
+    if scale == 0:  # covering changed nothing: nothing drawn, the picture shows as it is
+        assert not pixels[..., 3].any()
+        return
+    alpha = pixels[..., 3].astype(np.float64)
+    np.testing.assert_allclose(alpha, np.abs(heat) / scale * 255, atol=1.01)
+    strong = alpha > 128
+    red, blue = pixels[..., 0].astype(int), pixels[..., 2].astype(int)
+    assert strong.any()
+    assert (red[strong & (heat > 0)] > blue[strong & (heat > 0)] + 100).all()
+    assert (blue[strong & (heat < 0)] > red[strong & (heat < 0)] + 100).all()
 
 
 # --- the tests ---------------------------------------------------------------------------------
@@ -242,6 +305,7 @@ def test_upload_shows_the_32x32_input_five_bars_and_the_superclass_like_the_api(
     data = png(pixels)
     visit.upload(("wide.png", data, "image/png"))
     card = visit.finished(1).first
+    visit.settled()
     visit.expect(card.locator(".name")).to_have_text("wide.png")
     visit.expect(card.locator(".meta")).to_contain_text(f"96{X}64 px")
     for model_id in (LARGE, SMALL):
@@ -461,6 +525,227 @@ def test_a_service_with_api_keys_asks_for_one_and_uses_it(keyed):
     keyed.expect(page.locator("#cards .card")).to_have_count(2)
     keyed.expect(field).to_be_hidden()
     keyed.assert_only_local()
+
+
+def test_the_heat_map_shows_where_each_model_looked_for_its_class_and_any_other(visit, base_url):
+    pixels = make_images(np.array([42]), seed=5)[0]
+    data = png(pixels)
+    # Preconditions, from the API itself: the small model's answers move when parts of the
+    # picture are covered (the large one, one epoch old, may say ~1 % for everything).
+    ranked = api_predict(base_url, SMALL, data)["top_k"]
+    top, second = ranked[0]["class_id"], ranked[1]["class_id"]
+    for class_id in (top, second):
+        assert np.abs(api_explain(base_url, SMALL, data, class_id)["heat_map"]).max() > 0
+    visit.open()
+    visit.upload(("looked.png", data, "image/png"))
+    card = visit.finished(1).first
+    visit.settled()
+    seen = pixels_of(card.locator(".seen canvas"))
+    for model_id in (LARGE, SMALL):
+        got = column(card, model_id)
+        heat = got.locator(".heat")
+        class_id, held, drawn = drawn_heat(visit, heat)
+        expected = api_explain(base_url, model_id, data)
+        first = api_predict(base_url, model_id, data)["top_k"][0]
+        assert class_id == expected["class_id"] == first["class_id"]  # the top class by default
+        np.testing.assert_allclose(held, np.array(expected["heat_map"]), atol=1e-4)
+        assert_heat_pixels(drawn, held)
+        # Over the 32x32 picture the model gets, enlarged with hard pixel edges, the same
+        # size and place as the picture beneath, which shows through.
+        canvas, base = heat.locator(".heat-map"), heat.locator(".heat-base")
+        assert canvas.bounding_box() == base.bounding_box()
+        assert canvas.bounding_box()["width"] >= 96
+        look = canvas.evaluate(
+            "c => [getComputedStyle(c).imageRendering, +getComputedStyle(c).opacity]"
+        )
+        assert look[0] == "pixelated" and 0 < look[1] < 1
+        np.testing.assert_array_equal(pixels_of(base), seen)
+        label = first["label"].replace("_", " ")
+        visit.expect(heat.locator(".heat-title")).to_contain_text(f"looked for {label}")
+        legend = heat.locator(".legend")
+        visit.expect(legend).to_contain_text("Red: covering this part lowered the probability")
+        visit.expect(legend).to_contain_text("Blue: covering it raised the probability")
+        scale = np.abs(held).max()
+        description = canvas.get_attribute("aria-label")
+        if scale:
+            visit.expect(legend).to_contain_text(f"{scale * 100:.1f} percentage points")
+            assert "lowered its probability most" in description, description
+        else:
+            visit.expect(legend).to_contain_text("none: covering any part changed")
+            assert "made no difference" in description, description
+        visit.expect(got.locator('.bar-pick[aria-pressed="true"]')).to_have_count(1)
+        visit.expect(got.locator(".bar-row").first.locator(".bar-pick")).to_have_attribute(
+            "aria-pressed", "true"
+        )
+    visit.state("heat-maps")
+
+    # Another of the top 5, clicked: its own map, drawn in place of the first.
+    got = column(card, SMALL)
+    heat = got.locator(".heat")
+    _, before, drawn_before = drawn_heat(visit, heat)
+    row = got.locator(f'.bar-row[data-class-id="{second}"]')
+    row.locator(".bar-pick").click()
+    visit.expect(heat).to_have_attribute("data-class-id", str(second))
+    class_id, held, drawn = drawn_heat(visit, heat)
+    expected = api_explain(base_url, SMALL, data, second)
+    np.testing.assert_allclose(held, np.array(expected["heat_map"]), atol=1e-4)
+    assert not np.allclose(held, before, atol=1e-4)
+    assert_heat_pixels(drawn, held)
+    assert not np.array_equal(drawn, drawn_before)
+    visit.expect(row.locator(".bar-pick")).to_have_attribute("aria-pressed", "true")
+    visit.expect(got.locator('.bar-pick[aria-pressed="true"]')).to_have_count(1)
+    label = expected["label"].replace("_", " ")
+    visit.expect(heat.locator(".heat-title")).to_contain_text(f"looked for {label}")
+    visit.state("another-class")
+
+    # Any class at all, from the list: one outside this model's top 5.
+    shown = {int(r.get_attribute("data-class-id")) for r in got.locator(".bar-row").all()}
+    outside = next(i for i in range(100) if i not in shown)
+    got.get_by_label("Explain another class").select_option(str(outside))
+    visit.expect(heat).to_have_attribute("data-class-id", str(outside))
+    class_id, held, drawn = drawn_heat(visit, heat)
+    np.testing.assert_allclose(
+        held, np.array(api_explain(base_url, SMALL, data, outside)["heat_map"]), atol=1e-4
+    )
+    assert_heat_pixels(drawn, held)
+    visit.expect(got.locator('.bar-pick[aria-pressed="true"]')).to_have_count(0)
+    # The opacity is the reader's to choose: the picture beneath shows through more or less.
+    got.get_by_label(f"Heat map opacity for {SMALL}").fill("30")
+    opacity = heat.locator(".heat-map").evaluate("c => +getComputedStyle(c).opacity")
+    assert opacity == pytest.approx(0.3)
+    visit.assert_only_local()
+
+
+def candidates() -> dict[str, bytes]:
+    """Pictures from like the tests' training data (synthetic 4x4-block templates) to unlike
+    it: each blended with more uniform noise. Which is which is asked of the model files,
+    never assumed."""
+    noise = np.random.default_rng(7).integers(0, 256, (32, 32, 3)).astype(np.float64)
+    pictures = {"noise.png": png(noise.astype(np.uint8))}
+    classes = range(0, 100, 9)
+    for c, image in zip(classes, make_images(np.array(classes), seed=40), strict=True):
+        for share in (0.0, 0.1, 0.2, 0.3):
+            blend = np.clip((1 - share) * image + share * noise, 0, 255).astype(np.uint8)
+            pictures[f"class{c}-noise{share:.1f}.png"] = png(blend)
+    return pictures
+
+
+def test_an_unfamiliar_picture_is_flagged_in_words_and_a_familiar_one_is_not(
+    visit, base_url, models_dir
+):
+    pictures = candidates()
+    names = list(pictures)
+    scores = {
+        m: dict(zip(names, file_familiarity(models_dir, m, list(pictures.values())), strict=True))
+        for m in (LARGE, SMALL)
+    }
+    highest = {n: max(scores[m][n] for m in scores) for n in names}
+    lowest = {n: min(scores[m][n] for m in scores) for n in names}
+    # The pictures nearest the threshold on either side that are still clearly on it for
+    # both models (a few validation images of margin: the service batches, the file alone
+    # does not, and a rounding may move a picture by a rank).
+    below = [n for n in names if highest[n] < UNFAMILIAR_BELOW - 0.004]
+    above = [n for n in names if lowest[n] >= UNFAMILIAR_BELOW + 0.004]
+    assert below, f"no candidate is unfamiliar to both models: {scores}"
+    assert above, f"no candidate is familiar to both models: {scores}"
+    strange, familiar = max(below, key=highest.get), min(above, key=lowest.get)
+
+    visit.open()
+    # One at a time, so that the status line (one live region) speaks of each in turn.
+    status = visit.page.get_by_role("status")
+    visit.upload((strange, pictures[strange], "image/png"))
+    visit.finished(1)
+    visit.expect(status).to_contain_text(f"{strange}: ")
+    visit.expect(status).to_contain_text("but the picture is unlike its training data")
+    visit.upload((familiar, pictures[familiar], "image/png"))
+    cards = visit.finished(2)
+    visit.expect(status).to_contain_text(f"{familiar}: ")
+    visit.expect(status).not_to_contain_text("unlike")
+    visit.settled()
+    strange_card = cards.filter(has_text=strange)
+    familiar_card = cards.filter(has_text=familiar)
+    for model_id in (LARGE, SMALL):
+        expected = api_predict(base_url, model_id, pictures[strange])["familiarity"]
+        assert expected == pytest.approx(scores[model_id][strange], abs=0.003)
+        got = column(strange_card, model_id)
+        warning = got.locator(".familiarity.unfamiliar")
+        visit.expect(warning).to_be_visible()
+        assert float(warning.get_attribute("data-familiarity")) == pytest.approx(expected)
+        visit.expect(warning).to_contain_text(
+            "This image is unlike the images the model was trained on"
+        )
+        if expected:
+            stranger = f"{np.floor((1 - expected) * 1000 + 1e-6) / 10:.1f} %"
+        else:
+            stranger = "every one"
+        visit.expect(warning).to_contain_text(f"stranger than {stranger} of the validation images")
+        visit.expect(warning).to_contain_text("don't trust this answer")
+        # Above the answer it casts doubt on.
+        assert warning.bounding_box()["y"] < got.locator(".bars").bounding_box()["y"]
+
+        got = column(familiar_card, model_id)
+        expected = api_predict(base_url, model_id, pictures[familiar])["familiarity"]
+        assert expected == pytest.approx(scores[model_id][familiar], abs=0.003)
+        visit.expect(got.locator(".familiarity.unfamiliar")).to_have_count(0)
+        note = got.locator(".familiarity")
+        visit.expect(note).to_have_count(1)
+        assert float(note.get_attribute("data-familiarity")) == pytest.approx(expected)
+        visit.expect(note).to_contain_text("of the validation images")
+        said = re.search(r"more like the training data than ([\d.]+) %", note.inner_text())
+        assert said and float(said[1]) == pytest.approx(expected * 100, abs=0.51), said
+        if expected < 0.05:  # above the threshold, but rare: said with care, not as a warning
+            visit.expect(note).to_contain_text("Unusual picture for this model")
+        visit.expect(got).not_to_contain_text("unlike the images the model was trained on")
+    strange_card.scroll_into_view_if_needed()
+    visit.state("unfamiliar")
+    visit.assert_only_local()
+
+
+def test_no_familiarity_and_a_failed_explanation_are_said_in_words(visit):
+    """A model exported before familiarity existed answers null: the page claims nothing
+    about the picture. An explanation the service refuses is explained, not drawn."""
+
+    def without_familiarity(route):
+        response = route.fetch()
+        body = response.json()
+        for prediction in body["predictions"]:
+            prediction["familiarity"] = None
+        route.fulfill(response=response, json=body)
+
+    refusals = []
+
+    def refused(route):
+        refusals.append(route.request.url)
+        route.fulfill(status=503, headers={"Retry-After": "1"}, json={"detail": "too busy"})
+
+    visit.page.route("**/predict?*", without_familiarity)
+    visit.page.route("**/explain?*", refused)
+    visit.open()
+    visit.page.get_by_role("button", name="Tree").click()
+    card = visit.finished(1).first
+    for model_id in (LARGE, SMALL):
+        got = column(card, model_id)
+        note = got.locator(".familiarity")
+        visit.expect(note).to_have_count(1)
+        visit.expect(note).to_have_attribute("data-familiarity", "")
+        visit.expect(note).to_contain_text("no familiarity output")
+        visit.expect(note).not_to_contain_text("%")
+        visit.expect(got).not_to_contain_text("unlike the images")
+        visit.expect(got).not_to_contain_text("more like the training data")
+        heat = got.locator(".heat")
+        visit.expect(heat).to_have_attribute("data-state", "error")
+        visit.expect(heat.get_by_role("alert")).to_contain_text("Could not explain the answer")
+        visit.expect(heat.get_by_role("alert")).to_contain_text("Try again in 1 s")
+    assert len(refusals) == 2 * 3  # each model's, asked again twice after Retry-After
+    visit.state("no-familiarity")
+    # Asked again once the service takes it: drawn, the error gone.
+    visit.page.unroute("**/explain?*")
+    got = column(card, SMALL)
+    got.locator(".heat").get_by_role("button", name="Try again").click()
+    visit.expect(got.locator(".heat")).to_have_attribute("data-state", "done")
+    visit.expect(got.locator(".heat").get_by_role("alert")).to_be_hidden()
+    visit.expect(got.locator(".heat-title")).to_contain_text("Where the model looked for")
+    visit.assert_only_local()
 
 
 def test_static_files_are_served_and_nothing_else(base_url):

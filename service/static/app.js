@@ -1,14 +1,32 @@
 // The page for people, and a worked example of a client of the public API:
 //   GET  models               the model list (GET models/{id} for one model's full card)
 //   POST predict?model=ID&top_k=5&resize=true   multipart, field "files"
+//   POST explain?model=ID&version=V&class=C&resize=true   multipart, field "file": the
+//        occlusion heat map of one image for one class (default: the top class)
 // No framework and no build step. URLs are relative, so the page also works behind a prefix.
 
 const TOP_K = 5;
 const REDUCED_SIDE = 128; // the copy offered when a picture is above the upload limit
 const PARALLEL_IMAGES = 2; // pictures in flight at once (each asks every model)
+// An explanation is ~50 images of work for the service (one per position of the grey
+// square): one at a time, and only while no picture is being classified, so they never
+// crowd out the classifications themselves (the service sheds what would wait too long).
+const PARALLEL_EXPLANATIONS = 1;
+const EXPLAIN_RETRIES = 2; // a busy service (503 + Retry-After) is asked again this often
+const MAX_RETRY_WAIT = 5; // s
+// Familiarity is the share of validation images less like the training data than this
+// one: below 1 % the picture is stranger than 99 % of them and the answer is not trusted.
+const UNFAMILIAR_BELOW = 0.01;
+const UNUSUAL_BELOW = 0.05;
+const HEAT_OPACITY = 70; // % : the picture shows through the heat map by default
+const HEAT_UP = [215, 38, 30]; // red: covering the pixel lowered the class's probability
+const HEAT_DOWN = [33, 102, 224]; // blue: covering it raised the probability
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const models = []; // from GET models, in the service's order
+const classNames = new Map(); // model id -> its class names (GET models/{id}), for the class picker
+const explanations = []; // waiting calls to explain, oldest first
+let explaining = 0;
 let modelsLoaded = null; // a promise: predictions wait for the model list
 const queue = [];
 let running = 0;
@@ -39,7 +57,8 @@ async function api(path, options = {}) {
   }
   if (response.ok) return { ok: true, status: response.status, body };
   if (response.status === 401) askForKey();
-  return { ok: false, status: response.status, body, message: explain(response, body, text) };
+  const retryAfter = Number(response.headers.get('Retry-After')) || null; // seconds
+  return { ok: false, status: response.status, body, retryAfter, message: explain(response, body, text) };
 }
 
 // The service's errors are {"detail": "..."} (FastAPI's validation errors: a list).
@@ -76,6 +95,39 @@ async function predict(blob, filename, modelId) {
   result.roundTripMs = performance.now() - started;
   result.url = url;
   return result;
+}
+
+// One image's heat map for one class (null: the top class). The version is the one that
+// answered /predict, so the map explains the bars shown beside it.
+async function requestExplanation(blob, filename, modelId, version, classId) {
+  const form = new FormData();
+  form.append('file', blob, filename);
+  const query = new URLSearchParams({ resize: 'true' });
+  if (modelId) query.set('model', modelId);
+  if (version) query.set('version', version);
+  if (classId !== null && classId !== undefined) query.set('class', String(classId));
+  return api(`explain?${query}`, { method: 'POST', body: form });
+}
+
+// Runs `job` (a function returning a promise that never rejects) when a slot is free.
+function scheduleExplanation(job) {
+  return new Promise((resolve) => {
+    explanations.push({ job, resolve });
+    pumpExplanations();
+  });
+}
+
+function pumpExplanations() {
+  while (explaining < PARALLEL_EXPLANATIONS && explanations.length && !running && !queue.length) {
+    const { job, resolve } = explanations.shift();
+    explaining += 1;
+    job()
+      .then(resolve, () => resolve(null))
+      .finally(() => {
+        explaining -= 1;
+        pumpExplanations();
+      });
+  }
 }
 
 // --- small helpers -------------------------------------------------------------------
@@ -241,6 +293,10 @@ async function loadModels() {
   const list = Array.isArray(listing.body.models) ? listing.body.models : [];
   models.push(...list);
   const details = await Promise.all(list.map((m) => api(`models/${encodeURIComponent(m.model_id)}`)));
+  list.forEach((m, i) => {
+    const names = details[i].ok ? details[i].body.class_names : null;
+    if (Array.isArray(names)) classNames.set(m.model_id, names);
+  });
   cards.replaceChildren(...list.map((m, i) => renderCard(m, details[i].ok ? details[i].body : null)));
   if (!list.length) {
     cards.replaceChildren(el('p', { text: 'No model is served.' }));
@@ -279,6 +335,7 @@ function pump() {
     classify(entry).finally(() => {
       running -= 1;
       pump();
+      pumpExplanations();
     });
   }
 }
@@ -359,9 +416,11 @@ async function classify(entry) {
     return;
   }
   node.dataset.state = 'done';
-  const columns = results.map((result, i) => (result.ok ? modelColumn(result, entry) : errorColumn(ids[i], result)));
+  const explainers = [];
+  const columns = results.map((result, i) => (result.ok ? modelColumn(result, entry, explainers) : errorColumn(ids[i], result)));
   grid.replaceChildren(...columns);
   compare(node, results.filter((r) => r.ok));
+  for (const explainer of explainers) explainer.show(null); // the top class of each model
 }
 
 function reduceButton(entry) {
@@ -383,12 +442,12 @@ function errorColumn(modelId, result) {
   return el('section', { class: 'model-result failed', 'data-model-id': modelId || '' }, el('h4', { text: modelId || 'default model' }), el('p', { class: 'error', role: 'alert', text: result.message }));
 }
 
-function modelColumn(result, entry) {
+function modelColumn(result, entry, explainers) {
   const body = result.body;
   const prediction = body.predictions[0];
   const info = models.find((m) => m.model_id === body.model_id) || {};
   const version = versionOf(info);
-  const bars = el('ol', { class: 'bars', 'aria-label': `Top ${prediction.top_k.length} classes` });
+  const bars = el('ol', { class: 'bars', 'aria-label': `Top ${prediction.top_k.length} classes: choose one to see where the model looked for it` });
   for (const item of prediction.top_k) {
     const fill = el('span', { class: 'fill' });
     fill.style.width = `${Math.max(0, Math.min(1, item.probability)) * 100}%`;
@@ -396,20 +455,30 @@ function modelColumn(result, entry) {
       el(
         'li',
         { class: 'bar-row', 'data-class-id': item.class_id, 'data-label': item.label, 'data-probability': item.probability },
-        el('span', { class: 'bar-label', text: human(item.label) }),
-        el('span', { class: 'bar', 'aria-hidden': 'true' }, fill),
-        el('span', { class: 'bar-value', text: percent(item.probability) }),
-        el('span', { class: 'pick visually-hidden' }),
+        el(
+          'button',
+          { type: 'button', class: 'bar-pick', 'aria-pressed': 'false' },
+          el('span', { class: 'bar-label', text: human(item.label) }),
+          el('span', { class: 'bar', 'aria-hidden': 'true' }, fill),
+          el('span', { class: 'bar-value', text: percent(item.probability) }),
+          el('span', { class: 'pick visually-hidden' }),
+        ),
       ),
     );
   }
   const superclass = prediction.superclass;
   const auth = apiKey ? ` -H "Authorization: Bearer $API_KEY"` : ''; // never the key itself
   const curl = `curl${auth} -F 'files=@${entry.name}' '${new URL(result.url, document.baseURI)}'`;
-  return el(
+  const explainQuery = new URLSearchParams({ model: body.model_id, version: body.model_version, resize: 'true' });
+  const explainCurl = `curl${auth} -F 'file=@${entry.name}' '${new URL(`explain?${explainQuery}`, document.baseURI)}'   # add &class=ID for another class`;
+  const familiarity = familiarityNote(prediction.familiarity);
+  const unfamiliar = familiarity.classList.contains('unfamiliar');
+  const heat = $('#heat-template').content.firstElementChild.cloneNode(true);
+  const section = el(
     'section',
     { class: 'model-result', 'data-model-id': body.model_id },
     el('h4', {}, body.model_id, version !== null ? el('span', { class: 'version', text: ` version ${version}` }) : null),
+    unfamiliar ? familiarity : null, // before the answer it casts doubt on
     bars,
     el(
       'p',
@@ -420,15 +489,201 @@ function modelColumn(result, entry) {
       el('span', { class: 'superclass-value', text: percent(superclass.probability) }),
       el('span', { class: 'note', text: ' (its five classes summed)' }),
     ),
+    unfamiliar ? null : familiarity,
     el('p', { class: 'timing', 'data-inference-ms': body.inference_ms }, `Inference ${ms(body.inference_ms)} ms · round trip ${ms(result.roundTripMs)} ms`),
-    el('details', { class: 'raw' }, el('summary', { text: 'Request and response' }), el('pre', { text: curl }), el('pre', { text: JSON.stringify(body, null, 2) })),
+    heat,
+    el('details', { class: 'raw' }, el('summary', { text: 'Request and response' }), el('pre', { text: curl }), el('pre', { text: JSON.stringify(body, null, 2) }), el('p', { class: 'note', text: 'The heat map, from the same version:' }), el('pre', { text: explainCurl })),
   );
+  explainers.push(explainer(section, heat, entry, body));
+  return section;
+}
+
+// --- familiarity -----------------------------------------------------------------------
+
+// Stranger than this share of the validation images, never rounded up to 100 %.
+function strangerThan(value) {
+  if (value <= 0) return 'every one';
+  return `${(Math.floor((1 - value) * 1000 + 1e-6) / 10).toFixed(1)} %`; // 1e-6: a float32 0.004 is 0.00400000019
+}
+
+const shareOf = (value) => `${(value * 100).toFixed(value < 0.1 ? 1 : 0)} %`;
+
+// In words: a warning below UNFAMILIAR_BELOW, the share otherwise, and for a model without
+// the output no number at all (it cannot tell, which is not the same as "familiar").
+function familiarityNote(value) {
+  if (typeof value !== 'number' || !Number.isFinite(value)) {
+    return el('p', { class: 'familiarity none', 'data-familiarity': '' }, 'No familiarity check: this model file has no familiarity output, so the page cannot say whether the picture is like the images it was trained on.');
+  }
+  if (value < UNFAMILIAR_BELOW) {
+    return el(
+      'p',
+      { class: 'familiarity unfamiliar', 'data-familiarity': value },
+      el('strong', { text: 'Unlike the training data. ' }),
+      `This image is unlike the images the model was trained on (stranger than ${strangerThan(value)} of the validation images): don't trust this answer.`,
+    );
+  }
+  const share = `more like the training data than ${shareOf(value)} of the validation images`;
+  if (value < UNUSUAL_BELOW) return el('p', { class: 'familiarity unusual', 'data-familiarity': value }, el('strong', { text: 'Unusual picture for this model: ' }), `${share}; take the answer with care.`);
+  return el('p', { class: 'familiarity', 'data-familiarity': value }, el('strong', { text: 'Familiarity: ' }), `${share}.`);
+}
+
+// --- where the model looked: the heat map of /explain -------------------------------------
+
+// Which third of the picture a pixel is in, in words, for the canvas's text alternative.
+function region(row, column, size) {
+  const rows = ['top', 'middle', 'bottom'][Math.min(2, Math.floor((row * 3) / size))];
+  const columns = ['left', 'centre', 'right'][Math.min(2, Math.floor((column * 3) / size))];
+  if (rows === 'middle' && columns === 'centre') return 'centre';
+  return `${rows} ${columns}`;
+}
+
+const points = (value) => `${(value * 100).toFixed(1)} percentage points`;
+
+// The map on a canvas of its own size (32x32): red where covering lowered the class's
+// probability, blue where it raised it, the opacity in proportion to the change, so that
+// pixels which made no difference leave the picture beneath untouched. Returns the scale:
+// the largest change, drawn at full strength.
+function drawHeat(canvas, map) {
+  const height = map.length;
+  const width = height ? map[0].length : 0;
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext('2d');
+  context.clearRect(0, 0, width, height);
+  const scale = Math.max(0, ...map.map((row) => Math.max(...row.map(Math.abs))));
+  if (!width || !height) return scale;
+  const image = context.createImageData(width, height);
+  for (let y = 0; y < height; y += 1) {
+    for (let x = 0; x < width; x += 1) {
+      const value = map[y][x];
+      const [r, g, b] = value >= 0 ? HEAT_UP : HEAT_DOWN;
+      const i = (y * width + x) * 4;
+      image.data[i] = r;
+      image.data[i + 1] = g;
+      image.data[i + 2] = b;
+      image.data[i + 3] = scale > 0 ? Math.round((Math.abs(value) / scale) * 255) : 0;
+    }
+  }
+  context.putImageData(image, 0, 0);
+  return scale;
+}
+
+function describeHeat(map, label) {
+  let most = { value: 0 };
+  let least = { value: 0 };
+  map.forEach((row, y) =>
+    row.forEach((value, x) => {
+      if (value > most.value) most = { value, y, x };
+      if (value < least.value) least = { value, y, x };
+    }),
+  );
+  const findings = [];
+  if (most.value) findings.push(`covering the ${region(most.y, most.x, map.length)} lowered its probability most, by ${points(most.value)}`);
+  if (least.value) findings.push(`covering the ${region(least.y, least.x, map.length)} raised it most, by ${points(-least.value)}`);
+  if (!findings.length) findings.push('covering any part of it made no difference');
+  return `Heat map over the 32 by 32 picture for ${label}: ${findings.join('; ')}.`;
+}
+
+// One model column's heat map: the top class at first, then whichever class is asked for
+// (a bar clicked, or any class from the list). Only the latest request is drawn.
+function explainer(section, heat, entry, body) {
+  const modelId = body.model_id;
+  const version = body.model_version;
+  const names = classNames.get(modelId) || [];
+  const labelOf = (classId) => {
+    const row = section.querySelector(`.bar-row[data-class-id="${classId}"]`);
+    return row ? row.dataset.label : names[classId] ?? `class ${classId}`;
+  };
+  const base = $('.heat-base', heat);
+  const canvas = $('.heat-map', heat);
+  const title = $('.heat-title', heat);
+  const problem = $('.heat-problem', heat);
+  const picker = $('.heat-class', heat);
+  const opacity = $('.heat-opacity', heat);
+  const legend = $('.legend', heat);
+  const seen = $('.seen canvas', entry.node);
+  if (entry.bitmap && seen) base.getContext('2d').drawImage(seen, 0, 0, base.width, base.height);
+  else base.remove(); // no preview: the map alone, over the checkerboard
+  canvas.setAttribute('aria-label', `Where ${modelId} looked: not worked out yet`);
+  opacity.value = String(HEAT_OPACITY);
+  const setOpacity = () => {
+    canvas.style.opacity = String(Number(opacity.value) / 100);
+    $('.legend-bar', heat).style.opacity = canvas.style.opacity;
+  };
+  setOpacity();
+  opacity.addEventListener('input', setOpacity);
+  opacity.setAttribute('aria-label', `Heat map opacity for ${modelId}`); // the visible label, and whose
+  if (names.length) {
+    const order = names.map((name, id) => [id, name]).sort((a, b) => human(a[1]).localeCompare(human(b[1])));
+    picker.replaceChildren(...order.map(([id, name]) => el('option', { value: String(id), text: human(name) })));
+    picker.value = String(body.predictions[0].top_k[0].class_id); // what is explained first
+    $('.heat-choice', heat).hidden = false;
+  }
+  let latest = 0;
+
+  async function show(classId) {
+    const token = ++latest;
+    const label = classId === null ? null : labelOf(classId);
+    heat.dataset.state = 'loading';
+    heat.setAttribute('aria-busy', 'true');
+    problem.hidden = true;
+    title.textContent = label === null ? `Finding where ${modelId} looked…` : `Finding where ${modelId} looked for ${human(label)}…`;
+    let answer = null;
+    for (let attempt = 0; ; attempt += 1) {
+      answer = await scheduleExplanation(async () => {
+        // A newer choice, or the results cleared, before our turn: nothing to ask for.
+        if (token !== latest || !section.isConnected) return null;
+        return requestExplanation(entry.blob, entry.name, modelId, version, classId);
+      });
+      if (!answer || answer.status !== 503 || !answer.retryAfter || attempt >= EXPLAIN_RETRIES) break;
+      const wait = Math.min(answer.retryAfter, MAX_RETRY_WAIT);
+      title.textContent = `The service is busy: asking again in ${wait} s…`;
+      await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+    }
+    if (token !== latest || !answer) return;
+    heat.removeAttribute('aria-busy');
+    const explanation = answer.ok ? answer.body?.explanations?.[0] : null;
+    const map = explanation?.heat_map;
+    if (!answer.ok || !Array.isArray(map) || !map.length || !map.every((row) => Array.isArray(row) && row.length === map[0].length)) {
+      heat.dataset.state = 'error';
+      for (const key of ['classId', 'label', 'scale', 'heatMap']) delete heat.dataset[key]; // nothing drawn is shown
+      title.textContent = `Where ${modelId} looked: not available`;
+      const retry = el('button', { type: 'button', class: 'retry', text: 'Try again' });
+      retry.addEventListener('click', () => show(classId));
+      problem.replaceChildren(el('p', { text: answer.ok ? 'The service answered without a usable heat map.' : `Could not explain the answer. ${answer.message}` }), retry);
+      problem.hidden = false;
+      canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
+      return;
+    }
+    const scale = drawHeat(canvas, map);
+    const shown = human(explanation.label);
+    heat.dataset.state = 'done';
+    heat.dataset.classId = String(explanation.class_id);
+    heat.dataset.label = explanation.label;
+    heat.dataset.scale = String(scale);
+    heat.dataset.heatMap = JSON.stringify(map);
+    title.replaceChildren('Where the model looked for ', el('strong', { text: shown }), ` (${percent(explanation.probability)})`);
+    $('.heat-how', heat).textContent = ` A grey ${explanation.patch}×${explanation.patch} square was slid over the 32×32 picture (shown in grey beneath) in steps of ${explanation.stride} pixels; each pixel shows how much covering it changed the probability of ${shown}.`;
+    canvas.setAttribute('aria-label', describeHeat(map, shown));
+    for (const node of legend.querySelectorAll('.legend-label')) node.textContent = shown;
+    $('.legend-low', legend).textContent = `−${(scale * 100).toFixed(1)}`;
+    $('.legend-high', legend).textContent = `+${(scale * 100).toFixed(1)} points`;
+    $('.legend-ends', legend).hidden = !scale;
+    $('.legend-scale', legend).textContent = scale ? points(scale) : `none: covering any part changed the probability of ${shown} by less than 0.001 percentage points`;
+    picker.value = String(explanation.class_id);
+    for (const row of section.querySelectorAll('.bar-row')) $('.bar-pick', row).setAttribute('aria-pressed', String(row.dataset.classId === String(explanation.class_id)));
+  }
+
+  for (const row of section.querySelectorAll('.bar-row')) $('.bar-pick', row).addEventListener('click', () => show(Number(row.dataset.classId)));
+  picker.addEventListener('change', () => show(Number(picker.value)));
+  return { show };
 }
 
 // Side by side: say whether the models agree, and mark in each list the other models' picks.
 function compare(node, answers) {
   const verdict = $('.verdict', node);
-  const summary = answers.map((r) => `${r.body.model_id} says ${human(r.body.predictions[0].top_k[0].label)} (${percent(r.body.predictions[0].top_k[0].probability)})`);
+  const doubt = (p) => (typeof p.familiarity === 'number' && p.familiarity < UNFAMILIAR_BELOW ? ', but the picture is unlike its training data' : '');
+  const summary = answers.map((r) => `${r.body.model_id} says ${human(r.body.predictions[0].top_k[0].label)} (${percent(r.body.predictions[0].top_k[0].probability)}${doubt(r.body.predictions[0])})`);
   const name = $('.name', node).textContent;
   if (answers.length < 2) {
     announce(`${name}: ${summary.join('; ') || 'no answer'}.`);
