@@ -1,6 +1,6 @@
 """GET /: the page for people (static files of the service itself, no CDN, no build step).
 
-The page is a client of the public API like any other: it only calls /predict and /models.
+The page is a client of the public API like any other: it only calls /predict, /explain and /models.
 """
 
 import re
