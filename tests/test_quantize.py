@@ -1,4 +1,4 @@
-"""int8 and float16 twins of an exported file (training/quantize.py), made by the real
+"""int8 and float16 twins of an exported file (training/quantize.py, float16.py), made by the real
 command line from the session's exported model: served by the service's Classifier,
 cards that say how they were made and what they scored, an accuracy gate that refuses,
 calibration on training images only, and float16 parity."""
@@ -20,9 +20,11 @@ from service.classifier import Classifier
 from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME, ModelCard
 from tests.conftest import VAL_SIZE
 from tests.synthetic import make_images
+from training import float16 as half
 from training import quantize
 from training.__main__ import main
 from training.data import load
+from training.twins import as_trained
 
 MODEL = "cifar100-712868"  # the small model: trained long enough to learn the classes
 
@@ -261,7 +263,7 @@ def test_float16_file_matches_the_float_one(twins):
     for name, values in got.items():
         assert values.dtype == np.float32, name  # float32 outputs kept
     difference = np.abs(got[OUTPUT_NAME] - expected[OUTPUT_NAME]).max()
-    assert 0 < difference <= quantize.FLOAT16_MAX_ABS_DIFF  # 0: not converted at all
+    assert 0 < difference <= half.FLOAT16_MAX_ABS_DIFF  # 0: not converted at all
     assert (got[OUTPUT_NAME].argmax(1) == expected[OUTPUT_NAME].argmax(1)).mean() >= 0.99
 
     proto = onnx.load(twins.float16)
@@ -274,9 +276,9 @@ def test_float16_file_matches_the_float_one(twins):
     assert card.training["precision"] == "float16"
     assert "not measured on a GPU" in card.training["float16"]["tested_on"]
     evaluation = card.evaluation
-    assert evaluation["top1_agreement"] >= quantize.FLOAT16_MIN_AGREEMENT
-    assert evaluation["probabilities_max_abs_difference"] <= quantize.FLOAT16_MAX_ABS_DIFF
-    assert evaluation["limits"]["top1_agreement"] == quantize.FLOAT16_MIN_AGREEMENT
+    assert evaluation["top1_agreement"] >= half.FLOAT16_MIN_AGREEMENT
+    assert evaluation["probabilities_max_abs_difference"] <= half.FLOAT16_MAX_ABS_DIFF
+    assert evaluation["limits"]["top1_agreement"] == half.FLOAT16_MIN_AGREEMENT
     assert ModelCard.from_metadata(card.to_metadata()) == card
 
 
@@ -284,7 +286,7 @@ def test_float16_gate_refuses_and_writes_nothing(
     twins, cifar_tarball, tmp_path, monkeypatch, capsys
 ):
     shutil.copy(twins.float, tmp_path)
-    monkeypatch.setattr(quantize, "FLOAT16_MAX_ABS_DIFF", 0.0)
+    monkeypatch.setattr(half, "FLOAT16_MAX_ABS_DIFF", 0.0)
     assert main(export_args(tmp_path, cifar_tarball, "float16")) == 2
     assert "the float16 graph differs from the float32 one" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == [twins.float.name]
@@ -312,10 +314,10 @@ def test_held_out_classes_are_left_out_of_calibration_and_scoring(data):
         parameter_count=1,
         training={"recipe": {"held_out_classes": held_out}},
     )
-    trained = quantize.as_trained(data, card)
+    trained = as_trained(data, card)
     for split in ("train", "val", "test"):
         labels = getattr(trained, split).fine
         assert not np.isin(labels, [3, 17]).any(), split
         assert len(labels) == np.isin(getattr(data, split).fine, [3, 17], invert=True).sum()
     original = dataclasses.replace(card, training={"recipe": "original Keras 2 experiment"})
-    assert quantize.as_trained(data, original) is data
+    assert as_trained(data, original) is data

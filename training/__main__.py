@@ -27,7 +27,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["gpu-check"]:
 import keras
 
 from service.modelcard import FEATURES_NAME, ModelCard
-from training import ablation, quantize, triton
+from training import ablation, float16, quantize, triton, twins
 from training import data as cifar
 from training.atomic import write_text
 from training.errors import ExportError, RecipeError, ReportError, TrainingError
@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", type=Path, help="export a Keras 2 .hdf5 weights file")
     export.add_argument(
         "--precision",
-        choices=quantize.PRECISIONS,
+        choices=twins.PRECISIONS,
         default="float32",
         help="float32 (default): export the checkpoint; int8 (CPUs) or float16 (GPUs): convert "
         "the float32 export models/<id>.onnx into models/<id>-<precision>.onnx, written only "
@@ -319,7 +319,8 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
 
 
 def run_export_precision(args: argparse.Namespace, data: cifar.Cifar100) -> None:
-    """int8 or float16: a twin of the float32 export, from that file (training/quantize.py)."""
+    """int8 or float16: a twin of the float32 export, from that file (training/quantize.py,
+    training/float16.py)."""
     if args.weights:
         raise ExportError(
             f"--precision {args.precision} converts an exported file, models/<id>.onnx: name "
@@ -335,8 +336,8 @@ def run_export_precision(args: argparse.Namespace, data: cifar.Cifar100) -> None
         target = args.models_dir / f"{quantize.int8_model_id(args.model)}.onnx"
         quantize.export_int8(source, target, data)
     else:
-        target = args.models_dir / f"{quantize.float16_model_id(args.model)}.onnx"
-        quantize.export_float16(source, target, data)
+        target = args.models_dir / f"{float16.float16_model_id(args.model)}.onnx"
+        float16.export_float16(source, target, data)
     print(f"Wrote {target}")
 
 

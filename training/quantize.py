@@ -1,10 +1,9 @@
-"""Faster twins of an exported float32 file: int8 for CPUs, float16 for GPUs.
+"""The int8 twin of an exported float32 file, for CPUs (training/twins.py has what it
+shares with the float16 one, training/float16.py).
 
-Both start from what `python -m training export` wrote (`models/<id>.onnx`, uint8 images
-in, its own preprocessing, a model card) and write a file of their own model id beside
-it, `<id>-int8.onnx` or `<id>-float16.onnx`, so the service serves the twin next to the
-float model and a client picks one by name. Inputs and outputs keep their names, types
-and shapes: the twin is a drop-in file for the service, Triton and the report.
+It starts from what `python -m training export` wrote (`models/<id>.onnx`, uint8 images
+in, its own preprocessing, a model card) and writes `<id>-int8.onnx` beside it, so the
+service serves the twin next to the float model and a client picks one by name.
 
 int8 (`quantize_int8`, and `export_int8` which gates it): static quantization with
 onnxruntime's own tools. `quant_pre_process` optimises the graph and infers its shapes,
@@ -26,23 +25,15 @@ answer or gains nothing:
 ACCURACY_DROP_LIMIT of the float model's (onnxruntime on both, same images); it states
 that accuracy and the top-1 agreement with the float model in the card. Calibration
 reads training images only: the test split is what the promise is measured on.
-
-float16 (`export_float16`): onnxconverter-common's convert_float_to_float16 with
-float32 inputs and outputs kept, for GPUs (tensor cores); written only if it matches the
-float model within FLOAT16_* on the test split, run on onnxruntime's CPU provider.
 """
 
 import dataclasses
-import hashlib
 import tempfile
-import warnings
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -54,17 +45,25 @@ from onnxruntime.quantization import (
 
 from service.modelcard import (
     FAMILIARITY_NAME,
-    FEATURES_NAME,
     INPUT_NAME,
     OUTPUT_NAME,
     ModelCard,
 )
 from training.atomic import write_bytes
-from training.data import Cifar100, without_classes
+from training.data import Cifar100
 from training.errors import ExportError
-from training.evaluate import compute_metrics, known_test_images
+from training.twins import (
+    ancestors,
+    as_trained,
+    card_of,
+    check_same_signature,
+    compare_with_float,
+    name_nodes,
+    set_card,
+    twin_card,
+    write_twin,
+)
 
-PRECISIONS = ("float32", "int8", "float16")
 # The int8 file's promise: top-1 accuracy at most this much below the float model's
 # (absolute: 0.01 is one percentage point), measured on the test split.
 ACCURACY_DROP_LIMIT = 0.01
@@ -77,16 +76,6 @@ CALIBRATION_BATCH = 100
 # model, real photos), 0.025 (the tests' small model, synthetic images); with it int8 as
 # well, 0.087 on the large model, which this refuses.
 INT8_MAX_FAMILIARITY_DIFF = 0.05  # mean over the test split
-# float16 parity with the float model on the test split. float16 keeps 11 significant
-# bits (a relative rounding of 5e-4 per value), and the error grows through the layers:
-# measured on the real-photo model (1,180 test images), at most 1.1e-3 on probabilities,
-# 4.2e-4 of the features' largest value, 0.006 on familiarity (3 of 500 validation
-# ranks), and 1 top-1 change. The limits allow about 5 times that; a top-1 class can only
-# change where two classes are within float16's rounding, which the floor allows for.
-FLOAT16_MAX_ABS_DIFF = 5e-3  # probabilities
-FLOAT16_MAX_FEATURES_DIFF = 2e-3  # features, relative to their largest value
-FLOAT16_MAX_FAMILIARITY_DIFF = 0.03
-FLOAT16_MIN_AGREEMENT = 0.995  # top-1 agreement with the float model
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the layers that carry the compute
 KEPT_FLOAT = {
     "off_path": "computes the familiarity output only (Mahalanobis distances ranked against "
@@ -151,10 +140,6 @@ INT8 = Int8Scheme()
 
 def int8_model_id(model_id: str) -> str:
     return f"{model_id}-int8"
-
-
-def float16_model_id(model_id: str) -> str:
-    return f"{model_id}-float16"
 
 
 def quantize_int8(source: Path, target: Path, calibration_images: np.ndarray) -> None:
@@ -225,18 +210,6 @@ def int8_problems(comparison: dict) -> list[str]:
             f"{limits[key]:g}): the features it is computed from lost too much"
         )
     return problems
-
-
-def as_trained(data: Cifar100, card: ModelCard) -> Cifar100:
-    """`data` as the float model saw it: without the classes its recipe held out of
-    training, in the training split (no calibration on classes it never learned) and in
-    the test split (scored like its own evaluation, over the classes it knows)."""
-    recipe = card.training.get("recipe")
-    held_out = tuple(recipe.get("held_out_classes") or ()) if isinstance(recipe, dict) else ()
-    if not held_out:
-        return data
-    known = without_classes(data, held_out)
-    return dataclasses.replace(known, test=data.test.take(known_test_images(data, held_out)))
 
 
 def calibration_sample(
@@ -351,284 +324,3 @@ def kept_float_card(graph: onnx.GraphProto, kept: dict[str, str]) -> list[dict]:
         for reason, why in KEPT_FLOAT.items()
         if reason in kept.values()
     ]
-
-
-def ancestors(graph: onnx.GraphProto, outputs: Iterable[str]) -> set[str]:
-    """The names of the nodes that `outputs` are computed from."""
-    producer = {name: node for node in graph.node for name in node.output}
-    found: set[str] = set()
-    pending = list(outputs)
-    while pending:
-        node = producer.get(pending.pop())
-        if node is not None and node.name not in found:
-            found.add(node.name)
-            pending.extend(node.input)
-    return found
-
-
-def name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every unnamed node a unique name (from its first output): the quantization and
-    float16 tools pick the nodes they leave alone by name, and the familiarity head's
-    nodes have none."""
-    taken = {node.name for node in proto.graph.node if node.name}
-    for node in proto.graph.node:
-        if not node.name:
-            name, n = node.output[0], 1
-            while name in taken:
-                name, n = f"{node.output[0]}#{n}", n + 1
-            node.name = name
-            taken.add(name)
-
-
-# Measuring a twin against the float model.
-
-
-def run_all(model: bytes | onnx.ModelProto, images: np.ndarray, batch: int = 256) -> dict:
-    """Every output of `model` for `images`, on onnxruntime's CPU provider, in batches."""
-    content = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    parts = [session.run(names, {INPUT_NAME: images[i : i + batch]})
-             for i in range(0, len(images), batch)]  # fmt: skip
-    return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(names)}
-
-
-def compare_with_float(source: bytes, twin: onnx.ModelProto, data: Cifar100) -> dict:
-    """The twin's test-split metrics, the float model's top-1 accuracy on the same images,
-    their top-1 agreement and how far the other outputs moved: what the card records."""
-    reference = run_all(source, data.test.images)
-    outputs = run_all(twin, data.test.images)
-    card = card_of(twin)
-    metrics = compute_metrics(
-        outputs[OUTPUT_NAME], data.test.fine, card.fine_to_coarse, card.class_names,
-        card.superclass_names,
-    )  # fmt: skip
-    float_top1 = reference[OUTPUT_NAME].argmax(axis=1)
-    comparison = {
-        **metrics,
-        "split": "test",
-        "float32_top1_accuracy": float((float_top1 == data.test.fine).mean()),
-        "top1_agreement": float((outputs[OUTPUT_NAME].argmax(axis=1) == float_top1).mean()),
-        "probabilities_max_abs_difference": max_abs(outputs, reference, OUTPUT_NAME),
-    }
-    if FEATURES_NAME in reference:
-        scale = max(1.0, float(np.abs(reference[FEATURES_NAME]).max()))
-        comparison["features_max_relative_difference"] = (
-            max_abs(outputs, reference, FEATURES_NAME) / scale
-        )
-    for name in sorted(set(reference) - {OUTPUT_NAME, FEATURES_NAME}):  # familiarity
-        comparison[f"{name}_max_abs_difference"] = max_abs(outputs, reference, name)
-        comparison[f"{name}_mean_abs_difference"] = float(
-            np.abs(outputs[name] - reference[name]).mean()
-        )
-    return comparison
-
-
-def max_abs(outputs: dict, reference: dict, name: str) -> float:
-    return float(np.abs(outputs[name].astype(np.float64) - reference[name]).max())
-
-
-# float16.
-
-
-def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
-    """Convert `source` to float16 and write `target` only if it matches the float model
-    on the test split (FLOAT16_*, on onnxruntime's CPU provider); else ExportError."""
-    content = Path(source).read_bytes()
-    data = as_trained(data, card_of(onnx.load_from_string(content)))
-    proto = converted_float16(content)
-    card = card_of(proto)
-    comparison = compare_with_float(content, proto, data)
-    comparison["limits"] = {
-        "probabilities_max_abs_difference": FLOAT16_MAX_ABS_DIFF,
-        "features_max_relative_difference": FLOAT16_MAX_FEATURES_DIFF,
-        f"{FAMILIARITY_NAME}_max_abs_difference": FLOAT16_MAX_FAMILIARITY_DIFF,
-        "top1_agreement": FLOAT16_MIN_AGREEMENT,
-    }
-    print(
-        f"{card.model_id} on {comparison['images']} test images: max |float16 - float32| = "
-        + ", ".join(
-            f"{comparison[key]:.2e} ({key.split('_')[0]})"
-            for key in comparison["limits"]
-            if key.endswith("difference") and key in comparison
-        )
-        + f"; top-1 agreement {comparison['top1_agreement']:.4f}, top-1 "
-        f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f})",
-        flush=True,
-    )
-    if problems := float16_problems(comparison):
-        raise ExportError(
-            f"the float16 graph differs from the float32 one: {'; '.join(problems)}; "
-            f"not writing {Path(target).name}"
-        )
-    return write_twin(proto, card, comparison, target)
-
-
-def float16_problems(comparison: dict) -> list[str]:
-    """Where the float16 outputs leave `comparison`'s limits, in words."""
-    problems = []
-    for key, limit in comparison["limits"].items():
-        if key not in comparison:  # a file without familiarity
-            continue
-        value = comparison[key]
-        if key == "top1_agreement" and not value >= limit:
-            problems.append(f"top-1 agreement {value:.4f} (at least {limit:g})")
-        elif key != "top1_agreement" and not value <= limit:  # not <=: a NaN fails too
-            problems.append(f"{key} {value:.2e} (limit {limit:g})")
-    return problems
-
-
-def converted_float16(source: bytes) -> onnx.ModelProto:
-    """The float16 graph of the float file `source`, with its card (`<id>-float16`).
-
-    Only the network is converted: the nodes that the probabilities are computed from.
-    The rest (the familiarity head) stays float32 and reads the float32 `features`
-    output: its squared distances reach the thousands in a thousand dimensions, near
-    float16's largest value (65504), and the converter would clamp its stored validation
-    distances to 1e4. convert_float_to_float16 needs two things done around it:
-      - `features` is an output and also the last layer's input; under keep_io_types the
-        converter casts the output to float32 and leaves the layer reading that float32
-        tensor beside its float16 weights (onnxruntime refuses such a graph). So the
-        network gets an internal name for it and an Identity to the output.
-      - it does not retarget Cast nodes: the uint8 -> float Cast of the input would still
-        say float while its output became float16. That Cast is kept float32 by name
-        (node_block_list), and the converter casts its output to float16.
-    """
-    # Imported here: the converter is a training dependency, and the int8 path and the
-    # benchmark need none of it.
-    from onnxconverter_common import float16
-
-    proto = onnx.load_from_string(source)
-    card = card_of(proto)
-    name_nodes(proto)
-    graph = proto.graph
-    network = ancestors(graph, [OUTPUT_NAME])
-    body = [node for node in graph.node if node.name in network]
-    head = [node for node in graph.node if node.name not in network]
-    produced = {name for node in body for name in node.output}
-    body_outputs = [output for output in graph.output if output.name in produced]
-    for output in body_outputs:
-        if any(output.name in node.input for node in body):
-            internal = f"{output.name}/float16"
-            for node in body:
-                node.input[:] = [internal if n == output.name else n for n in node.input]
-                node.output[:] = [internal if n == output.name else n for n in node.output]
-            body.append(helper.make_node("Identity", [internal], [output.name], name=internal))
-    read = {name for node in body for name in node.input}
-    network_model = helper.make_model(
-        helper.make_graph(
-            body,
-            graph.name,
-            list(graph.input),
-            body_outputs,
-            [tensor for tensor in graph.initializer if tensor.name in read],
-        ),
-        opset_imports=list(proto.opset_import),
-        ir_version=proto.ir_version,
-    )
-    float_casts = [
-        node.name
-        for node in body
-        if node.op_type == "Cast"
-        and helper.get_attribute_value(node.attribute[0]) == TensorProto.FLOAT
-    ]
-    with warnings.catch_warnings():
-        # It warns for each weight below float16's smallest normal value (set to 1e-7
-        # instead); the parity gate measures what such rounding does to the outputs.
-        warnings.simplefilter("ignore", UserWarning)
-        converted = float16.convert_float_to_float16(
-            network_model, keep_io_types=True, node_block_list=float_casts
-        )
-    converted.graph.node.extend(head)
-    converted.graph.initializer.extend(t for t in graph.initializer if t.name not in read)
-    # The outputs in the source's order, with the source's types (float32 throughout).
-    order = [output.name for output in graph.output]
-    del converted.graph.output[:]
-    converted.graph.output.extend(sorted(graph.output, key=lambda o: order.index(o.name)))
-    onnx.checker.check_model(converted)
-    check_same_signature(proto, converted)
-    details = {
-        "tool": "onnxconverter-common convert_float_to_float16(keep_io_types=True)",
-        "kept_float32": [
-            {
-                "why": "the uint8 -> float Cast of the input (the converter does not retarget "
-                "Cast nodes; its output is cast to float16 after it)",
-                "nodes": float_casts,
-            },
-            {
-                "why": "computes the familiarity output only: squared Mahalanobis distances "
-                "near float16's largest value",
-                "nodes": [node.name for node in head],
-            },
-        ],
-        "tested_on": f"onnxruntime {ort.__version__} CPUExecutionProvider (the parity gate); "
-        "not measured on a GPU",
-    }
-    twin = twin_card(card, float16_model_id(card.model_id), "float16", source, float16=details)
-    set_card(converted, twin)
-    return converted
-
-
-# The twin's file and card.
-
-
-def card_of(proto: onnx.ModelProto) -> ModelCard:
-    try:
-        return ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
-    except ValueError as err:
-        raise ExportError(f"not an exported model of ours: {err}") from None
-
-
-def twin_card(
-    card: ModelCard, model_id: str, precision: str, source: bytes, **details: dict
-) -> ModelCard:
-    """The float model's card for its twin: the new id, and in `training` the precision,
-    which file it was converted from and how. No evaluation until one is measured."""
-    training = {
-        **card.training,
-        "precision": precision,
-        "converted_from": {
-            "model_id": card.model_id,
-            # As the service names versions (service.classifier.content_version).
-            "version": hashlib.sha256(source).hexdigest()[:12],
-            "sha256": hashlib.sha256(source).hexdigest(),
-        },
-        **details,
-    }
-    return dataclasses.replace(card, model_id=model_id, training=training, evaluation=None)
-
-
-def set_card(proto: onnx.ModelProto, card: ModelCard) -> None:
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, card.to_metadata())
-    precision = card.training["precision"]
-    proto.doc_string = (
-        f"CIFAR-100 classifier {card.model_id} ({precision}): uint8 NHWC images in, "
-        "probabilities out"
-    )
-
-
-def write_twin(
-    proto: onnx.ModelProto, card: ModelCard, evaluation: dict, target: Path
-) -> ModelCard:
-    card = dataclasses.replace(card, evaluation=evaluation)
-    set_card(proto, card)
-    write_bytes(Path(target), proto.SerializeToString())
-    return card
-
-
-def check_same_signature(source: onnx.ModelProto, twin: onnx.ModelProto) -> None:
-    """The twin takes and returns what the float file does (names, types, order): a
-    drop-in file for the service and Triton."""
-
-    def signature(proto: onnx.ModelProto) -> list:
-        return [
-            (value.name, value.type.tensor_type.elem_type)
-            for value in [*proto.graph.input, *proto.graph.output]
-        ]
-
-    if signature(source) != signature(twin):
-        raise ExportError(
-            f"the converted graph's inputs and outputs {signature(twin)} differ from the "
-            f"float file's {signature(source)}; not writing it"
-        )

@@ -1,0 +1,182 @@
+"""The float16 twin of an exported float32 file, for GPUs (tensor cores).
+
+onnxconverter-common's convert_float_to_float16 on the network, with the uint8 input's
+cast and the familiarity head kept float32 (its squared distances approach float16's
+largest value); written only if it matches the float model within FLOAT16_* on the test
+split, run on onnxruntime's CPU provider. Not measured on a GPU.
+"""
+
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME, ModelCard
+from training.data import Cifar100
+from training.errors import ExportError
+from training.twins import (
+    ancestors,
+    as_trained,
+    card_of,
+    check_same_signature,
+    compare_with_float,
+    name_nodes,
+    set_card,
+    twin_card,
+    write_twin,
+)
+
+# float16 parity with the float model on the test split. float16 keeps 11 significant
+# bits (a relative rounding of 5e-4 per value), and the error grows through the layers:
+# measured on the real-photo model (1,180 test images), at most 1.1e-3 on probabilities,
+# 4.2e-4 of the features' largest value, 0.006 on familiarity (3 of 500 validation
+# ranks), and 1 top-1 change. The limits allow about 5 times that; a top-1 class can only
+# change where two classes are within float16's rounding, which the floor allows for.
+FLOAT16_MAX_ABS_DIFF = 5e-3  # probabilities
+FLOAT16_MAX_FEATURES_DIFF = 2e-3  # features, relative to their largest value
+FLOAT16_MAX_FAMILIARITY_DIFF = 0.03
+FLOAT16_MIN_AGREEMENT = 0.995  # top-1 agreement with the float model
+
+
+def float16_model_id(model_id: str) -> str:
+    return f"{model_id}-float16"
+
+
+def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
+    """Convert `source` to float16 and write `target` only if it matches the float model
+    on the test split (FLOAT16_*, on onnxruntime's CPU provider); else ExportError."""
+    content = Path(source).read_bytes()
+    data = as_trained(data, card_of(onnx.load_from_string(content)))
+    proto = converted_float16(content)
+    card = card_of(proto)
+    comparison = compare_with_float(content, proto, data)
+    comparison["limits"] = {
+        "probabilities_max_abs_difference": FLOAT16_MAX_ABS_DIFF,
+        "features_max_relative_difference": FLOAT16_MAX_FEATURES_DIFF,
+        f"{FAMILIARITY_NAME}_max_abs_difference": FLOAT16_MAX_FAMILIARITY_DIFF,
+        "top1_agreement": FLOAT16_MIN_AGREEMENT,
+    }
+    print(
+        f"{card.model_id} on {comparison['images']} test images: max |float16 - float32| = "
+        + ", ".join(
+            f"{comparison[key]:.2e} ({key.split('_')[0]})"
+            for key in comparison["limits"]
+            if key.endswith("difference") and key in comparison
+        )
+        + f"; top-1 agreement {comparison['top1_agreement']:.4f}, top-1 "
+        f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f})",
+        flush=True,
+    )
+    if problems := float16_problems(comparison):
+        raise ExportError(
+            f"the float16 graph differs from the float32 one: {'; '.join(problems)}; "
+            f"not writing {Path(target).name}"
+        )
+    return write_twin(proto, card, comparison, target)
+
+
+def float16_problems(comparison: dict) -> list[str]:
+    """Where the float16 outputs leave `comparison`'s limits, in words."""
+    problems = []
+    for key, limit in comparison["limits"].items():
+        if key not in comparison:  # a file without familiarity
+            continue
+        value = comparison[key]
+        if key == "top1_agreement" and not value >= limit:
+            problems.append(f"top-1 agreement {value:.4f} (at least {limit:g})")
+        elif key != "top1_agreement" and not value <= limit:  # not <=: a NaN fails too
+            problems.append(f"{key} {value:.2e} (limit {limit:g})")
+    return problems
+
+
+def converted_float16(source: bytes) -> onnx.ModelProto:
+    """The float16 graph of the float file `source`, with its card (`<id>-float16`).
+
+    Only the network is converted: the nodes that the probabilities are computed from.
+    The rest (the familiarity head) stays float32 and reads the float32 `features`
+    output: its squared distances reach the thousands in a thousand dimensions, near
+    float16's largest value (65504), and the converter would clamp its stored validation
+    distances to 1e4. convert_float_to_float16 needs two things done around it:
+      - `features` is an output and also the last layer's input; under keep_io_types the
+        converter casts the output to float32 and leaves the layer reading that float32
+        tensor beside its float16 weights (onnxruntime refuses such a graph). So the
+        network gets an internal name for it and an Identity to the output.
+      - it does not retarget Cast nodes: the uint8 -> float Cast of the input would still
+        say float while its output became float16. That Cast is kept float32 by name
+        (node_block_list), and the converter casts its output to float16.
+    """
+    # Imported here: the converter is a training dependency, and the int8 path and the
+    # benchmark need none of it.
+    from onnxconverter_common import float16
+
+    proto = onnx.load_from_string(source)
+    card = card_of(proto)
+    name_nodes(proto)
+    graph = proto.graph
+    network = ancestors(graph, [OUTPUT_NAME])
+    body = [node for node in graph.node if node.name in network]
+    head = [node for node in graph.node if node.name not in network]
+    produced = {name for node in body for name in node.output}
+    body_outputs = [output for output in graph.output if output.name in produced]
+    for output in body_outputs:
+        if any(output.name in node.input for node in body):
+            internal = f"{output.name}/float16"
+            for node in body:
+                node.input[:] = [internal if n == output.name else n for n in node.input]
+                node.output[:] = [internal if n == output.name else n for n in node.output]
+            body.append(helper.make_node("Identity", [internal], [output.name], name=internal))
+    read = {name for node in body for name in node.input}
+    network_model = helper.make_model(
+        helper.make_graph(
+            body,
+            graph.name,
+            list(graph.input),
+            body_outputs,
+            [tensor for tensor in graph.initializer if tensor.name in read],
+        ),
+        opset_imports=list(proto.opset_import),
+        ir_version=proto.ir_version,
+    )
+    float_casts = [
+        node.name
+        for node in body
+        if node.op_type == "Cast"
+        and helper.get_attribute_value(node.attribute[0]) == TensorProto.FLOAT
+    ]
+    with warnings.catch_warnings():
+        # It warns for each weight below float16's smallest normal value (set to 1e-7
+        # instead); the parity gate measures what such rounding does to the outputs.
+        warnings.simplefilter("ignore", UserWarning)
+        converted = float16.convert_float_to_float16(
+            network_model, keep_io_types=True, node_block_list=float_casts
+        )
+    converted.graph.node.extend(head)
+    converted.graph.initializer.extend(t for t in graph.initializer if t.name not in read)
+    # The outputs in the source's order, with the source's types (float32 throughout).
+    order = [output.name for output in graph.output]
+    del converted.graph.output[:]
+    converted.graph.output.extend(sorted(graph.output, key=lambda o: order.index(o.name)))
+    onnx.checker.check_model(converted)
+    check_same_signature(proto, converted)
+    details = {
+        "tool": "onnxconverter-common convert_float_to_float16(keep_io_types=True)",
+        "kept_float32": [
+            {
+                "why": "the uint8 -> float Cast of the input (the converter does not retarget "
+                "Cast nodes; its output is cast to float16 after it)",
+                "nodes": float_casts,
+            },
+            {
+                "why": "computes the familiarity output only: squared Mahalanobis distances "
+                "near float16's largest value",
+                "nodes": [node.name for node in head],
+            },
+        ],
+        "tested_on": f"onnxruntime {ort.__version__} CPUExecutionProvider (the parity gate); "
+        "not measured on a GPU",
+    }
+    twin = twin_card(card, float16_model_id(card.model_id), "float16", source, float16=details)
+    set_card(converted, twin)
+    return converted

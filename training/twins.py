@@ -1,0 +1,178 @@
+"""What every twin of an exported float32 file shares (`training/quantize.py` writes the
+int8 one, `training/float16.py` the float16 one): the data as the float model saw it, the
+graph helpers both conversions use, the measurement against the float model that gates
+each, and the twin's own card and file.
+
+A twin keeps the float file's inputs and outputs (names, types, order), so the service,
+Triton and the report take it as they take the float file; it has its own model id,
+`<id>-int8` or `<id>-float16`, and its card says what it was converted from and how.
+"""
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from training.atomic import write_bytes
+from training.data import Cifar100, without_classes
+from training.errors import ExportError
+from training.evaluate import compute_metrics, known_test_images
+
+PRECISIONS = ("float32", "int8", "float16")
+
+
+def as_trained(data: Cifar100, card: ModelCard) -> Cifar100:
+    """`data` as the float model saw it: without the classes its recipe held out of
+    training, in the training split (no calibration on classes it never learned) and in
+    the test split (scored like its own evaluation, over the classes it knows)."""
+    recipe = card.training.get("recipe")
+    held_out = tuple(recipe.get("held_out_classes") or ()) if isinstance(recipe, dict) else ()
+    if not held_out:
+        return data
+    known = without_classes(data, held_out)
+    return dataclasses.replace(known, test=data.test.take(known_test_images(data, held_out)))
+
+
+def ancestors(graph: onnx.GraphProto, outputs: Iterable[str]) -> set[str]:
+    """The names of the nodes that `outputs` are computed from."""
+    producer = {name: node for node in graph.node for name in node.output}
+    found: set[str] = set()
+    pending = list(outputs)
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and node.name not in found:
+            found.add(node.name)
+            pending.extend(node.input)
+    return found
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name (from its first output): the quantization and
+    float16 tools pick the nodes they leave alone by name, and the familiarity head's
+    nodes have none."""
+    taken = {node.name for node in proto.graph.node if node.name}
+    for node in proto.graph.node:
+        if not node.name:
+            name, n = node.output[0], 1
+            while name in taken:
+                name, n = f"{node.output[0]}#{n}", n + 1
+            node.name = name
+            taken.add(name)
+
+
+# Measuring a twin against the float model.
+
+
+def run_all(model: bytes | onnx.ModelProto, images: np.ndarray, batch: int = 256) -> dict:
+    """Every output of `model` for `images`, on onnxruntime's CPU provider, in batches."""
+    content = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    parts = [session.run(names, {INPUT_NAME: images[i : i + batch]})
+             for i in range(0, len(images), batch)]  # fmt: skip
+    return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(names)}
+
+
+def compare_with_float(source: bytes, twin: onnx.ModelProto, data: Cifar100) -> dict:
+    """The twin's test-split metrics, the float model's top-1 accuracy on the same images,
+    their top-1 agreement and how far the other outputs moved: what the card records."""
+    reference = run_all(source, data.test.images)
+    outputs = run_all(twin, data.test.images)
+    card = card_of(twin)
+    metrics = compute_metrics(
+        outputs[OUTPUT_NAME], data.test.fine, card.fine_to_coarse, card.class_names,
+        card.superclass_names,
+    )  # fmt: skip
+    float_top1 = reference[OUTPUT_NAME].argmax(axis=1)
+    comparison = {
+        **metrics,
+        "split": "test",
+        "float32_top1_accuracy": float((float_top1 == data.test.fine).mean()),
+        "top1_agreement": float((outputs[OUTPUT_NAME].argmax(axis=1) == float_top1).mean()),
+        "probabilities_max_abs_difference": max_abs(outputs, reference, OUTPUT_NAME),
+    }
+    if FEATURES_NAME in reference:
+        scale = max(1.0, float(np.abs(reference[FEATURES_NAME]).max()))
+        comparison["features_max_relative_difference"] = (
+            max_abs(outputs, reference, FEATURES_NAME) / scale
+        )
+    for name in sorted(set(reference) - {OUTPUT_NAME, FEATURES_NAME}):  # familiarity
+        comparison[f"{name}_max_abs_difference"] = max_abs(outputs, reference, name)
+        comparison[f"{name}_mean_abs_difference"] = float(
+            np.abs(outputs[name] - reference[name]).mean()
+        )
+    return comparison
+
+
+def max_abs(outputs: dict, reference: dict, name: str) -> float:
+    return float(np.abs(outputs[name].astype(np.float64) - reference[name]).max())
+
+
+# The twin's file and card.
+
+
+def card_of(proto: onnx.ModelProto) -> ModelCard:
+    try:
+        return ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+    except ValueError as err:
+        raise ExportError(f"not an exported model of ours: {err}") from None
+
+
+def twin_card(
+    card: ModelCard, model_id: str, precision: str, source: bytes, **details: dict
+) -> ModelCard:
+    """The float model's card for its twin: the new id, and in `training` the precision,
+    which file it was converted from and how. No evaluation until one is measured."""
+    training = {
+        **card.training,
+        "precision": precision,
+        "converted_from": {
+            "model_id": card.model_id,
+            # As the service names versions (service.classifier.content_version).
+            "version": hashlib.sha256(source).hexdigest()[:12],
+            "sha256": hashlib.sha256(source).hexdigest(),
+        },
+        **details,
+    }
+    return dataclasses.replace(card, model_id=model_id, training=training, evaluation=None)
+
+
+def set_card(proto: onnx.ModelProto, card: ModelCard) -> None:
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, card.to_metadata())
+    precision = card.training["precision"]
+    proto.doc_string = (
+        f"CIFAR-100 classifier {card.model_id} ({precision}): uint8 NHWC images in, "
+        "probabilities out"
+    )
+
+
+def write_twin(
+    proto: onnx.ModelProto, card: ModelCard, evaluation: dict, target: Path
+) -> ModelCard:
+    card = dataclasses.replace(card, evaluation=evaluation)
+    set_card(proto, card)
+    write_bytes(Path(target), proto.SerializeToString())
+    return card
+
+
+def check_same_signature(source: onnx.ModelProto, twin: onnx.ModelProto) -> None:
+    """The twin takes and returns what the float file does (names, types, order): a
+    drop-in file for the service and Triton."""
+
+    def signature(proto: onnx.ModelProto) -> list:
+        return [
+            (value.name, value.type.tensor_type.elem_type)
+            for value in [*proto.graph.input, *proto.graph.output]
+        ]
+
+    if signature(source) != signature(twin):
+        raise ExportError(
+            f"the converted graph's inputs and outputs {signature(twin)} differ from the "
+            f"float file's {signature(source)}; not writing it"
+        )
