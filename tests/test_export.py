@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -434,5 +433,5 @@ def test_train_export_killed_then_rerun_finishes_without_retraining(small_tarbal
         proto = onnx.load(tmp_path / "models" / f"{model_id}.onnx")
         card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
         assert card.model_id == model_id and card.training["recipe"]["epochs"] == 2
-        assert card.training["recipe"] == asdict(Recipe(epochs=2, batch_size=32))  # the default
+        assert card.training["recipe"] == Recipe(epochs=2, batch_size=32).record()  # the default
         assert (tmp_path / "runs" / model_id / "evaluation.json").exists()
