@@ -90,6 +90,7 @@ class Admission:
 
 
 V2_INFER = "/v2/models/{model_name}/infer"
+V2_EXPLAIN = "/v2/models/{model_name}/explain"
 
 
 def route_of(scope: Scope) -> str | None:
@@ -101,6 +102,8 @@ def route_of(scope: Scope) -> str | None:
         return path
     if path.startswith("/v2/models/") and path.endswith("/infer"):
         return V2_INFER
+    if path.startswith("/v2/models/") and path.endswith("/explain"):
+        return V2_EXPLAIN
     return None
 
 
@@ -110,7 +113,8 @@ class AdmissionMiddleware:
     ) -> None:
         self.app, self.admission, self.refused = app, admission, refused
         self.draining = draining
-        self._children = {r: refused.labels(r) for r in ("/predict", "/explain", V2_INFER)}
+        routes = ("/predict", "/explain", V2_INFER, V2_EXPLAIN)
+        self._children = {r: refused.labels(r) for r in routes}
         self._logged_at, self._unlogged = 0.0, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,7 +147,8 @@ class AdmissionMiddleware:
             f"overloaded: this request would wait about {wait * 1000:.0f} ms, above "
             f"MAX_QUEUE_DELAY_MS ({self.admission.max_delay * 1000:g}); retry shortly"
         )
-        body = json.dumps({"error" if route == V2_INFER else "detail": message}).encode()
+        v2 = route.startswith("/v2/")
+        body = json.dumps({"error" if v2 else "detail": message}).encode()
         # Kept alive: the connection is fine, only this request came too late; the server
         # discards its body as it arrives. Closed while draining for shutdown, like every
         # other answer then, so the client reconnects elsewhere.

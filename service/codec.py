@@ -115,6 +115,10 @@ class RequestParameters(Parameters):
     min_familiarity: FiniteFloat | None = Field(
         None, ge=0, le=1, description="refuse (422) images less familiar than this"
     )
+    # /explain only: the class to explain (default: the top one).
+    explain_class: StrictInt | None = Field(
+        None, ge=0, alias="class", description="/explain: the class id to explain"
+    )
 
 
 class InferenceRequest(Strict):
@@ -244,6 +248,31 @@ def encode_response(
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
+
+
+def encode_explanation(
+    request: InferenceRequest,
+    model_name: str,
+    model_version: str,
+    heat_map: np.ndarray,
+    class_index: int,
+    probability: float,
+) -> bytes:
+    """/v2 .../explain's answer: the heat map FP32 [1, 32, 32], the class explained INT32
+    [1] and its probability FP32 [1], as JSON outputs."""
+    body: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": [
+            {"name": "heat_map", "datatype": "FP32", "shape": [1, *heat_map.shape],
+             "data": heat_map.round(6).ravel().tolist()},
+            {"name": "class", "datatype": "INT32", "shape": [1], "data": [class_index]},
+            {"name": "probability", "datatype": "FP32", "shape": [1], "data": [probability]},
+        ],
+    }  # fmt: skip
+    if request.id is not None:
+        body["id"] = request.id
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def classify(names: list[str], values: np.ndarray, k: int) -> np.ndarray:

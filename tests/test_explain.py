@@ -167,3 +167,40 @@ def test_metrics_watch_every_answered_image(client, models_dir, images):
     expected = run_file(models_dir / f"{LARGE}.onnx", images[:3], FAMILIARITY_NAME)[:, 0]
     total = float(re.search(rf"prediction_familiarity_sum{{{labels}}} (\S+)", text)[1])
     assert total == pytest.approx(float(expected.sum()), abs=1e-5)
+
+
+def test_v2_explains_one_image_as_explain_does(client, models_dir, images):
+    """The same map under the Open Inference Protocol: one image as an inference request,
+    binary or JSON, its top class or `parameters.class`."""
+    head = json.dumps({
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+                    "parameters": {"binary_data_size": 3072}}],
+        "parameters": {"class": 5},
+    }).encode()  # fmt: skip
+    response = client.post(
+        f"/v2/models/{SMALL}/explain",
+        content=head + images[2].tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    probabilities = run_file(models_dir / f"{SMALL}.onnx", explain.copies(images[2], 8, 4),
+                             OUTPUT_NAME)  # fmt: skip
+    assert outputs["class"]["data"] == [5] and outputs["heat_map"]["shape"] == [1, 32, 32]
+    np.testing.assert_allclose(
+        np.array(outputs["heat_map"]["data"]).reshape(32, 32),
+        explain.heat_map(probabilities, 5, 8, 4),
+        atol=1e-4,
+    )
+    by_page = client.post(f"/explain?model={SMALL}&class=5", files=one(images[2])).json()
+    assert outputs["probability"]["data"][0] == pytest.approx(
+        by_page["explanations"][0]["probability"], abs=1e-6
+    )
+    two = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 32, 32, 3],
+                       "data": images[:2].ravel().tolist()}]}  # fmt: skip
+    assert client.post(f"/v2/models/{SMALL}/explain", content=json.dumps(two)).status_code == 413
+    one_image = {"inputs": [{**two["inputs"][0], "shape": [1, 32, 32, 3],
+                             "data": images[0].ravel().tolist()}],
+                 "parameters": {"class": 100}}  # fmt: skip
+    refused = client.post(f"/v2/models/{SMALL}/explain", content=json.dumps(one_image))
+    assert refused.status_code == 400 and "class" in refused.json()["error"]

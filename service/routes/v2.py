@@ -22,12 +22,13 @@ from service.codec import (
     HEADER_LENGTH,
     InferenceRequest,
     decode_request,
+    encode_explanation,
     encode_response,
     requested_outputs,
 )
-from service.deps import CatalogDep, PlaneDep
+from service.deps import CatalogDep, PlaneDep, RecordDep
 from service.errors import InvalidTensor
-from service.modelcard import INPUT_NAME
+from service.modelcard import INPUT_NAME, OUTPUT_NAME
 from service.schemas import V2Error, V2Live, V2ModelMetadata, V2Ready, V2ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -152,6 +153,43 @@ def header_length_of(request: Request) -> int | None:
     if not (value.isascii() and value.isdigit()):  # no sign, no spaces, no other numerals
         raise InvalidTensor(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+@router.post(
+    "/models/{model_name}/explain",
+    responses={**ERRORS, 200: INFER_OK},
+    openapi_extra=infer_doc("model_name"),
+)
+@router.post(
+    "/models/{model_name}/versions/{model_version}/explain",
+    responses={**ERRORS, 200: INFER_OK},
+    openapi_extra=infer_doc("model_name", "model_version"),
+)
+async def model_explain(
+    request: Request,
+    model_name: str,
+    plane: PlaneDep,
+    record: RecordDep,
+    model_version: str | None = None,
+) -> Response:
+    """What the model looked at: the occlusion heat map (as `POST /explain`) of one image
+    sent as an inference request (`images` [1, 32, 32, 3], JSON or binary), for its top
+    class or `"parameters": {"class": k}`. Outputs `heat_map` FP32 [1, 32, 32], `class`
+    INT32 [1] and `probability` FP32 [1]. An extension of this server, not of the
+    protocol: one explanation is 50 images of work, counted as such in every bound."""
+    served = plane.model(record, model_name, model_version)  # 404 before the body is read
+    body = await request.body()
+    parsed, images = decode_request(body, header_length_of(request), 1)
+    index = parsed.parameters.explain_class if parsed.parameters else None
+    width = served.model.output_widths[OUTPUT_NAME]
+    if index is not None and index >= width:
+        raise InvalidTensor(f"class must be an id from 0 to {width - 1}")
+    answer = await plane.explain(record, request.receive, model_name, model_version,
+                                 images[0], index)  # fmt: skip
+    served = answer.served
+    content = encode_explanation(parsed, served.model_id, served.version, answer.heat_map,
+                                 answer.class_index, answer.probability)  # fmt: skip
+    return Response(content, media_type="application/json")
 
 
 @router.get("/models/{model_name}", response_model=V2ModelMetadata, responses=ERRORS)
