@@ -51,7 +51,6 @@ from service.modelcard import (
 )
 from training.atomic import write_bytes
 from training.data import Cifar100
-from training.errors import ExportError
 from training.twins import (
     ancestors,
     as_trained,
@@ -184,12 +183,8 @@ def export_int8(
         + ("" if moved is None else f", familiarity moved by {moved:.4f} on average"),
         flush=True,
     )
-    if problems := int8_problems(comparison):
-        raise ExportError(
-            f"the int8 model does not keep to the float model: {'; '.join(problems)}; "
-            f"not writing {Path(target).name}"
-        )
-    return write_twin(proto, card, comparison, target)
+    return write_twin(proto, card, comparison, target, int8_problems(comparison),
+                      "the int8 model does not keep to the float model")  # fmt: skip
 
 
 def int8_problems(comparison: dict) -> list[str]:

@@ -153,8 +153,18 @@ def set_card(proto: onnx.ModelProto, card: ModelCard) -> None:
 
 
 def write_twin(
-    proto: onnx.ModelProto, card: ModelCard, evaluation: dict, target: Path
+    proto: onnx.ModelProto,
+    card: ModelCard,
+    evaluation: dict,
+    target: Path,
+    problems: list[str],
+    broken: str,
 ) -> ModelCard:
+    """The twin's gate, then its file: ExportError (`broken`, then `problems`) and nothing
+    written when it breaks the float model's promise; else `target`, with `evaluation` in
+    its card."""
+    if problems:
+        raise ExportError(f"{broken}: {'; '.join(problems)}; not writing {Path(target).name}")
     card = dataclasses.replace(card, evaluation=evaluation)
     set_card(proto, card)
     write_bytes(Path(target), proto.SerializeToString())
