@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import error_body
+
 log = logging.getLogger(__name__)
 
 ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when its first byte was parsed
@@ -147,8 +149,7 @@ class AdmissionMiddleware:
             f"overloaded: this request would wait about {wait * 1000:.0f} ms, above "
             f"MAX_QUEUE_DELAY_MS ({self.admission.max_delay * 1000:g}); retry shortly"
         )
-        v2 = route.startswith("/v2/")
-        body = json.dumps({"error" if v2 else "detail": message}).encode()
+        body = json.dumps(error_body(route, message)).encode()
         # Kept alive: the connection is fine, only this request came too late; the server
         # discards its body as it arrives. Closed while draining for shutdown, like every
         # other answer then, so the client reconnects elsewhere.

@@ -107,11 +107,14 @@ class DeviceUnavailable(ServiceError):
     """DEVICE=cuda and the CUDA provider cannot be used: startup fails."""
 
 
-def error_response(path: str, status: int, message: str, headers=None) -> JSONResponse:
+def error_body(path: str, message: str) -> dict[str, str]:
     """The error body for `path`: `{"error": ...}` under /v2 (the protocol's), else
     `{"detail": ...}` (FastAPI's)."""
-    key = "error" if path.startswith("/v2") else "detail"
-    return JSONResponse({key: message}, status_code=status, headers=headers)
+    return {"error" if path.startswith("/v2") else "detail": message}
+
+
+def error_response(path: str, status: int, message: str, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(path, message), status_code=status, headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:
