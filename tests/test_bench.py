@@ -29,7 +29,6 @@ from bench.load import (
     read_response_headers,
     v2_body,
 )
-from bench.machine import CPU_FLAGS, int8_kernels
 from bench.procfs import PeakGrowth, cpu_seconds, process_tree
 from bench.run import (
     HEADLINE_CLIENTS,
@@ -52,6 +51,7 @@ from bench.steady import (
 )
 from bench.tables import PATHS, to_markdown
 from bench.targets import GOODPUT_LOADS, P99_MS, REFUSAL_P99_MS, judge_images, judge_open, met_line
+from service.hardware import CPU_FLAGS, int8_kernels
 
 SMOKE_MODEL = "cifar100-712868"
 
