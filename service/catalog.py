@@ -7,8 +7,10 @@ its card is the default. Every file present is kept loaded (memory grows with th
 number of files: remove old ones to unload them).
 
 A file that cannot be served is reported by name with a short reason (the detail goes
-to the log) and skipped; the others still load. Only regular files are opened, each
-within a time limit, so a FIFO or a hung network mount cannot stall startup.
+to the log) and skipped; the others still load. That includes a file that does not give,
+on this machine, the outputs its self-check promises (service/selfcheck.py). Only regular
+files are opened, each within a time limit, so a FIFO or a hung network mount cannot stall
+startup.
 
 With MODEL_POLL_SECONDS set, `watch` reloads while serving: files added, replaced (by
 rename) or removed are loaded, swapped or unloaded. A request holds the version it
@@ -189,6 +191,7 @@ class Catalog:
                 "version": model.version,
                 "file": path.name,
                 "provider": model.provider,
+                "self_check_seconds": round(model.self_check_seconds or 0.0, 4),
             },
         )
         return served

@@ -2,7 +2,8 @@
 
 A file is accepted only if it is one of ours: uint8 [batch, 32, 32, 3] in,
 probabilities [batch, 100] out, and a model card in its metadata; and it is served only
-once it has run at the batch sizes the micro-batcher will send it (`warm_up`).
+once it has run at the batch sizes the micro-batcher will send it and has given, here, the
+outputs its self-check promises for its reference images (`warm_up`, service/selfcheck.py).
 
 The file is read once: the session is built from those bytes and the version is their
 hash, so a file replaced while it loads is never served under the other file's version.
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service import selfcheck
 from service.config import Settings
 from service.errors import DeviceUnavailable, InvalidModel
 from service.modelcard import (
@@ -45,10 +47,16 @@ DEFAULT_MAX_BATCH_SIZE = Settings.model_fields["batch_max_size"].default  # BATC
 #   warm-up runs the largest batch first, so the arena is at its peak before serving.
 # - do_copy_in_default_stream: copies and kernels on one stream, onnxruntime's safe default,
 #   written here so that it is a choice.
+# - use_tf32: off. On Ampere and newer GPUs onnxruntime computes float32 convolutions and
+#   matmuls in TF32 (10-bit mantissas) by default, which moves the outputs by several times
+#   the 1e-4 a float32 file promises (the export turns TF32 off in Keras for the same
+#   reason); the self-check would refuse every float32 file. float16 files use tensor
+#   cores all the same.
 CUDA_PROVIDER_OPTIONS = {
     "cudnn_conv_algo_search": "HEURISTIC",
     "arena_extend_strategy": "kSameAsRequested",
     "do_copy_in_default_stream": "1",
+    "use_tf32": "0",
 }
 
 
@@ -106,8 +114,10 @@ class Classifier:
                 },
             )
         self._check_signature()
+        metadata = self.session.get_modelmeta().custom_metadata_map
         try:
-            self.card = ModelCard.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+            self.card = ModelCard.from_metadata(metadata)
+            self.self_check = selfcheck.read(metadata)
         except ValueError as err:
             raise InvalidModel(f"{self.path.name}: {err}") from None
         self.output_names = [output.name for output in self.session.get_outputs()]
@@ -119,6 +129,7 @@ class Classifier:
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)
         )
         self.ready = False
+        self.self_check_seconds: float | None = None  # set once the self-check has passed
 
     @property
     def model_id(self) -> str:
@@ -148,8 +159,9 @@ class Classifier:
 
     def warm_up(self) -> None:
         """Run the batch sizes the micro-batcher will send, so the first requests pay for
-        neither allocations nor per-shape set-up; a file that cannot run them is refused
-        (InvalidModel, with the reason) rather than failing every batch later."""
+        neither allocations nor per-shape set-up, then the file's self-check; a file that
+        cannot run them, or does not compute here what it promises, is refused
+        (InvalidModel, with the reason) rather than answering wrongly or failing later."""
         (image_input,) = [i for i in self.session.get_inputs() if i.name == INPUT_NAME]
         batch = image_input.shape[0]
         if isinstance(batch, int) and list(range(1, self.max_batch_size + 1)) != [batch]:
@@ -165,7 +177,34 @@ class Classifier:
                 raise InvalidModel(
                     f"{self.path.name}: its warm-up inference failed (a batch of {size})"
                 ) from err
+        self.check_itself()
         self.ready = True
+
+    def check_itself(self) -> None:
+        """Run the reference images the file carries through this session (this provider,
+        this CPU) and refuse it where an output leaves its tolerance."""
+        if self.self_check is None:
+            raise InvalidModel(
+                f"{self.path.name}: it carries no self-check, so nothing shows that it computes "
+                "here what it was exported to compute; export it again"
+            )
+        started = time.perf_counter()
+        try:
+            problems = self.self_check.run(self._run_in_batches)
+        except Exception as err:  # an output it names that the graph lacks, a failed run
+            raise InvalidModel(f"{self.path.name}: its self-check could not run") from err
+        if problems:
+            raise InvalidModel(
+                f"{self.path.name}: it does not compute on this machine ({self.provider}) what "
+                f"it promises: {'; '.join(problems)}"
+            )
+        self.self_check_seconds = time.perf_counter() - started
+
+    def _run_in_batches(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """`run`, at most max_batch_size images at a time (what the batcher sends)."""
+        step = self.max_batch_size
+        parts = [self.run(images[i : i + step]) for i in range(0, len(images), step)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}

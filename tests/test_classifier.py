@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service import classifier as classifier_module
+from service import selfcheck
 from service.classifier import (
     CPU,
     CUDA,
@@ -24,12 +25,14 @@ from service.classifier import (
 )
 from service.errors import DeviceUnavailable, InvalidModel
 from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.selfcheck import SelfCheck, Tolerance
 from training.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 
 EXPECTED_CUDA_OPTIONS = {
     "cudnn_conv_algo_search": "HEURISTIC",
     "arena_extend_strategy": "kSameAsRequested",
     "do_copy_in_default_stream": "1",
+    "use_tf32": "0",  # a float32 file promises float32 parity (its self-check)
 }
 
 
@@ -79,6 +82,15 @@ def tiny_model(model_id: str = "tiny", seed: int = 0, batch: int | str = "batch"
     )
     onnx.helper.set_model_props(model, card.to_metadata())
     onnx.checker.check_model(model)
+    # Its self-check: what onnxruntime computes for a few images, as an export stores it.
+    references = make_images(np.arange(4), seed=seed)
+    session = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    probabilities = np.concatenate(  # one at a time: a file of fixed batch 1 too
+        [session.run([OUTPUT_NAME], {INPUT_NAME: image[None]})[0] for image in references]
+    )
+    check = SelfCheck(references, {OUTPUT_NAME: probabilities},
+                      [Tolerance(OUTPUT_NAME, "max_abs", 1e-5)])  # fmt: skip
+    model.metadata_props.add(key=selfcheck.METADATA_KEY, value=check.to_metadata())
     return model.SerializeToString()
 
 
@@ -171,7 +183,8 @@ def test_driver_probe_reads_the_kernel_module_version(monkeypatch, tmp_path):
 
 
 def run_sizes(model: Classifier, monkeypatch) -> list[int]:
-    """The batch sizes warm_up hands to onnxruntime."""
+    """The batch sizes warm_up hands to onnxruntime (then the self-check's references,
+    4 images in tiny_model, at most the batch cap at a time)."""
     sizes = []
     real_run = model.session.run
 
@@ -187,17 +200,17 @@ def run_sizes(model: Classifier, monkeypatch) -> list[int]:
 def test_warm_up_on_cuda_runs_powers_of_two_up_to_the_batch_cap(model_file, monkeypatch):
     monkeypatch.setattr(Classifier, "provider", property(lambda self: CUDA))
     model = Classifier(model_file, "cpu", 1, 1, max_batch_size=128)
-    assert run_sizes(model, monkeypatch) == [128, 64, 32, 16, 8, 4, 2, 1]
+    assert run_sizes(model, monkeypatch) == [128, 64, 32, 16, 8, 4, 2, 1, 4]
     assert model.ready
     model = Classifier(model_file, "cpu", 1, 1, max_batch_size=100)  # the cap, then powers
-    assert run_sizes(model, monkeypatch) == [100, 64, 32, 16, 8, 4, 2, 1]
+    assert run_sizes(model, monkeypatch) == [100, 64, 32, 16, 8, 4, 2, 1, 4]
     assert warm_up_sizes(1, CUDA) == [1]
 
 
 def test_warm_up_on_the_cpu_runs_the_batch_cap_and_one(model_file, monkeypatch):
     model = Classifier(model_file, "cpu", 1, 1)
     assert model.max_batch_size == 64  # BATCH_MAX_SIZE's default
-    assert run_sizes(model, monkeypatch) == [64, 1]
+    assert run_sizes(model, monkeypatch) == [64, 1, 4]
     assert warm_up_sizes(256, CPU) == [256, 1]
     assert warm_up_sizes(1, CPU) == [1]
 

@@ -238,12 +238,11 @@ def test_a_familiarity_output_of_another_shape_is_refused(models_dir, tmp_path):
     onnx.save(model, models / "wide.onnx")
     with pytest.raises(triton.RepositoryError, match="familiarity as TYPE_FP32"):
         triton.write_repository(models, tmp_path / "repo")
-    # A file exported before familiarity existed is still described (it has no such output).
+    # Without the output its self-check promises, it cannot prove itself: refused too.
     model.graph.output.remove(output)
     onnx.save(model, models / "wide.onnx")
-    (folder,) = triton.write_repository(models, tmp_path / "repo")
-    config = parse(folder / "config.pbtxt")
-    assert FAMILIARITY_NAME not in [t.name for t in config.output]
+    with pytest.raises(triton.RepositoryError, match="it has no output familiarity"):
+        triton.write_repository(models, tmp_path / "repo")
 
 
 def test_a_graph_with_a_fixed_batch_size_is_refused(models_dir, tmp_path):

@@ -311,6 +311,7 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         card,
         path,
         parity_images=data.test.images[:256],
+        reference_images=data.test.images,
         train_images=data.train.images,
         train_labels=data.train.fine,
         val_images=data.val.images,

@@ -9,7 +9,9 @@ tf.function with an explicit input signature instead. The graph takes uint8 imag
                                  the validation images (training/familiarity.py)
 The first two are checked against Keras, the third against familiarity.py's NumPy
 reference, before anything is written; the model card lists the outputs the file has and
-says how familiarity was calibrated.
+says how familiarity was calibrated. The file carries its own proof: reference test images,
+its outputs for them and the parity tolerances (training/proof.py), which the service
+checks wherever it loads the file and the export checks before writing it.
 """
 
 import contextlib
@@ -31,7 +33,7 @@ from service.modelcard import (
     OUTPUT_NAME,
     ModelCard,
 )
-from training import familiarity
+from training import familiarity, proof
 from training.atomic import write_bytes
 from training.errors import ExportError
 from training.models import build_model
@@ -50,9 +52,12 @@ def export(
     train_images: np.ndarray,
     train_labels: np.ndarray,
     val_images: np.ndarray,
+    reference_images: np.ndarray | None = None,
 ) -> onnx.ModelProto:
     """Convert, fit familiarity on the training images and calibrate it on the validation
-    images, check parity on `parity_images`, then write `path` atomically."""
+    images, check parity on `parity_images`, store the self-check (its reference images
+    drawn from `reference_images`, by default `parity_images`), check it, then write
+    `path` atomically."""
     model = float32_twin(model)
     fitted = fit_familiarity(model, train_images, train_labels, val_images)
     proto = to_onnx(model)
@@ -67,6 +72,10 @@ def export(
         f"CIFAR-100 classifier {card.model_id}: uint8 NHWC images in, probabilities out"
     )
     check_parity(proto, model, parity_images, fitted)
+    candidates = parity_images if reference_images is None else reference_images
+    check = proof.float32_check(proto, candidates, fitted, probabilities_tolerance=MAX_ABS_DIFF,
+                                features_tolerance=MAX_ABS_DIFF)  # fmt: skip
+    proof.attach(proto, proof.checked(proto, check))
     write_bytes(path, proto.SerializeToString())
     return proto
 

@@ -200,16 +200,12 @@ def parity_failure(
     onnx_familiarity = np.asarray(onnx_familiarity)
     if onnx_familiarity.shape != (len(features), 1):
         return f"familiarity has shape {onnx_familiarity.shape}, expected ({len(features)}, 1)"
-    score = distances(familiarity, features)
-    z = (np.asarray(features, dtype=np.float64) - familiarity.center) @ familiarity.whitening
-    largest_mean = float(np.sqrt((familiarity.means**2).sum(axis=1).max()))
-    band = SCORE_RTOL * (np.sqrt((z**2).sum(axis=1)) + largest_mean) ** 2
-    validation = familiarity.validation_distances
-    lowest = ranks_above(validation, score + band)[:, 0] - MEAN_ATOL
-    highest = ranks_above(validation, score - band)[:, 0] + MEAN_ATOL
+    lowest, highest = rank_bounds(familiarity, features)
+    lowest, highest = lowest - MEAN_ATOL, highest + MEAN_ATOL
     got = onnx_familiarity[:, 0]
     outside = ~((lowest <= got) & (got <= highest))  # a NaN is outside too
-    exact = ranks_above(validation, score)[:, 0]
+    validation = familiarity.validation_distances
+    exact = familiarity_of(familiarity, features)[:, 0]
     print(
         f"Familiarity parity on {len(got)} images: max |onnx - reference| = "
         f"{float(np.abs(got - exact).max()):.2e} ({len(validation)} validation distances), "
@@ -224,6 +220,18 @@ def parity_failure(
             f"{highest[i] - MEAN_ATOL:.6f}"
         )
     return None
+
+
+def rank_bounds(familiarity: Familiarity, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N] lowest and highest familiarity that float32 rounding of these features'
+    distances can give (see `parity_failure`): equal where no validation distance lies
+    within the rounding band, so any correct float32 computation gives that exact value."""
+    score = distances(familiarity, features)
+    z = (np.asarray(features, dtype=np.float64) - familiarity.center) @ familiarity.whitening
+    largest_mean = float(np.sqrt((familiarity.means**2).sum(axis=1).max()))
+    band = SCORE_RTOL * (np.sqrt((z**2).sum(axis=1)) + largest_mean) ** 2
+    validation = familiarity.validation_distances
+    return ranks_above(validation, score + band)[:, 0], ranks_above(validation, score - band)[:, 0]
 
 
 # The graph.

@@ -13,7 +13,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME, ModelCard
+from service.classifier import content_version
+from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, OUTPUT_NAME, ModelCard
+from service.selfcheck import SelfCheck, Tolerance
+from training import proof
 from training.data import Cifar100
 from training.twins import (
     ancestors,
@@ -21,6 +24,7 @@ from training.twins import (
     card_of,
     check_same_signature,
     compare_with_float,
+    float_self_check,
     name_nodes,
     set_card,
     twin_card,
@@ -45,8 +49,10 @@ def float16_model_id(model_id: str) -> str:
 
 def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
     """Convert `source` to float16 and write `target` only if it matches the float model
-    on the test split (FLOAT16_*, on onnxruntime's CPU provider); else ExportError."""
+    on the test split (FLOAT16_*, on onnxruntime's CPU provider) and keeps its self-check
+    here; else ExportError."""
     content = Path(source).read_bytes()
+    float_check = float_self_check(content)
     data = as_trained(data, card_of(onnx.load_from_string(content)))
     proto = converted_float16(content)
     card = card_of(proto)
@@ -68,8 +74,25 @@ def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
         f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f})",
         flush=True,
     )
+    check = proof.twin_check(float_check, content_version(content), float16_tolerances(
+        len(float_check.images), float_check))  # fmt: skip
     return write_twin(proto, card, comparison, target, float16_problems(comparison),
-                      "the float16 graph differs from the float32 one")  # fmt: skip
+                      "the float16 graph differs from the float32 one", check)  # fmt: skip
+
+
+def float16_tolerances(references: int, float_check: SelfCheck) -> list[Tolerance]:
+    """The float16 gate's limits, as the file's promise on its reference images wherever
+    it loads (a GPU's tensor cores included); top-1 agreement as a binomial bound."""
+    gate = "the float16 gate's limit"
+    tolerances = [
+        Tolerance(OUTPUT_NAME, "max_abs", FLOAT16_MAX_ABS_DIFF, gate),
+        Tolerance(OUTPUT_NAME, "top1_disagreements",
+                  proof.disagreement_bound(references, 1 - FLOAT16_MIN_AGREEMENT),
+                  f"top-1 agreement of at least {FLOAT16_MIN_AGREEMENT:.1%}"),
+        Tolerance(FEATURES_NAME, "max_relative", FLOAT16_MAX_FEATURES_DIFF, gate),
+        Tolerance(FAMILIARITY_NAME, "max_abs", FLOAT16_MAX_FAMILIARITY_DIFF, gate),
+    ]  # fmt: skip
+    return [t for t in tolerances if t.output in float_check.expected]
 
 
 def float16_problems(comparison: dict) -> list[str]:

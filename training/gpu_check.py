@@ -309,6 +309,8 @@ def serve(
                 f"expected both models on {expected}, got {providers} "
                 f"(failed: {listing.get('failed')})"
             )
+        # The service serves a file only once its self-check has passed on this provider.
+        print(f"gpu-check: every model's self-check passed on {expected}", flush=True)
         if device == "cuda":
             print(f"gpu-check: GPU memory while serving: {gpu_memory()}", flush=True)
         for model_id in MODEL_IDS:

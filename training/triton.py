@@ -5,7 +5,7 @@ For every models/<id>.onnx, out/ gets:
                              cuDNN's heuristic search, warm-up at the batch sizes it will run
     <id>/configs/cpu.pbtxt   the same on the CPU (tritonserver --model-config-name=cpu)
     <id>/labels.txt          the 100 class names in class-index order (Triton's classification)
-    <id>/1/model.onnx        the export, byte for byte
+    <id>/1/model.onnx        the export, byte for byte, once its self-check has passed here
 
 Everything comes from the ONNX file and its model card: no TensorFlow, so the service's
 dependencies are enough to run it. Triton's own schema (ModelConfig in model_config.proto) is
@@ -20,6 +20,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from service.classifier import Classifier
+from service.errors import InvalidModel
 from service.modelcard import (
     FAMILIARITY_NAME,
     IMAGE_SIZE,
@@ -82,15 +84,20 @@ def write_repository(models_dir: Path, out: Path) -> list[Path]:
     paths = sorted(Path(models_dir).glob("*.onnx"))
     if not paths:
         raise RepositoryError(f"no exported model in {models_dir}; run train-export first")
-    # Every file is checked before anything is written: one bad file writes nothing.
+    # Every file is checked before anything is written: one bad file writes nothing. That
+    # includes its self-check, run by the service's own code on this CPU: Triton runs the
+    # same bytes with the same onnxruntime kernels.
     described = []
     for path in paths:
         try:
             model = onnx.load(path)
             card = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props})
             described.append((path, card, tensor_specs(model), labels(card)))
+            Classifier(path, "cpu", 1, 1).check_itself()
         except (ValueError, DecodeError) as err:
             raise RepositoryError(f"{path}: {err}") from None
+        except InvalidModel as err:
+            raise RepositoryError(f"{path}: {err.message.removeprefix(path.name + ': ')}") from None
     written = []
     for path, card, tensors, label_text in described:
         folder = Path(out) / card.model_id

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from service.classifier import content_version
+from service.modelcard import FEATURES_NAME, OUTPUT_NAME, ModelCard
+from service.selfcheck import SelfCheck
+from training import proof
 from training.atomic import write_bytes
 from training.data import Cifar100, without_classes
 from training.errors import ExportError
 from training.evaluate import compute_metrics, known_test_images
+from training.proof import run
 
 PRECISIONS = ("float32", "int8", "float16")
 
@@ -68,21 +71,11 @@ def name_nodes(proto: onnx.ModelProto) -> None:
 # Measuring a twin against the float model.
 
 
-def run_all(model: bytes | onnx.ModelProto, images: np.ndarray, batch: int = 256) -> dict:
-    """Every output of `model` for `images`, on onnxruntime's CPU provider, in batches."""
-    content = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    parts = [session.run(names, {INPUT_NAME: images[i : i + batch]})
-             for i in range(0, len(images), batch)]  # fmt: skip
-    return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(names)}
-
-
 def compare_with_float(source: bytes, twin: onnx.ModelProto, data: Cifar100) -> dict:
     """The twin's test-split metrics, the float model's top-1 accuracy on the same images,
     their top-1 agreement and how far the other outputs moved: what the card records."""
-    reference = run_all(source, data.test.images)
-    outputs = run_all(twin, data.test.images)
+    reference = run(source, data.test.images)
+    outputs = run(twin, data.test.images)
     card = card_of(twin)
     metrics = compute_metrics(
         outputs[OUTPUT_NAME], data.test.fine, card.fine_to_coarse, card.class_names,
@@ -133,8 +126,7 @@ def twin_card(
         "precision": precision,
         "converted_from": {
             "model_id": card.model_id,
-            # As the service names versions (service.classifier.content_version).
-            "version": hashlib.sha256(source).hexdigest()[:12],
+            "version": content_version(source),  # as the service names versions
             "sha256": hashlib.sha256(source).hexdigest(),
         },
         **details,
@@ -152,21 +144,41 @@ def set_card(proto: onnx.ModelProto, card: ModelCard) -> None:
     )
 
 
+def float_self_check(content: bytes) -> SelfCheck:
+    """The float32 file's self-check, verified here first: a twin's references are that
+    file's, and a twin measured against a file that fails here would prove nothing."""
+    check = proof.read(onnx.load_from_string(content))
+    if check is None:
+        raise ExportError(
+            "the float32 file carries no self-check (its reference images and outputs): "
+            "export it again with `python -m training export` before converting it"
+        )
+    try:
+        return proof.checked(onnx.load_from_string(content), check)
+    except ExportError as err:
+        raise ExportError(f"the float32 file: {err}") from None
+
+
 def write_twin(
     proto: onnx.ModelProto,
     card: ModelCard,
-    evaluation: dict,
+    evaluation: dict | None,
     target: Path,
     problems: list[str],
     broken: str,
+    check: SelfCheck,
 ) -> ModelCard:
-    """The twin's gate, then its file: ExportError (`broken`, then `problems`) and nothing
-    written when it breaks the float model's promise; else `target`, with `evaluation` in
-    its card."""
+    """The twin's gate, then its file: ExportError (`broken`, then `problems`, then the
+    promises of `check` it breaks here) and nothing written when it breaks the float
+    model's promise; else `target`, with `evaluation` in its card and `check` inside."""
+    problems = problems or [
+        f"on its reference images, {problem}" for problem in proof.problems(proto, check)
+    ]
     if problems:
         raise ExportError(f"{broken}: {'; '.join(problems)}; not writing {Path(target).name}")
     card = dataclasses.replace(card, evaluation=evaluation)
     set_card(proto, card)
+    proof.attach(proto, proof.verified(check))
     write_bytes(Path(target), proto.SerializeToString())
     return card
 
