@@ -149,6 +149,12 @@ def openapi_schema(config) -> dict[str, Any]:
     return _schema
 
 
+def first_sentence(operation: dict) -> str:
+    """An operation's docstring's first sentence, else FastAPI's summary."""
+    text = " ".join((operation.get("description") or "").split())
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] or operation.get("summary", "")
+
+
 def openapi_reference(config) -> str:
     schema = openapi_schema(config)
     lines = [
@@ -159,8 +165,7 @@ def openapi_reference(config) -> str:
     ]
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            summary = operation.get("summary", "").replace("|", "\\|")
-            lines.append(f"| `{method.upper()}` | `{path}` | {summary} |")
+            lines.append(f"| `{method.upper()}` | `{path}` | {_prose(first_sentence(operation))} |")
     whole = json.dumps(schema, indent=2)
     lines += [
         "",
