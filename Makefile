@@ -13,7 +13,7 @@ MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
 .PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
-	bench-profile triton-repo gpu-check
+	bench-profile triton-repo gpu-check docs docs-build
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13 (TensorFlow 2.21 has no wheels for others); install one or set PYTHON=/path/to/python3.1x" >&2; exit 1; }
@@ -32,8 +32,16 @@ train-export: setup
 report: setup
 	$(PY) -m training report
 
-test: setup lint
+test: setup lint docs-build
 	$(PY) -m pytest
+
+# The documentation: docs-build checks it (--strict: a dead link or anchor, or a setting
+# name that is no longer a setting, fails) into site/; docs serves it while you edit.
+docs-build: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:8001
 
 lint: setup
 	$(PY) -m ruff check .
