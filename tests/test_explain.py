@@ -5,14 +5,16 @@ import json
 import re
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
-from service import explain
 from service.classifier import file_version
 from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
+from service.selfcheck import SelfCheck
 from tests.service_helpers import encode, serve, upload
 from tests.synthetic import CLASS_NAMES
+from training import proof
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
 
@@ -29,25 +31,92 @@ def one(image: np.ndarray) -> list:
 # --- /explain ------------------------------------------------------------------------
 
 
+def occlusion_by_hand(path, image: np.ndarray, class_id: int, patch: int, stride: int):
+    """The map computed without the service's code: square by square, each a separate
+    run of the file on a copy whose covered pixels are 128; then pixel by pixel, the mean
+    drop of the class over every square covering that pixel. Positions step by `stride`,
+    plus one flush with the far edge when the steps miss it."""
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def probability(picture: np.ndarray) -> float:
+        return float(session.run([OUTPUT_NAME], {INPUT_NAME: picture[None]})[0][0, class_id])
+
+    starts = sorted({*range(0, 32 - patch + 1, stride), 32 - patch})
+    squares = []
+    for top in starts:
+        for left in starts:
+            covered = image.copy()
+            covered[top : top + patch, left : left + patch] = 128
+            squares.append((top, left, probability(image) - probability(covered)))
+    heat = np.zeros((32, 32))
+    for y in range(32):
+        for x in range(32):
+            drops = [d for top, left, d in squares
+                     if top <= y < top + patch and left <= x < left + patch]  # fmt: skip
+            heat[y, x] = sum(drops) / len(drops)
+    return heat
+
+
+def assert_same_map(got, expected) -> None:
+    """Equal to 1 % of the map's scale, and that scale far above onnxruntime's batch-size
+    noise (~1e-7): a transposed, summed, scaled or other-class map is far outside it."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    scale = float(np.abs(expected).max())
+    assert scale > 1e-3, scale
+    np.testing.assert_allclose(got, expected, rtol=0, atol=0.01 * scale)
+
+
+def clearest(path, images, stride: int = 4) -> tuple[int, int]:
+    """(image index, class id) whose map is largest among each image's top two classes:
+    a model sure of a class barely moves when covered (maps of ~1e-6 say nothing)."""
+    probabilities = run_file(path, images, OUTPUT_NAME)
+    best, pick = -1.0, (0, 0)
+    for i, row in enumerate(probabilities):
+        for class_id in np.argsort(row)[-2:]:
+            scale = np.abs(occlusion_by_hand(path, images[i], int(class_id), 8, stride)).max()
+            if scale > best:
+                best, pick = scale, (i, int(class_id))
+    return pick
+
+
 @pytest.mark.parametrize("model_id", [LARGE, SMALL])
-def test_explain_maps_the_drop_of_the_top_class(client, models_dir, images, model_id):
-    response = client.post(f"/explain?model={model_id}", files=one(images[1]))
-    assert response.status_code == 200, response.text
-    body = response.json()
-    (answer,) = body["explanations"]
+def test_explain_maps_the_drop_of_a_class_as_computed_by_hand(client, models_dir, images,
+                                                              model_id):  # fmt: skip
     path = models_dir / f"{model_id}.onnx"
-    # The reference: the same copies through the file itself.
-    copies = explain.copies(images[1], patch=8, stride=4)
-    probabilities = run_file(path, copies, OUTPUT_NAME)
-    top = int(probabilities[0].argmax())
-    assert answer["class_id"] == top and answer["label"] == CLASS_NAMES[top]
-    assert answer["probability"] == pytest.approx(float(probabilities[0, top]), abs=1e-5)
-    expected = explain.heat_map(probabilities, top, 8, 4)
-    heat = np.array(answer["heat_map"])
-    assert heat.shape == (32, 32)
-    np.testing.assert_allclose(heat, expected, atol=1e-4)
+    i, class_id = clearest(path, images)
+    response = client.post(f"/explain?model={model_id}&class={class_id}", files=one(images[i]))
+    assert response.status_code == 200, response.text
+    (answer,) = response.json()["explanations"]
+    assert answer["class_id"] == class_id and answer["label"] == CLASS_NAMES[class_id]
+    probability = run_file(path, images[i : i + 1], OUTPUT_NAME)[0, class_id]
+    assert answer["probability"] == pytest.approx(float(probability), abs=1e-5)
     assert (answer["patch"], answer["stride"]) == (8, 4)
-    assert np.abs(heat).max() > 0  # covering parts of the image moved the answer
+    assert_same_map(answer["heat_map"], occlusion_by_hand(path, images[i], class_id, 8, 4))
+
+
+def test_explain_with_a_stride_that_misses_the_edge(monkeypatch, models_dir, images):
+    """Stride 5: squares at 0, 5, ..., 20 and one flush at 24, so the last 4 columns and
+    rows are covered too (1 + 6 x 6 images of work)."""
+    path = models_dir / f"{SMALL}.onnx"
+    with serve(monkeypatch, models_dir, explain_stride=5) as client:
+        i, class_id = clearest(path, images, stride=5)
+        body = client.post(f"/explain?model={SMALL}&class={class_id}", files=one(images[i]))
+        assert body.status_code == 200, body.text
+        (answer,) = body.json()["explanations"]
+        assert answer["stride"] == 5
+        assert_same_map(answer["heat_map"], occlusion_by_hand(path, images[i], class_id, 8, 5))
+        version = file_version(path)
+        text = client.get("/metrics").text
+        assert f'images_classified_total{{model="{SMALL}",version="{version}"}} 37.0' in text
+
+
+def test_an_explanation_that_outlives_its_deadline_is_a_504(monkeypatch, models_dir, images):
+    """Stride 1: 626 images of work in one request, against a deadline of 10 ms."""
+    with serve(monkeypatch, models_dir, explain_stride=1, max_images_per_request=1000,
+               max_queue_images=1000, request_timeout_seconds=0.01) as client:  # fmt: skip
+        response = client.post("/explain", files=one(images[0]))
+        assert response.status_code == 504, response.text
+        assert "deadline" in response.json()["detail"].lower()
 
 
 def test_explain_another_class_by_label_or_id(client, models_dir, images):
@@ -171,31 +240,35 @@ def test_metrics_watch_every_answered_image(client, models_dir, images):
 
 def test_v2_explains_one_image_as_explain_does(client, models_dir, images):
     """The same map under the Open Inference Protocol: one image as an inference request,
-    binary or JSON, its top class or `parameters.class`."""
+    binary or JSON, its top class or `parameters.class`, at a version or the default."""
+    path = models_dir / f"{SMALL}.onnx"
+    i, class_id = clearest(path, images)
     head = json.dumps({
         "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
                     "parameters": {"binary_data_size": 3072}}],
-        "parameters": {"class": 5},
+        "parameters": {"class": class_id},
     }).encode()  # fmt: skip
-    response = client.post(
-        f"/v2/models/{SMALL}/explain",
-        content=head + images[2].tobytes(),
-        headers={"Inference-Header-Content-Length": str(len(head))},
-    )
-    assert response.status_code == 200, response.text
-    outputs = {o["name"]: o for o in response.json()["outputs"]}
-    probabilities = run_file(models_dir / f"{SMALL}.onnx", explain.copies(images[2], 8, 4),
-                             OUTPUT_NAME)  # fmt: skip
-    assert outputs["class"]["data"] == [5] and outputs["heat_map"]["shape"] == [1, 32, 32]
-    np.testing.assert_allclose(
-        np.array(outputs["heat_map"]["data"]).reshape(32, 32),
-        explain.heat_map(probabilities, 5, 8, 4),
-        atol=1e-4,
-    )
-    by_page = client.post(f"/explain?model={SMALL}&class=5", files=one(images[2])).json()
+    expected = occlusion_by_hand(path, images[i], class_id, 8, 4)
+    for url in (f"/v2/models/{SMALL}/explain",
+                f"/v2/models/{SMALL}/versions/{file_version(path)}/explain"):  # fmt: skip
+        response = client.post(
+            url,
+            content=head + images[i].tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
+        assert response.status_code == 200, response.text
+        outputs = {o["name"]: o for o in response.json()["outputs"]}
+        assert outputs["class"]["data"] == [class_id]
+        assert outputs["heat_map"]["shape"] == [1, 32, 32]
+        assert_same_map(np.array(outputs["heat_map"]["data"]).reshape(32, 32), expected)
+    by_page = client.post(f"/explain?model={SMALL}&class={class_id}", files=one(images[i])).json()
     assert outputs["probability"]["data"][0] == pytest.approx(
         by_page["explanations"][0]["probability"], abs=1e-6
     )
+    unknown = client.post(f"/v2/models/{SMALL}/versions/000000000000/explain",
+                          content=head + images[i].tobytes(),
+                          headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+    assert unknown.status_code == 404
     two = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 32, 32, 3],
                        "data": images[:2].ravel().tolist()}]}  # fmt: skip
     assert client.post(f"/v2/models/{SMALL}/explain", content=json.dumps(two)).status_code == 413
@@ -204,3 +277,32 @@ def test_v2_explains_one_image_as_explain_does(client, models_dir, images):
                  "parameters": {"class": 100}}  # fmt: skip
     refused = client.post(f"/v2/models/{SMALL}/explain", content=json.dumps(one_image))
     assert refused.status_code == 400 and "class" in refused.json()["error"]
+
+
+def test_a_file_without_familiarity_answers_null_and_refuses_a_floor(monkeypatch, model_copy,
+                                                                      images):  # fmt: skip
+    """A file of our contract that has no familiarity output (its self-check promises
+    none either): answers carry null, and a floor it cannot apply is a 422, on /predict
+    and /v2."""
+    path = model_copy / f"{SMALL}.onnx"
+    proto = onnx.load(path)
+    (output,) = [o for o in proto.graph.output if o.name == FAMILIARITY_NAME]
+    proto.graph.output.remove(output)
+    check = proof.read(proto)
+    kept = [t for t in check.tolerances if t.output != FAMILIARITY_NAME]
+    expected = {k: v for k, v in check.expected.items() if k != FAMILIARITY_NAME}
+    proof.attach(proto, SelfCheck(check.images, expected, kept, check.source))
+    onnx.save(proto, path)
+    with serve(monkeypatch, model_copy) as client:
+        assert client.get("/models").json()["failed"] == {}
+        answer = client.post(f"/predict?model={SMALL}", files=upload(encode(images[0])))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"][0]["familiarity"] is None
+        floor = client.post(f"/predict?model={SMALL}&min_familiarity=0.5",
+                            files=upload(encode(images[0])))  # fmt: skip
+        assert floor.status_code == 422 and "familiarity" in floor.json()["detail"]
+        request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+                               "data": images[0].ravel().tolist()}],
+                   "parameters": {"min_familiarity": 0.5}}  # fmt: skip
+        refused = client.post(f"/v2/models/{SMALL}/infer", content=json.dumps(request))
+        assert refused.status_code == 422 and "familiarity" in refused.json()["error"]
