@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -170,13 +171,22 @@ def run(
     progress = Progress(sum(expected.values()), progress_every)
     pending: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)
+    written: set[int] = set()
     for table in stream(inputs, todo, shard_size, model, options, resources):
-        for shard in set(table["shard"].to_pylist()):
+        for shard in set(table["shard"].to_pylist()) - written:
             part = table.filter(pc.equal(table["shard"], shard))
             pending[shard].append(part)
             counts[shard] += part.num_rows
-            if counts[shard] == expected[shard]:
-                rows = pa.concat_tables(pending.pop(shard)).sort_by("index").drop(["shard"])
+            if counts[shard] < expected[shard]:
+                continue
+            # Each input once, in input order (a batch that Ray ran twice, after an actor
+            # was restarted, comes back twice).
+            rows = pa.concat_tables(pending[shard])
+            _, first = np.unique(rows["index"].to_numpy(), return_index=True)
+            if len(first) == expected[shard]:
+                del pending[shard]
+                written.add(shard)
+                rows = rows.take(first).drop(["shard"])
                 summary["errors"] += rows.num_rows - rows["error"].null_count
                 write_atomic(
                     output / shard_name(shard), lambda tmp, rows=rows: pq.write_table(rows, tmp)
