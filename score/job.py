@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from score.inputs import Inputs
-from score.scorer import INPUT_SCHEMA, Options
+from score.scorer import INPUT_SCHEMA, Options, Scorer
 from service.catalog import Served, default_version
 from service.classifier import Classifier
 
@@ -237,8 +237,6 @@ def stream(
         threads=resources.cpus_per_actor,
         **options,
     )
-    from score.scorer import Scorer
-
     answers = dataset.map_batches(
         Scorer,
         fn_constructor_kwargs={"options": scorer_options},
