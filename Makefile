@@ -13,13 +13,13 @@ MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
 .PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
-	bench-profile triton-repo gpu-check docs docs-build
+	bench-profile triton-repo gpu-check docs docs-build score
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13 (TensorFlow 2.21 has no wheels for others); install one or set PYTHON=/path/to/python3.1x" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,dev]'
+	$(PY) -m pip install --quiet -e '.[train,dev,score]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -64,6 +64,16 @@ bench: setup
 # into their own virtual environments under bench-results/peers/).
 bench-peers: setup
 	$(PY) -m bench --peers
+
+# Classify a folder, glob, list of paths (.parquet/.csv) or cifar-100-python archive into
+# Parquet shards under OUTPUT, on Ray Data (local Ray, or the cluster RAY_ADDRESS names);
+# a rerun resumes. SCORE_FLAGS: more options (--resize, --features, --top-k; see --help).
+MODEL ?= cifar100-5735844
+MODELS_DIR ?= models
+SCORE_FLAGS ?=
+score: setup
+	@test -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "make score: set INPUT=... and OUTPUT=... (and MODEL=...)" >&2; exit 1; }
+	$(PY) -m score --model $(MODEL) --models-dir $(MODELS_DIR) --input '$(INPUT)' --output '$(OUTPUT)' $(SCORE_FLAGS)
 
 # Faults and overload on loopback, one table. SOAK_SECONDS: length of the soak.
 SOAK_SECONDS ?= 150

@@ -4,6 +4,7 @@
                                         naive server and (opt-in) peers (bench/run.py)
   python -m bench faults ...            faults, overload and amplification (bench/faults.py)
   python -m bench profile ...           where each request's CPU goes (bench/profile.py)
+  python -m bench score ...             the score job against the ceiling (bench/scorejob.py)
 Without a mode name, the options are run's: `python -m bench --peers` is `run --peers`.
 """
 
@@ -11,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import faults, profile, run
+from bench import faults, profile, run, scorejob
 
-MODES = {"run": run, "faults": faults, "profile": profile}
+MODES = {"run": run, "faults": faults, "profile": profile, "score": scorejob}
 
 
 def one_model_options() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""The score job: offline classification on Ray Data (python -m score)."""

@@ -1,0 +1,181 @@
+"""One batch of images -> one Arrow table of answers: the work each Ray actor does.
+
+Every step is the service's own. Bytes are opened and decoded by service/images.py (the
+same formats, limits and resize), probabilities come from service/classifier.py's
+Classifier on the same ONNX file (checked by its content hash), and each answer is shaped
+by service/schemas.describe, the function /predict answers with. A file that cannot be
+read or decoded becomes a row with `error` set; the rest of its batch goes on.
+
+Nothing here knows of Ray: an actor is an instance of `Scorer`, a batch a pyarrow.Table.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs
+
+from service.classifier import Classifier
+from service.errors import ServiceError, UploadTooLarge
+from service.images import bound_metadata, decode, open_image
+from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, IMAGE_SIZE, OUTPUT_NAME
+from service.schemas import describe
+
+SQUARE = (IMAGE_SIZE, IMAGE_SIZE)
+
+# What goes in: one row per image, its bytes read by the actor (`path`), or its pixels
+# already decoded (`pixels`, uint8 32x32x3 row-major: CIFAR-100's pickles).
+INPUT_SCHEMA = pa.schema(
+    [("shard", pa.int32()), ("index", pa.int64()), ("path", pa.string()), ("pixels", pa.binary())]
+)
+
+
+def output_schema(features: bool) -> pa.Schema:
+    """One row per image: /predict's answer, flattened into columns, or an error."""
+    fields = [
+        ("shard", pa.int32()),
+        ("index", pa.int64()),
+        ("path", pa.string()),
+        ("model_id", pa.string()),
+        ("model_version", pa.string()),
+        ("top_k_ids", pa.list_(pa.int32())),
+        ("top_k_labels", pa.list_(pa.string())),
+        ("top_k_probabilities", pa.list_(pa.float32())),
+        ("superclass_id", pa.int32()),
+        ("superclass", pa.string()),
+        ("superclass_probability", pa.float32()),
+        ("familiarity", pa.float32()),  # null where the file has no familiarity output
+    ]
+    if features:
+        fields.append(("features", pa.list_(pa.float32())))
+    fields.append(("error", pa.string()))  # null on success; then every answer column is null
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every actor is built with (picklable: Ray sends it to each)."""
+
+    model_path: str
+    model_version: str  # the driver's hash of the file: every actor must load the same bytes
+    top_k: int
+    resize: bool
+    features: bool
+    max_bytes: int  # per file (the service's MAX_UPLOAD_BYTES)
+    max_pixels: int  # per image (the service's MAX_IMAGE_PIXELS)
+    batch_size: int  # images per onnxruntime call: what the warm-up runs
+    device: str  # cpu, cuda or auto, as the service's DEVICE
+    threads: int  # onnxruntime intra-op threads: the CPUs the actor holds
+
+
+class Scorer:
+    """One onnxruntime session, warmed up; called with batches of INPUT_SCHEMA rows."""
+
+    def __init__(self, options: Options) -> None:
+        bound_metadata()  # Pillow's limits on PNG metadata, as the service sets them
+        self.options = options
+        self.model = Classifier(
+            Path(options.model_path),
+            options.device,
+            options.threads,
+            1,
+            max_batch_size=options.batch_size,
+        )
+        if self.model.version != options.model_version:
+            raise RuntimeError(
+                f"{options.model_path} on this node is version {self.model.version}, not the "
+                f"{options.model_version} the job started with: every node must see one file"
+            )
+        self.model.warm_up()
+        self.outputs = [OUTPUT_NAME]
+        if FAMILIARITY_NAME in self.model.output_widths:
+            self.outputs.append(FAMILIARITY_NAME)
+        if options.features:
+            self.outputs.append(FEATURES_NAME)
+        self.schema = output_schema(options.features)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        paths = batch["path"].to_pylist()
+        pixels = batch["pixels"].to_pylist()
+        images: list[np.ndarray] = []
+        good: list[int] = []  # row of each image in `images`
+        errors: list[str | None] = [None] * len(paths)
+        for row, (path, raw) in enumerate(zip(paths, pixels, strict=True)):
+            try:
+                images.append(self.load(path, raw))
+                good.append(row)
+            except Exception as err:  # one file's fault, whatever it is, is its row's
+                errors[row] = problem(err)
+        columns = {name: [None] * len(paths) for name in self.schema.names}
+        columns["shard"] = batch["shard"].to_pylist()
+        columns["index"] = batch["index"].to_pylist()
+        columns["path"] = paths
+        columns["error"] = errors
+        size = self.options.batch_size
+        for start in range(0, len(good), size):
+            rows = good[start : start + size]
+            outputs = self.model.run(np.stack(images[start : start + size]), self.outputs)
+            self.fill(columns, rows, paths, outputs)
+        return pa.table(columns, schema=self.schema)
+
+    def load(self, path: str, pixels: bytes | None) -> np.ndarray:
+        """uint8 [32, 32, 3] of one input, as /predict decodes an upload."""
+        if pixels is not None:
+            return np.frombuffer(pixels, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
+        data = read_file(path, self.options.max_bytes)
+        image = open_image(data, self.options.resize, self.options.max_pixels)
+        return decode(image, resize=image.size != SQUARE)
+
+    def fill(
+        self, columns: dict[str, list], rows: list[int], paths: list[str], outputs: dict
+    ) -> None:
+        familiarity = outputs.get(FAMILIARITY_NAME)
+        for i, row in enumerate(rows):
+            answer = describe(
+                self.model,
+                outputs[OUTPUT_NAME][i],
+                self.options.top_k,
+                paths[row],
+                None if familiarity is None else float(familiarity[i, 0]),
+            )
+            columns["model_id"][row] = self.model.model_id
+            columns["model_version"][row] = self.model.version
+            columns["top_k_ids"][row] = [c.class_id for c in answer.top_k]
+            columns["top_k_labels"][row] = [c.label for c in answer.top_k]
+            columns["top_k_probabilities"][row] = [c.probability for c in answer.top_k]
+            columns["superclass_id"][row] = answer.superclass.superclass_id
+            columns["superclass"][row] = answer.superclass.label
+            columns["superclass_probability"][row] = answer.superclass.probability
+            columns["familiarity"][row] = answer.familiarity
+            if FEATURES_NAME in outputs:
+                columns["features"][row] = outputs[FEATURES_NAME][i]
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+    """A file's bytes, local or an object store URI (s3://, gs://: pyarrow's filesystems);
+    UploadTooLarge above `max_bytes`, told by its size before anything is read."""
+    if "://" in path:
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+        size = filesystem.get_file_info(inner).size
+        opener = lambda: filesystem.open_input_stream(inner)  # noqa: E731
+    else:
+        size = os.stat(path).st_size
+        opener = lambda: open(path, "rb")  # noqa: E731, SIM115
+    if size is not None and size > max_bytes:
+        raise UploadTooLarge(f"the file is {size:,} bytes; the limit is {max_bytes:,} per image")
+    with opener() as file:
+        data = file.read(max_bytes + 1)  # a file that grew since its size was read
+    if len(data) > max_bytes:
+        raise UploadTooLarge(f"the file is over {max_bytes:,} bytes, the limit per image")
+    return data
+
+
+def problem(err: Exception) -> str:
+    """The error column's text: the service's own message where it has one."""
+    if isinstance(err, ServiceError):
+        return err.message
+    if isinstance(err, OSError):
+        return f"cannot read the file: {err.strerror or err}"
+    return f"{type(err).__name__}: {err}"
