@@ -45,6 +45,10 @@ OTHER_VARIABLES = {
     "HOST_REPORTS_DIR": "docker compose: the host's reports folder",
     "IMAGE_TAG": "docker compose: the images' tag",
     "API_KEY": "the page's curl examples: the key you hold",
+    "RAY_ADDRESS": "Ray: the cluster the score job joins",
+    "RAY_AUTH_TOKEN": "Ray: the token a driver joining a cluster presents",
+    "RAY_AUTH_TOKEN_PATH": "Ray: a file holding that token",
+    "SCORE_FLAGS": "Makefile: extra flags for make score",
 }
 TARGETS_SOURCE = re.compile(r" \(issue #\d+\)")
 
