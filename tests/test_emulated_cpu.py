@@ -4,13 +4,21 @@ onnxruntime picks its kernels from CPUID when it starts: on a CPU with AVX-512 V
 AMX its int8 and float paths differ from an AVX2-only CPU's, and a promise measured on
 one need not hold on the other. Debian's qemu-user runs this project's Python under an
 emulated Haswell (AVX2 and FMA; no AVX-512, no VNNI, no AMX), so onnxruntime takes its
-AVX2 paths. Emulation is slow: the models are trained and exported natively (the
-session's fixtures), the twins made natively too; then, emulated:
-  - every file's self-check, as the service runs it when it loads the file (the float
-    file, and the int8 and float16 twins made on the native CPU);
-  - the familiarity calibration: the validation images' ranks are 0, 1/V, ..., (V-1)/V;
-  - `export --precision int8` and `float16` made there: their gates and self-checks hold;
-and natively again, the twins made under emulation pass their self-checks here.
+AVX2 paths.
+
+Emulation costs about a hundred times the native time for float convolutions (measured:
+~0.6 s per image for the small model's float file), so only what must run on the AVX2
+kernels runs there, on files made natively (by the session's fixtures, on whatever CPU
+runs the suite: an AVX-512 or AMX machine is the case that matters):
+  - every file's self-check, as the service runs it when it loads the file: the float
+    file (its familiarity ranks against its stored validation distances included), the
+    int8 and the float16 twins;
+  - the int8 twin's outputs for the test split, which its gate then judges here against
+    the float file's (computed natively: the float file's own self-check has just shown
+    that its outputs there equal these).
+Not run under emulation: quantizing (its ranges are float computations, which the float
+file's self-check shows agree across CPUs) and the float16 gate (float16 is for GPUs; its
+self-check runs).
 """
 
 import json
@@ -21,19 +29,23 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from service.classifier import Classifier
-from service.hardware import cpu
 from tests.conftest import VAL_SIZE
 from training import float16, quantize
 from training.data import load
+from training.twins import as_trained, card_of, compare_outputs
 
 MODEL = "cifar100-712868"
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = shutil.which("qemu-x86_64")
-EMULATED_CPU = "Haswell"  # AVX2 + FMA, as the oldest x86-64 servers onnxruntime targets
+EMULATED_CPU = "Haswell"  # AVX2 + FMA, the oldest x86-64 servers onnxruntime targets
 
+# Runs in the emulated interpreter: each file loaded as the service loads it (batches of
+# one, so the warm-up is one image), then the int8 file on the test images.
 EMULATED = textwrap.dedent(
     """
     import json, sys
@@ -42,34 +54,21 @@ EMULATED = textwrap.dedent(
     from service.classifier import Classifier
     from service.errors import InvalidModel
     from service.hardware import cpu
-    from service.modelcard import FAMILIARITY_NAME
-    from training import float16, quantize
-    from training.data import load
-    from training.errors import ExportError
 
-    folder, out, data_path, val_size = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    result = {"cpu": cpu(), "loaded": {}, "exported": {}}
+    folder, images, out = Path(sys.argv[1]), np.load(sys.argv[2]), Path(sys.argv[3])
+    result = {"cpu": cpu(), "loaded": {}}
     for path in sorted(folder.glob("*.onnx")):
         try:
-            model = Classifier(path, "cpu", 1, 1, max_batch_size=64)
-            model.warm_up()
+            Classifier(path, "cpu", 2, 1, max_batch_size=1).warm_up()
             result["loaded"][path.name] = "ok"
         except InvalidModel as err:
             result["loaded"][path.name] = err.message
-    data = load(data_path, val_size=val_size)
-    source = folder / "MODEL.onnx"
-    model = Classifier(source, "cpu", 1, 1)
-    ranks = np.sort(model.run(data.val.images)[FAMILIARITY_NAME][:, 0]) * len(data.val)
-    result["familiarity_rank_error"] = float(np.abs(ranks - np.arange(len(data.val))).max())
-    for name, export in (("int8", quantize.export_int8), ("float16", float16.export_float16)):
-        try:
-            card = export(source, out / f"MODEL-{name}.onnx", data)
-            result["exported"][name] = card.evaluation
-        except ExportError as err:
-            result["exported"][name] = str(err)
+    int8 = Classifier(folder / sys.argv[4], "cpu", 2, 1)
+    parts = [int8.run(images[i : i + 64]) for i in range(0, len(images), 64)]
+    np.savez(out, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     print("RESULT " + json.dumps(result))
     """
-).replace("MODEL", MODEL)
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,26 +81,37 @@ def qemu() -> str:
 
 
 @pytest.fixture(scope="module")
-def native(models_dir, cifar_tarball, tmp_path_factory) -> Path:
+def data(cifar_tarball):
+    return load(cifar_tarball, val_size=VAL_SIZE)
+
+
+@pytest.fixture(scope="module")
+def native(models_dir, data, tmp_path_factory) -> Path:
     """The float file and its twins, all made on this machine's CPU."""
     folder = tmp_path_factory.mktemp("native")
     shutil.copy(models_dir / f"{MODEL}.onnx", folder)
-    data = load(cifar_tarball, val_size=VAL_SIZE)
     quantize.export_int8(folder / f"{MODEL}.onnx", folder / f"{MODEL}-int8.onnx", data)
     float16.export_float16(folder / f"{MODEL}.onnx", folder / f"{MODEL}-float16.onnx", data)
     return folder
 
 
 @pytest.fixture(scope="module")
-def emulated(qemu, native, cifar_tarball, tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("emulated")
-    command = [qemu, "-cpu", EMULATED_CPU, sys.executable, "-c", EMULATED, str(native), str(out),
-               str(cifar_tarball), str(VAL_SIZE)]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+def emulated(qemu, native, data, tmp_path_factory) -> tuple[dict, dict]:
+    scratch = tmp_path_factory.mktemp("emulated")
+    test = as_trained(data, card_of_file(native / f"{MODEL}.onnx")).test
+    np.save(scratch / "test.npy", test.images)
+    arguments = [str(native), str(scratch / "test.npy"), str(scratch / "int8.npz"),
+                 f"{MODEL}-int8.onnx"]  # fmt: skip
+    command = [qemu, "-cpu", EMULATED_CPU, sys.executable, "-c", EMULATED, *arguments]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT ")), out
+    with np.load(scratch / "int8.npz") as outputs:
+        return json.loads(lines[-1].removeprefix("RESULT ")), dict(outputs)
+
+
+def card_of_file(path: Path):
+    return card_of(onnx.load(path))
 
 
 def test_the_emulated_cpu_is_avx2_without_avx512_or_vnni(emulated):
@@ -110,29 +120,28 @@ def test_the_emulated_cpu_is_avx2_without_avx512_or_vnni(emulated):
     assert result["cpu"]["int8_kernels"] == "AVX2 (no VNNI)"
 
 
-def test_files_made_on_this_cpu_keep_their_promise_on_avx2(emulated, native):
+def test_files_made_on_this_cpu_keep_their_self_checks_on_avx2(emulated, native):
     result, _ = emulated
     names = sorted(path.name for path in native.glob("*.onnx"))
     assert names == [f"{MODEL}-float16.onnx", f"{MODEL}-int8.onnx", f"{MODEL}.onnx"]
-    assert result["loaded"] == dict.fromkeys(names, "ok"), (cpu(), result["loaded"])
+    assert result["loaded"] == dict.fromkeys(names, "ok"), result["loaded"]
 
 
-def test_familiarity_calibration_holds_on_avx2(emulated):
-    """Each validation image's rank as at export, give or take float32 rounding against
-    its stored distance (the bound the native test holds too)."""
-    assert emulated[0]["familiarity_rank_error"] <= 2
-
-
-@pytest.mark.parametrize("precision", ["int8", "float16"])
-def test_twins_made_on_avx2_pass_their_gates_and_serve_here(emulated, precision):
-    result, out = emulated
-    evaluation = result["exported"][precision]
-    assert isinstance(evaluation, dict), evaluation  # else the gate's refusal, in words
-    assert evaluation["images"] == 500
-    if precision == "int8":
-        kept = round(evaluation["top1_accuracy"] * 500)
-        assert round(evaluation["float32_top1_accuracy"] * 500) - kept <= 5  # 1 point
-        assert evaluation["familiarity_mean_abs_difference"] <= 0.05
-    model = Classifier(out / f"{MODEL}-{precision}.onnx", "cpu", 1, 1, max_batch_size=8)
-    model.warm_up()  # its self-check, made under emulation, on this CPU
-    assert model.ready
+def test_the_int8_file_keeps_its_gate_on_avx2(emulated, native, data):
+    """The gate `export --precision int8` applied here, on outputs the AVX2 kernels
+    computed: top-1 within a point of the float model's (in whole images), familiarity
+    within 0.05 on average."""
+    _, outputs = emulated
+    card = card_of_file(native / f"{MODEL}-int8.onnx")
+    test = as_trained(data, card).test
+    reference = Classifier(native / f"{MODEL}.onnx", "cpu", 1, 1).run(test.images)
+    comparison = compare_outputs(outputs, reference, test.fine, card)
+    comparison["limits"] = card.evaluation["limits"]
+    assert comparison["limits"] == {"top1_accuracy_drop": 0.01,
+                                    "familiarity_mean_abs_difference": 0.05}  # fmt: skip
+    assert quantize.int8_problems(comparison) == [], comparison
+    # The gate's own arithmetic, by hand, on the same outputs.
+    int8_right = int((outputs["probabilities"].argmax(1) == test.fine).sum())
+    float_right = int((reference["probabilities"].argmax(1) == test.fine).sum())
+    assert float_right - int8_right <= 0.01 * len(test)
+    assert np.abs(outputs["familiarity"] - reference["familiarity"]).mean() <= 0.05

@@ -76,16 +76,20 @@ def compare_with_float(source: bytes, twin: onnx.ModelProto, data: Cifar100) -> 
     their top-1 agreement and how far the other outputs moved: what the card records."""
     reference = run(source, data.test.images)
     outputs = run(twin, data.test.images)
-    card = card_of(twin)
+    return compare_outputs(outputs, reference, data.test.fine, card_of(twin))
+
+
+def compare_outputs(outputs: dict, reference: dict, labels: np.ndarray, card: ModelCard) -> dict:
+    """`compare_with_float` on outputs computed elsewhere (another CPU, an emulator)."""
     metrics = compute_metrics(
-        outputs[OUTPUT_NAME], data.test.fine, card.fine_to_coarse, card.class_names,
+        outputs[OUTPUT_NAME], labels, card.fine_to_coarse, card.class_names,
         card.superclass_names,
     )  # fmt: skip
     float_top1 = reference[OUTPUT_NAME].argmax(axis=1)
     comparison = {
         **metrics,
         "split": "test",
-        "float32_top1_accuracy": float((float_top1 == data.test.fine).mean()),
+        "float32_top1_accuracy": float((float_top1 == labels).mean()),
         "top1_agreement": float((outputs[OUTPUT_NAME].argmax(axis=1) == float_top1).mean()),
         "probabilities_max_abs_difference": max_abs(outputs, reference, OUTPUT_NAME),
     }
