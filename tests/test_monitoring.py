@@ -177,6 +177,43 @@ BROKEN_RULES = {
         "http_requests_total{route=~",
     ),
 }
+# Each threshold, volume guard and `for:` moved a little either way: rules_test.yml has a
+# case just inside and just outside each bound, and reads the alert at both ends of `for:`.
+FOR_15, FOR_10 = "\n        for: 15m", "\n        for: 10m"  # each guard's line, then its for:
+UNFAMILIAR, GUARD_200 = "ratio_rate1h > 0.05", "increase1h >= 200" + FOR_15
+SHED, SHED_GUARD = "images_shed:ratio_rate5m > 0.01", "images_received:rate5m >= 1" + FOR_10
+DOOR, DOOR_GUARD = "at_door:ratio_rate5m > 0.01", "inference_requests:rate5m >= 1" + FOR_10
+P99, P99_GUARD = "p99_rate5m > 0.25", "route:http_requests:rate5m >= 1" + FOR_10
+NEAR_BOUNDS = {
+    "unfamiliar share 0.05 -> 0.06": (UNFAMILIAR, UNFAMILIAR.replace("0.05", "0.06")),
+    "unfamiliar share 0.05 -> 0.04": (UNFAMILIAR, UNFAMILIAR.replace("0.05", "0.04")),
+    "unfamiliar guard 200 -> 300": (GUARD_200, GUARD_200.replace("200", "300")),
+    "unfamiliar guard 200 -> 190": (GUARD_200, GUARD_200.replace("200", "190")),
+    "unfamiliar for 15m -> 17m": (GUARD_200, GUARD_200.replace("15m", "17m")),
+    "unfamiliar for 15m -> 14m": (GUARD_200, GUARD_200.replace("15m", "14m")),
+    "shed share 0.01 -> 0.015": (SHED, SHED.replace("0.01", "0.015")),
+    "shed share 0.01 -> 0.005": (SHED, SHED.replace("0.01", "0.005")),
+    "shed guard 1 -> 1.1": (SHED_GUARD, SHED_GUARD.replace(">= 1", ">= 1.1")),
+    "shed guard 1 -> 0.9": (SHED_GUARD, SHED_GUARD.replace(">= 1", ">= 0.9")),
+    "shed guard >= 1 -> > 1": (SHED_GUARD, SHED_GUARD.replace(">= 1", "> 1")),
+    "shed for 10m -> 12m": (SHED_GUARD, SHED_GUARD.replace("10m", "12m")),
+    "shed for 10m -> 9m": (SHED_GUARD, SHED_GUARD.replace("10m", "9m")),
+    "door share 0.01 -> 0.015": (DOOR, DOOR.replace("0.01", "0.015")),
+    "door share 0.01 -> 0.005": (DOOR, DOOR.replace("0.01", "0.005")),
+    "door guard 1 -> 1.1": (DOOR_GUARD, DOOR_GUARD.replace(">= 1", ">= 1.1")),
+    "door guard 1 -> 0.9": (DOOR_GUARD, DOOR_GUARD.replace(">= 1", ">= 0.9")),
+    "door guard >= 1 -> > 1": (DOOR_GUARD, DOOR_GUARD.replace(">= 1", "> 1")),
+    "door for 10m -> 12m": (DOOR_GUARD, DOOR_GUARD.replace("10m", "12m")),
+    "door for 10m -> 9m": (DOOR_GUARD, DOOR_GUARD.replace("10m", "9m")),
+    "p99 0.25 -> 0.3": (P99, P99.replace("0.25", "0.3")),
+    "p99 0.25 -> 0.2": (P99, P99.replace("0.25", "0.2")),
+    "p99 guard 1 -> 1.1": (P99_GUARD, P99_GUARD.replace(">= 1", ">= 1.1")),
+    "p99 guard 1 -> 0.9": (P99_GUARD, P99_GUARD.replace(">= 1", ">= 0.9")),
+    "p99 guard >= 1 -> > 1": (P99_GUARD, P99_GUARD.replace(">= 1", "> 1")),
+    "p99 for 10m -> 12m": (P99_GUARD, P99_GUARD.replace("10m", "12m")),
+    "p99 for 10m -> 9m": (P99_GUARD, P99_GUARD.replace("10m", "9m")),
+}
+BROKEN_RULES |= NEAR_BOUNDS
 
 
 @pytest.mark.parametrize("mistake", BROKEN_RULES)

@@ -265,6 +265,32 @@ def assert_heat_pixels(pixels: np.ndarray, heat: np.ndarray) -> None:
     assert (blue[strong & (heat < 0)] > red[strong & (heat < 0)] + 100).all()
 
 
+def assert_each_training_field_once(training, detail: dict) -> None:
+    """The card's Training list says each fact once: where the method (Recipe.method in
+    training/recipe.py) puts recipe fields in words, those fields are not listed again raw."""
+    labels = [text.strip() for text in training.locator("dt").all_inner_texts()]
+    assert len(labels) == len(set(labels)), labels  # not "Optimizer" from both
+    values = [text.strip() for text in training.locator("dd").all_inner_texts()]
+    shown = dict(zip(labels, values, strict=True))
+    recipe, method = detail["training"]["recipe"], detail["training"]["method"]
+    # The words, shown, and holding the raw values they replace.
+    assert shown["Optimizer"] == method["optimizer"]
+    assert shown["Learning-rate schedule"] == method["schedule"]
+    assert shown["Augmentation"] == method["augmentation"]
+    assert shown["Dropout"] == method["dropout"]
+    assert str(recipe["learning_rate"]) in method["schedule"]
+    assert f"{recipe['conv_dropout']} after conv" in method["dropout"]
+    assert f"{recipe['dense_dropout']} after dense" in method["dropout"]
+    # The raw fields those words describe, not listed a second time.
+    raw = {"Weight decay", "Learning rate", "Conv dropout", "Dense dropout", "Mixed precision"}
+    raw |= {"Deterministic", "Steps per execution", "Held out classes"}
+    assert not raw & set(labels), labels
+    # The recipe fields no words describe are still there.
+    assert shown["Epochs"] == str(recipe["epochs"])
+    assert shown["Batch size"] == str(recipe["batch_size"])
+    assert shown["Seed"] == str(recipe["seed"])
+
+
 # --- the tests ---------------------------------------------------------------------------------
 
 
@@ -283,6 +309,7 @@ def test_page_loads_from_the_service_with_the_model_cards(visit, base_url):
         training = card.locator("h4:has-text('Training') + dl")  # in words, not raw JSON
         visit.expect(training).to_contain_text("Differs from default")
         visit.expect(training).not_to_contain_text("{")
+        assert_each_training_field_once(training, get_json(f"{base_url}/models/{info['model_id']}"))
         if "version" in info:
             visit.expect(card).to_contain_text(str(info["version"]))
         top1 = info["evaluation"]["top1_accuracy"]

@@ -209,16 +209,33 @@ function definitionList(entries) {
   return list;
 }
 
+// The recipe's fields that the method (training/recipe.py's Recipe.method) puts in words,
+// by the method's key: where the card has those words, the raw fields would say the same
+// thing a second time ("Optimizer: adamw" above "Optimizer: AdamW, weight decay 0.0005").
+const DESCRIBED_BY_METHOD = {
+  optimizer: ['optimizer', 'weight_decay'],
+  schedule: ['schedule', 'learning_rate'],
+  augmentation: ['augment'],
+  dropout: ['conv_dropout', 'dense_dropout'],
+  label_smoothing: ['label_smoothing'],
+  precision: ['mixed_precision'],
+  execution: ['deterministic', 'steps_per_execution'],
+  classes: ['held_out_classes'],
+};
+
 function trainingSection(training) {
   if (!training || typeof training !== 'object' || !Object.keys(training).length) return el('p', { text: 'No training record in the file.' });
+  const method = training.method && typeof training.method === 'object' ? training.method : {};
+  // Only what this card's method describes: an older card's recipe fields still show.
+  const described = new Set(Object.keys(method).flatMap((key) => DESCRIBED_BY_METHOD[key] || []));
   const entries = []; // recipe and method are objects: their fields, one line each
   for (const [key, value] of Object.entries(training)) {
-    if (value && typeof value === 'object' && !Array.isArray(value)) entries.push(...Object.entries(value));
-    else entries.push([key, value]);
+    if (value && typeof value === 'object' && !Array.isArray(value)) {
+      const fields = Object.entries(value);
+      entries.push(...(key === 'recipe' ? fields.filter(([field]) => !described.has(field)) : fields));
+    } else entries.push([key, value]);
   }
-  // "augmentation: 4px reflect pad + ..." says more than the recipe's "augment: yes"
-  const inWords = entries.some(([key]) => key === 'augmentation');
-  return definitionList(entries.filter(([key]) => !(inWords && key === 'augment')));
+  return definitionList(entries);
 }
 
 function evaluationSection(evaluation) {
