@@ -31,15 +31,16 @@ def one(image: np.ndarray) -> list:
 # --- /explain ------------------------------------------------------------------------
 
 
-def occlusion_by_hand(path, image: np.ndarray, class_id: int, patch: int, stride: int):
+def occlusion_by_hand(path, image: np.ndarray, class_id: int | None, patch: int, stride: int):
     """The map computed without the service's code: square by square, each a separate
     run of the file on a copy whose covered pixels are 128; then pixel by pixel, the mean
     drop of the class over every square covering that pixel. Positions step by `stride`,
-    plus one flush with the far edge when the steps miss it."""
+    plus one flush with the far edge when the steps miss it. class_id None: [100, 32, 32],
+    every class's map."""
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-    def probability(picture: np.ndarray) -> float:
-        return float(session.run([OUTPUT_NAME], {INPUT_NAME: picture[None]})[0][0, class_id])
+    def probabilities(picture: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: picture[None]})[0][0].astype(np.float64)
 
     starts = sorted({*range(0, 32 - patch + 1, stride), 32 - patch})
     squares = []
@@ -47,35 +48,34 @@ def occlusion_by_hand(path, image: np.ndarray, class_id: int, patch: int, stride
         for left in starts:
             covered = image.copy()
             covered[top : top + patch, left : left + patch] = 128
-            squares.append((top, left, probability(image) - probability(covered)))
-    heat = np.zeros((32, 32))
+            squares.append((top, left, probabilities(image) - probabilities(covered)))
+    heat = np.zeros((100, 32, 32))
     for y in range(32):
         for x in range(32):
             drops = [d for top, left, d in squares
                      if top <= y < top + patch and left <= x < left + patch]  # fmt: skip
-            heat[y, x] = sum(drops) / len(drops)
-    return heat
+            heat[:, y, x] = np.mean(drops, axis=0)
+    return heat if class_id is None else heat[class_id]
 
 
 def assert_same_map(got, expected) -> None:
-    """Equal to 1 % of the map's scale, and that scale far above onnxruntime's batch-size
-    noise (~1e-7): a transposed, summed, scaled or other-class map is far outside it."""
+    """Equal to 1 % of the map's scale, and that scale far above the float32 resolution
+    of the probabilities it is made of (~1e-9 near 0.01, where the weakly trained large
+    test model answers): a transposed, summed, scaled or other-class map is far outside."""
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     scale = float(np.abs(expected).max())
-    assert scale > 1e-3, scale
+    assert scale > 1e-6, scale
     np.testing.assert_allclose(got, expected, rtol=0, atol=0.01 * scale)
 
 
 def clearest(path, images, stride: int = 4) -> tuple[int, int]:
-    """(image index, class id) whose map is largest among each image's top two classes:
-    a model sure of a class barely moves when covered (maps of ~1e-6 say nothing)."""
-    probabilities = run_file(path, images, OUTPUT_NAME)
+    """(image index, class id) with the largest map: a class covering barely moves has a
+    map of rounding noise, which says nothing about how it was computed."""
     best, pick = -1.0, (0, 0)
-    for i, row in enumerate(probabilities):
-        for class_id in np.argsort(row)[-2:]:
-            scale = np.abs(occlusion_by_hand(path, images[i], int(class_id), 8, stride)).max()
-            if scale > best:
-                best, pick = scale, (i, int(class_id))
+    for i, image in enumerate(images):
+        scales = np.abs(occlusion_by_hand(path, image, None, 8, stride)).max(axis=(1, 2))
+        if scales.max() > best:
+            best, pick = float(scales.max()), (i, int(scales.argmax()))
     return pick
 
 
