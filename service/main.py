@@ -26,6 +26,7 @@ from service.images import bound_metadata
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.routes import explain, models, operations, page, predict, v2
+from service.rpc import server as rpc
 
 log = logging.getLogger(__name__)
 CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout",
@@ -47,7 +48,12 @@ async def lifespan(app: FastAPI):
         log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
     server.drain_on_sigterm(plane.draining, settings.shutdown_drain_seconds)
     watcher = asyncio.create_task(catalog.watch()) if settings.model_poll_seconds else None
+    grpc_server = None
+    if settings.grpc_port:  # the same data plane over gRPC, on this loop
+        grpc_server, app.state.grpc_port = await rpc.start(plane, app.state.keys)
     yield
+    if grpc_server is not None:  # uvicorn has stopped taking requests: so does gRPC
+        await rpc.stop(grpc_server, settings.graceful_shutdown_seconds)
     if watcher is not None:
         watcher.cancel()
     await catalog.stop()
@@ -64,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
         version=SERVER_VERSION,
         lifespan=lifespan,
     )
-    keys = auth.validate(settings)  # a broken key setting stops startup
+    app.state.keys = keys = auth.validate(settings)  # a broken key setting stops startup
     app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
     app.add_middleware(LimitsMiddleware, settings=settings, draining=plane.draining)
     protected = (predict.router, explain.router, v2.router, models.router)  # by API_KEYS, when set
