@@ -34,7 +34,7 @@ were refused.
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -97,6 +97,12 @@ class Door:
         self.admission, self.refused = admission, refused
         self._children: dict[str, Counter] = {}
         self._logged_at, self._unlogged = 0.0, 0
+
+    def expect(self, names: Iterable[str]) -> None:
+        """Count refusals of these operations from zero, so their series exist before the
+        first refusal (the shedding ratio's rules read them as 0, not as missing)."""
+        for name in names:
+            self._children.setdefault(name, self.refused.labels(name))
 
     def refuse(self, context: RequestContext) -> Overloaded | None:
         """None when `context` may come in (or is not an inference); else the error to

@@ -54,6 +54,7 @@ class DoorMiddleware:
     def __init__(self, app: ASGIApp, door: Door, draining: threading.Event) -> None:
         self.app, self.door, self.draining = app, door, draining
         self.admission: Admission = door.admission
+        door.expect(op.name for op in (PREDICT, EXPLAIN, V2_INFER, V2_EXPLAIN))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

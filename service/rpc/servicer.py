@@ -39,6 +39,7 @@ MAX_INPUTS, MAX_OUTPUTS, MAX_PARAMETERS = 2, 9, 17
 class Servicer(GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, keys: frozenset[bytes]) -> None:
         self.plane, self.keys = plane, keys
+        plane.door.expect([INFER.name])
 
     # --- health and metadata -------------------------------------------------------------
 
