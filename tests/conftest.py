@@ -14,6 +14,11 @@ import pytest
 from tests.service_helpers import serve
 from tests.synthetic import make_images, write_cifar100, write_tarball
 
+# Servers the tests start by other routes than service_process or live_server (the
+# gpu-check's `python -m service`) serve no gRPC unless a test names a port: the default
+# 8081 may be taken on the machine, or by another server of this run.
+os.environ.setdefault("GRPC_PORT", "0")
+
 KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
 TRITON_GRPC = ("tritonclient[grpc]==2.73.0", "numpy==2.4.6")
 GRPC_TOOLS = ("grpcio-tools==1.85.4",)
