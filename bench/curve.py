@@ -4,7 +4,7 @@ Per model, two panels against the offered load (share of the closed-loop capacit
 clients, measured in the same run): the answered requests' p50 and p99 (from the
 scheduled arrival, log scale) with each path's p99 target, and goodput (answered req/s)
 as a share of the capacity, with the 90 % target drawn where it applies (120 % and
-200 %). Both paths on each panel; a bar from min to max over a point's repeats.
+200 %). Every path on each panel; a bar from min to max over a point's repeats.
 """
 
 import io
@@ -15,10 +15,10 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display, and no GUI toolkit to import
 import matplotlib.pyplot as plt
 
+from bench.tables import PATHS as NAMES
 from bench.targets import GOODPUT_LOADS, GOODPUT_SHARE, P99_MS
 
-NAMES = {"png": "PNG, /predict", "v2": "tensor, /v2 binary"}
-COLOURS = {"png": "tab:orange", "v2": "tab:blue"}
+COLOURS = {"png": "tab:orange", "v2": "tab:blue", "grpc": "tab:green"}
 PNG = {"metadata": {"Software": None}}  # no version stamp
 
 

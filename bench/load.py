@@ -3,10 +3,12 @@
 Runs in its own process (`python -m bench.load ...`) so it does not share the server's
 interpreter. Clients speak raw HTTP/1.1 over keep-alive connections with pre-built request
 bytes (so the generator itself costs little CPU) and read fixed-length and chunked
-responses. Two request kinds, both real-looking 32x32 images:
-  png  a multipart form with one PNG (POST /predict; the peers take the same form)
-  v2   the Open Inference Protocol with binary tensor data: a JSON header of
-       `Inference-Header-Content-Length` bytes, then the raw uint8 pixels
+responses. Three request kinds, all real-looking 32x32 images:
+  png   a multipart form with one PNG (POST /predict; the peers take the same form)
+  v2    the Open Inference Protocol with binary tensor data: a JSON header of
+        `Inference-Header-Content-Length` bytes, then the raw uint8 pixels
+  grpc  the same protocol over gRPC, raw uint8 pixels (`python -m bench.grpc_load`, the
+        same options; --path names the model)
 Two ways to load:
   closed loop  N clients, each sends its next request when the last one is answered
   open loop    requests arrive at a fixed mean rate (Poisson), answered or not; latency
@@ -21,7 +23,9 @@ import argparse
 import asyncio
 import io
 import json
+import sys
 import time
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -347,10 +351,12 @@ def _close(connection) -> None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, grpc_loops: ModuleType | None = None) -> None:
+    """The generator's command line; `grpc_loops`: bench/grpc_load.py, whose own `main`
+    passes itself (this module imports nothing of gRPC)."""
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--kind", choices=["png", "v2"], default="png")
+    parser.add_argument("--kind", choices=["png", "v2", "grpc"], default="png")
     parser.add_argument("--path", default="/predict")
     parser.add_argument("--field", default="files", help="png: the multipart field name")
     parser.add_argument("--images", type=int, default=1, help="v2: images per request")
@@ -360,11 +366,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=100_000)
     args = parser.parse_args(argv)
     host = "127.0.0.1"
-    requests = build_requests(args.kind, host, args.path, args.field, args.images)
-    if args.rate:
-        work = open_loop(host, args.port, requests, args.rate, args.duration, args.requests)
+    if args.kind == "grpc":
+        if grpc_loops is None:
+            parser.error("--kind grpc: run `python -m bench.grpc_load`")
+        loops = grpc_loops
+        requests = loops.build_requests(args.path, args.images)
     else:
-        work = closed_loop(
+        loops = sys.modules[__name__]
+        requests = build_requests(args.kind, host, args.path, args.field, args.images)
+    if args.rate:
+        work = loops.open_loop(host, args.port, requests, args.rate, args.duration,
+                               args.requests)  # fmt: skip
+    else:
+        work = loops.closed_loop(
             host, args.port, requests, args.concurrency, args.duration, args.requests
         )
     cpu = time.process_time()

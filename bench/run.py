@@ -7,10 +7,11 @@ For each model, in one run on one machine (every number is a ratio within that r
                 two service rows below, a short window of the all-CPU session at its best
                 batch: each row's ratio is to the windows just before and after it
   2. service    `python -m service` (our server, with its limits) loaded from another
-                process by 1, 8, 32 and 64 closed-loop clients on two paths: a PNG through
-                /predict, and a raw tensor through the Open Inference Protocol (/v2,
-                binary tensor data); /v2 with 8 and 32 images a request, as many clients
-                as keep IMAGES_IN_FLIGHT images in flight (at least 2 requests a worker);
+                process by 1, 8, 32 and 64 closed-loop clients on three paths: a PNG
+                through /predict, a raw tensor through the Open Inference Protocol (/v2,
+                binary tensor data), and the same tensor over gRPC (ModelInfer, raw
+                contents); /v2 with 8 and 32 images a request, as many clients as keep
+                IMAGES_IN_FLIGHT images in flight (at least 2 requests a worker);
                 micro-batching on, and off for context
   3. open loop  Poisson arrivals at 50, 80, 100, 120 and 200 % of the 64-client capacity
                 just measured: answered latency from the scheduled arrival, goodput, what
@@ -46,7 +47,7 @@ from bench.int8 import int8_file
 from bench.machine import describe_machine
 from bench.modelfiles import model_files
 from bench.results import write
-from bench.servers import service_process, uvicorn_process
+from bench.servers import free_port, service_process, uvicorn_process
 from bench.steady import Interleaved, Row, goodput_of_capacity, ratio_windows
 from bench.tables import PATHS, to_markdown
 from bench.targets import judge_images, judge_open
@@ -102,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Settings the harness sets itself (or has its own option for).
 OWN_SETTINGS = {"device", "workers", "models_dir", "default_model", "batching", "host", "port",
-                "log_level"}  # fmt: skip
+                "grpc_port", "log_level"}  # fmt: skip
 
 
 def setting(text: str) -> tuple[str, str]:
@@ -223,11 +224,13 @@ def measure_model(
     return result
 
 
-def targets_of(port: int, pid: int, model_id: str) -> dict[str, dict]:
-    """The service's two paths as load targets."""
+def targets_of(port: int, pid: int, model_id: str, grpc_port: int) -> dict[str, dict]:
+    """The service's paths as load targets: PNG and /v2 over HTTP, the same tensors
+    over gRPC (its port; the model named in each call)."""
+    paths = {"png": "/predict", "v2": f"/v2/models/{model_id}/infer", "grpc": model_id}
     return {
-        kind: {"port": port, "pid": pid, "kind": kind,
-               "path": "/predict" if kind == "png" else f"/v2/models/{model_id}/infer"}
+        kind: {"port": grpc_port if kind == "grpc" else port, "pid": pid, "kind": kind,
+               "path": paths[kind]}
         for kind in PATHS
     }  # fmt: skip
 
@@ -267,14 +270,15 @@ def measure_service(
     loop once, for context."""
     service: dict = {"closed": {}, "images": [], "open": {}}
     for batching in ("on", "off"):
+        grpc_port = free_port()
         server = service_process(
             scratch / f"metrics-{model_id}-{batching}", models_dir=path.parent,
             default_model=model_id, device=args.device, workers=args.workers,
-            **{**args.service_settings, "batching": batching == "on"},
+            **{**args.service_settings, "batching": batching == "on", "grpc_port": grpc_port},
         )  # fmt: skip
         with server as (port, process):
             inter = interleaved(f"service, batching {batching}")
-            targets = targets_of(port, process.pid, model_id)
+            targets = targets_of(port, process.pid, model_id, grpc_port)
             repeats = args.repeats if batching == "on" else 1
             rows = [row for t in targets.values() for row in closed_loop(t, args, repeats)]
             many = images_rows(targets["v2"], args) if batching == "on" else []
@@ -319,13 +323,14 @@ def measure_int8_service(
 ) -> dict:
     """The service on the int8 file, batching on: the 64-client rows of both paths and
     the many-image rows, repeated, against the int8 ceiling next to each run."""
+    grpc_port = free_port()
     server = service_process(
         scratch / f"metrics-{model_id}-int8", models_dir=path.parent, default_model=model_id,
-        device=args.device, workers=args.workers, **args.service_settings,
+        device=args.device, workers=args.workers, **args.service_settings, grpc_port=grpc_port,
     )  # fmt: skip
     with server as (port, process):
         inter = interleaved("service on the int8 file, batching on")
-        targets = targets_of(port, process.pid, model_id)
+        targets = targets_of(port, process.pid, model_id, grpc_port)
         rows = [
             Row(lambda t=t: run_load(t, args, concurrency=HEADLINE_CLIENTS), args.repeats)
             for t in targets.values()

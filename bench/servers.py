@@ -68,6 +68,7 @@ def service_process(
     can signal it. `metrics_dir`: PROMETHEUS_MULTIPROC_DIR, needed for /metrics with
     several workers; `ready_path="/health/live"` for a server that will never be ready."""
     port = free_port()
+    settings.setdefault("grpc_port", 0)  # gRPC where asked for (a free port), else off
     env = service_env(host=HOST, port=port, log_level="WARNING", **settings)
     if metrics_dir is not None:
         Path(metrics_dir).mkdir(parents=True, exist_ok=True)

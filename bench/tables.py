@@ -7,7 +7,7 @@ from bench.machine import machine_line
 from bench.results import cell
 from bench.targets import met_line
 
-PATHS = {"png": "PNG, /predict", "v2": "tensor, /v2 binary"}
+PATHS = {"png": "PNG, /predict", "v2": "tensor, /v2 binary", "grpc": "tensor, gRPC raw"}
 
 
 def percent(value: float | None) -> str:
@@ -212,7 +212,7 @@ def open_table(paths: dict) -> list[str]:
 
 def headline_lines(r: dict) -> list[str]:
     h = r["at_64_clients"]
-    v2, png = h["v2"], h["png"]
+    v2, png, rpc = h["v2"], h["png"], h.get("grpc")
 
     def share(x: dict) -> str:
         low, high = x["share_spread"] or (None, None)
@@ -225,6 +225,11 @@ def headline_lines(r: dict) -> list[str]:
         f"{png['rps']} req/s ({share(png)}, p99 {png['p99_ms']} ms, {png['failed']} not "
         f"answered 200), {png['over_naive']}x the naive server with as many workers"
     )
+    if rpc:
+        sentence += (
+            f"; raw tensors over gRPC {rpc['rps']} req/s ({share(rpc)}, p99 {rpc['p99_ms']} "
+            f"ms, {rpc['failed']} not answered OK)"
+        )
     if h.get("peers_rps"):
         sentence += "; peers (PNG): " + ", ".join(
             f"{name} {rps} req/s" for name, rps in h["peers_rps"].items()

@@ -1,14 +1,14 @@
 """The targets a run is judged against (issue #25), each on the median of a row's runs.
 
 Open loop, at every offered rate: the answered requests' p99 (from the scheduled
-arrival) at most 100 ms on /v2 and 150 ms on /predict; at 120 % and 200 % of capacity,
+arrival) at most 100 ms on /v2 and over gRPC, 150 ms on /predict; at 120 % and 200 % of capacity,
 goodput (answered req/s) at least 90 % of the capacity; refusals fast: every 503 with a
 Retry-After, and their p99 at most REFUSAL_P99_MS (the issue says "fast"; the number is
 ours). /v2 binary with 8 and 32 images per request: at least 90 % of the ceiling
 measured next to it, in images/s.
 """
 
-P99_MS = {"v2": 100.0, "png": 150.0}
+P99_MS = {"v2": 100.0, "png": 150.0, "grpc": 100.0}  # gRPC carries /v2's tensors
 GOODPUT_LOADS = (1.2, 2.0)
 GOODPUT_SHARE = 0.9
 REFUSAL_P99_MS = 50.0

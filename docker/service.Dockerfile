@@ -43,6 +43,8 @@ ENV MODELS_DIR=/models \
     WEB_CONCURRENCY=1 \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 EXPOSE 8000
+# The Open Inference Protocol over gRPC (GRPC_PORT; 0 turns it off)
+EXPOSE 8081
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"]
 CMD ["sh", "-c", "rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec python -m service"]

@@ -25,26 +25,25 @@ the model, and counting it from the door let a few hundred slow uploads make the
 refuse everyone else (the faults benchmark's slow-clients row did exactly that). A request
 is always admitted into an empty worker: the bound sheds queueing, never the only one.
 
-`AdmissionMiddleware` is the app's outermost layer, so a refusal costs next to nothing: no
-request id, no access line, no body; a counter (`requests_shed_at_door_total`) and at
-most one log line a second say how many were refused.
+`Door.refuse` decides from the request's context (service/context.py), whichever
+transport built it; each transport answers the refusal its own way, as early as it can (the
+HTTP door is the app's outermost layer: no request id, no access line, no body). A
+counter (`requests_shed_at_door_total`) and at most one log line a second say how many
+were refused.
 """
 
-import json
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.context import RequestContext
+from service.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
-ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when its first byte was parsed
 WINDOW_SECONDS = 0.2  # compute time per measurement of the rate
 SMOOTHING = 0.3  # weight of the newest window in the average
 
@@ -91,74 +90,32 @@ class Admission:
             self._images, self._seconds = 0, 0.0
 
 
-V2_INFER = "/v2/models/{model_name}/infer"
-V2_EXPLAIN = "/v2/models/{model_name}/explain"
+class Door:
+    """Admission's decision for one request, counted and logged."""
 
-
-def route_of(scope: Scope) -> str | None:
-    """The inference route a request is for (those queue for a model), else None."""
-    if scope["type"] != "http" or scope["method"] != "POST":
-        return None
-    path = scope["path"]
-    if path in ("/predict", "/explain"):
-        return path
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
-        return V2_INFER
-    if path.startswith("/v2/models/") and path.endswith("/explain"):
-        return V2_EXPLAIN
-    return None
-
-
-class AdmissionMiddleware:
-    def __init__(
-        self, app: ASGIApp, admission: Admission, refused: Counter, draining: threading.Event
-    ) -> None:
-        self.app, self.admission, self.refused = app, admission, refused
-        self.draining = draining
-        routes = ("/predict", "/explain", V2_INFER, V2_EXPLAIN)
-        self._children = {r: refused.labels(r) for r in routes}
+    def __init__(self, admission: Admission, refused: Counter) -> None:
+        self.admission, self.refused = admission, refused
+        self._children: dict[str, Counter] = {}
         self._logged_at, self._unlogged = 0.0, 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = route_of(scope)
-        if route is None:
-            return await self.app(scope, receive, send)
-        admission = self.admission
-        wait = admission.admit(scope["state"].get(ARRIVED) if "state" in scope else None)
-        if wait is not None:
-            return await self._refuse(route, wait, send)
-        entered = False
+    def expect(self, names: Iterable[str]) -> None:
+        """Count refusals of these operations from zero, so their series exist before the
+        first refusal (the shedding ratio's rules read them as 0, not as missing)."""
+        for name in names:
+            self._children.setdefault(name, self.refused.labels(name))
 
-        async def receive_counted() -> Message:
-            nonlocal entered
-            message = await receive()
-            if not entered and not message.get("more_body"):  # the last of the body
-                entered = True
-                admission.enter()
-            return message
-
-        try:
-            await self.app(scope, receive_counted, send)
-        finally:
-            if entered:
-                admission.leave()
-
-    async def _refuse(self, route: str, wait: float, send: Send) -> None:
-        self._children[route].inc()
-        message = (
-            f"overloaded: this request would wait about {wait * 1000:.0f} ms, above "
-            f"MAX_QUEUE_DELAY_MS ({self.admission.max_delay * 1000:g}); retry shortly"
-        )
-        body = json.dumps(error_body(route, message)).encode()
-        # Kept alive: the connection is fine, only this request came too late; the server
-        # discards its body as it arrives. Closed while draining for shutdown, like every
-        # other answer then, so the client reconnects elsewhere.
-        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                   (b"content-length", str(len(body)).encode())]  # fmt: skip
-        if self.draining.is_set():
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    def refuse(self, context: RequestContext) -> Overloaded | None:
+        """None when `context` may come in (or is not an inference); else the error to
+        answer with at once (503 + Retry-After over HTTP, RESOURCE_EXHAUSTED over gRPC)."""
+        if not context.operation.inference:
+            return None
+        wait = self.admission.admit(context.arrived)
+        if wait is None:
+            return None
+        name = context.operation.name
+        if (child := self._children.get(name)) is None:
+            child = self._children[name] = self.refused.labels(name)
+        child.inc()
         self._unlogged += 1
         if (now := time.monotonic()) - self._logged_at >= 1.0:
             log.warning("shedding at the door", extra={
@@ -167,3 +124,7 @@ class AdmissionMiddleware:
                 "images_per_second": round(self.admission.images_per_second, 1),
             })  # fmt: skip
             self._logged_at, self._unlogged = now, 0
+        return Overloaded(
+            f"overloaded: this request would wait about {wait * 1000:.0f} ms, above "
+            f"MAX_QUEUE_DELAY_MS ({self.admission.max_delay * 1000:g}); retry shortly"
+        )

@@ -1,9 +1,8 @@
-"""Access control, off by default: bearer tokens for the prediction and model routes, and
-a token of its own for /metrics. Health stays open for probes.
+"""Access control, off by default: bearer tokens for the prediction and model routes
+(HTTP and gRPC alike), and a token of its own for /metrics. Health stays open for probes.
 
-The API key is checked by a pure ASGI middleware, before anything reads the body: a route
-dependency runs only after FastAPI has parsed the request's form, so an unknown client
-could make the server parse (and spool to disk) a full upload before hearing 401.
+Each transport checks the key before it reads the body (service/http/keys.py, and the
+gRPC servicer from its metadata); the check itself is here.
 
 Tokens are compared as SHA-256 digests with `hmac.compare_digest`, against every known
 key each time, so neither a token's length nor how much of it matched shows in the
@@ -14,45 +13,16 @@ the file never holds a usable token: `printf %s "$TOKEN" | sha256sum`.
 import functools
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fastapi import Request
-from starlette.datastructures import Headers
-from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from service.config import Settings, get_settings
-from service.errors import Unauthorized, error_response
+from service.config import Settings
+from service.errors import Unauthorized
 
 
-class ApiKeyMiddleware:
-    """401 on the `protected` routes (any method) unless the request carries a known key."""
-
-    def __init__(self, app: ASGIApp, keys: frozenset[bytes], protected: Sequence[BaseRoute]):
-        self.app, self.keys, self.protected = app, keys, protected
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(
-            route.matches(scope)[0] != Match.NONE for route in self.protected
-        ):
-            try:
-                check(Headers(scope=scope), self.keys, "an API key")
-            except Unauthorized as err:
-                headers = {**err.headers, "Connection": "close"}  # the body stays unread
-                response = error_response(scope["path"], err.status_code, err.message, headers)
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-async def metrics_token(request: Request) -> None:
-    settings = get_settings()
-    if settings.metrics_token:
-        check(request.headers, known_keys(settings.metrics_token, None), "the metrics token")
-
-
-def check(headers: Mapping[str, str], keys: frozenset[bytes], what: str) -> None:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
+def check(authorization: str, keys: frozenset[bytes], what: str) -> None:
+    """Unauthorized unless `authorization` (the header's or metadata's value) is
+    `Bearer <token>` with a known token."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized(f"send {what} as `Authorization: Bearer <token>`")
     digest = hashlib.sha256(token.strip().encode()).digest()

@@ -1,5 +1,7 @@
 """The Open Inference Protocol's tensor codec: request bytes -> one uint8 tensor, and a
-model's outputs -> response bytes. Knows nothing of HTTP or of models.
+model's outputs -> response bytes. Knows nothing of HTTP, gRPC or of models: the JSON and
+binary forms are here, and the protocol-neutral `InferenceResponse` every transport
+encodes (gRPC's protobuf form: service/rpc/).
 
 The request is validated by `InferenceRequest`, the same pydantic model the OpenAPI
 document shows, parsed straight from the bytes by pydantic's JSON parser (which refuses
@@ -15,6 +17,7 @@ tensors; an output asked with `binary_data` comes back the same way.
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -140,10 +143,42 @@ class InferenceRequest(Strict):
     )
 
 
+def max_message_bytes(max_images: int) -> int:
+    """The largest valid gRPC inference message: each UINT8 value at most 2 bytes (a
+    packed varint in `uint_contents`; 1 in `raw_input_contents`), names and parameters
+    within MAX_HEADER_BYTES."""
+    return MAX_HEADER_BYTES + max_images * VALUES_PER_IMAGE * 2
+
+
 def max_request_bytes(max_images: int) -> int:
     """The largest valid inference request: JSON with every value spelt out, or the
     binary form (smaller)."""
     return MAX_HEADER_BYTES + max_images * VALUES_PER_IMAGE * JSON_BYTES_PER_VALUE
+
+
+def parse_json(body: bytes | memoryview) -> InferenceRequest:
+    """The request's JSON, validated; InvalidTensor (400) saying what is wrong."""
+    try:
+        return InferenceRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise InvalidTensor(_problem(err)) from None
+
+
+def parse_fields(fields: dict[str, Any]) -> InferenceRequest:
+    """The same request from Python values (a transport that parsed its own message:
+    gRPC), validated by the same model, refused in the same words."""
+    try:
+        return InferenceRequest.model_validate(fields)
+    except ValidationError as err:
+        raise InvalidTensor(_problem(err)) from None
+
+
+def _counted(request: InferenceRequest, max_images: int) -> int:
+    """The values the one input's shape holds; TooManyImages (413) above `max_images`."""
+    shape = request.inputs[0].shape
+    if shape[0] > max_images:
+        raise TooManyImages(f"{shape[0]} images in one request; at most {max_images}")
+    return math.prod(shape)
 
 
 def decode_request(
@@ -158,15 +193,10 @@ def decode_request(
             f"{HEADER_LENGTH} is {header_length}; it must be at most the body's "
             f"{len(body)} bytes and {MAX_HEADER_BYTES:,}"
         )
-    try:
-        request = InferenceRequest.model_validate_json(body[:header_length])
-    except ValidationError as err:
-        raise InvalidTensor(_problem(err)) from None
+    request = parse_json(body[:header_length])
     (tensor,) = request.inputs
     shape = tensor.shape
-    if shape[0] > max_images:
-        raise TooManyImages(f"{shape[0]} images in one request; at most {max_images}")
-    count = math.prod(shape)
+    count = _counted(request, max_images)
     binary = memoryview(body)[header_length:]
     size = tensor.parameters.binary_data_size if tensor.parameters else None
     if size is not None:
@@ -178,6 +208,29 @@ def decode_request(
         return request, np.frombuffer(binary, dtype=np.uint8).reshape(shape)
     if len(binary):
         raise InvalidTensor("binary data follows the header but no input has binary_data_size")
+    return request, _values(request, count)
+
+
+def decode_raw(request: InferenceRequest, raw: bytes | None, max_images: int) -> np.ndarray:
+    """The images of a request whose input came as raw bytes (gRPC's
+    `raw_input_contents`), or as `data` when `raw` is None."""
+    count = _counted(request, max_images)
+    if raw is None:
+        return _values(request, count)
+    shape = request.inputs[0].shape
+    if request.inputs[0].data is not None:
+        raise InvalidTensor(f"input {INPUT_NAME!r} has both contents and raw contents")
+    if len(raw) != count:
+        raise InvalidTensor(
+            f"input {INPUT_NAME!r} has {len(raw)} raw bytes; shape {shape} of UINT8 needs {count}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+
+
+def _values(request: InferenceRequest, count: int) -> np.ndarray:
+    """The input's `data` values as uint8 in its shape."""
+    (tensor,) = request.inputs
+    shape = tensor.shape
     if tensor.data is None:
         raise InvalidTensor(f"input {INPUT_NAME!r} needs 'data' or binary data")
     try:
@@ -186,7 +239,7 @@ def decode_request(
         raise InvalidTensor(f"input {INPUT_NAME!r}: data is not shaped {shape}") from None
     if values.size != count or (values.ndim > 1 and list(values.shape) != shape):
         raise InvalidTensor(f"input {INPUT_NAME!r}: {values.size} values for shape {shape}")
-    return request, values.reshape(shape)
+    return values.reshape(shape)
 
 
 def requested_outputs(request: InferenceRequest, widths: dict[str, int]) -> list[RequestedOutput]:
@@ -210,74 +263,100 @@ def requested_outputs(request: InferenceRequest, widths: dict[str, int]) -> list
     return asked
 
 
-def encode_response(
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    """One output of an answer, as every transport sends it."""
+
+    name: str
+    datatype: str  # FP32, INT32 or BYTES
+    values: np.ndarray
+    binary: bool = False  # over HTTP, sent as raw bytes after the JSON (gRPC: always raw)
+
+    def raw(self) -> bytes:
+        """Row-major little-endian bytes; BYTES as 4-byte lengths and their bytes."""
+        if self.datatype == "BYTES":
+            return bytes_tensor(self.values)
+        return self.values.astype("<i4" if self.datatype == "INT32" else "<f4").tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResponse:
+    """The protocol's answer, before any transport encodes it."""
+
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[OutputTensor]
+
+
+def output_tensors(
     request: InferenceRequest,
     asked: list[RequestedOutput],
-    model_name: str,
-    model_version: str,
     outputs: dict[str, np.ndarray],
     class_names: list[str],
-) -> tuple[bytes, int | None]:
-    """The response body for the outputs `requested_outputs` accepted, and the JSON
-    header's length when binary outputs follow it."""
+) -> list[OutputTensor]:
+    """The outputs `requested_outputs` accepted, top-k applied where asked."""
     binary_default = request.parameters is not None and request.parameters.binary_data_output
-    described, blobs = [], []
+    tensors = []
     for output in asked:
         options = output.parameters or OutputParameters()
         values, datatype = outputs[output.name], "FP32"
         if options.classification is not None:
             values, datatype = classify(class_names, values, options.classification), "BYTES"
-        entry: dict[str, Any] = {"name": output.name, "datatype": datatype,
-                                 "shape": list(values.shape)}  # fmt: skip
         binary = options.binary_data if options.binary_data is not None else binary_default
-        if binary:
-            blob = bytes_tensor(values) if datatype == "BYTES" else values.astype("<f4").tobytes()
+        tensors.append(OutputTensor(output.name, datatype, values, binary))
+    return tensors
+
+
+def explanation_tensors(
+    heat_map: np.ndarray, class_index: int, probability: float
+) -> list[OutputTensor]:
+    """An explanation as outputs: the heat map FP32 [1, 32, 32], the class explained
+    INT32 [1] and its probability FP32 [1]."""
+    return [
+        OutputTensor("heat_map", "FP32", heat_map.round(6)[np.newaxis]),
+        OutputTensor("class", "INT32", np.array([class_index], dtype=np.int32)),
+        OutputTensor("probability", "FP32", np.array([probability])),
+    ]
+
+
+def encode_response(response: InferenceResponse) -> tuple[bytes, int | None]:
+    """The HTTP body: JSON, then the binary outputs' bytes; and the JSON's length when
+    binary outputs follow it."""
+    described, blobs = [], []
+    for output in response.outputs:
+        values = output.values
+        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
+                                 "shape": list(values.shape)}  # fmt: skip
+        if output.binary:
+            blob = output.raw()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
             entry["data"] = values.ravel().tolist()
         described.append(entry)
     body: dict[str, Any] = {
-        "model_name": model_name,
-        "model_version": model_version,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
         "outputs": described,
     }
-    if request.id is not None:
-        body["id"] = request.id
+    if response.id is not None:
+        body["id"] = response.id
     head = json.dumps(body, separators=(",", ":")).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
 
 
-def encode_explanation(
-    request: InferenceRequest,
-    model_name: str,
-    model_version: str,
-    heat_map: np.ndarray,
-    class_index: int,
-    probability: float,
-) -> bytes:
-    """/v2 .../explain's answer: the heat map FP32 [1, 32, 32], the class explained INT32
-    [1] and its probability FP32 [1], as JSON outputs."""
-    body: dict[str, Any] = {
-        "model_name": model_name,
-        "model_version": model_version,
-        "outputs": [
-            {"name": "heat_map", "datatype": "FP32", "shape": [1, *heat_map.shape],
-             "data": heat_map.round(6).ravel().tolist()},
-            {"name": "class", "datatype": "INT32", "shape": [1], "data": [class_index]},
-            {"name": "probability", "datatype": "FP32", "shape": [1], "data": [probability]},
-        ],
-    }  # fmt: skip
-    if request.id is not None:
-        body["id"] = request.id
-    return json.dumps(body, separators=(",", ":")).encode()
+def top_classes(values: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest values along the last axis, best first (ties: the
+    lower index first): the one top-k of /predict and the classification extension."""
+    return np.argsort(-values, axis=-1, kind="stable")[..., :k]
 
 
 def classify(names: list[str], values: np.ndarray, k: int) -> np.ndarray:
     """Triton's classification extension: the top k as "score:index:label"."""
-    best = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    best = top_classes(values, k)
     return np.array(
         [
             [f"{row[i]:.6f}:{i}:{names[i]}" for i in top]

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8081,
+        ge=0,
+        le=65535,
+        description="the Open Inference Protocol over gRPC (inference.GRPCInferenceService) "
+        "on this port, beside HTTP; 0: off. Each worker listens on it (SO_REUSEPORT)",
+    )
     max_header_bytes: int = Field(64 * 1024, gt=0, description="request line + headers: 431")
     header_timeout_seconds: float = Field(10.0, gt=0, description="to send the headers: 408")
     body_timeout_seconds: float = Field(30.0, gt=0, description="between two body reads: 408")

@@ -1,39 +1,60 @@
-"""The data plane: from a decoded tensor to a model's outputs, the same for every protocol.
+"""The data plane: from a request to a model's outputs, the same for every transport.
 
-It owns what /predict and /v2 share: the model lookup (404 before any work), the bound on
-large decodes, the hand-over to the model version's micro-batcher (queue bound, batch
-cap, deadline), dropping the work of a client that has gone away, readiness, and filling
-the request's record for the metrics and the access log. Routes decode, call it, encode.
-Knows nothing of HTTP beyond the ASGI `receive` it watches for a disconnect.
+It owns what /predict, /v2 over HTTP and gRPC share: the model lookup (404 / NOT_FOUND
+before any work), decoding and encoding the Open Inference Protocol's tensors (the codec,
+service/codec.py), the bound on large decodes, the hand-over to the model version's
+micro-batcher (queue bound, batch cap, deadline), dropping the work of a caller that has
+gone away, readiness, and filling the request's context for the metrics and the access
+log. Transports turn their message into a call here and the answer into their message;
+it knows nothing of them beyond the `RequestContext` they built (service/context.py).
 """
 
 import asyncio
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 import numpy as np
-from starlette.types import Receive
 
-from service import explain
-from service.admission import Admission
+from service import codec, explain
+from service.admission import Admission, Door
 from service.batching import Outputs
 from service.catalog import Catalog, Served
+from service.codec import InferenceRequest, InferenceResponse
 from service.config import Settings
-from service.errors import BadParameter, ClientGone, NotReady, TooManyImages, Unfamiliar
-from service.limits import DecodeSlots
-from service.metrics import Metrics, RequestRecord
-from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
+from service.context import RequestContext
+from service.decoding import DecodeSlots
+from service.errors import (
+    BadParameter,
+    ClientGone,
+    InvalidTensor,
+    NotReady,
+    TooManyImages,
+    Unfamiliar,
+)
+from service.metrics import Metrics
+from service.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 
 T = TypeVar("T")
 STARTING = "starting: the models are loading"
+SERVER_NAME = "cifar100-classifier"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("binary_tensor_data", "classification")  # of the Open Inference Protocol
+PLATFORM = "onnxruntime_onnx"
 
 
 class Answer(NamedTuple):
     served: Served  # the version that computed it
     outputs: Outputs
     inference_ms: float  # from hand-over to answer
+
+
+class Decoded(NamedTuple):
+    """An Open Inference Protocol request, validated, and its images uint8 [N, 32, 32, 3]."""
+
+    request: InferenceRequest
+    images: np.ndarray
 
 
 class Explanation(NamedTuple):
@@ -52,11 +73,13 @@ class DataPlane:
     draining: threading.Event = field(default_factory=threading.Event)
     catalog: Catalog | None = None  # set by the lifespan once the models are loaded
     decode_slots: DecodeSlots = field(init=False)
-    admission: Admission = field(init=False)  # the door (service/admission.py)
+    admission: Admission = field(init=False)  # service/admission.py
+    door: Door = field(init=False)  # every transport's admission decision
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.settings.max_large_decodes)
         self.admission = Admission(self.settings.max_queue_delay_ms / 1000)
+        self.door = Door(self.admission, self.metrics.shed_at_door)
 
     def not_ready_reason(self) -> str | None:
         """None when a model can take requests; else why not (shutdown first)."""
@@ -78,38 +101,115 @@ class DataPlane:
             raise NotReady(STARTING)
         return self.catalog
 
-    def model(self, record: RequestRecord, model_id: str | None, version: str | None) -> Served:
-        """The model version that answers (UnknownModel otherwise), named on the record."""
+    def model(self, context: RequestContext, model_id: str | None, version: str | None) -> Served:
+        """The model version that answers (UnknownModel otherwise), named on the context."""
         served = self.loaded().get(model_id, version)
-        record.model_id, record.model_version = served.model_id, served.version
+        context.model_id, context.model_version = served.model_id, served.version
         return served
 
-    async def decode(self, work: Callable[[], T]) -> T:
+    async def decode_large(self, work: Callable[[], T]) -> T:
         """Decoding that is more than a 32x32 image: in a thread, a few requests at once."""
         return await self.decode_slots.run(work)
 
+    # --- the Open Inference Protocol: metadata, decode, infer or explain, encode ----------
+
+    def model_metadata(self, model_id: str, version: str | None) -> dict:
+        """Platform, versions, and every input and output with its datatype and shape
+        (-1: the batch dimension)."""
+        catalog = self.loaded()
+        model = catalog.get(model_id, version).model
+        return {
+            "name": model.model_id,
+            "versions": sorted(catalog.models[model.model_id]),
+            "platform": PLATFORM,
+            "inputs": [
+                {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]}
+            ],
+            "outputs": [
+                {"name": name, "datatype": "FP32", "shape": [-1, width]}
+                for name, width in model.output_widths.items()
+            ],
+        }
+
+    def decode(
+        self, body: bytes, header_length: int | None = None, max_images: int | None = None
+    ) -> Decoded:
+        """An inference request's JSON body (binary tensors after `header_length` bytes)."""
+        limit = max_images or self.settings.max_images_per_request
+        return Decoded(*codec.decode_request(body, header_length, limit))
+
+    def decode_fields(
+        self, fields: dict, raw: bytes | None, max_images: int | None = None
+    ) -> Decoded:
+        """The same request from a transport that parsed its own message (gRPC): its
+        fields as Python values, and its input's raw bytes if it sent them so."""
+        request = codec.parse_fields(fields)
+        limit = max_images or self.settings.max_images_per_request
+        return Decoded(request, codec.decode_raw(request, raw, limit))
+
+    def encode(self, response: InferenceResponse) -> tuple[bytes, int | None]:
+        """The JSON (and binary) body of an answer, and the JSON's length if binary follows."""
+        return codec.encode_response(response)
+
+    async def infer_tensors(
+        self, context: RequestContext, model_id: str, version: str | None, decoded: Decoded
+    ) -> InferenceResponse:
+        """The outputs a protocol request asks for, checked against the version that
+        answers before any work, with its familiarity floor."""
+        request = decoded.request
+        asked: list[codec.RequestedOutput] = []
+
+        def choose(served: Served) -> list[str]:
+            asked[:] = codec.requested_outputs(request, served.model.output_widths)
+            return [output.name for output in asked]
+
+        floor = request.parameters.min_familiarity if request.parameters else None
+        served, outputs, _ = await self.infer(context, model_id, version, decoded.images,
+                                              choose, floor)  # fmt: skip
+        tensors = codec.output_tensors(request, asked, outputs, served.model.card.class_names)
+        return InferenceResponse(served.model_id, served.version, request.id, tensors)
+
+    async def explain_tensors(
+        self, context: RequestContext, model_id: str, version: str | None, decoded: Decoded
+    ) -> InferenceResponse:
+        """An explanation of a protocol request's one image, for its top class or
+        `parameters.class`, as outputs."""
+        request = decoded.request
+        index = request.parameters.explain_class if request.parameters else None
+        width = self.loaded().get(model_id, version).model.output_widths[OUTPUT_NAME]
+        if index is not None and index >= width:
+            raise InvalidTensor(f"class must be an id from 0 to {width - 1}")
+        answer = await self.explain(context, model_id, version, decoded.images[0], index)
+        tensors = codec.explanation_tensors(answer.heat_map, answer.class_index,
+                                            answer.probability)  # fmt: skip
+        return InferenceResponse(answer.served.model_id, answer.served.version, request.id,
+                                 tensors)  # fmt: skip
+
+    # --- images in, outputs out ----------------------------------------------------------
+
     async def infer(
         self,
-        record: RequestRecord,
-        receive: Receive,
+        context: RequestContext,
         model_id: str | None,
         version: str | None,
         images: np.ndarray,
-        outputs: Sequence[str] = (OUTPUT_NAME,),
+        outputs: Sequence[str] | Callable[[Served], Sequence[str]] = (OUTPUT_NAME,),
         min_familiarity: float | None = None,
     ) -> Answer:
-        """`outputs` for `images` from the version that answers now. Every answered image
-        is watched (its familiarity and top probability, for drift); with a familiarity
-        floor (the request's, else MIN_FAMILIARITY), an image below it is refused (422)."""
+        """`outputs` for `images` from the version that answers now (or the outputs a
+        function of that version names: it may refuse them, before any work). Every
+        answered image is watched (its familiarity and top probability, for drift); with a
+        familiarity floor (the request's, else MIN_FAMILIARITY), an image below it is
+        refused (422)."""
 
         def plan(served: Served) -> tuple[set[str], float]:
             # For the version that answers: what to fetch, and the floor (422 before work).
-            fetch = {*outputs, OUTPUT_NAME}
+            fetch = {*(outputs(served) if callable(outputs) else outputs), OUTPUT_NAME}
             if FAMILIARITY_NAME in served.model.output_widths:
                 fetch.add(FAMILIARITY_NAME)
             return fetch, self._familiarity_floor(served, min_familiarity)
 
-        answer, floor = await self._compute(record, receive, model_id, version, images, plan)
+        answer, floor = await self._compute(context, model_id, version, images, plan)
         self._watch(answer)
         if floor:
             _refuse_unfamiliar(answer.outputs[FAMILIARITY_NAME][:, 0], floor)
@@ -117,8 +217,7 @@ class DataPlane:
 
     async def explain(
         self,
-        record: RequestRecord,
-        receive: Receive,
+        context: RequestContext,
         model_id: str | None,
         version: str | None,
         image: np.ndarray,
@@ -135,7 +234,7 @@ class DataPlane:
                 f"{self.settings.max_images_per_request}; raise the stride"
             )
         copies = explain.copies(image, patch, stride)
-        answer, _ = await self._compute(record, receive, model_id, version, copies,
+        answer, _ = await self._compute(context, model_id, version, copies,
                                         lambda served: ({OUTPUT_NAME}, 0.0))  # fmt: skip
         probabilities = answer.outputs[OUTPUT_NAME]
         index = int(probabilities[0].argmax()) if class_index is None else class_index
@@ -145,8 +244,7 @@ class DataPlane:
 
     async def _compute(
         self,
-        record: RequestRecord,
-        receive: Receive,
+        context: RequestContext,
         model_id: str | None,
         version: str | None,
         images: np.ndarray,
@@ -160,31 +258,34 @@ class DataPlane:
         a version replaced or removed while the body was read or decoded has left the
         catalog and drains, so a request that named no version goes to the new one (one
         that pinned the old version gets 404) instead of a 503 from a stopped batcher."""
-        served = self.model(record, model_id, version)
+        served = self.model(context, model_id, version)
         outputs, planned = plan(served)
         metrics = self.metrics.for_model(served.model_id, served.version)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        watcher = loop.create_task(_cancel_when_gone(receive, task))
-        record.images = len(images)
+        gone = context.gone
+        watcher = None if gone is None else loop.create_task(_cancel_when_gone(gone, task))
+        context.images = len(images)
         metrics.in_flight.inc()
         start = loop.time()
         try:
-            result = await served.batcher.predict(images, record.deadline, sorted(outputs))
+            result = await served.batcher.predict(images, context.deadline, sorted(outputs))
         except asyncio.CancelledError:
             # Our watcher cancelled us (the client left): answer with a status for the logs
-            # and metrics. Any other cancellation (shutdown) goes on up.
-            if watcher.done() and not watcher.cancelled() and task.uncancel() == 0:
+            # and metrics. Any other cancellation (shutdown, a transport's own) goes on up.
+            if (watcher is not None and watcher.done() and not watcher.cancelled()
+                    and task.uncancel() == 0):  # fmt: skip
                 raise ClientGone(
                     "the client closed the connection; its request was dropped"
                 ) from None
             raise
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             metrics.in_flight.dec()
         waited = loop.time() - start
-        record.queue_ms = round(result.queue_seconds * 1000, 3)
-        record.inference_ms = round(result.inference_seconds * 1000, 3)
+        context.queue_ms = round(result.queue_seconds * 1000, 3)
+        context.inference_ms = round(result.inference_seconds * 1000, 3)
         metrics.queue_seconds.observe(result.queue_seconds)
         metrics.images.inc(len(images))
         return Answer(served, result.outputs, waited * 1000), planned
@@ -223,8 +324,6 @@ def _refuse_unfamiliar(familiarity: np.ndarray, floor: float) -> None:
         )
 
 
-async def _cancel_when_gone(receive: Receive, task: asyncio.Task) -> None:
-    # The body has been read: the next message the server gives is the disconnect.
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def _cancel_when_gone(gone: Callable[[], Awaitable[None]], task: asyncio.Task) -> None:
+    await gone()
     task.cancel()

@@ -14,16 +14,19 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import multiprocess
 
 from service import auth, server
-from service.admission import AdmissionMiddleware
 from service.catalog import load_catalog
 from service.config import Settings, get_settings
-from service.dataplane import DataPlane
-from service.errors import install_handlers
+from service.dataplane import SERVER_VERSION, DataPlane
+from service.http.door import DoorMiddleware
+from service.http.errors import install_handlers
+from service.http.keys import ApiKeyMiddleware
+from service.http.limits import LimitsMiddleware
+from service.http.record import RecordMiddleware
 from service.images import bound_metadata
-from service.limits import LimitsMiddleware
 from service.logs import configure_logging
-from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import Metrics
 from service.routes import explain, models, operations, page, predict, v2
+from service.rpc import server as rpc
 
 log = logging.getLogger(__name__)
 CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout",
@@ -45,7 +48,12 @@ async def lifespan(app: FastAPI):
         log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
     server.drain_on_sigterm(plane.draining, settings.shutdown_drain_seconds)
     watcher = asyncio.create_task(catalog.watch()) if settings.model_poll_seconds else None
+    grpc_server = None
+    if settings.grpc_port:  # the same data plane over gRPC, on this loop
+        grpc_server, app.state.grpc_port = await rpc.start(plane, app.state.keys)
     yield
+    if grpc_server is not None:  # uvicorn has stopped taking requests: so does gRPC
+        await rpc.stop(grpc_server, settings.graceful_shutdown_seconds)
     if watcher is not None:
         watcher.cancel()
     await catalog.stop()
@@ -59,25 +67,24 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPIOffline(  # Swagger UI and ReDoc served from the installed package: no CDN
         title="CIFAR-100 classifier",
         summary="Classify 32x32 images into the 100 CIFAR-100 classes and 20 superclasses.",
-        version="0.1.0",
+        version=SERVER_VERSION,
         lifespan=lifespan,
     )
-    keys = auth.validate(settings)  # a broken key setting stops startup
+    app.state.keys = keys = auth.validate(settings)  # a broken key setting stops startup
     app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
     app.add_middleware(LimitsMiddleware, settings=settings, draining=plane.draining)
     protected = (predict.router, explain.router, v2.router, models.router)  # by API_KEYS, when set
     if keys:
         routes = [route for router in protected for route in router.routes]
-        app.add_middleware(auth.ApiKeyMiddleware, keys=keys, protected=routes)
+        app.add_middleware(ApiKeyMiddleware, keys=keys, protected=routes)
     if settings.cors_origins:  # a page served elsewhere may call the API
         exposed = ["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"]
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=CORS_HEADERS,
                            expose_headers=exposed)  # fmt: skip
-    app.add_middleware(MetricsMiddleware, metrics=plane.metrics)
-    # Outermost: a request refused at the door costs no more than its refusal.
-    app.add_middleware(AdmissionMiddleware, admission=plane.admission,
-                       refused=plane.metrics.shed_at_door, draining=plane.draining)  # fmt: skip
+    app.add_middleware(RecordMiddleware, metrics=plane.metrics)
+    # Outermost: each request's context; one refused at the door costs no more than that.
+    app.add_middleware(DoorMiddleware, door=plane.door, draining=plane.draining)
     install_handlers(app)
     for router in (*protected, v2.health, operations.router, page.router):
         app.include_router(router)

@@ -8,11 +8,7 @@ hash) that answered.
 """
 
 import logging
-import math
 import os
-import re
-import time
-import uuid
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -24,8 +20,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.context import RequestContext
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -33,32 +29,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # buckets near 0, where unfamiliar images fall. The top class's probability: tenths.
 FAMILIARITY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-REQUEST_ID = b"x-request-id"
-VALID_ID = re.compile(rb"[\w.:@/+=-]{1,128}")  # what we echo back and log, verbatim
 
 access_log = logging.getLogger("service.access")
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What one request did, filled in as it goes (the limits set its deadline, the data
-    plane the model and timings) and read once at the end for its metrics and log line.
-    It travels in the ASGI scope's state, under `RECORD`."""
-
-    request_id: str
-    deadline: float = math.inf  # on the event loop's clock
-    model_id: str = ""
-    model_version: str = ""
-    images: int | None = None
-    queue_ms: float | None = None
-    inference_ms: float | None = None
-
-
-RECORD = "record"
-
-
-def record_of(scope: Scope) -> RequestRecord:
-    return scope["state"][RECORD]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +58,16 @@ class Metrics:
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
         self.requests = Counter(
-            "http_requests_total", "HTTP requests", http, registry=self.registry
+            "http_requests_total",
+            "Requests (HTTP and gRPC), by route or RPC",
+            http,
+            registry=self.registry,
         )
         self.latency = histogram(
-            "http_request_duration_seconds", "HTTP request latency", http, LATENCY_BUCKETS
+            "http_request_duration_seconds",
+            "Request latency (HTTP and gRPC), by route or RPC",
+            http,
+            LATENCY_BUCKETS,
         )
         self.queue_seconds = histogram(
             "inference_queue_seconds",
@@ -174,6 +152,24 @@ class Metrics:
                                           self.latency.labels(*labels))  # fmt: skip
         return bound
 
+    def finish(
+        self, context: RequestContext, route: str, method: str, status: str, seconds: float
+    ) -> None:
+        """A request is answered: its count, latency and access line. `route` is a route
+        template or an RPC's full name, never a raw path (a label per URL ever asked for
+        would grow without bound); `status` the HTTP status or the gRPC code's name."""
+        count, latency = self.for_request((route, context.model_id, context.model_version, status))
+        count.inc()
+        latency.observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("request", extra={
+                "request_id": context.request_id, "method": method, "route": route,
+                "status": int(status) if status.isdigit() else status,
+                "model": context.model_id or None, "version": context.model_version or None,
+                "images": context.images, "queue_ms": context.queue_ms,
+                "inference_ms": context.inference_ms, "total_ms": round(seconds * 1000, 3),
+            })  # fmt: skip
+
     def sample_process(self) -> None:
         """Update this worker's CPU and memory gauges (multi-worker mode)."""
         if self.multiprocess:
@@ -191,63 +187,3 @@ def exposition(metrics: Metrics) -> bytes:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest(metrics.registry)
-
-
-class MetricsMiddleware:
-    """Per request (pure ASGI: no per-request task or body copy): a request id (the
-    client's `X-Request-ID`, else a new one) returned on every response, errors too;
-    the metrics; and one JSON access line."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-        request_id = (
-            next(
-                (v for k, v in scope["headers"] if k == REQUEST_ID and VALID_ID.fullmatch(v)), None
-            )
-            or uuid.uuid4().hex.encode()
-        )
-        record = RequestRecord(request_id.decode())
-        scope.setdefault("state", {})[RECORD] = record
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            seconds = time.perf_counter() - start
-            route = route_template(scope)
-            count, latency = self.metrics.for_request(
-                (route, record.model_id, record.model_version, str(status))
-            )
-            count.inc()
-            latency.observe(seconds)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info("request", extra={
-                    "request_id": record.request_id, "method": scope["method"],
-                    "route": route, "status": status, "model": record.model_id or None,
-                    "version": record.model_version or None, "images": record.images,
-                    "queue_ms": record.queue_ms, "inference_ms": record.inference_ms,
-                    "total_ms": round(seconds * 1000, 3),
-                })  # fmt: skip
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's template (/models/{model_id}), never the raw path: a label per
-    URL ever asked for would grow without bound. Unknown paths share one bucket."""
-    route = scope.get("route")  # set by FastAPI's own routes
-    if route is None:  # /openapi.json, /docs and mounts are plain Starlette routes
-        for candidate in scope["app"].router.routes:
-            if candidate.matches(scope)[0] == Match.FULL:
-                route = candidate
-                break
-    return getattr(route, "path", None) or "unmatched"

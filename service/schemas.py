@@ -6,6 +6,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from service.classifier import Classifier
+from service.codec import top_classes
 from service.modelcard import superclass_probabilities
 
 
@@ -58,7 +59,7 @@ def describe(
 ) -> ImagePrediction:
     """One image's probabilities as the API reports them."""
     card = model.card
-    best = np.argsort(-probabilities, kind="stable")[:top_k]
+    best = top_classes(probabilities, top_k)
     superclasses = superclass_probabilities(probabilities, card.fine_to_coarse)
     top_super = int(superclasses.argmax())
     return ImagePrediction(

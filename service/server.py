@@ -25,8 +25,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
-from service.admission import ARRIVED
 from service.config import Settings
+from service.http.door import ARRIVED
 
 log = logging.getLogger(__name__)
 REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}

@@ -14,7 +14,14 @@ import pytest
 from tests.service_helpers import serve
 from tests.synthetic import make_images, write_cifar100, write_tarball
 
+# Servers the tests start by other routes than service_process or live_server (the
+# gpu-check's `python -m service`) serve no gRPC unless a test names a port: the default
+# 8081 may be taken on the machine, or by another server of this run.
+os.environ.setdefault("GRPC_PORT", "0")
+
 KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
+TRITON_GRPC = ("tritonclient[grpc]==2.73.0", "numpy==2.4.6")
+GRPC_TOOLS = ("grpcio-tools==1.85.4",)
 VAL_SIZE = 500
 SMALL_VAL_SIZE = 100  # of small_tarball's 800 training images
 
@@ -87,13 +94,11 @@ def client(monkeypatch, models_dir):
         yield client
 
 
-@pytest.fixture(scope="session")
-def kserve_python() -> Path:
-    """A Python with KServe's SDK (its client and its typed manifests), in a venv of its
-    own under the user's cache: created once (about 90 s and 450 MB; needs PyPI the first
-    time), since its pins clash with ours."""
+def venv_python(packages: tuple[str, ...]) -> Path:
+    """A Python with `packages` (pinned) in a venv of its own under the user's cache, for
+    clients whose pins clash with ours: created once (needs PyPI the first time)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar100"
-    tag = "-".join(p.replace("==", "-") for p in KSERVE_SDK)
+    tag = "-".join(p.replace("==", "-").replace("[", "-").replace("]", "") for p in packages)
     venv = cache / f"venv-{tag}-py{sys.version_info.major}.{sys.version_info.minor}"
     python = venv / "bin" / "python"
     done = venv / ".installed"
@@ -106,8 +111,29 @@ def kserve_python() -> Path:
             subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
             subprocess.run(
                 [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                 *KSERVE_SDK],
+                 *packages],
                 check=True, timeout=900,
             )  # fmt: skip
-            done.write_text("\n".join(KSERVE_SDK))
+            done.write_text("\n".join(packages))
     return python
+
+
+@pytest.fixture(scope="session")
+def kserve_python() -> Path:
+    """A Python with KServe's SDK (its client and its typed manifests): about 90 s and
+    450 MB the first time, since its pins clash with ours."""
+    return venv_python(KSERVE_SDK)
+
+
+@pytest.fixture(scope="session")
+def triton_grpc_python() -> Path:
+    """A Python with tritonclient's gRPC client: it needs protobuf below 7, and the train
+    extra pins protobuf 7 (TensorFlow's), so it cannot share our environment."""
+    return venv_python(TRITON_GRPC)
+
+
+@pytest.fixture(scope="session")
+def grpc_tools_python() -> Path:
+    """A Python with grpcio-tools (protoc), to check the committed generated code is
+    current: grpcio-tools wants a newer setuptools than our environment holds."""
+    return venv_python(GRPC_TOOLS)

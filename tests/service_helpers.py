@@ -54,6 +54,7 @@ def live_server(models_dir, **env: str) -> Iterator[int]:
     """The app behind our real server (service.server.server_config: its protocol limits
     included) on a loopback port, in a thread; yields the port. Signals need a process:
     see bench's service_process."""
+    env.setdefault("grpc_port", "0")  # gRPC where a test asks for it, else off
     with environment(models_dir=models_dir, log_json="false", **env):
         settings = get_settings()
         config = server_config(
@@ -79,6 +80,7 @@ def serve(monkeypatch, models_dir, **env: str) -> Iterator[TestClient]:
     """The real app, lifespan included, with settings from the environment."""
     monkeypatch.setenv("MODELS_DIR", str(models_dir))
     monkeypatch.setenv("LOG_JSON", "false")
+    monkeypatch.setenv("GRPC_PORT", "0")  # an in-process app: HTTP only, unless asked
     for key, value in env.items():
         monkeypatch.setenv(key.upper(), str(value))
     get_settings.cache_clear()

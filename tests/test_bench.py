@@ -20,11 +20,13 @@ from bench.__main__ import build_parser
 from bench.amplification import hostile_markdown
 from bench.ceiling import BATCH_SIZES
 from bench.driver import CONCURRENCY
+from bench.grpc_load import build_requests as grpc_requests
 from bench.int8 import int8_file, int8_name
 from bench.load import (
     Tally,
     build_requests,
     http_request,
+    pixel_images,
     read_response,
     read_response_headers,
     v2_body,
@@ -52,6 +54,7 @@ from bench.steady import (
 from bench.tables import PATHS, to_markdown
 from bench.targets import GOODPUT_LOADS, P99_MS, REFUSAL_P99_MS, judge_images, judge_open, met_line
 from service.hardware import CPU_FLAGS, int8_kernels
+from service.rpc import inference_pb2 as pb
 
 SMOKE_MODEL = "cifar100-712868"
 
@@ -128,7 +131,9 @@ def test_smoke_run_produces_every_row(smoke_run):
         CONCURRENCY
     ) + len(IMAGES_PER_REQUEST)
     assert markdown.count("| naive Keras | PNG, /predict |") == len(CONCURRENCY)
+    assert markdown.count("| service, batching on | tensor, gRPC raw |") == len(CONCURRENCY)
     assert markdown.count("| tensor, /v2 binary | 200% |") == 1
+    assert markdown.count("| tensor, gRPC raw | 200% |") == 1
     assert "CPU per answered request at 64 clients" in markdown
 
 
@@ -227,7 +232,7 @@ def test_smoke_run_judges_every_target_and_draws_the_curve(smoke_run):
     markdown = (out / "results.md").read_text()
     assert met_line(verdicts) in markdown
     table = [line for line in markdown.splitlines() if line.startswith("| answered p99 <=")]
-    assert len(table) == 2 * len(OPEN_LOOP_LOADS)
+    assert len(table) == len(PATHS) * len(OPEN_LOOP_LOADS)
     assert all(line.endswith(("| met |", "| **not met** |")) for line in table)
     # The curve: a real picture with something drawn on it; a smoke run never replaces
     # the published one.
@@ -240,9 +245,10 @@ def test_smoke_run_judges_every_target_and_draws_the_curve(smoke_run):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 50  # lines, text, markers: not blank
         blue = np.array(image.convert("RGB"))
-        # both paths are drawn: matplotlib's tab:blue and tab:orange pixels
+        # every path is drawn: matplotlib's tab:blue, tab:orange and tab:green pixels
         assert ((blue == (31, 119, 180)).all(axis=-1)).sum() > 100
         assert ((blue == (255, 127, 14)).all(axis=-1)).sum() > 100
+        assert ((blue == (44, 160, 44)).all(axis=-1)).sum() > 100
 
 
 def test_an_int8_file_beside_the_model_is_measured_alone_in_its_folder(tmp_path):
@@ -428,18 +434,18 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
     }  # fmt: skip
     model = {
         "weights": "trained weights", "ceiling": ceiling, "naive": rows(CONCURRENCY),
-        "service": {"closed": {"png, batching on": rows(CONCURRENCY, repeats=3),
-                               "v2, batching on": rows(CONCURRENCY, repeats=3)},
+        "service": {"closed": {f"{kind}, batching on": rows(CONCURRENCY, repeats=3)
+                               for kind in PATHS},
                     "images": [*rows([8], 8, 3), *rows([4], 32, 3)],
-                    "open": {"png": open_rows, "v2": open_rows}},
+                    "open": {kind: open_rows for kind in PATHS}},
         "peers": {"BentoML 1.4.40": {"settings": "s", "rows": rows(CONCURRENCY)},
                   "LitServe 0.2.19": {"settings": "s", "rows": rows(CONCURRENCY)}},
         "int8": {"weights": "int8, m-int8.onnx from the models folder",
                  "ceiling": {**ceiling, "images_per_s": 150.0},
                  "ratio_to_float": {"ratios": [1.4, 1.5, 1.6], "median": 1.5, "min": 1.4,
                                     "max": 1.6, "n": 3},
-                 "service": {"closed": {"png, batching on": rows([64], repeats=3),
-                                        "v2, batching on": rows([64], repeats=3)},
+                 "service": {"closed": {f"{kind}, batching on": rows([64], repeats=3)
+                                        for kind in PATHS},
                              "images": [*rows([8], 8, 3), *rows([4], 32, 3)]}},
         "windows": [{"label": "service, batching on", "file": "m.onnx", "batch": 128, "count": 3,
                      "median": 100.0, "min": 90.0, "max": 110.0, "windows": []}],
@@ -462,7 +468,8 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
     assert markdown.count("| LitServe 0.2.19 (s) | PNG, /predict |") == len(CONCURRENCY)
     assert "BentoML 1.4.40 10.0 req/s" in markdown
     assert "int8/float **1.50x** (1.40-1.60), from 3 int8 windows" in markdown
-    assert markdown.count("| service on int8, batching on |") == 2 + 2  # 64 clients, images
+    # 64 clients on each path, and the two many-image rows
+    assert markdown.count("| service on int8, batching on |") == len(PATHS) + 2
     # 10 req/s of 1 image against a ceiling of 100 (mean of 90 and 110): 10%, 3 runs
     assert (
         "| service, batching on | tensor, /v2 binary | 64 | 1 | 3 | 10.0 (10.0-10.0) " in markdown
@@ -471,9 +478,10 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
         "| 320% (320%-320%) |" in markdown  # fmt: skip
     assert "the whole run took 10.0 min." in markdown
     assert "; int8 kernels: AVX2 (no VNNI))" in markdown
-    # p99 3 ms at 10 offered rates, goodput 90% at 4, and the 32-image rows (320%, float and
-    # int8) met; the 8-image rows (80%) not; no 503s, so no refusals to judge
-    assert "16 of 18 targets met" in markdown
+    # p99 3 ms at 15 offered rates (5 a path), goodput 90% at 6, and the 32-image rows
+    # (320%, float and int8) met; the 8-image rows (80%) not; no 503s, so no refusals
+    assert "23 of 25 targets met" in markdown
+    assert "raw tensors over gRPC 10.0 req/s" in markdown
     assert "![latency-throughput curve](published/latency-curve.png)" in markdown
 
 
@@ -521,6 +529,15 @@ def test_requests_are_prebuilt_http(kind):
     assert len(requests) == 64 and len(set(requests)) == 64
     head, _, body = requests[0].partition(b"\r\n\r\n")
     assert f"Content-Length: {len(body)}".encode() in head
+
+
+def test_grpc_requests_are_prebuilt_messages_of_raw_pixels():
+    requests = grpc_requests("m", images_per_request=2)
+    assert len(requests) == 64 and len(set(requests)) == 64
+    message = pb.ModelInferRequest.FromString(requests[0])
+    assert message.model_name == "m" and list(message.inputs[0].shape) == [2, 32, 32, 3]
+    assert message.raw_input_contents[0] == pixel_images(66)[:2].tobytes()
+    assert [o.name for o in message.outputs] == ["probabilities"]
 
 
 def test_v2_body_has_a_json_header_then_raw_pixels():

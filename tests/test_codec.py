@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from service.codec import (
     MAX_HEADER_BYTES,
     InferenceRequest,
+    InferenceResponse,
     decode_request,
     encode_response,
     max_request_bytes,
+    output_tensors,
     requested_outputs,
 )
 from service.errors import InvalidTensor, TooManyImages
@@ -142,7 +144,8 @@ def test_an_answer_is_bounded_by_the_images_and_outputs_asked(
     assert len({o.name for o in chosen}) == len(chosen) <= len(WIDTHS)
     rng = np.random.default_rng(0)
     results = {name: rng.random((count, width), dtype=np.float32) for name, width in WIDTHS.items()}
-    content, head = encode_response(parsed, chosen, "m", "v", results, NAMES)
+    tensors = output_tensors(parsed, chosen, results, NAMES)
+    content, head = encode_response(InferenceResponse("m", "v", parsed.id, tensors))
     bound = (
         512
         + len((request_id or "").encode()) * 6

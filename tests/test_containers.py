@@ -244,14 +244,18 @@ def test_cpu_training_image_has_no_cuda_extra_and_a_tag_of_its_own():
 def test_api_image_serves_the_app_as_non_root_without_tensorflow():
     text = dockerfile("api")
     (cmd,) = instructions(text, "CMD")
-    # python -m service: our server, every limit from the settings (PORT default 8000)
+    # python -m service: our server, every limit from the settings (PORT default 8000,
+    # GRPC_PORT 8081)
     assert re.search(r"exec python -m service\b", cmd) and Path("service/__main__.py").is_file()
     port = str(Settings.model_fields["port"].default)
+    grpc_port = str(Settings.model_fields["grpc_port"].default)
     assert "PROMETHEUS_MULTIPROC_DIR=" in text and "WEB_CONCURRENCY=" in text
-    assert instructions(text, "EXPOSE") == [port]
+    assert instructions(text, "EXPOSE") == [port, grpc_port]
     for name in ("api", "api-cpu"):
-        (published,) = SERVICES[name]["ports"]
+        published, published_grpc = SERVICES[name]["ports"]
         assert published == "${API_PORT:-8000}:" + port and default(published) == f"{port}:{port}"
+        assert published_grpc == "${API_GRPC_PORT:-8081}:" + grpc_port
+        assert default(published_grpc) == f"{grpc_port}:{grpc_port}"
     (user,) = instructions(text, "USER")
     assert user not in ("root", "0")
 
@@ -560,6 +564,7 @@ def stack(request, small_tarball, tmp_path_factory):
     env = {
         **os.environ,
         "API_PORT": str(port),
+        "API_GRPC_PORT": str(free_port()),  # a host's 8081 may be taken
         "IMAGE_TAG": IMAGE_TAG,
         "HOST_UID": str(TRAIN_UID),
         "HOST_GID": str(TRAIN_UID),

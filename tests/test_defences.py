@@ -20,8 +20,8 @@ import pytest
 from bench.load import multipart_body, multipart_form
 from bench.servers import service_process
 from service.classifier import file_version
+from service.decoding import DecodeSlots
 from service.errors import Overloaded
-from service.limits import DecodeSlots
 from tests.service_helpers import encode, live_server, serve, upload
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"

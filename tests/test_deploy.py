@@ -43,7 +43,7 @@ API = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api
 # ${IMAGE_TAG:-latest}, is compose's; the manifests pin the project's version).
 API_IMAGE = API["image"].split(":", 1)[0]
 DOCKERFILE = (ROOT / API["build"]["dockerfile"]).read_text().replace("\\\n", " ")
-(API_PORT,) = (int(p) for p in re.findall(r"^EXPOSE (\d+)$", DOCKERFILE, re.M))
+API_PORT, GRPC_PORT = (int(p) for p in re.findall(r"^EXPOSE (\d+)$", DOCKERFILE, re.M))
 (API_USER,) = (int(u) for u in re.findall(r"^USER (\d+)$", DOCKERFILE, re.M))
 
 
@@ -114,22 +114,31 @@ def setting_names() -> set[str]:
 
 
 def check_container(
-    container: dict, allowed_foreign: set[str], objects: dict[str, dict] | None = None
+    container: dict,
+    allowed_foreign: set[str],
+    objects: dict[str, dict] | None = None,
+    probed: bool = True,
 ) -> Settings:
     """What any container running our image must get right; returns its settings (with
-    the ConfigMaps its envFrom names, from `objects`)."""
+    the ConfigMaps its envFrom names, from `objects`). Ports: HTTP's (the image's first
+    EXPOSE) and gRPC's (its second), which must be the container's GRPC_PORT and named
+    `grpc` (or `h2c`, KServe's name for it)."""
     ports = {p.get("name", p["containerPort"]): p["containerPort"] for p in container["ports"]}
-    assert set(ports.values()) == {API_PORT}, ports
+    assert set(ports.values()) <= {API_PORT, GRPC_PORT}, ports
     env = container_env(objects, container) if objects else container["env"]
     for variable in env:
         name = variable["name"]
         assert name == name.upper(), name
         assert name.lower() in setting_names() or name in FOREIGN_ENV | allowed_foreign, name
     settings = settings_from([v for v in env if v["name"] not in allowed_foreign])
+    assert settings.port == API_PORT and settings.grpc_port == GRPC_PORT
+    for name, port in ports.items():
+        assert (port == GRPC_PORT) == (name in ("grpc", "h2c")), ports
     probes = [
         container[k] for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in container
     ]
-    assert {"livenessProbe", "readinessProbe"} <= set(container)
+    if probed:
+        assert {"livenessProbe", "readinessProbe"} <= set(container)
     for probe in probes:
         get = probe["httpGet"]
         assert get["path"].startswith("/"), get
@@ -368,7 +377,9 @@ def missing(written, typed, path: str = "") -> list[str]:
 
 
 def test_inference_services_deserialise_into_the_kserve_sdk_models(kserve_python):
-    assert sorted(INFERENCE_SERVICES) == ["inferenceservice-triton.yaml", "inferenceservice.yaml"]
+    assert sorted(INFERENCE_SERVICES) == [
+        "inferenceservice-grpc.yaml", "inferenceservice-triton.yaml", "inferenceservice.yaml",
+    ]  # fmt: skip
     result = subprocess.run(
         [kserve_python, "-c", DESERIALISE],
         input=json.dumps(INFERENCE_SERVICES), capture_output=True, text=True, timeout=120,
@@ -381,15 +392,17 @@ def test_inference_services_deserialise_into_the_kserve_sdk_models(kserve_python
     assert typed["inferenceservice.yaml"]["types"] == [
         "V1beta1InferenceService", "V1beta1PredictorSpec", "V1Container",
     ]  # fmt: skip
+    assert typed["inferenceservice-grpc.yaml"]["types"] == typed["inferenceservice.yaml"]["types"]
     assert typed["inferenceservice-triton.yaml"]["types"] == [
         "V1beta1InferenceService", "V1beta1PredictorSpec", "V1beta1ModelSpec",
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-grpc.yaml"])
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_custom_predictor_pod_is_a_valid_kubernetes_pod(version):
+def test_custom_predictor_pod_is_a_valid_kubernetes_pod(version, name):
     # KServe copies these fields into the pod it creates: check them as a Pod would be.
-    predictor = INFERENCE_SERVICES["inferenceservice.yaml"]["spec"]["predictor"]
+    predictor = INFERENCE_SERVICES[name]["spec"]["predictor"]
     pod_fields = ("containers", "securityContext", "terminationGracePeriodSeconds")
     pod = {
         "apiVersion": "v1",
@@ -419,6 +432,39 @@ def test_custom_predictor_serves_our_image_over_v2_from_storage_uri():
     # The Open Inference Protocol's own health routes, and its infer route, are served.
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+
+
+def test_grpc_predictor_serves_our_image_on_its_h2c_port():
+    """Knative routes one port: gRPC's, named h2c as KServe expects, the container's
+    GRPC_PORT; the rest is the REST predictor's."""
+    isvc = INFERENCE_SERVICES["inferenceservice-grpc.yaml"]
+    predictor = isvc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["image"] == f"{API_IMAGE}:{PROJECT_VERSION}"
+    assert container["ports"] == [{"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"}]
+    settings = check_container(container, allowed_foreign=KSERVE_ENV, probed=False)
+    check_pod(predictor, settings)
+    assert str(settings.models_dir) == KSERVE_MODELS_DIR
+    rest = INFERENCE_SERVICES["inferenceservice.yaml"]["spec"]["predictor"]["containers"][0]
+    assert container["resources"] == rest["resources"]
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_kubernetes_service_names_the_grpc_port_h2c(build):
+    """The Service carries gRPC on a port named grpc, with appProtocol h2c (HTTP/2 without
+    TLS), to the container's GRPC_PORT."""
+    ports = {p["name"]: p for p in BUILDS[build]["Service"]["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    (container,) = BUILDS[build]["Deployment"]["spec"]["template"]["spec"]["containers"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named[ports["grpc"]["targetPort"]] == GRPC_PORT
+    assert "appProtocol" not in ports["http"]
+
+
+def test_compose_publishes_both_ports():
+    published = [p.rsplit(":", 1)[1] for p in API["ports"]]
+    assert sorted(map(int, published)) == sorted([API_PORT, GRPC_PORT])
 
 
 def test_triton_inference_service_serves_the_exported_repository():

@@ -3,18 +3,21 @@ parsed with Triton's own ModelConfig schema (from tritonclient) and checked agai
 ONNX graph it describes. No Triton server runs here; onnxruntime runs each copied model
 at the shapes the config declares."""
 
+import ast
+import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+from google.protobuf import descriptor_pool, message_factory, text_format
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from tritonclient.utils import np_to_triton_dtype
 
 from service.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
@@ -22,6 +25,37 @@ from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCa
 from training import triton
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def triton_model_config() -> SimpleNamespace:
+    """Triton's ModelConfig schema, from the model_config.proto tritonclient ships, in a
+    descriptor pool of its own: importing tritonclient.grpc would put its `inference.*`
+    messages in the default pool, which holds the service's own gRPC messages
+    (service/rpc/inference.proto, the same package) in this interpreter."""
+    (folder,) = importlib.util.find_spec("tritonclient").submodule_search_locations
+    tree = ast.parse((Path(folder) / "grpc" / "model_config_pb2.py").read_text())
+    (serialized,) = [
+        node.args[0].value for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile"
+    ]  # fmt: skip
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(serialized)
+    data_type = EnumTypeWrapper(pool.FindEnumTypeByName("inference.DataType"))
+    kind = EnumTypeWrapper(pool.FindEnumTypeByName("inference.ModelInstanceGroup.Kind"))
+    return SimpleNamespace(
+        ModelConfig=message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("inference.ModelConfig")
+        ),
+        DataType=data_type,
+        TYPE_UINT8=data_type.Value("TYPE_UINT8"),
+        TYPE_FP32=data_type.Value("TYPE_FP32"),
+        ModelInstanceGroup=SimpleNamespace(
+            KIND_GPU=kind.Value("KIND_GPU"), KIND_CPU=kind.Value("KIND_CPU")
+        ),
+    )
+
+
+model_config_pb2 = triton_model_config()
 HEAVY = ("tensorflow", "keras", "tf2onnx")
 # How the onnxruntime backend reads its CUDA `parameters` (src/onnxruntime.cc): numbers
 # standing for onnxruntime's own option values.

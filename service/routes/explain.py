@@ -6,13 +6,13 @@ to the batcher as one request, so every bound counts every copy."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 
-from service.deps import PlaneDep, RecordDep
 from service.errors import BadParameter
+from service.http.deps import ContextDep, PlaneDep
+from service.http.uploads import read_images
 from service.routes.predict import BINARY, ERRORS, RESIZE_DOC
 from service.schemas import ExplainResponse, ImageExplanation
-from service.uploads import read_images
 
 router = APIRouter(tags=["predict"])
 CLASS_DOC = "Class to explain, as its id (0-99) or label (`maple_tree`); default: the top class"
@@ -20,9 +20,8 @@ CLASS_DOC = "Class to explain, as its id (0-99) or label (`maple_tree`); default
 
 @router.post("/explain", response_model=ExplainResponse, responses=ERRORS)
 async def explain(
-    request: Request,
     plane: PlaneDep,
-    record: RecordDep,
+    context: ContextDep,
     file: Annotated[UploadFile, File(description="One image", json_schema_extra=BINARY)],
     model: Annotated[str | None, Query(description="Model id; default: DEFAULT_MODEL")] = None,
     version: Annotated[str | None, Query(description="Version (content hash)")] = None,
@@ -33,12 +32,12 @@ async def explain(
     slides over the image in steps of EXPLAIN_STRIDE; the map says how much covering each
     pixel lowered the explained class's probability. One image is `1 + positions` images
     of work (50 by default): it counts as that many in the queue bound and the deadline."""
-    served = plane.model(record, model, version)  # 404 before decoding
+    served = plane.model(context, model, version)  # 404 before decoding
     names = served.model.card.class_names
     index = None if class_ is None else _class_index(class_, names)
     settings = plane.settings
     (image,) = await read_images(plane, [file], resize, max_images=1)
-    answer = await plane.explain(record, request.receive, model, version, image, index)
+    answer = await plane.explain(context, model, version, image, index)
     return ExplainResponse(
         model_id=answer.served.model_id,
         model_version=answer.served.version,

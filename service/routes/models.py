@@ -7,8 +7,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, RedirectResponse
 
 from service.catalog import Catalog, Served
-from service.deps import CatalogDep, PlaneDep
 from service.errors import ReportNotFound
+from service.http.deps import CatalogDep, PlaneDep
 from service.routes.page import REPORT_POLICY, file_response
 from service.schemas import ErrorBody, ModelDetail, ModelInfo, ModelList
 

@@ -4,8 +4,8 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.auth import metrics_token
-from service.deps import PlaneDep
+from service.http.deps import PlaneDep
+from service.http.keys import metrics_token
 from service.metrics import exposition
 from service.schemas import ErrorBody, Health
 

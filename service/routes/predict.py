@@ -2,12 +2,12 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 
-from service.deps import PlaneDep, RecordDep
+from service.http.deps import ContextDep, PlaneDep
+from service.http.uploads import read_images
 from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
 from service.schemas import ErrorBody, PredictResponse, describe
-from service.uploads import read_images
 
 router = APIRouter(tags=["predict"])
 
@@ -47,9 +47,8 @@ BINARY = {"type": "string", "format": "binary"}
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)
 async def predict(
-    request: Request,
     plane: PlaneDep,
-    record: RecordDep,
+    context: ContextDep,
     files: Annotated[
         list[UploadFile], File(description=FILES_DOC, json_schema_extra={"items": BINARY})
     ] = (),  # optional: `file` may carry the one image instead
@@ -71,11 +70,11 @@ async def predict(
     with its familiarity (how like the training data it is).
 
     Send at least one image: as `files` (one or more), or as `file` (one)."""
-    plane.model(record, model, version)  # unknown model or version: 404 before decoding
+    plane.model(context, model, version)  # unknown model or version: 404 before decoding
     uploads = [*([file] if file is not None else []), *files]
     images = await read_images(plane, uploads, resize, plane.settings.max_images_per_request)
     served, outputs, inference_ms = await plane.infer(
-        record, request.receive, model, version, images, min_familiarity=min_familiarity
+        context, model, version, images, min_familiarity=min_familiarity
     )
     familiarity = outputs.get(FAMILIARITY_NAME)
     return PredictResponse(

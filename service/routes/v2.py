@@ -5,8 +5,8 @@ binary tensor data extension (`Inference-Header-Content-Length`), so a client ca
 raw uint8 tensors with no image decoding and no multipart parsing. The classification
 extension answers "score:index:label" strings, as Triton does.
 
-Decoding and encoding are service/codec.py's; the tensor goes through the same data
-plane as /predict (batcher, queue bound, deadline). Errors are `{"error": "..."}`
+The data plane decodes, infers and encodes (as it does for gRPC, service/rpc/): these
+routes only read the HTTP request and write the HTTP response. Errors are `{"error": "..."}`
 (service/errors.py). Health answers carry the JSON bodies of KServe's V2 protocol
 document (`{"live": true}`, `{"ready": true}`) with Triton's status codes, so both
 tritonclient (status only) and KServe's client (the body) read them.
@@ -17,25 +17,16 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import deps
-from service.codec import (
-    HEADER_LENGTH,
-    InferenceRequest,
-    decode_request,
-    encode_explanation,
-    encode_response,
-    requested_outputs,
-)
-from service.deps import CatalogDep, PlaneDep, RecordDep
+from service.codec import HEADER_LENGTH, InferenceRequest
+from service.dataplane import EXTENSIONS, SERVER_NAME
 from service.errors import InvalidTensor
-from service.modelcard import INPUT_NAME, OUTPUT_NAME
+from service.http import deps
+from service.http.deps import CatalogDep, ContextDep, PlaneDep
 from service.schemas import V2Error, V2Live, V2ModelMetadata, V2Ready, V2ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 health = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])  # open to probes
 
-SERVER_NAME = "cifar100-classifier"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": V2Error, "description": "Bad tensor, shape, datatype or request"},
     401: {"model": V2Error, "description": "API_KEYS is set and no valid key was sent"},
@@ -56,7 +47,9 @@ def _ready(ready: bool) -> JSONResponse:
 @health.get("", response_model=V2ServerMetadata)
 def server_metadata(request: Request) -> V2ServerMetadata:
     """Server name, version and the protocol extensions it supports."""
-    return V2ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=EXTENSIONS)
+    return V2ServerMetadata(
+        name=SERVER_NAME, version=request.app.version, extensions=list(EXTENSIONS)
+    )
 
 
 @health.get("/health/live", response_model=V2Live)
@@ -127,19 +120,15 @@ async def model_infer(request: Request) -> Response:
     # The hot path reads its parameters by hand (documented in INFER_DOC): FastAPI's
     # solving of two dependencies, two path parameters and a header was a third of this
     # route's CPU per request (cProfile), most of it inspecting type annotations again.
-    plane, record = await deps.plane(request), await deps.record(request)
+    plane, context = await deps.plane(request), await deps.context(request)
     model_name = request.path_params["model_name"]
     model_version = request.path_params.get("model_version")
     header_length = header_length_of(request)
-    served = plane.model(record, model_name, model_version)  # 404 before the body is read
+    plane.model(context, model_name, model_version)  # 404 before the body is read
     body = await request.body()  # the protocol's body limit applies while it streams in
-    parsed, images = decode_request(body, header_length, plane.settings.max_images_per_request)
-    asked = requested_outputs(parsed, served.model.output_widths)  # 400 before any work
-    floor = parsed.parameters.min_familiarity if parsed.parameters else None
-    served, outputs, _ = await plane.infer(record, request.receive, model_name, model_version,
-                                           images, [o.name for o in asked], floor)  # fmt: skip
-    content, head = encode_response(parsed, asked, served.model_id, served.version, outputs,
-                                    served.model.card.class_names)  # fmt: skip
+    decoded = plane.decode(body, header_length)
+    answer = await plane.infer_tensors(context, model_name, model_version, decoded)
+    content, head = plane.encode(answer)
     if head is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
@@ -169,7 +158,7 @@ async def model_explain(
     request: Request,
     model_name: str,
     plane: PlaneDep,
-    record: RecordDep,
+    context: ContextDep,
     model_version: str | None = None,
 ) -> Response:
     """What the model looked at: the occlusion heat map (as `POST /explain`) of one image
@@ -177,18 +166,11 @@ async def model_explain(
     class or `"parameters": {"class": k}`. Outputs `heat_map` FP32 [1, 32, 32], `class`
     INT32 [1] and `probability` FP32 [1]. An extension of this server, not of the
     protocol: one explanation is 50 images of work, counted as such in every bound."""
-    served = plane.model(record, model_name, model_version)  # 404 before the body is read
+    plane.model(context, model_name, model_version)  # 404 before the body is read
     body = await request.body()
-    parsed, images = decode_request(body, header_length_of(request), 1)
-    index = parsed.parameters.explain_class if parsed.parameters else None
-    width = served.model.output_widths[OUTPUT_NAME]
-    if index is not None and index >= width:
-        raise InvalidTensor(f"class must be an id from 0 to {width - 1}")
-    answer = await plane.explain(record, request.receive, model_name, model_version,
-                                 images[0], index)  # fmt: skip
-    served = answer.served
-    content = encode_explanation(parsed, served.model_id, served.version, answer.heat_map,
-                                 answer.class_index, answer.probability)  # fmt: skip
+    decoded = plane.decode(body, header_length_of(request), max_images=1)
+    answer = await plane.explain_tensors(context, model_name, model_version, decoded)
+    content, _ = plane.encode(answer)  # JSON only
     return Response(content, media_type="application/json")
 
 
@@ -199,21 +181,11 @@ async def model_explain(
     responses=ERRORS,
 )
 def model_metadata(
-    model_name: str, catalog: CatalogDep, model_version: str | None = None
+    model_name: str, plane: PlaneDep, model_version: str | None = None
 ) -> V2ModelMetadata:
     """Platform, versions, and every input and output with its datatype and shape
     (-1: the batch dimension)."""
-    model = catalog.get(model_name, model_version).model
-    return V2ModelMetadata(
-        name=model.model_id,
-        versions=sorted(catalog.models[model.model_id]),
-        platform="onnxruntime_onnx",
-        inputs=[{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 32, 32, 3]}],
-        outputs=[
-            {"name": name, "datatype": "FP32", "shape": [-1, width]}
-            for name, width in model.output_widths.items()
-        ],
-    )
+    return V2ModelMetadata(**plane.model_metadata(model_name, model_version))
 
 
 @router.get("/models/{model_name}/ready", response_model=V2Ready,

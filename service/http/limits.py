@@ -1,9 +1,10 @@
-"""Per-request bounds, as one pure ASGI middleware (no per-request task, no body copy).
+"""Per-request bounds over HTTP, as one pure ASGI middleware (no per-request task, no body copy).
 
 - A deadline for every request: REQUEST_TIMEOUT_SECONDS, shortened by an
   `X-Request-Timeout` header (seconds). The inference path drops work past it (504).
-- A bound on the body that fits its protocol: for /v2, the largest valid inference request
-  (service/codec.py: every value of MAX_IMAGES_PER_REQUEST images spelt out in JSON);
+- A bound on the body that fits its protocol: for the Open Inference Protocol, the
+  largest valid inference request (service/codec.py: every value of
+  MAX_IMAGES_PER_REQUEST images spelt out in JSON);
   elsewhere every image at its upload limit. Refused from the Content-Length header or,
   without one, as soon as the stream crosses it (413).
 - A bound on waiting for the body: a client that stops sending mid-body (or sends less
@@ -22,21 +23,16 @@ apply before a request reaches any ASGI code.
 import asyncio
 import math
 import threading
-from collections.abc import Callable
-from typing import TypeVar
 
-from fastapi.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.codec import max_request_bytes
 from service.config import Settings
-from service.errors import Overloaded, error_response
-from service.images import release_memory
-from service.metrics import record_of
+from service.http.door import context_of
+from service.http.errors import error_response
 
 TIMEOUT_HEADER = b"x-request-timeout"
-T = TypeVar("T")
 
 
 class LimitsMiddleware:
@@ -61,7 +57,8 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         timeout = self.request_timeout
-        v2 = scope["path"].startswith("/v2/")
+        context = context_of(scope)
+        v2 = context.operation.v2
         max_body = self.max_v2_body if v2 else self.max_body
         too_large = self.too_large_v2 if v2 else self.too_large
         declared = 0
@@ -79,7 +76,7 @@ class LimitsMiddleware:
         if self.in_flight + declared > self.budget:
             return await _refuse(503, self._busy(), scope, receive, send, {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        deadline = record_of(scope).deadline = loop.time() + timeout
+        deadline = context.start_deadline(loop.time(), timeout)
         body_done, received, reserved = False, 0, declared
         self.in_flight += reserved
 
@@ -139,7 +136,8 @@ async def _refuse(
     status: int, message: str, scope: Scope, receive: Receive, send: Send, extra=None
 ) -> None:
     headers = {"Connection": "close", **(extra or {})}  # the unread body is not a request
-    await error_response(scope["path"], status, message, headers)(scope, receive, send)
+    response = error_response(context_of(scope).operation, status, message, headers)
+    await response(scope, receive, send)
 
 
 def _seconds(value: bytes) -> float | None:
@@ -148,30 +146,3 @@ def _seconds(value: bytes) -> float | None:
     except ValueError:
         return None
     return seconds if seconds > 0 and math.isfinite(seconds) else None
-
-
-class DecodeSlots:
-    """A small bound on requests decoding large images at once (each can cost a CPU for
-    a while and tens of MB): beyond it, shed with 503 instead of queueing CPU work."""
-
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self.busy = 0
-
-    async def run(self, decode: Callable[[], T]) -> T:
-        if self.busy >= self.slots:
-            raise Overloaded(
-                f"{self.slots} requests are already decoding large images; retry shortly"
-            )
-        self.busy += 1  # the event loop is single-threaded: no lock needed
-        try:
-            return await run_in_threadpool(self._decode_then_trim, decode)
-        finally:
-            self.busy -= 1
-
-    def _decode_then_trim(self, decode: Callable[[], T]) -> T:
-        try:
-            return decode()
-        finally:
-            if self.busy == 1:  # the last one out hands the burst's memory back
-                release_memory()

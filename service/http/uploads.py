@@ -49,7 +49,7 @@ async def read_images(
             f"{settings.max_request_pixels:,} per request (send fewer or smaller images)"
         )
     if any(image.size != SQUARE for image in opened):  # real decoding work: bounded
-        return await plane.decode(lambda: _decode_all(opened, files))
+        return await plane.decode_large(lambda: _decode_all(opened, files))
     return _decode_all(opened, files)  # 32x32: microseconds, cheaper than a thread hop
 
 

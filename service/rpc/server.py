@@ -1,0 +1,57 @@
+"""The gRPC server beside HTTP: same process, same event loop, same data plane.
+
+Started by the app's lifespan when GRPC_PORT is not 0, stopped by it: on SIGTERM the
+server drains like HTTP (readiness false at once, still serving for
+SHUTDOWN_DRAIN_SECONDS), then stops taking calls and gives those in flight
+GRACEFUL_SHUTDOWN_SECONDS. Its bounds are REST's, in gRPC's terms:
+
+- a message above the largest valid inference request (service/codec.py) is refused by
+  gRPC itself (RESOURCE_EXHAUSTED) before any of our code runs;
+- metadata (gRPC's headers) is bounded by MAX_HEADER_BYTES;
+- calls at once are bounded so that their messages fit MAX_BODY_BYTES_IN_FLIGHT (beyond
+  it RESOURCE_EXHAUSTED at once), the counterpart of HTTP's body budget.
+"""
+
+import logging
+
+import grpc
+
+from service.codec import max_message_bytes
+from service.dataplane import DataPlane
+from service.rpc.inference_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+from service.rpc.servicer import Servicer
+
+log = logging.getLogger(__name__)
+
+
+def options(plane: DataPlane) -> tuple[list[tuple[str, int]], int]:
+    """The channel options and the bound on calls at once, from the settings."""
+    settings = plane.settings
+    message = max_message_bytes(settings.max_images_per_request)
+    return [
+        ("grpc.max_receive_message_length", message),
+        ("grpc.max_metadata_size", settings.max_header_bytes),
+        # Workers share the port (the kernel spreads connections); one worker alone must
+        # not share it with anything else that happens to bind it.
+        ("grpc.so_reuseport", int(settings.workers > 1)),
+    ], max(1, settings.max_body_bytes_in_flight // message)
+
+
+async def start(plane: DataPlane, keys: frozenset[bytes]) -> tuple[grpc.aio.Server, int]:
+    """A started server on HOST:GRPC_PORT, and the port it listens on."""
+    settings = plane.settings
+    channel_options, calls = options(plane)
+    server = grpc.aio.server(options=channel_options, maximum_concurrent_rpcs=calls)
+    add_GRPCInferenceServiceServicer_to_server(Servicer(plane, keys), server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    if not port:
+        raise RuntimeError(f"gRPC could not listen on {host}:{settings.grpc_port}")
+    await server.start()
+    log.info("gRPC listening", extra={"grpc_port": port, "max_calls": calls})
+    return server, port
+
+
+async def stop(server: grpc.aio.Server, grace: float) -> None:
+    """Stop taking calls; those in flight get `grace` seconds."""
+    await server.stop(grace)
