@@ -50,6 +50,12 @@ OTHER_VARIABLES = {
     "RAY_AUTH_TOKEN_PATH": "Ray: a file holding that token",
     "SCORE_FLAGS": "Makefile: extra flags for make score",
 }
+# Names in the same shape that are no variables: gRPC's status codes.
+NOT_VARIABLES = {
+    "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
+    "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE",
+    "UNIMPLEMENTED", "ALREADY_EXISTS", "OUT_OF_RANGE", "DATA_LOSS", "INTERNAL", "CANCELLED",
+}  # fmt: skip
 TARGETS_SOURCE = re.compile(r" \(issue #\d+\)")
 
 _used: set[str] = set()
@@ -210,7 +216,8 @@ GENERATORS = {
 
 
 def check_variables(text: str, where: str, known: set[str]) -> None:
-    unknown = sorted({m["name"] for m in VARIABLE.finditer(text)} - known - set(OTHER_VARIABLES))
+    named = {m["name"] for m in VARIABLE.finditer(text)}
+    unknown = sorted(named - known - set(OTHER_VARIABLES) - NOT_VARIABLES)
     if unknown:
         raise PluginError(
             f"{where} names {', '.join(unknown)}: not a setting of service/config.py's Settings "
