@@ -15,9 +15,7 @@ from pathlib import Path
 from score.inputs import InputError, list_inputs
 from score.job import JobError, Resources, find_model, run
 from service.config import Settings
-
-# /predict's default number of fine classes per image (its `top_k` query parameter).
-TOP_K = 5
+from service.schemas import DEFAULT_TOP_K
 
 
 def default(name: str):
@@ -46,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("MODELS_DIR") or default("models_dir")),
         help="where --model's id is looked up (default: MODELS_DIR, else models/)",
     )
-    parser.add_argument("--top-k", type=int, default=TOP_K, help="fine classes per image")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="fine classes per image")
     parser.add_argument(
         "--resize",
         action="store_true",

@@ -23,8 +23,6 @@ from service.images import bound_metadata, decode, open_image
 from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, IMAGE_SIZE, OUTPUT_NAME
 from service.schemas import describe
 
-SQUARE = (IMAGE_SIZE, IMAGE_SIZE)
-
 # What goes in: one row per image, its bytes read by the actor (`path`), or its pixels
 # already decoded (`pixels`, uint8 32x32x3 row-major: CIFAR-100's pickles).
 INPUT_SCHEMA = pa.schema(
@@ -126,7 +124,7 @@ class Scorer:
             return np.frombuffer(pixels, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
         data = read_file(path, self.options.max_bytes)
         image = open_image(data, self.options.resize, self.options.max_pixels)
-        return decode(image, resize=image.size != SQUARE)
+        return decode(image)
 
     def fill(
         self, columns: dict[str, list], rows: list[int], paths: list[str], outputs: dict

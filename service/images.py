@@ -90,12 +90,14 @@ def decoded_pixels(image: Image.Image) -> int:
     return width * height
 
 
-def decode(image: Image.Image, resize: bool) -> np.ndarray:
-    """Decode an image from `open_image`: the first frame, RGB, 32x32."""
+def decode(image: Image.Image) -> np.ndarray:
+    """Decode an image from `open_image`: the first frame, RGB, 32x32. One of another
+    size is centre-cropped and resized (`open_image` has refused it already unless
+    resizing was asked for): the one rule /predict, /explain and the score job share."""
     try:
         image.load()  # GIF and TIFF: the first frame
         image = to_rgb(image)
-        if resize:
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
             image = centre_crop_resize(image)
     except Exception as err:  # Pillow on damaged data: OSError mostly, but not only
         raise InvalidImage(f"the image is truncated or corrupt ({err})") from None

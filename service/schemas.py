@@ -50,6 +50,10 @@ class PredictResponse(BaseModel):
     predictions: list[ImagePrediction] = Field(description="one per uploaded image, in order")
 
 
+# Fine classes per image unless asked otherwise: /predict's top_k, the score job's --top-k.
+DEFAULT_TOP_K = 5
+
+
 def describe(
     model: Classifier,
     probabilities: np.ndarray,

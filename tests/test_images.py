@@ -28,7 +28,7 @@ def encoded(fmt: str) -> bytes:
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_format_decodes_to_32x32_rgb(fmt):
-    pixels = decode(open_image(encoded(fmt), False, 1 << 24), resize=False)
+    pixels = decode(open_image(encoded(fmt), False, 1 << 24))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
@@ -47,7 +47,7 @@ def test_damaged_files_fail_cleanly(fmt):
     for sample in damaged:
         for resize in (False, True):
             try:
-                pixels = decode(open_image(sample, resize, 1 << 20), resize)
+                pixels = decode(open_image(sample, resize, 1 << 20))
             except (InvalidImage, UploadTooLarge):
                 continue
             assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8

@@ -215,7 +215,7 @@ def file_familiarity(models_dir: Path, model: str, images: list[bytes]) -> np.nd
     session = ort.InferenceSession(models_dir / f"{model}.onnx", providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     assert FAMILIARITY_NAME in names, f"{model}.onnx has no familiarity output: {names}"
-    batch = np.stack([decode(open_image(data, True, 1 << 24), resize=True) for data in images])
+    batch = np.stack([decode(open_image(data, True, 1 << 24)) for data in images])
     return session.run([FAMILIARITY_NAME], {INPUT_NAME: batch})[0][:, 0]
 
 
@@ -371,7 +371,7 @@ def test_upload_shows_the_32x32_input_five_bars_and_the_superclass_like_the_api(
         canvas.evaluate("c => Array.from(c.getContext('2d').getImageData(0, 0, 32, 32).data)"),
         dtype=np.float64,
     ).reshape(32, 32, 4)[..., :3]
-    served = decode(open_image(data, True, 1 << 24), resize=True).astype(np.float64)
+    served = decode(open_image(data, True, 1 << 24)).astype(np.float64)
     assert np.abs(preview - served).mean() < 12
     visit.assert_only_local()
 

@@ -57,7 +57,7 @@ def _decode_all(opened: list[Image.Image], files: list[UploadFile]) -> np.ndarra
     images = []
     for index, (image, upload) in enumerate(zip(opened, files, strict=True)):
         try:
-            images.append(decode(image, resize=image.size != SQUARE))
+            images.append(decode(image))
         except InvalidImage as err:
             raise InvalidImage(f"{_name(index, upload)}: {err.message}") from None
     return np.stack(images)

@@ -7,7 +7,7 @@ from fastapi import APIRouter, File, Query, UploadFile
 from service.http.deps import ContextDep, PlaneDep
 from service.http.uploads import read_images
 from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
-from service.schemas import ErrorBody, PredictResponse, describe
+from service.schemas import DEFAULT_TOP_K, ErrorBody, PredictResponse, describe
 
 router = APIRouter(tags=["predict"])
 
@@ -60,7 +60,9 @@ async def predict(
     version: Annotated[
         str | None, Query(description="Version (content hash); default: the newest trained")
     ] = None,
-    top_k: Annotated[int, Query(ge=1, le=100, description="Fine classes to return")] = 5,
+    top_k: Annotated[
+        int, Query(ge=1, le=100, description="Fine classes to return")
+    ] = DEFAULT_TOP_K,
     resize: Annotated[bool, Query(description=RESIZE_DOC)] = False,
     min_familiarity: Annotated[
         float | None, Query(ge=0, le=1, description=MIN_FAMILIARITY_DOC)

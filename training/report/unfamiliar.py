@@ -71,7 +71,7 @@ def image_files(folder: Path) -> tuple[np.ndarray, int]:
     images, skipped = [], 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            images.append(decode(open_image(path.read_bytes(), True, MAX_PIXELS), True))
+            images.append(decode(open_image(path.read_bytes(), True, MAX_PIXELS)))
         except (InvalidImage, UploadTooLarge, OSError):
             skipped += 1
     stacked = np.stack(images) if images else np.zeros((0, 32, 32, 3), dtype=np.uint8)
