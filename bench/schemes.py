@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-seconds", type=float, default=3.0)
     parser.add_argument("--pairs", type=int, default=5, help="speed windows; 0: no speed")
     parser.add_argument("--out", type=Path, default=Path("bench-results/schemes.json"))
+    parser.add_argument("--scheme", choices=list(SCHEMES), action="append",
+                        help="only these (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
+    schemes = {name: SCHEMES[name] for name in args.scheme or SCHEMES}
     data = load(args.data_dir, val_size=args.val_size)
     machine = hardware.cpu()
     emulated = str(machine["cpu"]).startswith("emulated")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
              if not p.stem.endswith(("-int8", "-float16"))]  # fmt: skip
     for source in files:
         rows = results["models"][source.stem] = {}
-        for name, scheme in SCHEMES.items():
+        for name, scheme in schemes.items():
             rows[name] = row = measure(source, data, scheme, args.window_seconds, pairs)
             speed = row.get("speed_vs_float", {}).get("median")
             print(

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import shutil
 from collections import Counter
 from types import SimpleNamespace
@@ -411,3 +412,24 @@ def test_an_int8_file_that_breaks_its_promise_here_is_refused_and_the_float_one_
         assert [m["model_id"] for m in listing["models"]] == [MODEL]
         response = client.post(f"/predict?model={MODEL}", files=upload(encode(images[0])))
         assert response.status_code == 200
+
+
+def test_bench_schemes_measures_what_the_export_measured(twins, cifar_tarball, tmp_path):
+    """`python -m bench.schemes` on the default scheme quantizes as the export did (same
+    calibration, same scheme): its row is the int8 card's evaluation."""
+    from bench import schemes
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(twins.float, folder)
+    out = tmp_path / "schemes.json"
+    default = next(name for name, scheme in schemes.SCHEMES.items() if scheme == quantize.INT8)
+    argv = ["--models-dir", str(folder), "--data-dir", str(cifar_tarball), "--val-size",
+            str(VAL_SIZE), "--pairs", "0", "--scheme", default, "--out", str(out)]  # fmt: skip
+    assert schemes.main(argv) == 0
+    (row,) = json.loads(out.read_text())["models"][MODEL].values()
+    evaluation = served(twins.int8).card.evaluation
+    assert row["top1"] == evaluation["top1_accuracy"]
+    assert row["agreement"] == evaluation["top1_agreement"]
+    assert row["familiarity_moved"] == evaluation["familiarity_mean_abs_difference"]
+    assert row["self_check"] == "holds" and "speed_vs_float" not in row
