@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.servers import free_port
 from tests.service_helpers import live_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,10 +109,16 @@ def examples() -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(curls)), list(dict.fromkeys(programs))
 
 
-def test_the_examples_answer_against_a_real_server(models_dir):
+def test_the_examples_answer_against_a_real_server(models_dir, triton_grpc_python,
+                                                   kserve_python):  # fmt: skip
     curls, programs = examples()
-    assert curls and programs
-    with live_server(models_dir) as port:
+    http = [p for p in programs if "localhost:8000" in p]
+    grpc = {p: triton_grpc_python if "tritonclient" in p else kserve_python
+            for p in programs if "localhost:8081" in p}  # fmt: skip
+    # Every example talks to one of the two ports: none is left untested.
+    assert curls and http and grpc and len(http) + len(grpc) == len(programs)
+    grpc_port = free_port()
+    with live_server(models_dir, grpc_port=str(grpc_port)) as port:
         for line in curls:
             command = line.replace("localhost:8000", f"127.0.0.1:{port}")
             result = subprocess.run(
@@ -124,7 +131,7 @@ def test_the_examples_answer_against_a_real_server(models_dir):
             assert len(answer["predictions"]) == sent, line
             k = int(re.search(r"top_k=(\d+)", line)[1]) if "top_k=" in line else 5
             assert all(len(p["top_k"]) == k for p in answer["predictions"]), line
-        for program in programs:
+        for program in http:
             source = program.replace("localhost:8000", f"127.0.0.1:{port}")
             result = subprocess.run(
                 [sys.executable, "-c", source], cwd=ROOT, capture_output=True, text=True,
@@ -134,6 +141,14 @@ def test_the_examples_answer_against_a_real_server(models_dir):
             # tritonclient's classification extension: three "score:index:label" strings.
             found = re.findall(r"b'(\d\.\d+):(\d+):(\w+)'", result.stdout)
             assert len(found) == 3, result.stdout
+        # The gRPC examples, each with its client in the environment it needs (their
+        # protobuf pins clash with ours): they print the probabilities' shape.
+        for program, python in grpc.items():
+            source = program.replace("localhost:8081", f"127.0.0.1:{grpc_port}")
+            result = subprocess.run([python, "-c", source], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=120)  # fmt: skip
+            assert result.returncode == 0, (program, result.stderr)
+            assert re.search(r"\((1|2), 100\)", result.stdout), result.stdout
 
 
 # How the work was organised is no part of the product's documentation.
