@@ -27,7 +27,7 @@ from service.modelcard import (
 from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 from training import export as exporter
-from training import familiarity
+from training import familiarity, scores
 from training.__main__ import main
 from training.data import load
 from training.errors import TrainingError
@@ -82,14 +82,11 @@ def test_exported_file_is_self_describing(models_dir, workspace, model_id):
     assert card.outputs == [o.name for o in proto.graph.output]  # the card says what it has
     # Fitted on every training image of every class, calibrated on every validation image.
     assert card.familiarity["training_images"] == 40 * 100 - VAL_SIZE
-    assert card.familiarity["classes"] == 100
     assert card.familiarity["classes_without_training_images"] == []
     assert card.familiarity["validation_images"] == VAL_SIZE
-    assert "Mahalanobis" in card.familiarity["method"]
-    regularisation = card.familiarity["regularisation"]
-    assert familiarity.MIN_SHRINKAGE <= regularisation["shrinkage"] <= 1
-    quantiles = list(card.familiarity["validation_distance_quantiles"].values())
-    assert quantiles == sorted(quantiles) and quantiles[0] > 0
+    assert card.familiarity["score"] == scores.DEFAULT and card.familiarity["method"]
+    quantiles = list(card.familiarity["validation_strangeness_quantiles"].values())
+    assert quantiles == sorted(quantiles)
     run_dir = workspace / "runs" / model_id
     assert card.model_id == model_id
     assert card.class_names == CLASS_NAMES and card.superclass_names == SUPERCLASS_NAMES
@@ -240,27 +237,27 @@ def test_check_parity_compares_the_features_it_computes(monkeypatch):
         exporter.check_parity(proto, model, images, fitted)
 
 
-@pytest.mark.parametrize(
-    "constant", ["whitening", "offset", "means_times_minus_two", "validation_distances"]
-)
-def test_check_parity_refuses_a_tampered_familiarity_constant(constant):
+def test_check_parity_refuses_a_tampered_familiarity_constant():
     """The gate holds the graph's familiarity to the NumPy reference: any of its constants
-    changed in the file (here: moved to what a different fit would give) fails it."""
+    changed in the file (moved to what a different fit would give: 10 % off and shifted,
+    the validation scores halved) fails it, each on its own."""
+    keras.utils.set_random_seed(0)  # the same untrained weights every run
     model = build_model("cifar100-712868")
     images = make_images(np.arange(32) % 100, seed=0)
     proto, fitted = full_graph(model)
     exporter.check_parity(proto, model, images, fitted)
-    (tensor,) = [t for t in proto.graph.initializer if t.name == familiarity.PREFIX + constant]
-    value = onnx.numpy_helper.to_array(tensor)
-    if constant == "validation_distances":  # every distance halved: ranks shift for all
-        changed = value / 2
-    elif constant == "offset":  # the centre moved by one whitened unit per feature
-        changed = value + 1
-    else:  # 10 % off: a whitening or class means fitted to other images
-        changed = value * 1.1
-    tensor.CopyFrom(onnx.numpy_helper.from_array(changed.astype(np.float32), tensor.name))
-    with pytest.raises(exporter.ExportError, match="familiarity differs from the reference"):
-        exporter.check_parity(proto, model, images, fitted)
+    constants = [t.name for t in proto.graph.initializer if t.name.startswith(familiarity.PREFIX)
+                 and t.data_type == onnx.TensorProto.FLOAT and t.dims]  # fmt: skip
+    assert familiarity.PREFIX + "validation" in constants and len(constants) >= 5
+    for name in constants:
+        tampered = onnx.ModelProto()
+        tampered.CopyFrom(proto)
+        (tensor,) = [t for t in tampered.graph.initializer if t.name == name]
+        value = onnx.numpy_helper.to_array(tensor)
+        changed = value / 2 if name.endswith("validation") else value * 1.1 + 0.5
+        tensor.CopyFrom(onnx.numpy_helper.from_array(changed.astype(np.float32), name))
+        with pytest.raises(exporter.ExportError, match="familiarity differs from the reference"):
+            exporter.check_parity(tampered, model, images, fitted)
 
 
 @pytest.mark.parametrize("tf32_before", [True, False])

@@ -1,6 +1,8 @@
-"""The familiarity score on constructed features, where the right answer is known: Gaussian
-class clusters with a shared covariance, run through the ONNX head that export builds (on a
-graph whose `features` output is its input) and through the NumPy reference."""
+"""Familiarity with the Mahalanobis score on constructed features, where the right answer is
+known: Gaussian class clusters with a shared covariance, run through the ONNX head that
+export builds (on a graph whose `features` output is its input) and through the NumPy
+reference. What every score shares (the calibration, the rank gate) is tested here on this
+score; each score's own computation in tests/test_scores.py."""
 
 import numpy as np
 import onnx
@@ -11,6 +13,8 @@ from onnx import TensorProto, helper
 from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME
 from training import familiarity
 from training.export import OPSET
+from training.scores import mahalanobis
+from training.scores.base import Training
 
 WIDTH = 16
 CLASSES = 10
@@ -26,12 +30,22 @@ def clusters(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     return (means[labels] + rng.normal(0, 1, (len(labels), WIDTH)) * SD).astype(np.float32)
 
 
+def training(features: np.ndarray, labels: np.ndarray) -> Training:
+    """The Mahalanobis score ignores the classifier layer; any kernel and bias will do."""
+    kernel = np.random.default_rng(5).normal(0, 0.1, (features.shape[1], 100))
+    return Training(features, labels, kernel, np.zeros(100))
+
+
 @pytest.fixture(scope="module")
 def fitted() -> familiarity.Familiarity:
     """Fitted on classes 0-8 only: class 9 plays a class held out of training."""
     rng = np.random.default_rng(0)
     labels = np.arange(4000) % (CLASSES - 1)
-    return familiarity.fit(clusters(rng, labels), labels, clusters(rng, np.arange(1000) % 9))
+    return familiarity.fit(
+        training(clusters(rng, labels), labels),
+        clusters(rng, np.arange(1000) % 9),
+        score=mahalanobis.NAME,
+    )
 
 
 def head(fitted: familiarity.Familiarity) -> ort.InferenceSession:
@@ -50,7 +64,8 @@ def head(fitted: familiarity.Familiarity) -> ort.InferenceSession:
 
 def class_means(fitted: familiarity.Familiarity) -> np.ndarray:
     """[K, WIDTH] the fitted class means in feature space (float64)."""
-    return fitted.means @ np.linalg.inv(fitted.whitening) + fitted.center
+    classes = fitted.score.classes
+    return classes.means @ np.linalg.inv(classes.whitening) + classes.center
 
 
 def at_distance(fitted: familiarity.Familiarity, squared: float) -> np.ndarray:
@@ -58,7 +73,7 @@ def at_distance(fitted: familiarity.Familiarity, squared: float) -> np.ndarray:
     it than to any other), along feature 1."""
     step = np.eye(WIDTH)[1]
     return class_means(fitted)[:1] + step * np.sqrt(squared) / np.linalg.norm(
-        step @ fitted.whitening
+        step @ fitted.score.classes.whitening
     )
 
 
@@ -77,7 +92,7 @@ def test_the_graph_computes_the_reference(fitted):
     assert familiarity.parity_failure(fitted, features, got[:, None]) is None
     expected = familiarity.familiarity_of(fitted, features)[:, 0]
     # A rank: off by one validation distance at most, where float32 rounding crosses one.
-    assert np.abs(got - expected).max() <= 1 / len(fitted.validation_distances) + 1e-6
+    assert np.abs(got - expected).max() <= 1 / len(fitted.validation) + 1e-6
     assert (got == expected).mean() > 0.95
 
 
@@ -120,17 +135,18 @@ def test_distance_is_mahalanobis_not_euclidean(fitted):
 
 def test_the_card_says_how_it_was_fitted(fitted):
     card = fitted.card
+    assert card["score"] == "mahalanobis" and "Mahalanobis" in card["method"]
     assert card["training_images"] == 4000 and card["validation_images"] == 1000
     assert card["classes"] == CLASSES - 1 and card["feature_width"] == WIDTH
     assert card["classes_without_training_images"] == list(range(CLASSES - 1, 100))
-    assert fitted.classes.tolist() == list(range(CLASSES - 1))
+    assert fitted.score.classes.classes.tolist() == list(range(CLASSES - 1))
     assert "Ledoit-Wolf" in card["regularisation"]["method"]
-    quantiles = card["validation_distance_quantiles"]
+    quantiles = card["validation_strangeness_quantiles"]
     assert list(quantiles) == ["0.01", "0.05", "0.25", "0.5", "0.75", "0.95", "0.99"]
     assert list(quantiles.values()) == sorted(quantiles.values())
-    # 16 features, near-exact covariance: the distance of a typical image is about the
-    # square root of a chi-square with 16 degrees of freedom, median 3.9.
-    assert 3.5 < quantiles["0.5"] < 4.3
+    # 16 features, near-exact covariance: the squared distance of a typical image is about
+    # a chi-square with 16 degrees of freedom, median 15.3.
+    assert 3.5**2 < quantiles["0.5"] < 4.3**2
 
 
 def test_ledoit_wolf_shrinkage_matches_its_definition():
@@ -141,44 +157,44 @@ def test_ledoit_wolf_shrinkage_matches_its_definition():
         residuals = rng.normal(0, 1, (n, d)) * (spread if spread is not None else 1)
         if spread is None:  # fewer images than features, and one unit that never fires
             residuals[:, 3] = 0
-        covariance, shrinkage, scale = familiarity.shrunk_covariance(residuals)
+        covariance, shrinkage, scale = mahalanobis.shrunk_covariance(residuals)
         sample = residuals.T @ residuals / n
         mu = np.trace(sample) / d
         delta2 = np.sum((sample - mu * np.eye(d)) ** 2) / d
         beta2 = sum(np.sum((np.outer(r, r) - sample) ** 2) / d for r in residuals) / n**2
-        expected = max(min(beta2, delta2) / delta2, familiarity.MIN_SHRINKAGE)
+        expected = max(min(beta2, delta2) / delta2, mahalanobis.MIN_SHRINKAGE)
         assert scale == pytest.approx(mu) and shrinkage == pytest.approx(expected)
         np.testing.assert_allclose(
             covariance, (1 - expected) * sample + expected * mu * np.eye(d), atol=1e-12
         )
         assert np.linalg.eigvalsh(covariance).min() >= expected * mu * (1 - 1e-9)
     # Isotropic noise: the identity target is the truth, so nearly all of it is taken.
-    _, shrinkage, _ = familiarity.shrunk_covariance(rng.normal(0, 2, (5000, 8)))
+    _, shrinkage, _ = mahalanobis.shrunk_covariance(rng.normal(0, 2, (5000, 8)))
     assert shrinkage > 0.9
     # Strong structure, many images: little shrinkage, down to the floor.
     structured = rng.normal(0, 1, (20000, 4)) * [100, 10, 1, 0.1]
-    _, shrinkage, _ = familiarity.shrunk_covariance(structured)
-    assert shrinkage == familiarity.MIN_SHRINKAGE
+    _, shrinkage, _ = mahalanobis.shrunk_covariance(structured)
+    assert shrinkage == mahalanobis.MIN_SHRINKAGE
 
 
 def test_no_spread_at_all_falls_back_to_euclid():
     features = np.repeat(np.eye(3, dtype=np.float32) * 5, 4, axis=0)  # each class one point
     labels = np.repeat(np.arange(3), 4)
-    fitted = familiarity.fit(features, labels, features)
-    np.testing.assert_allclose(fitted.whitening, np.eye(3))
-    assert familiarity.distances(fitted, features[:1] + np.array([1, 0, 0]))[0] == pytest.approx(1)
+    fitted = mahalanobis.fit(training(features, labels))
+    np.testing.assert_allclose(fitted.classes.whitening, np.eye(3))
+    assert fitted.strangeness(features[:1] + np.array([1, 0, 0]))[0] == pytest.approx(1)
 
 
 def test_parity_tolerance_is_one_rank_where_rounding_can_cross_a_distance(fitted):
     """Familiarity is a rank, so the gate allows exactly the ranks that a distance within
     float32 rounding of the reference's would get, and no other."""
-    validation = fitted.validation_distances.astype(np.float64)
+    validation = fitted.validation.astype(np.float64)
     v = len(validation)
     # Features whose distance is one validation distance (to float64 precision): the
     # reference ranks it one way, rounding may rank it the other. Both are allowed.
     k = 500
     on = at_distance(fitted, validation[k])
-    assert familiarity.distances(fitted, on)[0] == pytest.approx(validation[k], rel=1e-12)
+    assert fitted.score.strangeness(on)[0] == pytest.approx(validation[k], rel=1e-12)
     exact = familiarity.familiarity_of(fitted, on)
     for rank in ((v - k - 1) / v, (v - k) / v):
         assert familiarity.parity_failure(fitted, on, np.array([[rank]], np.float32)) is None

@@ -5,8 +5,9 @@ tf.function with an explicit input signature instead. The graph takes uint8 imag
 (the model's own first layer scales them) and returns three outputs:
     probabilities  [batch, 100]  what the service uses
     features       [batch, n]    the penultimate activations, for the report's feature map
-    familiarity    [batch, 1]    how like the training data the features are, calibrated on
-                                 the validation images (training/familiarity.py)
+    familiarity    [batch, 1]    how like the training data the features are: a strangeness
+                                 score (training/scores/) calibrated on the validation images
+                                 (training/familiarity.py)
 The first two are checked against Keras, the third against familiarity.py's NumPy
 reference, before anything is written; the model card lists the outputs the file has and
 says how familiarity was calibrated. The file carries its own proof: reference test images,
@@ -33,7 +34,7 @@ from service.modelcard import (
     OUTPUT_NAME,
     ModelCard,
 )
-from training import familiarity, proof
+from training import familiarity, proof, scores
 from training.atomic import write_bytes
 from training.errors import ExportError
 from training.models import build_model
@@ -53,13 +54,15 @@ def export(
     train_labels: np.ndarray,
     val_images: np.ndarray,
     reference_images: np.ndarray | None = None,
+    familiarity_score: str = scores.DEFAULT,
 ) -> onnx.ModelProto:
-    """Convert, fit familiarity on the training images and calibrate it on the validation
-    images, check parity on `parity_images`, store the self-check (its reference images
-    drawn from `reference_images`, by default `parity_images`), check it, then write
-    `path` atomically."""
+    """Convert, fit familiarity (`familiarity_score`, one of training.scores.SCORES) on the
+    training images and calibrate it on the validation images, check parity on
+    `parity_images`, store the self-check (its reference images drawn from
+    `reference_images`, by default `parity_images`), check it, then write `path`
+    atomically."""
     model = float32_twin(model)
-    fitted = fit_familiarity(model, train_images, train_labels, val_images)
+    fitted = fit_familiarity(model, train_images, train_labels, val_images, familiarity_score)
     proto = to_onnx(model)
     familiarity.add_to_graph(proto, fitted)
     onnx.checker.check_model(proto)
@@ -98,13 +101,28 @@ def to_onnx(model: keras.Model) -> onnx.ModelProto:
 
 
 def fit_familiarity(
-    model: keras.Model, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray
+    model: keras.Model,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    score: str = scores.DEFAULT,
 ) -> familiarity.Familiarity:
     """Familiarity fitted on the features Keras computes for the training images (float32,
     on the CPU, as the parity reference is) and calibrated on the validation images'."""
-    _, train_features = keras_reference(model, train_images)
-    _, val_features = keras_reference(model, val_images)
-    return familiarity.fit(train_features, train_labels, val_features)
+    return familiarity.fit(
+        training_features(model, train_images, train_labels),
+        keras_reference(model, val_images)[1],
+        score,
+    )
+
+
+def training_features(
+    model: keras.Model, images: np.ndarray, labels: np.ndarray
+) -> scores.Training:
+    """What a score is fitted on: these images' features, their labels, and the classifier
+    layer that turns features into logits."""
+    kernel, bias = model.get_layer("predictions").get_weights()
+    return scores.Training(keras_reference(model, images)[1], np.asarray(labels), kernel, bias)
 
 
 def check_parity(
