@@ -5,6 +5,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["gpu-check"]:
 import keras
 
 from service.modelcard import FEATURES_NAME, ModelCard
-from training import ablation, float16, quantize, triton, twins
+from training import ablation, float16, ood, quantize, scores, triton, twins
 from training import data as cifar
 from training.atomic import write_text
 from training.errors import ExportError, RecipeError, ReportError, TrainingError
@@ -36,6 +37,7 @@ from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
 from training.recipe import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, Recipe
 from training.report.write import COMPARE_DIR, write_reports
+from training.scores import evidence
 from training.train import best_checkpoint, run_state, saved_recipe, train
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -45,6 +47,7 @@ DEFAULT_REPORTS_DIR = Path("reports")
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what ran, for the records
     try:
         if args.command is triton.run:  # reads the exports only, never the dataset
             triton.run(args)
@@ -129,6 +132,15 @@ def parser() -> argparse.ArgumentParser:
     models_dir = argparse.ArgumentParser(add_help=False)
     models_dir.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
 
+    strangeness = argparse.ArgumentParser(add_help=False)
+    strangeness.add_argument(
+        "--familiarity-score",
+        choices=scores.SCORES,
+        default=scores.DEFAULT,
+        help="the strangeness score the file's familiarity output calibrates (default "
+        "%(default)s, chosen by `python -m training ood`)",
+    )
+
     train = commands.add_parser("train", parents=[data, recipe], help="train one model")
     train.add_argument("--model", required=True, choices=MODEL_IDS)
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -139,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(command=run_evaluate)
 
     export = commands.add_parser(
-        "export", parents=[data, models_dir], help="write models/<id>.onnx"
+        "export", parents=[data, models_dir, strangeness], help="write models/<id>.onnx"
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODEL_IDS, help="export the run's best checkpoint")
@@ -173,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
 
     everything = commands.add_parser(
         "train-export",
-        parents=[data, recipe, models_dir],
+        parents=[data, recipe, models_dir, strangeness],
         help="train, evaluate and export both models (what `make train-export` runs)",
     )
     everything.set_defaults(command=run_train_export, weights=None)
@@ -192,6 +204,31 @@ def parser() -> argparse.ArgumentParser:
     )
     ablate.add_argument("--seeds", type=int, default=3, help="seeds --seed, --seed+1, ...")
     ablate.set_defaults(command=run_ablate)
+
+    ood_command = commands.add_parser(
+        "ood",
+        parents=[data, recipe],
+        help="measure every familiarity score on held-out classes and generated image "
+        "families (trains one model per pair and seed, into runs/ood/)",
+    )
+    ood_command.add_argument("--model", choices=MODEL_IDS, default=MODEL_IDS[0])
+    ood_command.add_argument(
+        "--pairs",
+        nargs="+",
+        type=class_list,
+        required=True,
+        metavar="CLASS,CLASS",
+        help="the classes each run holds out of training, one group per run",
+    )
+    ood_command.add_argument("--seeds", type=int, default=2, help="seeds --seed, --seed+1, ...")
+    ood_command.add_argument("--images", type=int, default=500, help="images per family")
+    ood_command.add_argument(
+        "--output",
+        type=Path,
+        default=Path("bench-results/published/familiarity.json"),
+        help="where the results go, as JSON (default %(default)s); the table is printed",
+    )
+    ood_command.set_defaults(command=run_ood)
 
     triton.add_command(commands)  # export-triton: a Triton model repository, no TensorFlow
     gpu_check = commands.add_parser(
@@ -268,6 +305,24 @@ def run_ablate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     print(table)
 
 
+def run_ood(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    if args.seeds < 1 or args.images < 10:
+        raise RecipeError("--seeds must be at least 1 and --images at least 10")
+    result = ood.measure(
+        args.model,
+        data,
+        args.runs_dir / "ood",
+        recipe_of(args),
+        args.pairs,
+        list(range(args.seed, args.seed + args.seeds)),
+        args.images,
+    )
+    result["command"] = "python -m training " + shlex.join(args.argv)
+    write_text(args.output, json.dumps(result, indent=2))
+    print(evidence.table(result))
+    print(f"Wrote {args.output}")
+
+
 def run_evaluate(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     checkpoint = best_checkpoint(args.runs_dir / args.model)
     print_metrics(evaluation_of(checkpoint, data))
@@ -315,6 +370,7 @@ def run_export(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         train_images=data.train.images,
         train_labels=data.train.fine,
         val_images=data.val.images,
+        familiarity_score=args.familiarity_score,
     )
     print(f"Wrote {path}")
 

@@ -8,7 +8,10 @@ A page asks for one with a marker line, `<!-- generated: NAME -->`:
   models folder: the schema needs no model file), and the whole schema, also written to
   the site as `openapi.json`;
 - `benchmark`: the published run's tables, from `bench-results/published/results.json`,
-  by the same `bench.tables.to_markdown` that wrote `results.md`.
+  by the same `bench.tables.to_markdown` that wrote `results.md`;
+- `familiarity`: the familiarity scores measured by `python -m training ood`, from
+  `bench-results/published/familiarity.json`, by the `training.scores.evidence.table`
+  that printed them.
 
 Every environment-variable-like name in backticks (`MAX_QUEUE_IMAGES`) on any page or in
 README.md must be a setting or one of OTHER_VARIABLES below, so a renamed setting fails the
@@ -208,10 +211,25 @@ def benchmark_tables(config) -> str:
     return published_markdown(_repo(config)).replace("\n### ", "\n#### ")
 
 
+def familiarity_table(config) -> str:
+    from training.scores.evidence import table
+
+    result = json.loads((_repo(config) / "bench-results/published/familiarity.json").read_text())
+    runs = ", ".join(f"without {' and '.join(r['held_out'])} (seed {r['seed']})"
+                     for r in result["runs"])  # fmt: skip
+    return (
+        table(result) + f"\n\nAUROC / FPR@95, in %, means over {len(result['runs'])} runs of "
+        f"`{result['model']}` ({runs}); {result['images_per_family']} images per family. "
+        f"Measured {result['measured_at']} on {result['machine']['cpu']} by "
+        f"`{result['command']}`."
+    )
+
+
 GENERATORS = {
     "settings": settings_reference,
     "openapi": openapi_reference,
     "benchmark": benchmark_tables,
+    "familiarity": familiarity_table,
 }
 
 
