@@ -133,6 +133,11 @@ class ModelDetail(ModelInfo):
     superclass_names: list[str]
     fine_to_coarse: list[int] = Field(description="superclass index of each fine class")
     training: dict[str, Any] = Field(description="recipe, or where the weights came from")
+    familiarity: dict[str, Any] | None = Field(
+        default=None,
+        description="which strangeness score the familiarity output calibrates (`score`, "
+        "`method`), fitted and calibrated on how many images; null: the file has none",
+    )
 
 
 class ModelList(BaseModel):

@@ -14,11 +14,13 @@ import pytest
 
 from bench.servers import free_port
 from tests.service_helpers import live_server
+from training import scores
+from training.scores import evidence
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the build reads: the site's sources, and the code and files it generates pages from.
-SOURCES = ("mkdocs.yml", "docs", "service", "bench", "bench-results/published", "README.md",
-           "CHANGELOG.md")  # fmt: skip
+SOURCES = ("mkdocs.yml", "docs", "service", "bench", "training", "bench-results/published",
+           "README.md", "CHANGELOG.md")  # fmt: skip
 FENCE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -157,6 +159,15 @@ ORGANISATION = re.compile(
     r"|\bissue\b|#\d+\b",
     re.IGNORECASE,
 )
+
+
+def test_the_readmes_familiarity_table_is_the_published_measurement():
+    """The README's table is `python -m training ood`'s published result, to the digit:
+    the default score, the one it replaced, GEN and the top probability."""
+    result = json.loads((ROOT / "bench-results/published/familiarity.json").read_text())
+    expected = evidence.table(result, list(evidence.HEADLINE))
+    assert expected in (ROOT / "README.md").read_text()
+    assert evidence.HEADLINE[0] == scores.DEFAULT
 
 
 def test_the_documentation_speaks_of_the_product_only():

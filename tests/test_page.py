@@ -23,6 +23,7 @@ from service.images import decode, open_image
 from service.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from tests.service_helpers import encode
 from tests.synthetic import make_images
+from training import scores
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -309,7 +310,11 @@ def test_page_loads_from_the_service_with_the_model_cards(visit, base_url):
         training = card.locator("h4:has-text('Training') + dl")  # in words, not raw JSON
         visit.expect(training).to_contain_text("Differs from default")
         visit.expect(training).not_to_contain_text("{")
-        assert_each_training_field_once(training, get_json(f"{base_url}/models/{info['model_id']}"))
+        detail = get_json(f"{base_url}/models/{info['model_id']}")
+        assert_each_training_field_once(training, detail)
+        # Which score the familiarity output calibrates, in the card's words.
+        assert detail["familiarity"]["score"] == scores.DEFAULT
+        visit.expect(card).to_contain_text(detail["familiarity"]["method"])
         if "version" in info:
             visit.expect(card).to_contain_text(str(info["version"]))
         top1 = info["evaluation"]["top1_accuracy"]

@@ -36,7 +36,8 @@ def get_model(
     catalog: CatalogDep,
     version: Annotated[str | None, Query(description="default: the newest trained")] = None,
 ) -> ModelDetail:
-    """One model's full card: class names, superclasses, training and evaluation."""
+    """One model's full card: class names, superclasses, training, evaluation and how its
+    familiarity is computed."""
     served = catalog.get(model_id, version)
     card = served.model.card
     return ModelDetail(
@@ -45,6 +46,7 @@ def get_model(
         superclass_names=card.superclass_names,
         fine_to_coarse=card.fine_to_coarse,
         training=card.training,
+        familiarity=card.familiarity,
     )
 
 
