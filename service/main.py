@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     for router in (*protected, v2.health, operations.router, page.router):
         app.include_router(router)
+    app.router.routes[:0] = v2.direct_routes()  # the hot path, matched first
     return app
 
 
