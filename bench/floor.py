@@ -8,7 +8,9 @@ loop), one worker:
   starlette  one Starlette route doing the same with Request and Response
   fastapi    one FastAPI route, as the service's /v2 infer route reads its request
 beside the service itself (`python -m service`, one worker) on /v2 binary infer and PNG
-/predict. Every server runs at once, idle but for the one loaded; the same closed-loop
+/predict, serving by default a trivial model (bench/modelfiles.py: the contract of every
+export, inference in microseconds), so what it measures is the serving path; `--model`
+names a real one. Every server runs at once, idle but for the one loaded; the same closed-loop
 load generator (bench/load.py, its own process) loads each in turn, in rounds that
 rotate the order, so a machine that slows down or speeds up does so for all of them.
 Server CPU per request is the server process's user + system CPU time from /proc over
@@ -28,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from bench.machine import describe_machine, machine_line
-from bench.modelfiles import model_files
+from bench.modelfiles import TRIVIAL, model_files
 from bench.procfs import cpu_seconds
 from bench.results import write
 from bench.servers import HOST, free_port, server_process, service_process
@@ -134,7 +136,7 @@ def serve_floor(kind: str, port: int) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This mode's options, beside the one-model options (--models-dir, --model, --out,
     --seconds: per load)."""
-    parser.set_defaults(seconds=4.0)
+    parser.set_defaults(seconds=4.0, model=TRIVIAL)
     parser.add_argument("--rounds", type=int, default=5, help="loads per target, rotated")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--only", nargs="+", help="targets to measure (default: all)")
@@ -198,12 +200,19 @@ def main(args: argparse.Namespace) -> int:
             "runs": measured,
         }
         if floor:
-            row["x_asgi_floor"] = round(statistics.median(
-                r["server_cpu_ms_per_request"] / f["server_cpu_ms_per_request"]
-                for r, f in zip(measured, floor, strict=True)), 2)  # fmt: skip
+            row["x_asgi_floor"] = ratio(measured, floor)
+        if name.startswith("compared ") and (ours := runs.get(name.replace("compared", "service"))):
+            row["service_x_compared"] = ratio(ours, measured)  # below 1: the service is cheaper
         results["targets"][name] = row
     write(results, args.out, "floor", to_markdown)
     return 0
+
+
+def ratio(runs: list[dict], to: list[dict]) -> float:
+    """The median over the rounds of one target's CPU per request over another's."""
+    return round(statistics.median(
+        r["server_cpu_ms_per_request"] / t["server_cpu_ms_per_request"]
+        for r, t in zip(runs, to, strict=True)), 3)  # fmt: skip
 
 
 def load(target: tuple[int, int, list[str]], seconds: float, concurrency: int) -> dict:
@@ -234,12 +243,20 @@ def to_markdown(results: dict) -> str:
         "503 | errors |",
         "|---|---|---|---|---|---|---|",
     ]
+    compared = [
+        f"{name.removeprefix('compared ')} {row['service_x_compared']:.2f}x"
+        for name, row in results["targets"].items()
+        if "service_x_compared" in row
+    ]
     for name, row in results["targets"].items():
         lines.append(
             f"| {name} | {row['server_cpu_ms_per_request']:.3f} | {row['min']:.3f}-"
             f"{row['max']:.3f} | {row.get('x_asgi_floor', '-')} | {row['rps']:.0f} | "
             f"{row['shed']} | {row['errors']} |"
         )
+    if compared:
+        lines += ["", f"The service over the compared version ({results['compared']}), "
+                  f"median of the rounds' ratios: {', '.join(compared)}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
