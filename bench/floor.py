@@ -8,11 +8,13 @@ loop), one worker:
   starlette  one Starlette route doing the same with Request and Response
   fastapi    one FastAPI route, as the service's /v2 infer route reads its request
 beside the service itself (`python -m service`, one worker) on /v2 binary infer and PNG
-/predict, serving by default a trivial model (bench/modelfiles.py: the contract of every
-export, inference in microseconds), so what it measures is the serving path; `--model`
-names a real one. Every server runs at once, idle but for the one loaded; the same closed-loop
-load generator (bench/load.py, its own process) loads each in turn, in rounds that
-rotate the order, so a machine that slows down or speeds up does so for all of them.
+/predict, and a second one refusing /v2 requests at a door held closed (bench/door.py;
+its clients ask again at once instead of waiting out Retry-After). The services serve
+a trivial model by default (bench/modelfiles.py: the contract of every export, inference
+in microseconds), so what is measured is the serving path; `--model` names a real one.
+Every server runs at once, idle but for the one loaded; the same load generator
+(bench/load.py, its own process) loads each in turn, in rounds that rotate the order, so
+a machine that slows down or speeds up does so for all of them.
 Server CPU per request is the server process's user + system CPU time from /proc over
 the load, divided by the responses it gave. Each target's row: the median and min-max
 over the rounds, and its median ratio to the bare ASGI app of the same round.
@@ -29,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.door import closed_settings, held_closed
 from bench.machine import describe_machine, machine_line
 from bench.modelfiles import TRIVIAL, model_files
 from bench.procfs import cpu_seconds
@@ -173,6 +176,12 @@ def main(args: argparse.Namespace) -> int:
         )
         targets["service /v2 binary"] = (port, process.pid, infer)
         targets["service /predict PNG"] = (port, process.pid, ["--kind", "png"])
+        # The cost of a refusal: a second service whose door is held closed (bench/door.py).
+        port, process = up.enter_context(service_process(
+            models_dir=path.parent, workers=1, **closed_settings(args.model)))  # fmt: skip
+        up.enter_context(held_closed(port, args.model))
+        targets["service /v2 refused at the door"] = (
+            port, process.pid, [*infer, "--no-wait"])  # fmt: skip
         if args.compare:
             port, process = up.enter_context(service_process(
                 models_dir=path.parent, default_model=args.model, workers=1,

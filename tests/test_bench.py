@@ -711,16 +711,19 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     targets = results["targets"]
     assert list(targets) == [
         "asgi floor", "starlette floor", "fastapi floor", "service /v2 binary",
-        "service /predict PNG", "compared /v2 binary", "compared /predict PNG",
+        "service /predict PNG", "service /v2 refused at the door", "compared /v2 binary",
+        "compared /predict PNG",
     ]  # fmt: skip
     for name, row in targets.items():
         assert row["errors"] == 0 and len(row["runs"]) == 2, name
-        assert all(r["requests"] > 0 and r["server_cpu_s"] > 0 for r in row["runs"]), name
+        assert all(r["server_cpu_s"] > 0 for r in row["runs"]), name
+        assert all(r["requests"] > 0 for r in row["runs"]) != ("refused" in name), name
         per_request = sorted(
             1000 * r["server_cpu_s"] / (r["requests"] + r["shed"] + r["refused"])
             for r in row["runs"]
         )
         assert row["min"] == pytest.approx(per_request[0], rel=0.05), name  # ms rounding
     assert targets["asgi floor"]["x_asgi_floor"] == 1.0
+    assert all(r["shed"] > 0 for r in targets["service /v2 refused at the door"]["runs"])
     assert "service_x_compared" in targets["compared /v2 binary"]
     assert "| service /v2 binary |" in (out / "floor.md").read_text()
