@@ -13,7 +13,7 @@ MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
 .PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
-	bench-profile triton-repo gpu-check docs docs-build score
+	bench-profile bench-floor triton-repo gpu-check docs docs-build score
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13 (TensorFlow 2.21 has no wheels for others); install one or set PYTHON=/path/to/python3.1x" >&2; exit 1; }
@@ -85,6 +85,10 @@ bench-profile: setup
 	test -x bench-results/tools/venv/bin/py-spy || ($(PYTHON) -m venv bench-results/tools/venv \
 		&& bench-results/tools/venv/bin/pip install --quiet py-spy==0.4.3)
 	$(PY) -m bench profile --py-spy bench-results/tools/venv/bin/py-spy
+
+# Server CPU per request: bare ASGI, Starlette and FastAPI apps beside the service.
+bench-floor: setup
+	$(PY) -m bench floor
 
 # model_repository/: a Triton model repository from models/ (reads the ONNX files only).
 triton-repo: setup

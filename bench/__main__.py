@@ -4,6 +4,8 @@
                                         naive server and (opt-in) peers (bench/run.py)
   python -m bench faults ...            faults, overload and amplification (bench/faults.py)
   python -m bench profile ...           where each request's CPU goes (bench/profile.py)
+  python -m bench floor ...             server CPU per request against bare ASGI,
+                                        Starlette and FastAPI apps (bench/floor.py)
   python -m bench score ...             the score job against the ceiling (bench/scorejob.py)
 Without a mode name, the options are run's: `python -m bench --peers` is `run --peers`.
 """
@@ -12,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import faults, profile, run, scorejob
+from bench import faults, floor, profile, run, scorejob
 
-MODES = {"run": run, "faults": faults, "profile": profile, "score": scorejob}
+MODES = {"run": run, "faults": faults, "profile": profile, "floor": floor, "score": scorejob}
 
 
 def one_model_options() -> argparse.ArgumentParser:

@@ -230,12 +230,18 @@ class Tally:
 
 
 async def closed_loop(
-    host: str, port: int, requests: list[bytes], concurrency: int, duration: float, limit: int
+    host: str,
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    duration: float,
+    limit: int,
+    wait_retry_after: bool = True,
 ) -> dict:
     """`concurrency` clients, each with one request in flight at a time. A client told 503
     with Retry-After waits that long (within the run) before its next request, as a
     well-behaved client does: one that retried at once would measure how fast the server
-    refuses, not how fast it answers."""
+    refuses, not how fast it answers (`wait_retry_after=False`: what refusals cost)."""
     tally = Tally()
     issued = 0
     deadline = time.perf_counter() + duration
@@ -264,7 +270,7 @@ async def closed_loop(
                 tally.record(status, time.perf_counter() - start, headers)
                 if not keep_alive:
                     connection = _close(connection)
-                if status == 503 and (after := retry_after(headers)) is not None:
+                if wait_retry_after and status == 503 and (after := retry_after(headers)):
                     await asyncio.sleep(max(0.0, min(after, deadline - time.perf_counter())))
         finally:
             _close(connection)
@@ -364,6 +370,9 @@ def main(argv: list[str] | None = None, grpc_loops: ModuleType | None = None) ->
     parser.add_argument("--rate", type=float, help="open loop: requests per second")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument(
+        "--no-wait", action="store_true", help="closed loop: ask again at once after a 503"
+    )
     args = parser.parse_args(argv)
     host = "127.0.0.1"
     if args.kind == "grpc":
@@ -378,8 +387,9 @@ def main(argv: list[str] | None = None, grpc_loops: ModuleType | None = None) ->
         work = loops.open_loop(host, args.port, requests, args.rate, args.duration,
                                args.requests)  # fmt: skip
     else:
+        wait = {} if args.kind == "grpc" else {"wait_retry_after": not args.no_wait}
         work = loops.closed_loop(
-            host, args.port, requests, args.concurrency, args.duration, args.requests
+            host, args.port, requests, args.concurrency, args.duration, args.requests, **wait
         )
     cpu = time.process_time()
     result = asyncio.run(work)

@@ -5,6 +5,7 @@ Speed does not depend on the weights, so a model not trained yet is exported unt
 
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from service.modelcard import ModelCard
@@ -13,6 +14,7 @@ from training.models import MODEL_IDS, build_model
 from training.synthetic import make_images
 
 VALIDATION_IMAGES = 5000  # python -m training's default --val-size
+TRIVIAL = "trivial"  # a model that costs next to nothing: what remains is the serving path
 
 
 def model_files(
@@ -25,7 +27,10 @@ def model_files(
         folder.mkdir(parents=True, exist_ok=True)
         trained = Path(models_dir) / f"{model_id}.onnx"
         target = folder / trained.name
-        if trained.exists():
+        if model_id == TRIVIAL:
+            export_trivial(target)
+            files[model_id] = (target, "a trivial model: mean colour, 8 units, 100 classes")
+        elif trained.exists():
             target.write_bytes(trained.read_bytes())
             files[model_id] = (target, "trained weights")
         else:
@@ -59,3 +64,26 @@ def export_untrained(model_id: str, path: Path) -> None:
         train_labels=labels[:1000],
         val_images=make_images(labels, seed=2),
     )
+
+
+def export_trivial(path: Path) -> None:
+    """A file with the contract of every export (uint8 images in, probabilities, features
+    and familiarity out, card and self-check inside) whose inference costs microseconds:
+    the mean colour of the image through 8 units to 100 classes."""
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dense(100, activation="softmax", name="predictions"),
+    ])  # fmt: skip
+    card = ModelCard(
+        model_id=TRIVIAL,
+        class_names=[f"class_{i}" for i in range(100)],
+        superclass_names=[f"superclass_{i}" for i in range(20)],
+        fine_to_coarse=[i % 20 for i in range(100)],
+        parameter_count=model.count_params(),
+        training={"source": "untrained, for benchmarks of the serving path only"},
+    )
+    labels = np.arange(1000) % 100
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    export(model, card, path, images, train_images=make_images(labels, seed=1),
+           train_labels=labels, val_images=make_images(labels, seed=2))  # fmt: skip

@@ -61,12 +61,17 @@ def service_env(**settings: object) -> dict[str, str]:
 
 @contextlib.contextmanager
 def service_process(
-    metrics_dir: Path | None = None, ready_path: str = "/health/ready", **settings: object
+    metrics_dir: Path | None = None,
+    ready_path: str = "/health/ready",
+    source: Path | None = None,
+    **settings: object,
 ) -> Iterator[tuple[int, subprocess.Popen]]:
     """`python -m service` with `settings` (and nothing inherited that names a setting) on
     a free loopback port, once `ready_path` answers; yields (port, process), so a caller
     can signal it. `metrics_dir`: PROMETHEUS_MULTIPROC_DIR, needed for /metrics with
-    several workers; `ready_path="/health/live"` for a server that will never be ready."""
+    several workers; `ready_path="/health/live"` for a server that will never be ready;
+    `source`: a folder holding another version's `service` package, run instead of this
+    one (a before/after comparison in one run)."""
     port = free_port()
     settings.setdefault("grpc_port", 0)  # gRPC where asked for (a free port), else off
     env = service_env(host=HOST, port=port, log_level="WARNING", **settings)
@@ -75,7 +80,9 @@ def service_process(
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     inherited = {k: v for k, v in os.environ.items() if k.upper() not in SETTING_NAMES}
     command = [sys.executable, "-m", "service"]
-    with server_process(command, env, port, ready_path, inherit=inherited) as process:
+    if source is not None:  # `python -m` puts the working folder first on the path
+        inherited["PYTHONPATH"] = str(source)
+    with server_process(command, env, port, ready_path, cwd=source, inherit=inherited) as process:
         yield port, process
 
 

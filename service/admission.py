@@ -26,8 +26,9 @@ refuse everyone else (the faults benchmark's slow-clients row did exactly that).
 is always admitted into an empty worker: the bound sheds queueing, never the only one.
 
 `Door.refuse` decides from the request's context (service/context.py), whichever
-transport built it; each transport answers the refusal its own way, as early as it can (the
-HTTP door is the app's outermost layer: no request id, no access line, no body). A
+transport built it; each transport answers the refusal its own way, as early as it can (over
+HTTP it is the first thing the one middleware asks: no request id, no access line, no
+body). A
 counter (`requests_shed_at_door_total`) and at most one log line a second say how many
 were refused.
 """

@@ -17,11 +17,9 @@ from service import auth, server
 from service.catalog import load_catalog
 from service.config import Settings, get_settings
 from service.dataplane import SERVER_VERSION, DataPlane
-from service.http.door import DoorMiddleware
 from service.http.errors import install_handlers
-from service.http.keys import ApiKeyMiddleware
-from service.http.limits import LimitsMiddleware
-from service.http.record import RecordMiddleware
+from service.http.keys import ApiKeys
+from service.http.middleware import HttpMiddleware
 from service.images import bound_metadata
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -72,22 +70,20 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.keys = keys = auth.validate(settings)  # a broken key setting stops startup
     app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
-    app.add_middleware(LimitsMiddleware, settings=settings, draining=plane.draining)
     protected = (predict.router, explain.router, v2.router, models.router)  # by API_KEYS, when set
-    if keys:
-        routes = [route for router in protected for route in router.routes]
-        app.add_middleware(ApiKeyMiddleware, keys=keys, protected=routes)
-    if settings.cors_origins:  # a page served elsewhere may call the API
+    routes = [route for router in protected for route in router.routes]
+    # One layer: the door first (a refused request costs no more than that), then the
+    # request id, the API key, the bounds, the metrics and the access line.
+    app.add_middleware(HttpMiddleware, plane=plane, keys=ApiKeys(keys, routes) if keys else None)
+    if settings.cors_origins:  # a page served elsewhere may call the API (and read a 503)
         exposed = ["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"]
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=CORS_HEADERS,
                            expose_headers=exposed)  # fmt: skip
-    app.add_middleware(RecordMiddleware, metrics=plane.metrics)
-    # Outermost: each request's context; one refused at the door costs no more than that.
-    app.add_middleware(DoorMiddleware, door=plane.door, draining=plane.draining)
     install_handlers(app)
     for router in (*protected, v2.health, operations.router, page.router):
         app.include_router(router)
+    app.router.routes[:0] = v2.direct_routes()  # the hot path, matched first
     return app
 
 

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -693,3 +694,36 @@ def test_closed_loop_clients_wait_as_retry_after_says():
 
     result, seen = asyncio.run(scenario())
     assert seen == 2 and result["shed"] == 2
+
+
+def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path):
+    """`python -m bench floor` on its trivial model, with this checkout compared to itself:
+    every target answered with no error, its server CPU per request measured from /proc,
+    and each ratio taken within a round (the bare ASGI app's own is 1)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "service").symlink_to(Path("service").resolve())
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bench", "floor", "--seconds", "0.5", "--rounds", "2",
+               "--concurrency", "4", "--out", str(out), "--compare", str(source)]  # fmt: skip
+    subprocess.run(command, check=True, timeout=900)
+    results = json.loads((out / "floor.json").read_text())
+    targets = results["targets"]
+    assert list(targets) == [
+        "asgi floor", "starlette floor", "fastapi floor", "service /v2 binary",
+        "service /predict PNG", "service /v2 refused at the door", "compared /v2 binary",
+        "compared /predict PNG",
+    ]  # fmt: skip
+    for name, row in targets.items():
+        assert row["errors"] == 0 and len(row["runs"]) == 2, name
+        assert all(r["server_cpu_s"] > 0 for r in row["runs"]), name
+        assert all(r["requests"] > 0 for r in row["runs"]) != ("refused" in name), name
+        per_request = sorted(
+            1000 * r["server_cpu_s"] / (r["requests"] + r["shed"] + r["refused"])
+            for r in row["runs"]
+        )
+        assert row["min"] == pytest.approx(per_request[0], rel=0.05), name  # ms rounding
+    assert targets["asgi floor"]["x_asgi_floor"] == 1.0
+    assert all(r["shed"] > 0 for r in targets["service /v2 refused at the door"]["runs"])
+    assert "service_x_compared" in targets["compared /v2 binary"]
+    assert "| service /v2 binary |" in (out / "floor.md").read_text()

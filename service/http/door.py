@@ -1,27 +1,27 @@
-"""The app's outermost layer: each request's context, and admission at the door.
+"""Each request's context, and admission at the door.
 
 `OPERATIONS` is the one place an HTTP path becomes an operation (service/context.py):
 every policy after it asks the context, not the URL. An inference request the door
 refuses (service/admission.py) costs next to nothing: no request id, no access line,
-no body read.
+no body read (service/http/middleware.py asks the door first).
 """
 
 import json
-import threading
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Scope
 
-from service.admission import Admission, Door
 from service.context import OTHER, OTHER_V2, Operation, RequestContext, request_id
 from service.http.errors import CONTEXT, error_body
 
 ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when its first byte was parsed
 REQUEST_ID = b"x-request-id"
+CLOSE = (b"connection", b"close")
 
 PREDICT = Operation("/predict", inference=True)
 EXPLAIN = Operation("/explain", inference=True)
 V2_INFER = Operation("/v2/models/{model_name}/infer", inference=True, v2=True)
 V2_EXPLAIN = Operation("/v2/models/{model_name}/explain", inference=True, v2=True)
+INFERENCE = (PREDICT, EXPLAIN, V2_INFER, V2_EXPLAIN)
 
 
 def operation_of(method: str, path: str) -> Operation:
@@ -50,48 +50,15 @@ def request_id_of(scope: Scope) -> str:
     return request_id(None if sent is None else sent.decode("latin-1"))
 
 
-class DoorMiddleware:
-    def __init__(self, app: ASGIApp, door: Door, draining: threading.Event) -> None:
-        self.app, self.door, self.draining = app, door, draining
-        self.admission: Admission = door.admission
-        door.expect(op.name for op in (PREDICT, EXPLAIN, V2_INFER, V2_EXPLAIN))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = scope.setdefault("state", {})
-        operation = operation_of(scope["method"], scope["path"])
-        context = RequestContext("", operation, state.get(ARRIVED))
-        if (refused := self.door.refuse(context)) is not None:
-            return await self._refuse(operation, refused.message, send)
-        state[CONTEXT] = context
-        context.request_id = request_id_of(scope)
-        if not operation.inference:
-            return await self.app(scope, receive, send)
-        admission, entered = self.admission, False
-
-        async def receive_counted() -> Message:
-            nonlocal entered
-            message = await receive()
-            if not entered and not message.get("more_body"):  # the last of the body
-                entered = True
-                admission.enter()
-            return message
-
-        try:
-            await self.app(scope, receive_counted, send)
-        finally:
-            if entered:
-                admission.leave()
-
-    async def _refuse(self, operation: Operation, message: str, send: Send) -> None:
-        body = json.dumps(error_body(operation, message)).encode()
-        # Kept alive: the connection is fine, only this request came too late; the server
-        # discards its body as it arrives. Closed while draining for shutdown, like every
-        # other answer then, so the client reconnects elsewhere.
-        headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
-                   (b"content-length", str(len(body)).encode())]  # fmt: skip
-        if self.draining.is_set():
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+def refusal(operation: Operation, message: str, draining: bool) -> tuple[Message, Message]:
+    """The door's 503: its two ASGI messages. Kept alive: the connection is fine, only
+    this request came too late; the server discards its body as it arrives. Closed while
+    draining for shutdown, like every other answer then, so the client reconnects
+    elsewhere."""
+    body = json.dumps(error_body(operation, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+               (b"content-length", str(len(body)).encode())]  # fmt: skip
+    if draining:
+        headers.append(CLOSE)
+    start = {"type": "http.response.start", "status": 503, "headers": headers}
+    return start, {"type": "http.response.body", "body": body}

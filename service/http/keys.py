@@ -1,43 +1,42 @@
 """API keys over HTTP (service/auth.py checks them).
 
-The API key is checked by a pure ASGI middleware, before anything reads the body: a route
-dependency runs only after FastAPI has parsed the request's form, so an unknown client
-could make the server parse (and spool to disk) a full upload before hearing 401.
+The API key is checked in the HTTP middleware (service/http/middleware.py), before
+anything reads the body: a route dependency runs only after FastAPI has parsed the
+request's form, so an unknown client could make the server parse (and spool to disk) a
+full upload before hearing 401.
 """
 
 from collections.abc import Sequence
 
 from fastapi import Request
 from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from service.auth import check, known_keys
+from service.context import RequestContext
 from service.errors import Unauthorized
-from service.http.door import context_of
 from service.http.errors import error_response
 
 
-class ApiKeyMiddleware:
+class ApiKeys:
     """401 on the `protected` routes (any method) unless the request carries a known key."""
 
-    def __init__(self, app: ASGIApp, keys: frozenset[bytes], protected: Sequence[BaseRoute]):
-        self.app, self.keys, self.protected = app, keys, protected
+    def __init__(self, keys: frozenset[bytes], protected: Sequence[BaseRoute]) -> None:
+        self.keys, self.protected = keys, protected
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(
-            route.matches(scope)[0] != Match.NONE for route in self.protected
-        ):
-            context = context_of(scope)
-            context.credentials = Headers(scope=scope).get("authorization", "")
-            try:
-                check(context.credentials, self.keys, "an API key")
-            except Unauthorized as err:
-                headers = {**err.headers, "Connection": "close"}  # the body stays unread
-                response = error_response(context.operation, err.status_code, err.message,
-                                          headers)  # fmt: skip
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+    def refusal(self, scope: Scope, context: RequestContext) -> Response | None:
+        """None when the request may go on; else the 401 to answer with."""
+        if not any(route.matches(scope)[0] != Match.NONE for route in self.protected):
+            return None
+        context.credentials = Headers(scope=scope).get("authorization", "")
+        try:
+            check(context.credentials, self.keys, "an API key")
+        except Unauthorized as err:
+            headers = {**err.headers, "Connection": "close"}  # the body stays unread
+            return error_response(context.operation, err.status_code, err.message, headers)
+        return None
 
 
 async def metrics_token(request: Request) -> None:

@@ -1,40 +1,8 @@
-"""Per HTTP request (pure ASGI: no per-request task or body copy): its request id returned
-on every response, errors too; its metrics and one JSON access line (service/metrics.py),
-labelled with the matched route's template."""
-
-import time
+"""What each HTTP request is recorded under: its metrics and access line (service/metrics.py,
+written by service/http/middleware.py) are labelled with the matched route's template."""
 
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.http.door import REQUEST_ID, context_of
-from service.metrics import Metrics
-
-
-class RecordMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-        context = context_of(scope)
-        request_id = context.request_id.encode()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            seconds = time.perf_counter() - start
-            self.metrics.finish(context, route_template(scope), scope["method"], str(status),
-                                seconds)  # fmt: skip
+from starlette.types import Scope
 
 
 def route_template(scope: Scope) -> str:

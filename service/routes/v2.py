@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.routing import Route
 
 from service.codec import HEADER_LENGTH, InferenceRequest
 from service.dataplane import EXTENSIONS, SERVER_NAME
@@ -133,6 +134,18 @@ async def model_infer(request: Request) -> Response:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(head)})  # fmt: skip
+
+
+def direct_routes() -> list[Route]:
+    """`model_infer` as plain Starlette routes, for the app to match ahead of every other
+    route: FastAPI's matching through its included routers and its request handling were
+    most of what this route cost beyond a bare Starlette app (`python -m bench floor`).
+    The same function answers either way; the routes above stay to document it."""
+    return [
+        Route(route.path, model_infer, methods=["POST"], include_in_schema=False)
+        for route in router.routes
+        if getattr(route, "endpoint", None) is model_infer
+    ]
 
 
 def header_length_of(request: Request) -> int | None:
