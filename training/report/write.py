@@ -70,8 +70,8 @@ def write_reports(
         report["familiarity"] = (
             familiarity(groups[0], groups[1:], data.class_names) if groups else {"available": False}
         )
-        # Which score the file's familiarity calibrates, in the card's words.
-        report["familiarity"]["method"] = (model.card.familiarity or {}).get("method")
+        if groups:  # which score the file's familiarity calibrates, in the card's words
+            report["familiarity"]["method"] = (model.card.familiarity or {}).get("method")
         report["explanations"], heat_maps = explain_confusions(
             functools.partial(probabilities_of, model),
             report["most_confused_pairs"],
