@@ -125,6 +125,26 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        # Sampled payload logging (service/payloads.py), when PAYLOAD_LOG is set.
+        self.payloads_logged = Counter(
+            "payload_images_logged_total",
+            "Sampled images written to a payload shard",
+            registry=self.registry,
+        )
+        self.payloads_dropped = Counter(
+            "payload_images_dropped_total",
+            "Sampled images not logged: queue_full (the writer was behind), write_error (the "
+            "folder could not be written: full, read-only), over_cap (a shard above "
+            "PAYLOAD_MAX_BYTES)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.payload_bytes = Gauge(
+            "payload_bytes_on_disk",
+            "Bytes of payload shards in PAYLOAD_LOG, as the writer last counted them",
+            multiprocess_mode="livemax",  # every worker counts the whole folder
+            registry=self.registry,
+        )
         if self.multiprocess:  # each worker's CPU and memory, labelled with its pid
             self.cpu = Gauge(
                 "worker_cpu_seconds", "CPU time of a worker", multiprocess_mode="liveall",
