@@ -69,15 +69,14 @@ class PayloadLog:
         self.shard_bytes = settings.payload_shard_bytes
         self.shard_seconds = settings.payload_shard_seconds
         self.max_bytes = settings.payload_max_bytes
-        self.logged, self.dropped = metrics.payloads_logged, metrics.payloads_dropped
-        self.bytes_on_disk = metrics.payload_bytes
+        # Bound once: `labels()` costs a lock and a lookup on every call.
+        self.logged, self.bytes_on_disk = metrics.payloads_logged, metrics.payload_bytes
+        self.dropped = {reason: metrics.payloads_dropped.labels(reason) for reason in DROP_REASONS}
         self._queue: queue.Queue[Row | None] = queue.Queue(settings.payload_queue_images)
         self._random = random.Random()
         self._thread = threading.Thread(target=self._run, name="payload-writer", daemon=True)
         self._sequence = 0
         self._failing = False
-        for reason in DROP_REASONS:  # every series exists from the start, at zero
-            self.dropped.labels(reason)
 
     # --- the request path: sample, copy, hand over; never block ------------------------
 
@@ -103,7 +102,7 @@ class PayloadLog:
             try:
                 self._queue.put_nowait(row)
             except queue.Full:
-                self.dropped.labels("queue_full").inc()
+                self.dropped["queue_full"].inc()
 
     # --- the writer thread ---------------------------------------------------------------
 
@@ -117,7 +116,8 @@ class PayloadLog:
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued and stop (blocking: call it from a thread)."""
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -151,14 +151,15 @@ class PayloadLog:
             size = temporary.stat().st_size
             if size > self.max_bytes:
                 temporary.unlink()
-                self.dropped.labels("over_cap").inc(len(rows))
+                self.dropped["over_cap"].inc(len(rows))
                 return
             on_disk = self._make_room(size)
             temporary.rename(self.folder / name)
-        except OSError as error:
+        except Exception as error:  # a full or read-only disk, or anything else: the
+            # writer must outlive any one shard, or every later image would be dropped
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
-            self.dropped.labels("write_error").inc(len(rows))
+            self.dropped["write_error"].inc(len(rows))
             if not self._failing:  # once per run of failures, not once per shard
                 log.warning("payload shard not written, its images dropped: %s", error)
             self._failing = True
