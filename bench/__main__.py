@@ -5,6 +5,7 @@
   python -m bench faults ...            faults, overload and amplification (bench/faults.py)
   python -m bench profile ...           where each request's CPU goes (bench/profile.py)
   python -m bench score ...             the score job against the ceiling (bench/scorejob.py)
+  python -m bench payloads ...          the payload log's cost, on against off (bench/payloads.py)
 Without a mode name, the options are run's: `python -m bench --peers` is `run --peers`.
 """
 
@@ -12,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import faults, profile, run, scorejob
+from bench import faults, payloads, profile, run, scorejob
 
-MODES = {"run": run, "faults": faults, "profile": profile, "score": scorejob}
+MODES = {"run": run, "faults": faults, "profile": profile, "score": scorejob, "payloads": payloads}
 
 
 def one_model_options() -> argparse.ArgumentParser:
