@@ -68,7 +68,7 @@ def traffic_images(models_dir) -> tuple[np.ndarray, int]:
     skewed = 42
     classes = np.where(rng.random(600) < 0.5, skewed, rng.choice([3, 17, 58, 99], 600))
     candidates = make_images(classes, seed=8)
-    noise = rng.integers(0, 256, size=(600, 32, 32, 3), dtype=np.uint8)
+    noise = rng.integers(0, 256, size=(2000, 32, 32, 3), dtype=np.uint8)
     path = models_dir / f"{SMALL}.onnx"
     familiar = candidates[ask_file(path, candidates)[FAMILIARITY_NAME][:, 0] > UNFAMILIAR]
     strange = noise[ask_file(path, noise)[FAMILIARITY_NAME][:, 0] <= UNFAMILIAR]
@@ -362,16 +362,18 @@ def test_the_traffic_report_finds_the_skew_and_the_unfamiliar_share(
     assert mix["most_over"][0]["name"] == mix["rows"][int(observed.argmax())]["name"]
     assert mix["most_over"][0]["ratio"] == pytest.approx(observed.max() / n * 100)
     never = sorted(report["classes"]["rows"][i]["name"] for i in np.flatnonzero(observed == 0))
-    assert sorted(report["never_answered"]) == never and len(never) >= 90
+    assert sorted(report["never_answered"]) == never
     # The unfamiliar share: a quarter of what was sent was noise the file calls unfamiliar.
     familiarity = np.array(rows["familiarity"])
     unfamiliar = int((familiarity <= UNFAMILIAR).sum())
     overall = report["familiarity"]["overall"]
     assert overall["unfamiliar"] == unfamiliar and overall["images"] == n
     assert overall["unfamiliar_share"] == pytest.approx(unfamiliar / n)
-    assert 0.1 < unfamiliar / n < 0.4 and overall["unfamiliar_p_value"] < 1e-6
-    worst = sorted(familiarity)[: len(report["familiarity"]["most_unfamiliar"])]
-    assert all(familiarity[i] <= worst[-1] for i in report["familiarity"]["most_unfamiliar"])
+    # 80 of the 320 sent, about 40 of the 160 or so logged, where 1 % would be 1.6 (below
+    # 15 with probability under 1e-6).
+    assert unfamiliar >= 15 and overall["unfamiliar_p_value"] < 1e-6
+    shown = [image["familiarity"] for image in report["familiarity"]["most_unfamiliar"]]
+    assert shown == sorted(familiarity.tolist())[:20]
     # Top-2 pairs counted here.
     pairs: dict = {}
     for classes in rows["top_classes"]:

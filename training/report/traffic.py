@@ -101,7 +101,8 @@ def mix(traffic: np.ndarray, train: np.ndarray, names: list[str]) -> dict:
     traffic's counts against the training shares (over the categories training has)."""
     n = int(traffic.sum())
     kept = train > 0
-    expected = train[kept] / train[kept].sum() * n
+    # Images answered with a class training never had are outside the test (named below).
+    expected = train[kept] / train[kept].sum() * traffic[kept].sum()
     test = stats.chisquare(traffic[kept], expected)
     rows = [
         {
@@ -172,7 +173,13 @@ def familiarity(values: np.ndarray, times: np.ndarray) -> dict:
         "bucket": "hour" if unit == "h" else "day",
         "overall": uniform_test(values),
         "per_bucket": per_bucket,
-        "most_unfamiliar": np.flatnonzero(known)[order[:MONTAGE]].tolist(),
+        # Rows of the log (oldest first), for the montage.
+        "most_unfamiliar": [
+            {"row": int(row), "familiarity": float(value)}
+            for row, value in zip(
+                np.flatnonzero(known)[order[:MONTAGE]], values[order[:MONTAGE]], strict=True
+            )
+        ],
     }
 
 
@@ -260,7 +267,7 @@ def draw(report: dict, rows: dict[str, np.ndarray], names: list[str], out: Path)
     shown = [
         (rows["pixels"][i], f"familiarity {rows['familiarity'][i]:.4f}\n"
          f"{names[rows['top_classes'][i, 0]]} {rows['top_probabilities'][i, 0]:.2f}")
-        for i in f["most_unfamiliar"]
+        for i in (image["row"] for image in f["most_unfamiliar"])
     ]  # fmt: skip
     montages.save_image(montages.tiles(shown), out / "traffic_unfamiliar.png")
 
