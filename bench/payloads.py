@@ -2,11 +2,13 @@
 
 Two `python -m service` (one worker each, every CPU for onnxruntime), the same model: one
 with PAYLOAD_LOG unset, one logging --sample of its answered images (PAYLOAD_SAMPLE) into
-a scratch folder. They run side by side and are loaded in turn, never at once: --pairs
-pairs of closed-loop runs (off, then on; 32 clients, one PNG per request on /predict, for
---seconds each, by `python -m bench.load`). Each pair gives a ratio of on's answered
-requests per second to off's; the result is their median, with the images the logged
-server wrote and dropped (from its /metrics). Writes <out>/payloads.{json,md}.
+a scratch folder, closing a shard every second (the default is five minutes: this is the
+harsher case, and the counters are current when read). They run side by side and are
+loaded in turn, never at once: --pairs pairs of closed-loop runs (off, then on; 32
+clients, one PNG per request on /predict, for --seconds each, by `python -m bench.load`).
+Each pair gives a ratio of on's answered requests per second to off's; the result is
+their median, with the images the logged server wrote and dropped (from its /metrics).
+Writes <out>/payloads.{json,md}.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -41,9 +44,11 @@ def main(args: argparse.Namespace) -> int:
         log = Path(scratch) / "payloads"
         with (
             service_process(**common) as (off, _),
-            service_process(**common, payload_log=log, payload_sample=args.sample) as (on, _),
-        ):
+            service_process(**common, payload_log=log, payload_sample=args.sample,
+                            payload_shard_seconds=1) as (on, _),
+        ):  # fmt: skip
             pairs = [(load(off, args.seconds), load(on, args.seconds)) for _ in range(args.pairs)]
+            time.sleep(2)  # the last shard closes
             logged = payload_metrics(on)
     ratios = [b["rps"] / a["rps"] for a, b in pairs]
     results = {

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +49,7 @@ PER_REQUEST = 8
 UNFAMILIAR = 0.01
 ROOT = Path(__file__).resolve().parent.parent
 PREDICT, V2 = "/predict", "/v2/models/{model_name}/infer"
-GRPC = "inference.GRPCInferenceService/ModelInfer"
+GRPC = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def ask_file(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -386,3 +387,18 @@ def test_the_traffic_report_finds_the_skew_and_the_unfamiliar_share(
     for figure in ("traffic_classes.png", "traffic_superclasses.png",
                    "traffic_familiarity.png", "traffic_unfamiliar.png"):  # fmt: skip
         assert (out / figure).stat().st_size > 1000
+
+
+def test_the_benchmark_measures_logging_on_against_off(models_dir, tmp_path):
+    """`python -m bench payloads`, briefly: both servers answered, the logged one logged."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bench", "payloads", "--models-dir", str(models_dir),
+               "--model", SMALL, "--seconds", "1", "--pairs", "1", "--sample", "0.5",
+               "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, env=unset(), timeout=600)
+    results = json.loads((out / "payloads.json").read_text())
+    (pair,) = results["pairs"]
+    assert pair["off"]["rps"] > 0 and pair["on"]["rps"] > 0
+    assert results["median_ratio"] == pytest.approx(pair["on"]["rps"] / pair["off"]["rps"], 1e-3)
+    assert results["images_logged"] > 0 and results["sample"] == 0.5
+    assert "median throughput ratio on/off" in (out / "payloads.md").read_text()
