@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings
 
 MIB = 1 << 20
@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     payload_log: Path | None = Field(
         None,
         description="a folder for sampled payload logs (Parquet shards of the 32x32 pixels the "
-        "model saw and its answer; no uploads, addresses or keys); unset: off",
+        "model saw and its answer; no uploads, addresses or keys); unset or empty: off",
     )
     payload_sample: float = Field(
         0.1, gt=0, le=1, description="share of answered images logged (PAYLOAD_LOG set)"
@@ -144,6 +144,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = Field(True, description="one JSON object per log line")
+
+    @field_validator("payload_log", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory.
+        return None if value == "" else value
 
     @property
     def max_request_bytes(self) -> int:

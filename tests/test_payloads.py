@@ -247,14 +247,20 @@ def test_metrics_count_what_is_on_disk(logged):
     assert on_disk == sum(p.stat().st_size for p in logged["folder"].glob("*.parquet"))
 
 
-def test_nothing_is_written_with_payload_log_unset(models_dir, traffic_images, tmp_path):
-    """Run from an empty folder: after traffic and shutdown it is still empty."""
+@pytest.mark.parametrize("payload_log", [None, ""], ids=["unset", "empty"])
+def test_nothing_is_written_with_payload_log_unset(
+    models_dir, traffic_images, tmp_path, payload_log
+):
+    """Run from an empty folder: after traffic and shutdown it is still empty (an empty
+    PAYLOAD_LOG is off too, not the working directory)."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     port = free_port()
     env = service_env(host=HOST, port=port, log_level="WARNING", grpc_port=0,
                       models_dir=models_dir, default_model=SMALL)  # fmt: skip
     env["PYTHONPATH"] = str(ROOT)
+    if payload_log is not None:
+        env["PAYLOAD_LOG"] = payload_log
     command = [sys.executable, "-m", "service"]
     with server_process(command, env, port, cwd=cwd, inherit=unset()):
         assert len(predict(port, traffic_images[0][:16], "off")) == 16
