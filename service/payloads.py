@@ -34,14 +34,13 @@ from service.catalog import Served
 from service.codec import top_classes
 from service.config import Settings
 from service.context import RequestContext
-from service.metrics import Metrics
+from service.metrics import PAYLOAD_DROP_REASONS, Metrics
 from service.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, OUTPUT_NAME
 from service.schemas import DEFAULT_TOP_K
 
 log = logging.getLogger(__name__)
 SUFFIX = ".parquet"
 PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
-DROP_REASONS = ("queue_full", "write_error", "over_cap")
 # A row's bytes before compression beyond its pixels: the answer, ids, time and route.
 ROW_OVERHEAD = 128
 
@@ -71,7 +70,7 @@ class PayloadLog:
         self.max_bytes = settings.payload_max_bytes
         # Bound once: `labels()` costs a lock and a lookup on every call.
         self.logged, self.bytes_on_disk = metrics.payloads_logged, metrics.payload_bytes
-        self.dropped = {reason: metrics.payloads_dropped.labels(reason) for reason in DROP_REASONS}
+        self.dropped = {r: metrics.payloads_dropped.labels(r) for r in PAYLOAD_DROP_REASONS}
         self._queue: queue.Queue[Row | None] = queue.Queue(settings.payload_queue_images)
         self._random = random.Random()
         self._thread = threading.Thread(target=self._run, name="payload-writer", daemon=True)
