@@ -275,7 +275,9 @@ def test_the_disk_cap_holds_under_a_burst(models_dir, traffic_images, tmp_path):
     folder, cap = tmp_path / "log", 80_000
     settings = dict(models_dir=models_dir, default_model=SMALL, payload_log=folder,
                     payload_sample=1.0, payload_shard_bytes=20_000, payload_max_bytes=cap,
-                    payload_shard_seconds=0.5)  # fmt: skip
+                    payload_shard_seconds=0.5,
+                    # the burst is to be answered, not shed at the door or the queue
+                    max_queue_delay_ms=0, max_queue_images=1024)  # fmt: skip
     images = traffic_images[0]
     bodies = [multipart_form([(f"{i}.png", png_bytes(x)) for i, x in enumerate(chunk)])
               for chunk in np.split(images[:256], 16)]  # fmt: skip
