@@ -410,3 +410,20 @@ def test_the_benchmark_measures_logging_on_against_off(models_dir, tmp_path):
     assert results["median_ratio"] == pytest.approx(pair["on"]["rps"] / pair["off"]["rps"], 1e-3)
     assert results["images_logged"] > 0 and results["sample"] == 0.5
     assert "median throughput ratio on/off" in (out / "payloads.md").read_text()
+
+
+def test_the_open_shard_is_written_at_shutdown(models_dir, traffic_images, tmp_path):
+    """With the default age bound (five minutes), sampled images wait in the open shard:
+    SIGTERM writes it before the process exits."""
+    folder = tmp_path / "log"
+    settings = dict(models_dir=models_dir, default_model=SMALL, payload_log=folder,
+                    payload_sample=1.0)  # fmt: skip
+    images = traffic_images[0][:8]
+    with service_process(**settings) as (port, _):
+        predict(port, images, "at-shutdown")
+        time.sleep(1)
+        assert payload_counts(port)[0] == 0 and list(folder.glob("*.parquet")) == []
+    rows = read_shards(folder)
+    assert rows["request_id"] == ["at-shutdown"] * 8 and rows["image"] == list(range(8))
+    sent = np.stack([np.frombuffer(p, np.uint8).reshape(32, 32, 3) for p in rows["pixels"]])
+    assert np.array_equal(sent, images)
