@@ -289,19 +289,22 @@ def test_the_disk_cap_holds_under_a_burst(models_dir, traffic_images, tmp_path):
                 peaks.append(sum(p.stat().st_size for p in folder.glob("*.parquet")))
             time.sleep(0.005)
 
+    watcher = threading.Thread(target=watch, daemon=True)
     with service_process(**settings) as (port, _):
-        watcher = threading.Thread(target=watch)
         watcher.start()
-        with ThreadPoolExecutor(8) as pool:
-            for burst in range(4):  # 1,024 images
-                answers = pool.map(lambda b: post(port, "/predict", b[0], {"Content-Type": b[1]}),
-                                   bodies)  # fmt: skip
-                assert all(len(a["predictions"]) == 16 for a in answers)
-                if burst == 0:
-                    first_burst_answered = datetime.now(UTC)
-        logged_count, dropped, on_disk = settled(port)
-        done.set()
-        watcher.join()
+        try:  # a failed request must not leave the watcher running
+            with ThreadPoolExecutor(8) as pool:
+                for burst in range(4):  # 1,024 images
+                    answers = pool.map(
+                        lambda b: post(port, "/predict", b[0], {"Content-Type": b[1]}), bodies
+                    )
+                    assert all(len(a["predictions"]) == 16 for a in answers)
+                    if burst == 0:
+                        first_burst_answered = datetime.now(UTC)
+            logged_count, dropped, on_disk = settled(port)
+        finally:
+            done.set()
+            watcher.join()
     # Sampling everything, each image is logged or dropped because the writer was behind.
     assert logged_count + dropped["queue_full"] == 1024 and logged_count > 100
     assert dropped["write_error"] == 0 and dropped["over_cap"] == 0
