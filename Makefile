@@ -13,7 +13,7 @@ MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
 .PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
-	bench-profile bench-floor triton-repo gpu-check docs docs-build score
+	bench-profile bench-floor triton-repo gpu-check docs docs-build score traffic-report
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13 (TensorFlow 2.21 has no wheels for others); install one or set PYTHON=/path/to/python3.1x" >&2; exit 1; }
@@ -31,6 +31,11 @@ train-export: setup
 # reports/<id>/index.html for every model in models/ (needs the dataset, like training).
 report: setup
 	$(PY) -m training report
+
+# reports/<id>/traffic.html from the service's payload log (PAYLOAD_LOG): TRAFFIC=dir.
+traffic-report: setup
+	@test -n "$(TRAFFIC)" || { echo "make traffic-report: set TRAFFIC=... (the PAYLOAD_LOG folder)" >&2; exit 1; }
+	$(PY) -m training report --traffic '$(TRAFFIC)'
 
 test: setup lint docs-build
 	$(PY) -m pytest

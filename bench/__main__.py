@@ -7,6 +7,7 @@
   python -m bench floor ...             server CPU per request against bare ASGI,
                                         Starlette and FastAPI apps (bench/floor.py)
   python -m bench score ...             the score job against the ceiling (bench/scorejob.py)
+  python -m bench payloads ...          the payload log's cost, on against off (bench/payloads.py)
 Without a mode name, the options are run's: `python -m bench --peers` is `run --peers`.
 """
 
@@ -14,9 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import faults, floor, profile, run, scorejob
+from bench import faults, floor, payloads, profile, run, scorejob
 
-MODES = {"run": run, "faults": faults, "profile": profile, "floor": floor, "score": scorejob}
+MODES = {"run": run, "faults": faults, "profile": profile, "floor": floor, "score": scorejob,
+         "payloads": payloads}  # fmt: skip
 
 
 def one_model_options() -> argparse.ArgumentParser:

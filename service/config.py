@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings
 
 MIB = 1 << 20
@@ -116,8 +116,40 @@ class Settings(BaseSettings):
         [], description='origins allowed to call the API from a browser, as JSON: ["https://..."]'
     )
 
+    payload_log: Path | None = Field(
+        None,
+        description="a folder for sampled payload logs (Parquet shards of the 32x32 pixels the "
+        "model saw and its answer; no uploads, addresses or keys); unset or empty: off",
+    )
+    payload_sample: float = Field(
+        0.1, gt=0, le=1, description="share of answered images logged (PAYLOAD_LOG set)"
+    )
+    payload_shard_bytes: int = Field(
+        16 * MIB, gt=0, description="a shard is written when its images reach this (uncompressed)"
+    )
+    payload_shard_seconds: float = Field(
+        300.0, gt=0, description="... or when its first image is this old"
+    )
+    payload_max_bytes: int = Field(
+        1024 * MIB,
+        gt=0,
+        description="the payload folder's shards are kept under this: the oldest are deleted",
+    )
+    payload_queue_images: int = Field(
+        1024,
+        gt=0,
+        description="sampled images waiting for the payload writer; beyond it they are dropped "
+        "(counted), never waited for",
+    )
+
     log_level: str = "INFO"
     log_json: bool = Field(True, description="one JSON object per log line")
+
+    @field_validator("payload_log", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory.
+        return None if value == "" else value
 
     @property
     def max_request_bytes(self) -> int:

@@ -35,6 +35,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+from service.payloads import PayloadLog
 
 T = TypeVar("T")
 STARTING = "starting: the models are loading"
@@ -72,6 +73,7 @@ class DataPlane:
     keyed: bool = False  # API keys are required (auth.validate found some)
     draining: threading.Event = field(default_factory=threading.Event)
     catalog: Catalog | None = None  # set by the lifespan once the models are loaded
+    payloads: PayloadLog | None = None  # set by the lifespan when PAYLOAD_LOG is set
     decode_slots: DecodeSlots = field(init=False)
     admission: Admission = field(init=False)  # service/admission.py
     door: Door = field(init=False)  # every transport's admission decision
@@ -200,7 +202,7 @@ class DataPlane:
         function of that version names: it may refuse them, before any work). Every
         answered image is watched (its familiarity and top probability, for drift); with a
         familiarity floor (the request's, else MIN_FAMILIARITY), an image below it is
-        refused (422)."""
+        refused (422). A sample of the answered images goes to the payload log, if on."""
 
         def plan(served: Served) -> tuple[set[str], float]:
             # For the version that answers: what to fetch, and the floor (422 before work).
@@ -213,6 +215,8 @@ class DataPlane:
         self._watch(answer)
         if floor:
             _refuse_unfamiliar(answer.outputs[FAMILIARITY_NAME][:, 0], floor)
+        if self.payloads is not None:
+            self.payloads.offer(context, answer.served, images, answer.outputs)
         return answer
 
     async def explain(

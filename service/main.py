@@ -23,6 +23,7 @@ from service.http.middleware import HttpMiddleware
 from service.images import bound_metadata
 from service.logs import configure_logging
 from service.metrics import Metrics
+from service.payloads import payload_log
 from service.routes import explain, models, operations, page, predict, v2
 from service.rpc import server as rpc
 
@@ -45,6 +46,7 @@ async def lifespan(app: FastAPI):
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
     server.drain_on_sigterm(plane.draining, settings.shutdown_drain_seconds)
+    plane.payloads = payload_log(settings, plane.metrics)  # None unless PAYLOAD_LOG is set
     watcher = asyncio.create_task(catalog.watch()) if settings.model_poll_seconds else None
     grpc_server = None
     if settings.grpc_port:  # the same data plane over gRPC, on this loop
@@ -55,6 +57,8 @@ async def lifespan(app: FastAPI):
     if watcher is not None:
         watcher.cancel()
     await catalog.stop()
+    if plane.payloads is not None:  # nothing more is answered: write the last shard
+        await asyncio.to_thread(plane.payloads.close)
     if plane.metrics.multiprocess:  # this worker's live gauges leave the sums
         multiprocess.mark_process_dead(os.getpid())
 

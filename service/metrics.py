@@ -29,6 +29,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # buckets near 0, where unfamiliar images fall. The top class's probability: tenths.
 FAMILIARITY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+PAYLOAD_DROP_REASONS = ("queue_full", "write_error", "over_cap")  # service/payloads.py
 
 access_log = logging.getLogger("service.access")
 
@@ -123,6 +124,28 @@ class Metrics:
             "1 while this version of the model is served, 0 once it was unloaded",
             model,
             multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        # Sampled payload logging (service/payloads.py), when PAYLOAD_LOG is set.
+        self.payloads_logged = Counter(
+            "payload_images_logged_total",
+            "Sampled images written to a payload shard",
+            registry=self.registry,
+        )
+        self.payloads_dropped = Counter(
+            "payload_images_dropped_total",
+            "Sampled images not logged: queue_full (the writer was behind), write_error (the "
+            "folder could not be written: full, read-only), over_cap (a shard above "
+            "PAYLOAD_MAX_BYTES)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in PAYLOAD_DROP_REASONS:  # at zero from the start, logging on or off
+            self.payloads_dropped.labels(reason)
+        self.payload_bytes = Gauge(
+            "payload_bytes_on_disk",
+            "Bytes of payload shards in PAYLOAD_LOG, as the writer last counted them",
+            multiprocess_mode="livemax",  # every worker counts the whole folder
             registry=self.registry,
         )
         if self.multiprocess:  # each worker's CPU and memory, labelled with its pid

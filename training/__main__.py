@@ -36,6 +36,7 @@ from training.evaluate import evaluate_test_set
 from training.export import export, exported_card, exported_outputs
 from training.models import MODEL_IDS, load_original_weights
 from training.recipe import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, Recipe
+from training.report.traffic import write_traffic
 from training.report.write import COMPARE_DIR, write_reports
 from training.scores import evidence
 from training.train import best_checkpoint, run_state, saved_recipe, train
@@ -180,6 +181,13 @@ def parser() -> argparse.ArgumentParser:
         help="other images to measure familiarity on: a folder of image files (any size, "
         "made 32x32 as the service does with resize=true) or a cifar-100-python folder or "
         "archive (its test images); may be given more than once",
+    )
+    report.add_argument(
+        "--traffic",
+        type=Path,
+        metavar="DIR",
+        help="instead: the traffic page of each model in this payload log (the service's "
+        "PAYLOAD_LOG), reports/<id>/traffic.html, against the training set",
     )
     report.set_defaults(command=run_report)
 
@@ -399,6 +407,11 @@ def run_export_precision(args: argparse.Namespace, data: cifar.Cifar100) -> None
 
 
 def run_report(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    if args.traffic is not None:
+        for report in write_traffic(args.traffic, data, args.reports_dir, args.model):
+            print(f"Wrote {args.reports_dir / report['model_id'] / 'traffic.html'}: "
+                  f"{report['images']} images")  # fmt: skip
+        return
     ids = [args.model] if args.model else MODEL_IDS
     paths = [args.models_dir / f"{model_id}.onnx" for model_id in ids]
     found = [path for path in paths if path.exists()]
