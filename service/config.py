@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     )
 
     max_upload_bytes: int = Field(MIB, gt=0, description="per image")
-    max_images_per_request: int = Field(64, gt=0)
+    max_images_per_request: int = Field(
+        64, gt=0, description="images one request may carry (an explanation counts its copies)"
+    )
     max_image_pixels: int = Field(
         2048 * 2048,
         gt=0,
@@ -72,8 +74,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="deadline per request (X-Request-Timeout may shorten it): 504"
     )
 
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("0.0.0.0", description="address the HTTP server listens on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (REST, /v2, the page)")
     grpc_port: int = Field(
         8081,
         ge=0,
@@ -103,7 +105,9 @@ class Settings(BaseSettings):
         description="uvicorn worker processes (uvicorn reads WEB_CONCURRENCY too)",
     )
     intra_op_threads: int = Field(0, ge=0, description="0: the CPUs available, shared by workers")
-    inter_op_threads: int = Field(1, ge=1)
+    inter_op_threads: int = Field(
+        1, ge=1, description="onnxruntime threads running independent nodes at once"
+    )
 
     api_keys: str = Field(
         "",
@@ -142,7 +146,7 @@ class Settings(BaseSettings):
         "(counted), never waited for",
     )
 
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(True, description="one JSON object per log line")
 
     @field_validator("payload_log", mode="before")
