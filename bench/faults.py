@@ -144,7 +144,7 @@ async def slow_clients(port: int, args: argparse.Namespace) -> dict:
     normal client posting PNGs."""
     duration = max(args.seconds, 3 * args.client_timeout)
     deadline = time.perf_counter() + duration
-    outcome = {"opened": 0, "answered_408": 0, "closed_other": 0, "open_at_end": 0}
+    outcome = {"opened": 0, "answered_408": 0, "shed_503": 0, "closed_other": 0, "open_at_end": 0}
     cut = {"headers": 0, "body": 0}  # 408s by the kind of slowness
     body, content_type = multipart_body(png_images(1)[0], "slow.png")
     body_head = http_request("/predict", HOST, body, {"Content-Type": content_type})
@@ -170,7 +170,11 @@ async def slow_clients(port: int, args: argparse.Namespace) -> dict:
                     await asyncio.wait([answer], timeout=0.25)
                 if answer.done():
                     data = answer.result() if not answer.exception() else b""
-                    key = "answered_408" if data[9:12] == b"408" else "closed_other"
+                    # A staller's headers are complete: the door may shed it (503) while the
+                    # normal client's requests queue, before its body is waited for.
+                    key = {b"408": "answered_408", b"503": "shed_503"}.get(
+                        data[9:12], "closed_other"
+                    )
                     outcome[key] += 1
                     cut[kind] += key == "answered_408"
                 else:
@@ -269,7 +273,8 @@ def describe(row: dict) -> str:
             f"{r['opened']} opened, {r['answered_408']} closed with 408 ("
             f"{r['answered_408_by_kind']['headers']} dribbling headers, "
             f"{r['answered_408_by_kind']['body']} stalled mid-body), "
-            f"{r['closed_other']} closed otherwise, {r['open_at_end']} open at the end"
+            f"{r['shed_503']} shed at the door (503), {r['closed_other']} closed otherwise, "
+            f"{r['open_at_end']} open at the end"
         )
     if r["fault"] == "soak":
         return (

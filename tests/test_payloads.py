@@ -7,10 +7,8 @@ finds the skew and the unfamiliar share."""
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -320,34 +318,34 @@ def test_the_disk_cap_holds_under_a_burst(models_dir, traffic_images, tmp_path):
 def test_a_read_only_folder_fails_no_request_and_counts_its_drops(
     models_dir, traffic_images, tmp_path
 ):
-    """The folder exists but the service may not write to it (as root, the service runs
-    as nobody: root may write anywhere): every request is answered, every image dropped
-    with reason write_error."""
+    """The folder exists but nothing may be written in it (root may write anywhere, so as
+    root the folder is made immutable, `chattr +i`, which binds root too): every request is
+    answered, every image dropped with reason write_error."""
     root = os.geteuid() == 0
-    # pytest's folders are the user's alone: nobody needs a world-readable one.
-    work = Path(tempfile.mkdtemp(prefix="payload-read-only-")) if root else tmp_path
-    work.chmod(0o755)
-    models = Path(shutil.copytree(models_dir, work / "models"))
-    folder = work / "log"
+    folder = tmp_path / "log"
     folder.mkdir()
-    folder.chmod(0o555)
+    if root:
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
     port = free_port()
     env = service_env(host=HOST, port=port, log_level="WARNING", grpc_port=0,
-                      models_dir=models, default_model=SMALL, payload_log=folder,
+                      models_dir=models_dir, default_model=SMALL, payload_log=folder,
                       payload_sample=1.0, payload_shard_seconds=0.2)  # fmt: skip
-    command = [sys.executable, "-m", "service"]
-    if root:
-        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-        env["HOME"] = str(work)
     try:
-        with server_process(command, env, port, cwd=ROOT, inherit=unset()):
+        with pytest.raises(OSError):  # the premise: this process cannot write there either
+            (folder / "probe").write_bytes(b"")
+        with server_process([sys.executable, "-m", "service"], env, port, cwd=ROOT,
+                            inherit=unset()):  # fmt: skip
             for n, chunk in enumerate(np.split(traffic_images[0][:64], 8)):
                 assert len(predict(port, chunk, f"read-only-{n}")) == 8
             logged_count, dropped, _ = settled(port)
         assert list(folder.iterdir()) == []
     finally:
         if root:
-            shutil.rmtree(work)
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
     assert logged_count == 0 and dropped == {"queue_full": 0, "write_error": 64, "over_cap": 0}
 
 

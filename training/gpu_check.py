@@ -350,6 +350,10 @@ def serving_rate(url: str, seconds: float) -> float:
                 with urllib.request.urlopen(request, timeout=60) as response:
                     response.read()
             except urllib.error.HTTPError as err:
+                # Shed at the door when the queue is long: a client retries after Retry-After.
+                if err.code == 503 and (wait := err.headers.get("Retry-After")) is not None:
+                    time.sleep(min(float(wait), max(0.0, deadline - time.perf_counter())))
+                    continue
                 raise CheckFailed(f"{url} answered {err.code}: {err.read()[:500]!r}") from None
             images += IMAGES_PER_REQUEST
         return images

@@ -150,11 +150,11 @@ def percentile_nodes(graph: Nodes, scores: str, quantiles: np.ndarray) -> str:
          graph.constant("intervals", np.array(count - 1.0))],
         "inside",
     )  # fmt: skip
-    tail = graph.node(
-        "Mul",
-        [graph.node("Relu", [graph.node("Sub", [scores, graph.constant(
-            "largest", quantiles[-1:])], "past_largest")], "beyond"),
-         graph.constant("per_range", np.array(1 / (float(quantiles[-1]) - float(quantiles[0]))))],
-        "tail",
-    )  # fmt: skip
+    # The tail's start and scale from the table itself: the table is the one constant.
+    first = graph.node("Gather", [table, graph.constant("first_index", np.array([0]))],
+                       "smallest", axis=0)  # fmt: skip
+    last = graph.node("Gather", [table, graph.constant("last_index", np.array([count - 1]))],
+                      "largest", axis=0)  # fmt: skip
+    beyond = graph.node("Relu", [graph.node("Sub", [scores, last], "past_largest")], "beyond")
+    tail = graph.node("Div", [beyond, graph.node("Sub", [last, first], "range")], "tail")
     return graph.node("Add", [inside, tail], "percentile")
