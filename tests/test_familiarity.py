@@ -48,13 +48,13 @@ def fitted() -> familiarity.Familiarity:
     )
 
 
-def head(fitted: familiarity.Familiarity) -> ort.InferenceSession:
+def head(fitted: familiarity.Familiarity, width: int = WIDTH) -> ort.InferenceSession:
     """The familiarity head export builds, on a graph whose features are its input."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], [FEATURES_NAME])],
         "features",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
-        [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["batch", WIDTH])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["batch", width])],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     familiarity.add_to_graph(proto, fitted)

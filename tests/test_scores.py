@@ -3,16 +3,13 @@ long way, with scipy and sklearn), and its ONNX nodes against its own reference 
 the calibration every score shares (tests/test_familiarity.py tests that on one score)."""
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import ledoit_wolf
 
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME
+from service.modelcard import FAMILIARITY_NAME
+from tests.test_familiarity import head
 from training import familiarity
-from training.export import OPSET
 from training.scores import DEFAULT, SCORES, combined, mahalanobis
 from training.scores.base import Training
 
@@ -112,19 +109,6 @@ def long_way(name: str, training: Training, x: np.ndarray) -> np.ndarray:
     raise AssertionError(f"no long-way formula for {name}: add one with the score")
 
 
-def head(fitted: familiarity.Familiarity) -> ort.InferenceSession:
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], [FEATURES_NAME])],
-        "features",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WIDTH])],
-        [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["batch", WIDTH])],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-    familiarity.add_to_graph(proto, fitted)
-    onnx.checker.check_model(proto, full_check=True)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("name", SCORES)
 def test_the_reference_is_the_papers_formula(name, training, probes):
     got = SCORES[name](training).strangeness(probes)
@@ -139,7 +123,7 @@ def test_the_graph_computes_the_reference_through_the_calibration(name, training
     val = features_of(rng, np.arange(2000) % (CLASSES - 1))
     fitted = familiarity.fit(training, val, score=name)
     assert fitted.card["score"] == name and fitted.card["method"]
-    (got,) = head(fitted).run([FAMILIARITY_NAME], {"x": probes})
+    (got,) = head(fitted, WIDTH).run([FAMILIARITY_NAME], {"x": probes})
     assert familiarity.parity_failure(fitted, probes, got) is None
     exact = familiarity.familiarity_of(fitted, probes)
     # Mostly exact; where not, within the rank band (parity_failure above), whose width
