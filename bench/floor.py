@@ -147,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare",
         type=Path,
         help="a folder holding another version's `service` package (`git archive REV "
-        "service | tar -x -C DIR`): its /v2 and /predict measured in the same rounds",
+        "service | tar -x -C DIR`): its /v2, /predict and refusals measured in the same "
+        "rounds",
     )
 
 
@@ -188,6 +189,11 @@ def main(args: argparse.Namespace) -> int:
                 source=args.compare.resolve()))  # fmt: skip
             targets["compared /v2 binary"] = (port, process.pid, infer)
             targets["compared /predict PNG"] = (port, process.pid, ["--kind", "png"])
+            port, process = up.enter_context(service_process(
+                models_dir=path.parent, workers=1, source=args.compare.resolve(),
+                **closed_settings(args.model)))  # fmt: skip
+            up.enter_context(held_closed(port, args.model))
+            targets["compared /v2 refused at the door"] = (port, process.pid, [*infer, "--no-wait"])
         names = [n for n in targets if not args.only or any(o in n for o in args.only)]
         for name in names:  # warm each (the service's first batches, imports)
             load(targets[name], 1.0, args.concurrency)

@@ -17,6 +17,7 @@ from service import auth, server
 from service.catalog import load_catalog
 from service.config import Settings, get_settings
 from service.dataplane import SERVER_VERSION, DataPlane
+from service.http.door import GATE, Gate
 from service.http.errors import install_handlers
 from service.http.keys import ApiKeys
 from service.http.middleware import HttpMiddleware
@@ -51,7 +52,8 @@ async def lifespan(app: FastAPI):
     grpc_server = None
     if settings.grpc_port:  # the same data plane over gRPC, on this loop
         grpc_server, app.state.grpc_port = await rpc.start(plane, app.state.keys)
-    yield
+    # The server's HTTP protocol asks the door before any ASGI code runs (service/server.py).
+    yield {GATE: Gate(plane.door, plane.draining)}
     if grpc_server is not None:  # uvicorn has stopped taking requests: so does gRPC
         await rpc.stop(grpc_server, settings.graceful_shutdown_seconds)
     if watcher is not None:

@@ -1,11 +1,16 @@
 """Running the app: uvicorn with the limits a public server needs, from the settings.
 
-uvicorn bounds keep-alive and graceful shutdown itself; two limits it lacks are added
-to its httptools protocol here, because they apply before any ASGI code runs:
+uvicorn bounds keep-alive and graceful shutdown itself; what it lacks is added to its
+httptools protocol here, because it applies before any ASGI code runs:
 - the request line and headers must arrive within HEADER_TIMEOUT_SECONDS of the
   connection opening (or of the request's first byte on a kept-alive connection): a
   client dribbling its headers is answered 408 and closed;
-- they must fit in MAX_HEADER_BYTES: 431 and closed.
+- they must fit in MAX_HEADER_BYTES: 431 and closed;
+- the door (service/http/door.py's `Gate`, handed over in the app's lifespan state):
+  an inference request it refuses is answered 503 here, as soon as its head is parsed,
+  with no ASGI task, no middleware, and its body discarded as it arrives; the
+  connection stays open for the next request (`python -m bench floor` measures what a
+  refusal costs).
 
 `drain_on_sigterm` gives SIGTERM the shape orchestrators expect: readiness turns 503 at
 once while the server keeps serving for SHUTDOWN_DRAIN_SECONDS (so load balancers stop
@@ -21,15 +26,18 @@ import threading
 import time
 from typing import Any
 
+import httptools
 import uvicorn
+from starlette.types import Message
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
-from service.http.door import ARRIVED
+from service.http.door import ADMITTED, ARRIVED, GATE, Gate
 
 log = logging.getLogger(__name__)
-REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large",
+           503: "Service Unavailable"}  # fmt: skip
 
 
 _GUARDED = threading.Event()  # set in a process whose app was loaded by a ServerConfig
@@ -71,8 +79,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._stop_head_timer()
+        gate: Gate | None = self.app_state.get(GATE)
+        asked = gate is not None and self._answers_next() and self.parser.get_method() == b"POST"
+        if asked:
+            path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+            if (refused := gate.refuse("POST", path, self._arrived)) is not None:
+                self._answer(*refused)
+                return
         super().on_headers_complete()  # builds the scope; its task has not started yet
-        self.scope["state"][ARRIVED] = self._arrived
+        state = self.scope["state"]
+        state[ARRIVED] = self._arrived
+        if asked:
+            state[ADMITTED] = True
+
+    def _answers_next(self) -> bool:
+        """Whether this request's answer goes out next: not pipelined behind one still
+        being answered (its answer must wait its turn, so the ASGI path takes it), and
+        not an upgrade."""
+        previous = self.cycle
+        return (previous is None or previous.response_complete) and not self.parser.should_upgrade()
+
+    def _answer(self, start: Message, body: Message) -> None:
+        """Answer the request whose head was just parsed, here: the rest of its body is
+        discarded as it arrives (uvicorn drops a body once its response is complete) and
+        the connection is kept for the next request, unless either side says close."""
+        headers = [*self.server_state.default_headers, *start["headers"]]
+        close = (b"connection", b"close") in headers or not self.parser.should_keep_alive()
+        if close and (b"connection", b"close") not in headers:
+            headers.append((b"connection", b"close"))
+        self._write(start["status"], headers, body["body"])
+        self.cycle = _Answered()  # type: ignore[assignment]
+        if close:
+            self.transport.close()
+        self.on_response_complete()  # counts it; arms keep-alive or starts a pipelined one
 
     def data_received(self, data: bytes) -> None:
         # While a head is under way, count the part of this chunk up to the blank line that
@@ -108,15 +147,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, f"the request head did not arrive within {seconds} s")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer before the app is involved (like uvicorn's own 400), then close."""
+        """Answer a broken head before the app is involved (like uvicorn's own 400), then
+        close."""
         self._stop_head_timer()
         body = json.dumps({"detail": message}).encode()
-        head = (
-            f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        )
-        self.transport.write(head.encode() + body)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        self._write(status, headers, body)
         self.transport.close()
+
+    def _write(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        lines = [f"HTTP/1.1 {status} {REASONS[status]}\r\n".encode()]
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
+        self.transport.write(b"".join(lines) + b"\r\n" + body)
+
+
+class _Answered:
+    """The request cycle of a request the protocol answered itself: what uvicorn's
+    protocol reads of a finished cycle (a later body chunk is dropped, a lost connection
+    wakes nobody)."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = False
+
+    def __init__(self) -> None:
+        self.message_event = asyncio.Event()
 
 
 def drain_on_sigterm(draining: threading.Event, seconds: float) -> None:

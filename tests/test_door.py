@@ -12,10 +12,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry, Counter
 
 from bench.door import (
     Connection,
@@ -26,7 +29,11 @@ from bench.door import (
     v2_request,
 )
 from bench.load import multipart_body, pixel_images, png_bytes
-from bench.servers import HOST, service_process
+from bench.servers import HOST, free_port, service_process
+from service.admission import Admission, Door
+from service.config import Settings
+from service.http.door import GATE, Gate
+from service.server import server_config
 
 MODEL = "cifar100-5735844"  # the wider features: fewer images make a large answer
 SETTINGS = closed_settings(MODEL)
@@ -189,6 +196,77 @@ def test_while_draining_refusals_and_answers_say_connection_close(models_dir):
         assert status == 200, body[:200]
         assert headers["connection"] == "close"
         assert connection.closed_by_server()
+
+
+def test_the_server_protocol_refuses_before_any_asgi_code_runs():
+    """The refusal is written by the server's HTTP protocol as soon as the head is
+    parsed: the app (a recording ASGI app behind the service's own uvicorn setup, handing
+    the protocol a Gate in its lifespan state) never sees the refused request, nor its
+    body, which may still be arriving; the same connection then serves the next request,
+    and the door's counter counts the refusals. A client that says close is closed."""
+    admission = Admission(max_delay=0.001, in_system=1, images_per_second=1.0)  # waits 1 s
+    refused = Counter("refused", "", ["route"], registry=CollectorRegistry())
+    gate = Gate(Door(admission, refused), threading.Event())
+    seen: list[tuple[str, str, bytes]] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            scope["state"][GATE] = gate
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            return await send({"type": "lifespan.shutdown.complete"})
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        seen.append((scope["method"], scope["path"], body))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = server_config(Settings(), app, host=HOST, port=port, workers=1, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60  # a bound on the test, not a timing assertion
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        connection = Connection(port)
+        head = raw_request("/predict", b"0123456789", {})  # its body sent in two parts
+        connection.send(head[:-6])
+        status, headers, body = connection.response()
+        assert status == 503 and headers["retry-after"] == "1", body
+        assert "MAX_QUEUE_DELAY_MS" in json.loads(body)["detail"]
+        assert seen == []  # answered with four of its ten body bytes still to come
+        connection.send(head[-6:] + raw_request("/v2/models/m/infer", b"{}", {}))
+        status, _, body = connection.response()
+        assert status == 503 and "MAX_QUEUE_DELAY_MS" in json.loads(body)["error"]
+        connection.send(raw_request("/models", b"", {}, method="GET"))
+        assert connection.response()[0] == 200
+        assert seen == [("GET", "/models", b"")]  # the refused bodies reached nobody
+        admission.in_system = 0  # the door opens: the same connection's next one goes in
+        connection.send(raw_request("/predict", b"abc", {}))
+        assert connection.response()[0] == 200
+        assert seen[-1] == ("POST", "/predict", b"abc")
+        connection.close()
+        admission.in_system = 1
+        connection = Connection(port)
+        connection.send(raw_request("/predict", b"abc", {}, close=True))
+        status, headers, _ = connection.response()
+        assert status == 503 and headers["connection"] == "close"
+        assert connection.closed_by_server()
+        connection.close()
+        counted = {s.labels["route"]: s.value for m in refused.collect() for s in m.samples
+                   if s.name == "refused_total"}  # fmt: skip
+        assert counted == {"/predict": 2, "/v2/models/{model_name}/infer": 1}
+        assert len(seen) == 2
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def urllib_get(port: int, path: str) -> bytes:

@@ -1,19 +1,27 @@
 """Each request's context, and admission at the door.
 
-`OPERATIONS` is the one place an HTTP path becomes an operation (service/context.py):
+`operation_of` is the one place an HTTP path becomes an operation (service/context.py):
 every policy after it asks the context, not the URL. An inference request the door
-refuses (service/admission.py) costs next to nothing: no request id, no access line,
-no body read (service/http/middleware.py asks the door first).
+refuses (service/admission.py) costs next to nothing: the server's HTTP protocol asks
+the `Gate` as soon as the request's head is parsed and writes the 503 itself, before
+any ASGI code runs (service/server.py: no task, no scope handed on, no body read); the
+middleware (service/http/middleware.py) asks the door only for a request the protocol
+did not ask for (one pipelined behind another, or an app served some other way).
 """
 
 import json
+import threading
+from dataclasses import dataclass
 
 from starlette.types import Message, Scope
 
+from service.admission import Door
 from service.context import OTHER, OTHER_V2, Operation, RequestContext, request_id
 from service.http.errors import CONTEXT, error_body
 
 ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when its first byte was parsed
+GATE = "gate"  # lifespan state key: the Gate the server's protocol asks
+ADMITTED = "admitted"  # scope["state"] key: the protocol asked the door and it said yes
 REQUEST_ID = b"x-request-id"
 CLOSE = (b"connection", b"close")
 
@@ -62,3 +70,23 @@ def refusal(operation: Operation, message: str, draining: bool) -> tuple[Message
         headers.append(CLOSE)
     start = {"type": "http.response.start", "status": 503, "headers": headers}
     return start, {"type": "http.response.body", "body": body}
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """The door as the HTTP protocol asks it, from the request line alone. The app's
+    lifespan hands it to the server through the lifespan state (the ASGI way for an
+    app to give its server something), so each worker's protocol asks its own door."""
+
+    door: Door
+    draining: threading.Event
+
+    def refuse(
+        self, method: str, path: str, arrived: float | None
+    ) -> tuple[Message, Message] | None:
+        """None when the request may come in; else the refusal's two ASGI messages."""
+        operation = operation_of(method, path)
+        refused = self.door.refuse(RequestContext("", operation, arrived))
+        if refused is None:
+            return None
+        return refusal(operation, refused.message, self.draining.is_set())

@@ -2,9 +2,10 @@
 layer (one wrapper each for receive and send, no per-request task, no body copy).
 
 In order, for each request:
-1. its context (door.py) and the door (service/admission.py): an inference request
-   that would wait too long is refused here, before anything else is spent on it (no
-   request id, no access line, no body read);
+1. its context (door.py) and the door (service/admission.py), unless the server's
+   protocol asked it already (service/server.py does, before any ASGI code runs): an
+   inference request that would wait too long is refused here, before anything else is
+   spent on it (no request id, no access line, no body read);
 2. one pass over the headers: its request id (returned on every response, errors too),
    `X-Request-Timeout` and `Content-Length`;
 3. the API key, when keys are set (keys.py), and the bounds (limits.py), each refused
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.context import RequestContext, request_id
 from service.dataplane import DataPlane
-from service.http.door import ARRIVED, CLOSE, INFERENCE, REQUEST_ID, operation_of, refusal
+from service.http.door import ADMITTED, ARRIVED, CLOSE, INFERENCE, REQUEST_ID, operation_of, refusal
 from service.http.errors import CONTEXT, error_response
 from service.http.keys import ApiKeys
 from service.http.limits import BAD_TIMEOUT, TIMEOUT_HEADER, Limits, seconds
@@ -52,7 +53,7 @@ class HttpMiddleware:
         state = scope.setdefault("state", {})
         operation = operation_of(scope["method"], scope["path"])
         context = RequestContext("", operation, state.get(ARRIVED))
-        if (refused := self.door.refuse(context)) is not None:
+        if not state.get(ADMITTED) and (refused := self.door.refuse(context)) is not None:
             start, body = refusal(operation, refused.message, self.draining.is_set())
             await send(start)
             return await send(body)
