@@ -50,7 +50,7 @@ from bench.results import write
 from bench.servers import free_port, service_process, uvicorn_process
 from bench.steady import Interleaved, Row, goodput_of_capacity, ratio_windows
 from bench.tables import PATHS, to_markdown
-from bench.targets import judge_images, judge_open
+from bench.targets import CLOSED_SHARE, judge_closed, judge_images, judge_open
 from service.config import Settings, available_cpus
 from training.models import MODEL_IDS
 
@@ -374,9 +374,13 @@ def headline(result: dict) -> dict:
 
 
 def judge(result: dict) -> list[dict]:
-    """Every target's verdict for the model: the open loop per path and load, and the
-    many-image rows (float, and int8 where measured)."""
+    """Every target's verdict for the model: the 64-client rows, the open loop per path
+    and load, and the many-image rows (float, and int8 where measured)."""
     verdicts = []
+    for kind in CLOSED_SHARE:
+        (row,) = [r for r in result["service"]["closed"][f"{kind}, batching on"]
+                  if r["concurrency"] == HEADLINE_CLIENTS]  # fmt: skip
+        verdicts.append(judge_closed(kind, PATHS[kind], row))
     for kind, rows in result["service"]["open"].items():
         for row in rows:
             verdicts += judge_open(kind, PATHS[kind], row)

@@ -24,6 +24,7 @@ MEDIAN_KEYS = (
     "rps", "images_per_s", "p50_ms", "p95_ms", "p99_ms", "shed_p50_ms", "shed_p99_ms",
     "ceiling", "share_of_ceiling", "server_cpu_ms", "client_cpu_ms", "cpu_bound_share",
     "goodput_of_capacity", "goodput_of_capacity_raw", "rate", "ceiling_cpu_ms_per_image",
+    "client_cpu_share",
 )  # fmt: skip
 SPREAD_KEYS = ("rps", "images_per_s", "p50_ms", "p99_ms", "share_of_ceiling",
                "goodput_of_capacity", "shed_p99_ms")  # fmt: skip
@@ -70,6 +71,11 @@ def annotate(run: dict, before: float, after: float | None, ceiling_threads: int
     ceiling_cpu_ms = ceiling_threads * 1000 / ceiling if ceiling else None
     per_image = (server_ms + client_ms) / run.get("images_per_request", 1) if (
         server_ms and client_ms) else None  # fmt: skip
+    # The generator's CPU over the run as a share of every CPU (the ceiling's threads).
+    client_s, seconds = run.get("client_cpu_s"), run.get("seconds")
+    client_share = None
+    if client_s is not None and seconds:
+        client_share = client_s / (seconds * ceiling_threads)
     return {
         **run,
         "ceiling_before": before,
@@ -79,6 +85,7 @@ def annotate(run: dict, before: float, after: float | None, ceiling_threads: int
         "share_of_ceiling": round(images_per_s / ceiling, 4) if ceiling else None,
         "server_cpu_ms": server_ms,
         "client_cpu_ms": client_ms,
+        "client_cpu_share": None if client_share is None else round(client_share, 4),
         "ceiling_cpu_ms_per_image": round(ceiling_cpu_ms, 3) if ceiling_cpu_ms else None,
         "cpu_bound_share": round(ceiling_cpu_ms / per_image, 4)
         if ceiling_cpu_ms and per_image

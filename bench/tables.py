@@ -54,7 +54,7 @@ def to_markdown(results: dict) -> str:
 
 def targets_table(verdicts: list[dict]) -> list[str]:
     lines = [
-        f"**Targets** (issue #25), each judged on the median of its runs: {met_line(verdicts)}.",
+        f"**Targets**, each judged on the median of its runs: {met_line(verdicts)}.",
         "",
         "| target | row | median | min-max | runs | verdict |",
         "|---|---|---|---|---|---|",
@@ -189,12 +189,13 @@ def open_table(paths: dict) -> list[str]:
         "latency from the scheduled arrival), batching on. Goodput: answered req/s; of "
         "capacity: its share of the ceiling next to it over the capacity's share of its "
         "own (what goodput / capacity, raw, would be if the machine held still). 503 ms: how "
-        "fast the refusals came back.",
+        "fast the refusals came back. Generator: the load generator's CPU over the run, as a "
+        "share of all the CPUs (it runs on the same ones as the server).",
         "",
         "| request | offered | offered req/s | runs | sent | goodput req/s | of capacity "
         "| of capacity, raw | p50 ms | p99 ms | shed (503) | 503 p50 ms | 503 p99 ms "
-        "| 503 without Retry-After | refused (4xx) | errors | unsent |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 503 without Retry-After | refused (4xx) | errors | unsent | generator CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, rows in paths.items():
         lines += [
@@ -204,7 +205,7 @@ def open_table(paths: dict) -> list[str]:
             f"| {with_spread(x, 'p99_ms')} | {x['shed']} "
             f"| {cell(x['shed_p50_ms'])} | {with_spread(x, 'shed_p99_ms')} "
             f"| {x['shed_without_retry_after']} | {x['refused']} | {x['errors']} "
-            f"| {x['unsent']} |"
+            f"| {x['unsent']} | {percent(x.get('client_cpu_share'))} |"
             for x in rows
         ]
     return [*lines, "", "![latency-throughput curve](published/latency-curve.png)", ""]

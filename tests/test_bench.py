@@ -53,7 +53,16 @@ from bench.steady import (
     ratio_windows,
 )
 from bench.tables import PATHS, to_markdown
-from bench.targets import GOODPUT_LOADS, P99_MS, REFUSAL_P99_MS, judge_images, judge_open, met_line
+from bench.targets import (
+    CLOSED_SHARE,
+    GOODPUT_LOADS,
+    P99_MS,
+    REFUSAL_P99_MS,
+    judge_closed,
+    judge_images,
+    judge_open,
+    met_line,
+)
 from service.hardware import CPU_FLAGS, int8_kernels
 from service.rpc import inference_pb2 as pb
 
@@ -228,6 +237,8 @@ def test_smoke_run_judges_every_target_and_draws_the_curve(smoke_run):
     assert sum("images/s >= 90% of the ceiling" in v["target"] for v in verdicts) == 2 * len(
         IMAGES_PER_REQUEST
     )  # float and int8
+    for kind, bound in CLOSED_SHARE.items():  # the 64-client rows
+        assert (f"images/s >= {bound:.0%} of the ceiling", f"{PATHS[kind]}, 64 clients") in rows
     for v in verdicts:
         assert v["runs"] == SMOKE["repeats"] and v["met"] in (True, False, None)
     markdown = (out / "results.md").read_text()
@@ -274,11 +285,12 @@ def test_ceiling_ratios_are_taken_to_the_windows_either_side():
     assert adjacent_ceiling(800.0, 1200.0) == 1000.0
     assert adjacent_ceiling(900.0, None) == 900.0
     run = {"rps": 250.0, "images_per_request": 2, "requests": 500, "server_cpu_s": 1.0,
-           "client_cpu_s": 0.25}  # fmt: skip
+           "client_cpu_s": 0.25, "seconds": 2.0}  # fmt: skip
     a = annotate(run, 800.0, 1200.0, ceiling_threads=2)
     assert a["ceiling"] == 1000.0 and a["images_per_s"] == 500.0
     assert a["share_of_ceiling"] == 0.5
     assert a["server_cpu_ms"] == 2.0 and a["client_cpu_ms"] == 0.5  # per answered request
+    assert a["client_cpu_share"] == 0.0625  # 0.25 CPU-seconds over 2 s on 2 CPUs
     # 2 threads x 1000 ms / 1000 images/s = 2 ms per image; a request of 2 images costs
     # 2.5 ms of server and generator CPU, 1.25 ms per image: the share is bound by 160%
     assert a["ceiling_cpu_ms_per_image"] == 2.0 and a["cpu_bound_share"] == 1.6
@@ -379,6 +391,8 @@ def test_targets_are_judged_on_the_median():
     many = {"images_per_request": 32, "concurrency": 4, "share_of_ceiling": 0.9, "runs": 3}
     assert judge_images("v2", many)["met"]
     assert not judge_images("v2", {**many, "share_of_ceiling": 0.89})["met"]
+    closed = {"concurrency": 64, "share_of_ceiling": 0.74, "runs": 3}
+    assert not judge_closed("v2", "v2", closed)["met"] and judge_closed("png", "png", closed)["met"]
     assert met_line([{"met": True}, {"met": False}, {"met": None}]) == "1 of 2 targets met"
 
 

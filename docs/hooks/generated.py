@@ -59,7 +59,6 @@ NOT_VARIABLES = {
     "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE",
     "UNIMPLEMENTED", "ALREADY_EXISTS", "OUT_OF_RANGE", "DATA_LOSS", "INTERNAL", "CANCELLED",
 }  # fmt: skip
-TARGETS_SOURCE = re.compile(r" \(issue #\d+\)")
 
 _used: set[str] = set()
 _schema: dict[str, Any] = {}
@@ -201,9 +200,7 @@ def published_markdown(root: Path) -> str:
     from bench.tables import to_markdown
 
     text = (root / "bench-results/published/results.json").read_text()
-    markdown = to_markdown(json.loads(text, object_pairs_hook=_int_keys))
-    # bench.tables still names where the targets came from; the documentation does not.
-    return TARGETS_SOURCE.sub("", markdown)
+    return to_markdown(json.loads(text, object_pairs_hook=_int_keys))
 
 
 def benchmark_tables(config) -> str:
