@@ -83,7 +83,31 @@ def service_process(
     if source is not None:  # `python -m` puts the working folder first on the path
         inherited["PYTHONPATH"] = str(source)
     with server_process(command, env, port, ready_path, cwd=source, inherit=inherited) as process:
+        # Ready is one worker answering; with several, each listens once its models are
+        # loaded (service/server.py), and a connection opened before lands on the first.
+        wait_for_listeners(port, int(settings.get("workers", 1)), process)
         yield port, process
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on `port` (TCP, IPv4 and IPv6), from /proc/net."""
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = row.split()
+                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A"
+    return count
+
+
+def wait_for_listeners(
+    port: int, count: int, process: subprocess.Popen, timeout: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout
+    while listeners(port) < count:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{count} workers never all listened on port {port}")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

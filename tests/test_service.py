@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from bench.load import multipart_body
+from bench.procfs import process_tree
 from bench.servers import service_process
 from service.classifier import file_version
 from service.errors import DeviceUnavailable
@@ -461,6 +462,43 @@ def _metric(text: str, name: str) -> float:
     values = [float(value) for series, _, value in lines if series == name]
     assert len(values) == 1, f"{len(values)} series {name!r} in /metrics"
     return values[0]
+
+
+def connections_held(pid: int, port: int) -> int:
+    """How many established TCP connections to local `port` process `pid` holds open,
+    from /proc (its socket descriptors matched to /proc/net/tcp's rows)."""
+    established = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                established.add(fields[9])  # its inode
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = fd.readlink().name
+            held += target.startswith("socket:[") and target[8:-1] in established
+    return held
+
+
+def test_several_workers_share_connections_opened_at_once(models_dir):
+    """With 2 workers, 32 keep-alive connections opened at once are spread over both (each
+    worker listens on its own SO_REUSEPORT socket). With one shared socket the worker that
+    woke first accepted all that were waiting, and a client with a few connections kept
+    one worker busy and the other idle. Each worker holds at least 4 of the 32 (with a
+    fair coin per connection, fewer happens about once in a million runs)."""
+    with service_process(models_dir=models_dir, workers=2) as (port, process):
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(32)]
+        for connection in connections:  # answered: accepted by a worker, and still open
+            connection.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        for connection in connections:
+            assert connection.recv(64).startswith(b"HTTP/1.1 200")
+        workers = [pid for pid in process_tree(process.pid) if pid != process.pid]
+        held = {pid: connections_held(pid, port) for pid in workers}
+        for connection in connections:
+            connection.close()
+    assert sum(held.values()) == 32, held
+    assert sorted(held.values())[-2] >= 4, held  # the two workers: 4 or more each
 
 
 def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
