@@ -494,8 +494,9 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
     assert "the whole run took 10.0 min." in markdown
     assert "; int8 kernels: AVX2 (no VNNI))" in markdown
     # p99 3 ms at 15 offered rates (5 a path), goodput 90% at 6, and the 32-image rows
-    # (320%, float and int8) met; the 8-image rows (80%) not; no 503s, so no refusals
-    assert "23 of 25 targets met" in markdown
+    # (320%, float and int8) met; the 8-image rows (80%) and the 64-client rows (10%, /v2
+    # and /predict) not; no 503s, so no refusals
+    assert "23 of 27 targets met" in markdown
     assert "raw tensors over gRPC 10.0 req/s" in markdown
     assert "![latency-throughput curve](published/latency-curve.png)" in markdown
 
@@ -726,7 +727,7 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     assert list(targets) == [
         "asgi floor", "starlette floor", "fastapi floor", "service /v2 binary",
         "service /predict PNG", "service /v2 refused at the door", "compared /v2 binary",
-        "compared /predict PNG",
+        "compared /predict PNG", "compared /v2 refused at the door",
     ]  # fmt: skip
     for name, row in targets.items():
         assert row["errors"] == 0 and len(row["runs"]) == 2, name
@@ -740,4 +741,5 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     assert targets["asgi floor"]["x_asgi_floor"] == 1.0
     assert all(r["shed"] > 0 for r in targets["service /v2 refused at the door"]["runs"])
     assert "service_x_compared" in targets["compared /v2 binary"]
+    assert "service_x_compared" in targets["compared /v2 refused at the door"]
     assert "| service /v2 binary |" in (out / "floor.md").read_text()
