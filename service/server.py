@@ -226,6 +226,9 @@ def server_config(settings: Settings, app: Any = "service.main:app", **overrides
         "log_level": settings.log_level.lower(),
         "log_config": None,  # the app configures logging: one JSON formatter for every line
         "access_log": False,  # the app writes one access line per request, with its id
+        # No client address is used (logs, keys and limits never read one): uvicorn's
+        # X-Forwarded-For layer would only cost every request a call per message.
+        "proxy_headers": False,
         "factory": isinstance(app, str),
         **overrides,
     }

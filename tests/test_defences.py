@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.load import multipart_body, multipart_form
+from bench.load import V2_HEADER, http_request, multipart_body, multipart_form, v2_body, v2_request
 from bench.servers import service_process
 from service.classifier import file_version
 from service.decoding import DecodeSlots
@@ -465,16 +465,26 @@ def test_sigterm_drains_then_finishes_what_is_in_flight(models_dir, images):
         assert process.wait(timeout=60) is not None  # it exits by itself
 
 
-def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_dir):
-    """20 requests of 64 images queue behind each other (8 images per onnxruntime call);
-    19 clients hang up at once. Their queued work is skipped and counted, never computed."""
+def abandoned_request(kind: str) -> bytes:
+    """One request of 64 noise images, closing its connection once answered."""
     rng = np.random.default_rng(0)
-    noise = [encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(64)]
-    parts, content_type = multipart_form([(f"{i}.png", png) for i, png in enumerate(noise)])
-    head = (
-        "POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        f"Content-Type: {content_type}\r\nContent-Length: {len(parts)}\r\n\r\n"
-    ).encode()
+    pixels = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    if kind == "v2":
+        body, header_length = v2_body(pixels)
+        headers = {"Content-Type": "application/octet-stream", V2_HEADER: str(header_length)}
+        path = f"/v2/models/{LARGE}/infer"
+    else:
+        body, content_type = multipart_form([(f"{i}.png", encode(p)) for i, p in enumerate(pixels)])
+        headers, path = {"Content-Type": content_type}, "/predict"
+    return http_request(path, "x", body, {**headers, "Connection": "close"})
+
+
+@pytest.mark.parametrize("kind", ["predict", "v2"])
+def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_dir, kind):
+    """20 requests of 64 images queue behind each other (8 images per onnxruntime call);
+    19 clients hang up at once. Their queued work is skipped and counted, never computed:
+    through /predict's routes and through the /v2 route the middleware answers itself."""
+    request = abandoned_request(kind)
     # The door off: 20 uploads of 64 PNGs at once are parsed slowly on a busy machine, and
     # a request whose headers waited 50 ms would be refused before it could queue (the
     # door has its tests; this one is about work whose client left).
@@ -482,7 +492,7 @@ def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_
                      max_queue_delay_ms=0) as port:  # fmt: skip
         conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
         for conn in conns:
-            conn.sendall(head + parts)
+            conn.sendall(request)
         deadline = time.monotonic() + 60
         while in_flight(port) < 10:  # hang up once most of them wait in the queue
             assert time.monotonic() < deadline, "the requests never queued"
@@ -503,8 +513,33 @@ def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_
     assert computed < 20 * 64
 
 
+def test_a_v2_client_gone_mid_body_is_a_499_and_the_next_request_is_answered(models_dir):
+    """A client that sends half its body and hangs up: no answer to send, the request is
+    counted as 499 (the client's doing), not as a server error, and the server goes on."""
+    pixels = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    request = v2_request(f"/v2/models/{LARGE}/infer", "x", pixels)
+    with live_server(models_dir) as port:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(request[: len(request) - 2000])
+            conn.shutdown(socket.SHUT_WR)  # gone before the rest
+            assert read_reply(conn) == b""
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+            assert read_reply(conn).startswith(b"HTTP/1.1 200")
+        text = metrics_text(port)
+    infer = [line for line in text.splitlines()
+             if line.startswith("http_requests_total{") and "/infer" in line]  # fmt: skip
+    assert any('status="499"' in line for line in infer), infer
+    assert any('status="200"' in line for line in infer), infer
+    assert not any('status="500"' in line for line in infer), infer
+
+
+def metrics_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+
+
 def in_flight(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    text = metrics_text(port)
     return sum(
         float(line.split()[-1])
         for line in text.splitlines()

@@ -8,11 +8,11 @@ thread, and a thread hop per request costs more than a 32x32 image decode.
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.types import Receive
 
 from service.catalog import Catalog
 from service.context import RequestContext
 from service.dataplane import DataPlane
+from service.http.asgi import watch_disconnect
 from service.http.door import context_of
 
 
@@ -28,19 +28,8 @@ async def context(request: Request) -> RequestContext:
     """The request's context, told how to notice the client leaving (the ASGI disconnect
     after the body)."""
     found = context_of(request.scope)
-    receive = request.receive
-
-    async def gone() -> None:
-        await _disconnected(receive)
-
-    found.gone = gone
+    watch_disconnect(found, request.receive)
     return found
-
-
-async def _disconnected(receive: Receive) -> None:
-    # The body has been read: the next message the server gives is the disconnect.
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 PlaneDep = Annotated[DataPlane, Depends(plane)]

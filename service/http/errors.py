@@ -28,6 +28,19 @@ def error_response(operation: Operation, status: int, message: str, headers=None
     return JSONResponse(error_body(operation, message), status_code=status, headers=headers)
 
 
+def error_answer(operation: Operation, exc: Exception, path: str) -> JSONResponse:
+    """The answer to an exception raised while serving `path`: a service error or an HTTP
+    one with its status, anything else a 500 whose detail goes to the log, not to whoever
+    sent the request. The routes' handlers and the hot path (service/routes/v2.py) both
+    answer through here."""
+    if isinstance(exc, ServiceError):
+        return error_response(operation, exc.status_code, exc.message, exc.headers)
+    if isinstance(exc, HTTPException):
+        return error_response(operation, exc.status_code, str(exc.detail), exc.headers)
+    log.error("unexpected error", exc_info=exc, extra={"path": path})
+    return error_response(operation, 500, "internal server error; the log has the detail")
+
+
 def operation_of_request(request: Request) -> Operation:
     # The door sets the context of every request it lets in.
     context = request.scope.get("state", {}).get(CONTEXT)
@@ -36,14 +49,10 @@ def operation_of_request(request: Request) -> Operation:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        operation = operation_of_request(request)
-        return error_response(operation, exc.status_code, exc.message, exc.headers)
-
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        operation = operation_of_request(request)
-        return error_response(operation, exc.status_code, str(exc.detail), exc.headers)
+    @app.exception_handler(Exception)
+    async def answer(request: Request, exc: Exception) -> JSONResponse:
+        return error_answer(operation_of_request(request), exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,14 +60,6 @@ def install_handlers(app: FastAPI) -> None:
         if operation.v2:  # the protocol's shape: one message
             return error_response(operation, 400, _first_problem(exc))
         return await request_validation_exception_handler(request, exc)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The detail goes to the log, not to whoever sent the request.
-        log.exception("unexpected error", extra={"path": request.url.path})
-        return error_response(
-            operation_of_request(request), 500, "internal server error; the log has the detail"
-        )
 
 
 def _first_problem(exc: RequestValidationError) -> str:

@@ -11,7 +11,10 @@ In order, for each request:
 3. the API key, when keys are set (keys.py), and the bounds (limits.py), each refused
    before the body is read;
 4. the app, with the body bounded as it streams in and counted by admission once it is
-   in (from then on the request waits for the model, not for its client);
+   in (from then on the request waits for the model, not for its client): for an
+   inference request matching one of the `direct` routes (/v2 infer), that route's bare
+   ASGI app, called here with nothing between (service/routes/v2.py); else the
+   FastAPI app with its router;
 5. its metrics and one access line (service/metrics.py), under its route's template
    (record.py), whatever happened.
 
@@ -21,11 +24,13 @@ and an await per message (`python -m bench floor` measures it).
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.context import RequestContext, request_id
+from service.context import Operation, RequestContext, request_id
 from service.dataplane import DataPlane
 from service.http.door import ADMITTED, ARRIVED, CLOSE, INFERENCE, REQUEST_ID, operation_of, refusal
 from service.http.errors import CONTEXT, error_response
@@ -38,8 +43,15 @@ BUSY = {**CLOSING, "Retry-After": "1"}
 
 
 class HttpMiddleware:
-    def __init__(self, app: ASGIApp, plane: DataPlane, keys: ApiKeys | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        plane: DataPlane,
+        keys: ApiKeys | None = None,
+        direct: Sequence[Route] = (),
+    ) -> None:
         self.app = app
+        self.direct = tuple(direct)
         self.door, self.admission = plane.door, plane.admission
         self.draining = plane.draining
         self.metrics = plane.metrics
@@ -137,10 +149,22 @@ class HttpMiddleware:
                     admission.enter()
                 return message
 
-            await self.app(scope, receive_bounded, send_recorded)
+            await self.app_for(scope, operation)(scope, receive_bounded, send_recorded)
         finally:
             limits.in_flight -= reserved
             if entered:
                 self.admission.leave()
             self.metrics.finish(context, route_template(scope), scope["method"], str(status),
                                 time.perf_counter() - started)  # fmt: skip
+
+    def app_for(self, scope: Scope, operation: Operation) -> ASGIApp:
+        """The direct route's app when an inference request matches one (its path
+        parameters and route put in the scope, as a router would), else the app."""
+        if operation.inference:
+            for route in self.direct:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    scope["route"] = route  # its template labels the metrics (record.py)
+                    return route.app
+        return self.app

@@ -12,22 +12,29 @@ document (`{"live": true}`, `{"ready": true}`) with Triton's status codes, so bo
 tritonclient (status only) and KServe's client (the body) read them.
 """
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from service.codec import HEADER_LENGTH, InferenceRequest
-from service.dataplane import EXTENSIONS, SERVER_NAME
+from service.context import RequestContext
+from service.dataplane import EXTENSIONS, SERVER_NAME, DataPlane
 from service.errors import InvalidTensor
 from service.http import deps
+from service.http.asgi import read_body, watch_disconnect
 from service.http.deps import CatalogDep, ContextDep, PlaneDep
+from service.http.door import context_of
+from service.http.errors import error_answer
 from service.schemas import V2Error, V2Live, V2ModelMetadata, V2Ready, V2ServerMetadata
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 health = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])  # open to probes
 
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": V2Error, "description": "Bad tensor, shape, datatype or request"},
     401: {"model": V2Error, "description": "API_KEYS is set and no valid key was sent"},
@@ -102,7 +109,8 @@ def infer_doc(*path: str) -> dict[str, Any]:
     }
 
 
-# Inference first: routes are matched in order, and this one carries the load.
+# Documented here, with their parameters written out (infer_doc); in the service the
+# middleware hands these requests to InferApp before any router sees them.
 @router.post(
     "/models/{model_name}/infer",
     responses={**ERRORS, 200: INFER_OK},
@@ -118,38 +126,80 @@ async def model_infer(request: Request) -> Response:
     and `features` or `familiarity` [N, 1] when asked (`parameters.min_familiarity`
     refuses images below it). JSON data (flat or nested) or binary tensor data; outputs
     in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
-    # The hot path reads its parameters by hand (documented in INFER_DOC): FastAPI's
-    # solving of two dependencies, two path parameters and a header was a third of this
-    # route's CPU per request (cProfile), most of it inspecting type annotations again.
+    # The service answers this route from InferApp, below (the middleware calls it before
+    # FastAPI's stack); this is the same answer for the router mounted on its own.
     plane, context = await deps.plane(request), await deps.context(request)
-    model_name = request.path_params["model_name"]
-    model_version = request.path_params.get("model_version")
-    header_length = header_length_of(request)
+    content, head = await infer(plane, context, request.path_params,
+                                request.headers.get(HEADER_LENGTH), request.body)  # fmt: skip
+    response = Response(content)
+    response.raw_headers = answer_headers(content, head)
+    return response
+
+
+async def infer(
+    plane: DataPlane,
+    context: RequestContext,
+    path_params: dict[str, str],
+    header_length: str | None,
+    body: Callable[[], Awaitable[bytes]],
+) -> tuple[bytes, int | None]:
+    """One inference request, from what either way in has read of it: the answer's body,
+    and the length of its JSON part when binary outputs follow."""
+    model_name, model_version = path_params["model_name"], path_params.get("model_version")
     plane.model(context, model_name, model_version)  # 404 before the body is read
-    body = await request.body()  # the protocol's body limit applies while it streams in
-    decoded = plane.decode(body, header_length)
+    decoded = plane.decode(await body(), header_length_of(header_length))
     answer = await plane.infer_tensors(context, model_name, model_version, decoded)
-    content, head = plane.encode(answer)
+    return plane.encode(answer)
+
+
+def answer_headers(content: bytes, head: int | None) -> list[tuple[bytes, bytes]]:
+    """An inference answer's headers: JSON, or JSON then raw bytes (binary outputs)."""
+    length = (b"content-length", str(len(content)).encode())
     if head is None:
-        return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(head)})  # fmt: skip
+        return [(b"content-type", b"application/json"), length]
+    return [(b"content-type", b"application/octet-stream"), length,
+            (HEADER_LENGTH_KEY, str(head).encode())]  # fmt: skip
 
 
-def direct_routes() -> list[Route]:
-    """`model_infer` as plain Starlette routes, for the app to match ahead of every other
-    route: FastAPI's matching through its included routers and its request handling were
-    most of what this route cost beyond a bare Starlette app (`python -m bench floor`).
-    The same function answers either way; the routes above stay to document it."""
+class InferApp:
+    """The inference route as a bare ASGI app: no Request, no Response object, no router,
+    no FastAPI or Starlette middleware. The HTTP middleware calls it directly once its own
+    checks are done (service/http/middleware.py), for the requests that match
+    `direct_routes`; each layer it skips costs every request a call per message
+    (`python -m bench floor` measures the service against bare ASGI, Starlette and
+    FastAPI apps). Errors are answered as the app's handlers answer them."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = context_of(scope)
+        watch_disconnect(context, receive)
+        sent = next((v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH_KEY),
+                    None)  # fmt: skip
+        try:
+            content, head = await infer(self.plane, context, scope["path_params"], sent,
+                                        lambda: read_body(receive))  # fmt: skip
+        except Exception as exc:  # CancelledError (shutdown, a client gone) goes on up
+            answer = error_answer(context.operation, exc, scope["path"])
+            return await answer(scope, receive, send)
+        headers = answer_headers(content, head)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def direct_routes(plane: DataPlane) -> list[Route]:
+    """The inference routes (those documented above), answered by `InferApp`, for the
+    middleware to match before anything else."""
+    infer_app = InferApp(plane)
     return [
-        Route(route.path, model_infer, methods=["POST"], include_in_schema=False)
+        Route(route.path, infer_app, methods=["POST"], include_in_schema=False)
         for route in router.routes
         if getattr(route, "endpoint", None) is model_infer
     ]
 
 
-def header_length_of(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+def header_length_of(value: str | None) -> int | None:
     if value is None:
         return None
     if not (value.isascii() and value.isdigit()):  # no sign, no spaces, no other numerals
@@ -181,7 +231,7 @@ async def model_explain(
     protocol: one explanation is 50 images of work, counted as such in every bound."""
     plane.model(context, model_name, model_version)  # 404 before the body is read
     body = await request.body()
-    decoded = plane.decode(body, header_length_of(request), max_images=1)
+    decoded = plane.decode(body, header_length_of(request.headers.get(HEADER_LENGTH)), max_images=1)
     answer = await plane.explain_tensors(context, model_name, model_version, decoded)
     content, _ = plane.encode(answer)  # JSON only
     return Response(content, media_type="application/json")
