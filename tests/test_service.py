@@ -1,5 +1,6 @@
 """The HTTP service, driven through the real app with models exported by the training CLI."""
 
+import asyncio
 import concurrent.futures
 import contextlib
 import io
@@ -23,6 +24,7 @@ from bench.procfs import process_tree
 from bench.servers import service_process
 from service.classifier import file_version
 from service.errors import DeviceUnavailable
+from service.server import CoalescedTransport
 from tests.service_helpers import (
     encode,
     live_server,
@@ -533,3 +535,62 @@ def test_several_workers_add_up_their_metrics(models_dir, tmp_path, images):
     assert len(pids()) == 2  # both workers served requests
     version = file_version(models_dir / f"{LARGE}.onnx")
     assert _metric(text, f'images_classified_total{{model="{LARGE}",version="{version}"}}') == sent
+
+
+class RecordingTransport:
+    """What the server's protocol writes, as the transport saw it."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.sent.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 7
+
+
+def test_writes_in_one_turn_of_the_loop_leave_as_one_send():
+    """uvicorn writes a response's head and body apart; the server's transport sends them
+    together, in order, once the turn ends. A large write goes at once (flow control
+    still sees it), close sends what is pending first, and what is pending when the
+    client has gone is dropped, not raised. Everything else is the transport's own."""
+
+    async def scenario() -> list:
+        seen = []
+        transport = RecordingTransport()
+        joined = CoalescedTransport(transport, asyncio.get_running_loop())
+        joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        joined.write(b"body")
+        seen.append(list(transport.sent))  # nothing yet: the turn has not ended
+        await asyncio.sleep(0)
+        seen.append(list(transport.sent))
+        transport.sent.clear()
+        joined.write(b"head")
+        joined.write(b"x" * CoalescedTransport.AT_ONCE)
+        seen.append([len(data) for data in transport.sent])  # at once, head first
+        joined.write(b"last")
+        joined.close()
+        seen.append((transport.sent[-1], transport.closed))
+        closing = RecordingTransport()
+        gone = CoalescedTransport(closing, asyncio.get_running_loop())
+        gone.write(b"late")
+        closing.closed = True  # the client left before the turn ended
+        await asyncio.sleep(0)
+        seen.append((closing.sent, gone.get_write_buffer_size()))
+        return seen
+
+    before, after, large, closed, dropped = asyncio.run(scenario())
+    assert before == []
+    assert after == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    assert large == [4 + CoalescedTransport.AT_ONCE]
+    assert closed == (b"last", True)
+    assert dropped == ([], 7)
