@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
+from bench.door import scrape
 from bench.load import V2_HEADER, http_request, multipart_body, multipart_form, v2_body, v2_request
 from bench.servers import service_process
 from service.classifier import file_version
@@ -500,8 +501,7 @@ def test_requests_whose_client_left_are_dropped_before_they_are_computed(models_
             conn.close()
         assert read_reply(conns[0]).startswith(b"HTTP/1.1 200")  # the one that stayed
         conns[0].close()
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30)
-        text = metrics.read().decode()
+        text = scrape(port)
     dropped = [line for line in text.splitlines() if 'reason="abandoned"' in line]
     assert dropped and float(dropped[0].split()[-1]) >= 64  # at least one whole request
     assert 'status="499"' in text
@@ -526,7 +526,7 @@ def test_a_v2_client_gone_mid_body_is_a_499_and_the_next_request_is_answered(mod
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
             assert read_reply(conn).startswith(b"HTTP/1.1 200")
-        text = metrics_text(port)
+        text = scrape(port)
     infer = [line for line in text.splitlines()
              if line.startswith("http_requests_total{") and "/infer" in line]  # fmt: skip
     assert any('status="499"' in line for line in infer), infer
@@ -534,12 +534,8 @@ def test_a_v2_client_gone_mid_body_is_a_499_and_the_next_request_is_answered(mod
     assert not any('status="500"' in line for line in infer), infer
 
 
-def metrics_text(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
-
-
 def in_flight(port: int) -> float:
-    text = metrics_text(port)
+    text = scrape(port)
     return sum(
         float(line.split()[-1])
         for line in text.splitlines()
