@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.classifier import Classifier
+from contract.classifier import Classifier
 from service.config import Settings, available_cpus
 
 BATCH_SIZES = (1, 8, 32, 128)

@@ -5,7 +5,7 @@ import platform
 
 import onnxruntime as ort
 
-from service import hardware
+from contract import hardware
 from service.config import Settings, available_cpus
 
 

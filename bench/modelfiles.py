@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from service.modelcard import ModelCard
+from contract.modelcard import ModelCard
 from training.export import export
 from training.models import MODEL_IDS, build_model
 from training.synthetic import make_images

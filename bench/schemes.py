@@ -25,10 +25,10 @@ import onnx
 
 from bench.ceiling import Windows
 from bench.steady import ratio_windows
-from service import hardware
-from service.classifier import Classifier
+from contract import hardware
+from contract.classifier import Classifier
+from contract.modelcard import FAMILIARITY_NAME
 from service.config import available_cpus
-from service.modelcard import FAMILIARITY_NAME
 from training import proof
 from training.data import load
 from training.quantize import INT8, calibration_sample, int8_self_check, quantized_int8

@@ -22,15 +22,16 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
-# Only service/ is copied, so `pip install .` finds and installs only that package. The
+# Only contract/ and service/ are copied, so `pip install .` finds and installs only those. The
 # dependencies first, from pyproject.toml alone (empty files stand in for the code and the
 # README), so that a change to either rebuilds only the small layer below.
 COPY pyproject.toml ./
-RUN mkdir service \
-    && touch README.md service/__init__.py \
+RUN mkdir contract service \
+    && touch README.md contract/__init__.py service/__init__.py \
     && pip install . \
-    && rm -rf README.md service build ./*.egg-info
+    && rm -rf README.md contract service build ./*.egg-info
 COPY README.md ./
+COPY contract ./contract
 COPY service ./service
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \

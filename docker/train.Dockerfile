@@ -22,14 +22,15 @@ WORKDIR /app
 # The dependencies first, from pyproject.toml alone (empty files stand in for the code and
 # the README), so that a change to either rebuilds only the small layer below.
 COPY pyproject.toml ./
-RUN mkdir service training \
-    && touch README.md service/__init__.py training/__init__.py \
+RUN mkdir contract service training \
+    && touch README.md contract/__init__.py service/__init__.py training/__init__.py \
     && pip install ".[${EXTRA}]" \
     && if [ "${EXTRA}" = "train-gpu" ]; then \
          python -m venv /opt/serve && /opt/serve/bin/pip install . "onnxruntime-gpu[cuda,cudnn]"; \
        fi \
-    && rm -rf README.md service training build ./*.egg-info
+    && rm -rf README.md contract service training build ./*.egg-info
 COPY README.md ./
+COPY contract ./contract
 COPY service ./service
 COPY training ./training
 RUN pip install --no-deps . \

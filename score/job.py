@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from contract.classifier import Classifier
+from contract.columns import SCORE_INPUT_SCHEMA
 from score.inputs import Inputs
-from score.scorer import INPUT_SCHEMA, Options, Scorer
+from score.scorer import Options, Scorer
 from service.catalog import Served, default_version
-from service.classifier import Classifier
 
 MANIFEST = "_job.json"
 
@@ -261,5 +262,5 @@ def input_block(inputs: Inputs, shard: int, shard_size: int) -> pa.Table:
             "path": [inputs.paths[i] for i in rows],
             "pixels": pixels,
         },
-        schema=INPUT_SCHEMA,
+        schema=SCORE_INPUT_SCHEMA,
     )

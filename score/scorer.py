@@ -1,7 +1,7 @@
 """One batch of images -> one Arrow table of answers: the work each Ray actor does.
 
-Every step is the service's own. Bytes are opened and decoded by service/images.py (the
-same formats, limits and resize), probabilities come from service/classifier.py's
+Every step is the service's own. Bytes are opened and decoded by contract/images.py (the
+same formats, limits and resize), probabilities come from contract/classifier.py's
 Classifier on the same ONNX file (checked by its content hash), and each answer is shaped
 by service/schemas.describe, the function /predict answers with. A file that cannot be
 read or decoded becomes a row with `error` set; the rest of its batch goes on.
@@ -17,39 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs
 
-from service.classifier import Classifier
-from service.errors import ServiceError, UploadTooLarge
-from service.images import bound_metadata, decode, open_image
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, IMAGE_SIZE, OUTPUT_NAME
+from contract.classifier import Classifier
+from contract.columns import score_output_schema
+from contract.errors import ContractError, UploadTooLarge
+from contract.images import bound_metadata, decode, open_image
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, IMAGE_SIZE, OUTPUT_NAME
 from service.schemas import describe
-
-# What goes in: one row per image, its bytes read by the actor (`path`), or its pixels
-# already decoded (`pixels`, uint8 32x32x3 row-major: CIFAR-100's pickles).
-INPUT_SCHEMA = pa.schema(
-    [("shard", pa.int32()), ("index", pa.int64()), ("path", pa.string()), ("pixels", pa.binary())]
-)
-
-
-def output_schema(features: bool) -> pa.Schema:
-    """One row per image: /predict's answer, flattened into columns, or an error."""
-    fields = [
-        ("shard", pa.int32()),
-        ("index", pa.int64()),
-        ("path", pa.string()),
-        ("model_id", pa.string()),
-        ("model_version", pa.string()),
-        ("top_k_ids", pa.list_(pa.int32())),
-        ("top_k_labels", pa.list_(pa.string())),
-        ("top_k_probabilities", pa.list_(pa.float32())),
-        ("superclass_id", pa.int32()),
-        ("superclass", pa.string()),
-        ("superclass_probability", pa.float32()),
-        ("familiarity", pa.float32()),  # null where the file has no familiarity output
-    ]
-    if features:
-        fields.append(("features", pa.list_(pa.float32())))
-    fields.append(("error", pa.string()))  # null on success; then every answer column is null
-    return pa.schema(fields)
 
 
 @dataclass(frozen=True)
@@ -69,7 +42,7 @@ class Options:
 
 
 class Scorer:
-    """One onnxruntime session, warmed up; called with batches of INPUT_SCHEMA rows."""
+    """One onnxruntime session, warmed up; called with batches of SCORE_INPUT_SCHEMA rows."""
 
     def __init__(self, options: Options) -> None:
         bound_metadata()  # Pillow's limits on PNG metadata, as the service sets them
@@ -92,7 +65,7 @@ class Scorer:
             self.outputs.append(FAMILIARITY_NAME)
         if options.features:
             self.outputs.append(FEATURES_NAME)
-        self.schema = output_schema(options.features)
+        self.schema = score_output_schema(options.features)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         paths = batch["path"].to_pylist()
@@ -172,7 +145,7 @@ def read_file(path: str, max_bytes: int) -> bytes:
 
 def problem(err: Exception) -> str:
     """The error column's text: the service's own message where it has one."""
-    if isinstance(err, ServiceError):
+    if isinstance(err, ContractError):
         return err.message
     if isinstance(err, OSError):
         return f"cannot read the file: {err.strerror or err}"

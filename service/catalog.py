@@ -8,7 +8,7 @@ number of files: remove old ones to unload them).
 
 A file that cannot be served is reported by name with a short reason (the detail goes
 to the log) and skipped; the others still load. That includes a file that does not give,
-on this machine, the outputs its self-check promises (service/selfcheck.py). Only regular
+on this machine, the outputs its self-check promises (contract/selfcheck.py). Only regular
 files are opened, each within a time limit, so a FIFO or a hung network mount cannot stall
 startup.
 
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contract.classifier import Classifier
 from service.batching import MicroBatcher
-from service.classifier import Classifier
 from service.config import Settings
 from service.errors import DeviceUnavailable, InvalidModel, NotReady, UnknownModel
 from service.metrics import Metrics

@@ -32,8 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from contract.modelcard import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 from service.errors import InvalidTensor, TooManyImages
-from service.modelcard import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_HEADER_BYTES = 64 * 1024  # the JSON before binary data: names and parameters only

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings
 
+from contract import classifier, occlusion
+
 MIB = 1 << 20
 
 
@@ -44,7 +46,9 @@ class Settings(BaseSettings):
     )
 
     batching: bool = Field(True, description="micro-batch concurrent requests per model")
-    batch_max_size: int = Field(64, gt=0, description="images per onnxruntime call")
+    batch_max_size: int = Field(
+        classifier.MAX_BATCH_SIZE, gt=0, description="images per onnxruntime call"
+    )
     batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     max_queue_images: int = Field(
         128,
@@ -60,9 +64,14 @@ class Settings(BaseSettings):
         "validation images stranger than it); 0: off. Requests may set their own",
     )
     explain_patch: int = Field(
-        8, ge=1, le=32, description="/explain: side of the grey square slid over the image"
+        occlusion.PATCH,
+        ge=1,
+        le=32,
+        description="/explain: side of the grey square slid over the image",
     )
-    explain_stride: int = Field(4, ge=1, le=32, description="/explain: step between positions")
+    explain_stride: int = Field(
+        occlusion.STRIDE, ge=1, le=32, description="/explain: step between positions"
+    )
     max_queue_delay_ms: float = Field(
         50.0,
         ge=0,

@@ -17,7 +17,9 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from service import codec, explain
+from contract import occlusion
+from contract.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+from service import codec
 from service.admission import Admission, Door
 from service.batching import Outputs
 from service.catalog import Catalog, Served
@@ -34,7 +36,6 @@ from service.errors import (
     Unfamiliar,
 )
 from service.metrics import Metrics
-from service.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 from service.payloads import PayloadLog
 
 T = TypeVar("T")
@@ -228,21 +229,21 @@ class DataPlane:
         class_index: int | None = None,
     ) -> Explanation:
         """Occlusion sensitivity of one uint8 [32, 32, 3] image for `class_index` (else
-        its top class): `explain.count` images of work, sent as one request, so the queue
+        its top class): `occlusion.count` images of work, sent as one request, so the queue
         bound, the batch cap and the deadline count every copy."""
         patch, stride = self.settings.explain_patch, self.settings.explain_stride
-        if (work := explain.count(patch, stride)) > self.settings.max_images_per_request:
+        if (work := occlusion.count(patch, stride)) > self.settings.max_images_per_request:
             raise TooManyImages(
                 f"an explanation is {work} images of work (EXPLAIN_PATCH={patch}, "
                 f"EXPLAIN_STRIDE={stride}), more than MAX_IMAGES_PER_REQUEST="
                 f"{self.settings.max_images_per_request}; raise the stride"
             )
-        copies = explain.copies(image, patch, stride)
+        copies = occlusion.copies(image, patch, stride)
         answer, _ = await self._compute(context, model_id, version, copies,
                                         lambda served: ({OUTPUT_NAME}, 0.0))  # fmt: skip
         probabilities = answer.outputs[OUTPUT_NAME]
         index = int(probabilities[0].argmax()) if class_index is None else class_index
-        heat = explain.heat_map(probabilities, index, patch, stride)
+        heat = occlusion.heat_map(probabilities, index, patch, stride)
         return Explanation(answer.served, index, float(probabilities[0, index]), heat,
                            answer.inference_ms)  # fmt: skip
 

@@ -9,8 +9,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
+from contract.images import release_memory
 from service.errors import Overloaded
-from service.images import release_memory
 
 T = TypeVar("T")
 

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import multiprocess
 
+from contract.images import bound_metadata
 from service import auth, server
 from service.catalog import load_catalog
 from service.config import Settings, get_settings
@@ -21,7 +22,6 @@ from service.http.door import GATE, Gate
 from service.http.errors import install_handlers
 from service.http.keys import ApiKeys
 from service.http.middleware import HttpMiddleware
-from service.images import bound_metadata
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.payloads import payload_log

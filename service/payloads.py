@@ -30,17 +30,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from contract.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
 from service.catalog import Served
 from service.codec import top_classes
 from service.config import Settings
 from service.context import RequestContext
 from service.metrics import PAYLOAD_DROP_REASONS, Metrics
-from service.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, OUTPUT_NAME
 from service.schemas import DEFAULT_TOP_K
 
 log = logging.getLogger(__name__)
 SUFFIX = ".parquet"
-PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 # A row's bytes before compression beyond its pixels: the answer, ids, time and route.
 ROW_OVERHEAD = 128
 
@@ -197,27 +196,27 @@ def write_table(rows: list[Row], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from contract.columns import PAYLOAD_SCHEMA
+
     probabilities = np.stack([row.probabilities for row in rows])
     best = top_classes(probabilities, DEFAULT_TOP_K)
     table = pa.table(
         {
-            "time": pa.array([round(row.time * 1000) for row in rows], pa.timestamp("ms", "UTC")),
+            "time": [round(row.time * 1000) for row in rows],
             "request_id": [row.request_id for row in rows],
             "route": [row.route for row in rows],
-            "image": pa.array([row.image for row in rows], pa.int32()),
+            "image": [row.image for row in rows],
             "model_id": [row.model_id for row in rows],
             "model_version": [row.model_version for row in rows],
-            # uint8 [32, 32, 3], row-major: np.frombuffer(value, np.uint8).reshape(32, 32, 3)
-            "pixels": pa.array([row.pixels.tobytes() for row in rows], pa.binary(PIXEL_BYTES)),
-            "top_classes": pa.array(best.tolist(), pa.list_(pa.int16())),
+            "pixels": [row.pixels.tobytes() for row in rows],
+            "top_classes": best.tolist(),
             "top_labels": [
                 [row.class_names[i] for i in top] for row, top in zip(rows, best, strict=True)
             ],
-            "top_probabilities": pa.array(
-                np.take_along_axis(probabilities, best, axis=1).tolist(), pa.list_(pa.float32())
-            ),
-            "familiarity": pa.array([row.familiarity for row in rows], pa.float32()),
-        }
+            "top_probabilities": np.take_along_axis(probabilities, best, axis=1).tolist(),
+            "familiarity": [row.familiarity for row in rows],
+        },
+        schema=PAYLOAD_SCHEMA,
     )
     with open(path, "wb") as file:  # on disk before the rename makes it a shard
         # No min/max statistics of the pixels: two more images' worth of bytes per page.

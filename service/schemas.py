@@ -5,9 +5,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from service.classifier import Classifier
+from contract.classifier import Classifier
+from contract.modelcard import superclass_probabilities
 from service.codec import top_classes
-from service.modelcard import superclass_probabilities
 
 
 class ClassScore(BaseModel):

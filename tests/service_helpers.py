@@ -15,9 +15,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from contract.modelcard import INPUT_NAME, OUTPUT_NAME
 from service.config import get_settings
 from service.main import create_app
-from service.modelcard import INPUT_NAME, OUTPUT_NAME
 from service.server import server_config
 
 

@@ -63,7 +63,7 @@ from bench.targets import (
     judge_open,
     met_line,
 )
-from service.hardware import CPU_FLAGS, int8_kernels
+from contract.hardware import CPU_FLAGS, int8_kernels
 from service.rpc import inference_pb2 as pb
 
 SMOKE_MODEL = "cifar100-712868"

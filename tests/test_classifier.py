@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service import classifier as classifier_module
-from service import selfcheck
-from service.classifier import (
+from contract import classifier as classifier_module
+from contract import selfcheck
+from contract.classifier import (
     CPU,
     CUDA,
     Classifier,
@@ -23,9 +23,9 @@ from service.classifier import (
     requested_providers,
     warm_up_sizes,
 )
+from contract.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from contract.selfcheck import SelfCheck, Tolerance
 from service.errors import DeviceUnavailable, InvalidModel
-from service.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
-from service.selfcheck import SelfCheck, Tolerance
 from training.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 
 EXPECTED_CUDA_OPTIONS = {
@@ -153,7 +153,7 @@ def test_auto_warns_loudly_when_a_driver_is_here_but_the_cpu_is_used(
     monkeypatch.setattr(classifier_module, "nvidia_driver", lambda: "NVRM version: 580.95")
     recorder = Recorder()
     monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
-    with caplog.at_level(logging.WARNING, logger="service.classifier"):
+    with caplog.at_level(logging.WARNING, logger="contract.classifier"):
         model = Classifier(model_file, "auto", 1, 1)
     assert model.provider == CPU
     if CUDA in ort.get_available_providers():  # onnxruntime-gpu: CUDA was asked for first
@@ -164,7 +164,7 @@ def test_auto_warns_loudly_when_a_driver_is_here_but_the_cpu_is_used(
 
     caplog.clear()
     monkeypatch.setattr(classifier_module, "nvidia_driver", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="service.classifier"):
+    with caplog.at_level(logging.WARNING, logger="contract.classifier"):
         Classifier(model_file, "auto", 1, 1)
     assert recorder.calls[-1]["providers"] == [CPU]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no driver: quiet

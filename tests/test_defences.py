@@ -20,9 +20,9 @@ import pytest
 from bench.door import scrape
 from bench.load import V2_HEADER, http_request, multipart_body, multipart_form, v2_body, v2_request
 from bench.servers import service_process
-from service.classifier import file_version
+from contract.classifier import file_version
 from service.decoding import DecodeSlots
-from service.errors import Overloaded
+from service.errors import Overloaded, status_of
 from tests.service_helpers import encode, live_server, serve, upload
 
 LARGE, SMALL = "cifar100-5735844", "cifar100-712868"
@@ -197,7 +197,8 @@ def test_concurrent_large_decodes_beyond_the_slots_are_shed():
             await asyncio.sleep(0.01)
         with pytest.raises(Overloaded, match="already decoding") as shed:
             await slots.run(lambda: "never")
-        assert shed.value.status_code == 503 and shed.value.headers == {"Retry-After": "1"}
+        status = status_of(shed.value)
+        assert status.http == 503 and status.headers == {"Retry-After": "1"}
         release.set()
         assert await first == "decoded"
         assert await slots.run(lambda: "again") == "again" and slots.busy == 0

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import pytest
 
-from service.classifier import Classifier
+from contract.classifier import Classifier
 from tests.conftest import VAL_SIZE
 from training import float16, quantize
 from training.data import load
@@ -51,9 +51,9 @@ EMULATED = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import numpy as np
-    from service.classifier import Classifier
+    from contract.classifier import Classifier
     from service.errors import InvalidModel
-    from service.hardware import cpu
+    from contract.hardware import cpu
 
     folder, images, out = Path(sys.argv[1]), np.load(sys.argv[2]), Path(sys.argv[3])
     result = {"cpu": cpu(), "loaded": {}}

@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.classifier import file_version
-from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
-from service.selfcheck import SelfCheck
+from contract.classifier import file_version
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
+from contract.selfcheck import SelfCheck
 from tests.service_helpers import encode, serve, upload
 from tests.synthetic import CLASS_NAMES
 from training import proof

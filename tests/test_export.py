@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.modelcard import (
+from contract.modelcard import (
     FAMILIARITY_NAME,
     FEATURES_NAME,
     INPUT_NAME,

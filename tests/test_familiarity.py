@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME
 from training import familiarity
 from training.export import OPSET
 from training.scores import mahalanobis

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from bench.hostile import growth_bound
 from bench.procfs import PeakGrowth
 from bench.servers import free_port, service_process
-from service.classifier import file_version
+from contract.classifier import file_version
 from service.rpc import inference_pb2 as pb
 from service.rpc.inference_pb2_grpc import GRPCInferenceServiceStub
 from tests.service_helpers import live_server, onnx_probabilities

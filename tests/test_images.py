@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract.images import decode, open_image
 from service.errors import InvalidImage, UploadTooLarge
-from service.images import decode, open_image
 from tests.synthetic import make_images
 
 FORMATS = {

@@ -28,9 +28,9 @@ import yaml
 
 from bench.load import multipart_form
 from bench.servers import HOST, free_port, server_process, service_process
-from service.classifier import file_version
+from contract.classifier import file_version
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from service.metrics import Metrics
-from service.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from tests.service_helpers import encode
 from training import data as cifar_data
 

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from bench.load import multipart_body
-from service.classifier import file_version
+from contract.classifier import file_version
 from service.dataplane import DataPlane
 from service.logs import JsonFormatter
 from tests.service_helpers import encode, live_server, serve, upload

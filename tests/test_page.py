@@ -19,8 +19,8 @@ from PIL import Image
 
 from bench.load import multipart_body
 from bench.servers import service_process
-from service.images import decode, open_image
-from service.modelcard import FAMILIARITY_NAME, INPUT_NAME
+from contract.images import decode, open_image
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from tests.service_helpers import encode
 from tests.synthetic import make_images
 from training import scores

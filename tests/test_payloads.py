@@ -34,7 +34,7 @@ from bench.servers import (
     service_env,
     service_process,
 )
-from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
 from service.rpc import inference_pb2 as pb
 from service.rpc.inference_pb2_grpc import GRPCInferenceServiceStub
 from tests.conftest import VAL_SIZE

@@ -18,9 +18,9 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from scipy import stats
 
-from service import selfcheck
-from service.classifier import Classifier
-from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME, ModelCard
+from contract import selfcheck
+from contract.classifier import Classifier
+from contract.modelcard import FAMILIARITY_NAME, OUTPUT_NAME, ModelCard
 from tests.conftest import VAL_SIZE
 from tests.synthetic import make_images
 from training import float16 as half

@@ -14,7 +14,7 @@ import pytest
 from markupsafe import escape
 from PIL import Image
 
-from service.modelcard import ModelCard
+from contract.modelcard import ModelCard
 from tests.service_helpers import serve
 from training.__main__ import main
 from training.evaluate import compute_metrics

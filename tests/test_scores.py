@@ -7,7 +7,7 @@ import pytest
 from scipy.special import logsumexp, softmax
 from sklearn.covariance import ledoit_wolf
 
-from service.modelcard import FAMILIARITY_NAME
+from contract.modelcard import FAMILIARITY_NAME
 from tests.test_familiarity import head
 from training import familiarity
 from training.scores import DEFAULT, SCORES, combined, mahalanobis

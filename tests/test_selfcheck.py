@@ -1,4 +1,4 @@
-"""Every exported file carries its own proof (service/selfcheck.py, training/proof.py):
+"""Every exported file carries its own proof (contract/selfcheck.py, training/proof.py):
 reference test images, the outputs they must give and a tolerance per output, checked by
 the service before the file is served, by the export before it is written, and by
 export-triton before it is copied. The measures on hand-worked arrays; the files the
@@ -14,11 +14,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from service import selfcheck
-from service.classifier import Classifier
+from contract import selfcheck
+from contract.classifier import Classifier
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
+from contract.selfcheck import SelfCheck, Tolerance
 from service.errors import InvalidModel
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
-from service.selfcheck import SelfCheck, Tolerance
 from tests.conftest import VAL_SIZE
 from tests.service_helpers import encode, serve, upload
 from training import proof, triton

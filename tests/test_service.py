@@ -22,7 +22,7 @@ from PIL import Image
 from bench.load import multipart_body
 from bench.procfs import process_tree
 from bench.servers import service_process
-from service.classifier import file_version
+from contract.classifier import file_version
 from service.errors import DeviceUnavailable
 from service.server import CoalescedTransport
 from tests.service_helpers import (

@@ -20,8 +20,8 @@ from google.protobuf import descriptor_pool, message_factory, text_format
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from tritonclient.utils import np_to_triton_dtype
 
-from service.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
-from service.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
+from contract.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from training import triton
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from bench.load import multipart_form
-from service.classifier import file_version
+from contract.classifier import file_version
 from tests.service_helpers import encode, live_server, onnx_probabilities
 from tests.synthetic import CLASS_NAMES
 

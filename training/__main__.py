@@ -27,7 +27,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["gpu-check"]:
 
 import keras
 
-from service.modelcard import FEATURES_NAME, ModelCard
+from contract.modelcard import FEATURES_NAME, ModelCard
 from training import ablation, float16, ood, quantize, scores, triton, twins
 from training import data as cifar
 from training.atomic import write_text

@@ -13,7 +13,7 @@ which classes were left out and how many test images that set aside.
 
 import numpy as np
 
-from service.modelcard import superclass_probabilities
+from contract.modelcard import superclass_probabilities
 from training.data import Cifar100, held_out_indices
 
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 import tf2onnx
 from google.protobuf.message import DecodeError
 
-from service.modelcard import (
+from contract.modelcard import (
     FAMILIARITY_NAME,
     FEATURES_NAME,
     INPUT_NAME,

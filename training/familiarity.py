@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, NUM_CLASSES
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, NUM_CLASSES
 from training.scores import DEFAULT, SCORES
 from training.scores.base import Fitted, Nodes, Training
 

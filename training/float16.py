@@ -13,9 +13,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from service.classifier import content_version
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, OUTPUT_NAME, ModelCard
-from service.selfcheck import SelfCheck, Tolerance
+from contract.classifier import content_version
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, OUTPUT_NAME, ModelCard
+from contract.selfcheck import SelfCheck, Tolerance
 from training import proof
 from training.data import Cifar100
 from training.twins import (

@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from service.hardware import cpu
+from contract.hardware import cpu
 from training import data as cifar
 from training import families
 from training.evaluate import known_test_images

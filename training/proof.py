@@ -1,4 +1,4 @@
-"""The self-check each exported file carries (service/selfcheck.py reads and runs it).
+"""The self-check each exported file carries (contract/selfcheck.py reads and runs it).
 
 The float32 export stores REFERENCE_IMAGES test images, what onnxruntime computes for
 them on the exporting machine, and the parity tolerances the export held the file to.
@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from service import hardware, selfcheck
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
-from service.selfcheck import SelfCheck, Tolerance
+from contract import hardware, selfcheck
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
+from contract.selfcheck import SelfCheck, Tolerance
 from training import familiarity
 from training.errors import ExportError
 

@@ -43,14 +43,14 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from service.classifier import content_version
-from service.modelcard import (
+from contract.classifier import content_version
+from contract.modelcard import (
     FAMILIARITY_NAME,
     INPUT_NAME,
     OUTPUT_NAME,
     ModelCard,
 )
-from service.selfcheck import SelfCheck, Tolerance
+from contract.selfcheck import SelfCheck, Tolerance
 from training import proof
 from training.data import Cifar100
 from training.twins import (

@@ -31,7 +31,7 @@ import tensorflow as tf
 # Not exported under tf.config (only its enable_ twin is); Keras reads the same module.
 from tensorflow.python.framework.config import disable_op_determinism
 
-from service.modelcard import NUM_CLASSES
+from contract.modelcard import NUM_CLASSES
 from training.atomic import write_text
 from training.data import Cifar100, Split, without_classes
 from training.errors import RunError

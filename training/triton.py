@@ -20,9 +20,9 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from service.classifier import Classifier
-from service.errors import InvalidModel
-from service.modelcard import (
+from contract.classifier import Classifier
+from contract.errors import InvalidModel
+from contract.modelcard import (
     FAMILIARITY_NAME,
     IMAGE_SIZE,
     INPUT_NAME,
@@ -49,7 +49,7 @@ PREFERRED_BATCH_SIZES = (64, 128)
 # The service's BATCH_MAX_WAIT_MS default: a request waits at most 2 ms for company.
 MAX_QUEUE_DELAY_MICROSECONDS = 2000
 # Warm-up requests Triton runs before it marks a model ready, largest first, as the
-# service warms its sessions (service.classifier.warm_up_sizes; the tests hold the two to
+# service warms its sessions (contract.classifier.warm_up_sizes; the tests hold the two to
 # the same rule): on a GPU every power of two up to the batch cap, since the dynamic
 # batcher forms batches of any size up to it; on the CPU the cap and a single image.
 GPU_WARMUP_BATCH_SIZES = (128, 64, 32, 16, 8, 4, 2, 1)

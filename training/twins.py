@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from service.classifier import content_version
-from service.modelcard import FEATURES_NAME, OUTPUT_NAME, ModelCard
-from service.selfcheck import SelfCheck
+from contract.classifier import content_version
+from contract.modelcard import FEATURES_NAME, OUTPUT_NAME, ModelCard
+from contract.selfcheck import SelfCheck
 from training import proof
 from training.atomic import write_bytes
 from training.data import Cifar100, without_classes

@@ -1,6 +1,6 @@
 # The score job's image, for every pod of a Ray cluster (head and workers): Ray's own
 # image at the version pyproject.toml's `score` extra pins, with this project installed
-# into its Python (the service's decode and classifier, the CIFAR-100 reader, score/).
+# into its Python (the contract's decode and loader, the CIFAR-100 reader, score/).
 # No TensorFlow: the base dependencies and the score extra only. Build from the repository
 # root: docker build -f deploy/ray/score.Dockerfile -t cifar100-score:0.1.0 .
 ARG BASE=rayproject/ray:2.60.0-py311-cpu
@@ -17,6 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The image's user (ray, uid 1000) owns its Python: install as that user.
 WORKDIR /home/ray/app
 COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 contract ./contract
 COPY --chown=1000:100 service ./service
 COPY --chown=1000:100 training ./training
 COPY --chown=1000:100 score ./score

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service.context import OTHER, Operation
-from service.errors import ServiceError
+from service.errors import ContractError, status_of
 
 log = logging.getLogger(__name__)
 CONTEXT = "context"  # scope["state"] key (service/http/door.py)
@@ -33,8 +33,9 @@ def error_answer(operation: Operation, exc: Exception, path: str) -> JSONRespons
     one with its status, anything else a 500 whose detail goes to the log, not to whoever
     sent the request. The routes' handlers and the hot path (service/routes/v2.py) both
     answer through here."""
-    if isinstance(exc, ServiceError):
-        return error_response(operation, exc.status_code, exc.message, exc.headers)
+    if isinstance(exc, ContractError):
+        status = status_of(exc)
+        return error_response(operation, status.http, exc.message, status.headers)
     if isinstance(exc, HTTPException):
         return error_response(operation, exc.status_code, str(exc.detail), exc.headers)
     log.error("unexpected error", exc_info=exc, extra={"path": path})
@@ -48,7 +49,7 @@ def operation_of_request(request: Request) -> Operation:
 
 
 def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
+    @app.exception_handler(ContractError)
     @app.exception_handler(HTTPException)
     @app.exception_handler(Exception)
     async def answer(request: Request, exc: Exception) -> JSONResponse:

@@ -16,7 +16,7 @@ from starlette.types import Scope
 
 from service.auth import check, known_keys
 from service.context import RequestContext
-from service.errors import Unauthorized
+from service.errors import Unauthorized, status_of
 from service.http.errors import error_response
 
 
@@ -34,8 +34,9 @@ class ApiKeys:
         try:
             check(context.credentials, self.keys, "an API key")
         except Unauthorized as err:
-            headers = {**err.headers, "Connection": "close"}  # the body stays unread
-            return error_response(context.operation, err.status_code, err.message, headers)
+            status = status_of(err)
+            headers = {**(status.headers or {}), "Connection": "close"}  # the body stays unread
+            return error_response(context.operation, status.http, err.message, headers)
         return None
 
 

@@ -9,10 +9,10 @@ import numpy as np
 from fastapi import UploadFile
 from PIL import Image
 
+from contract.images import decode, decoded_pixels, open_image
+from contract.modelcard import IMAGE_SIZE
 from service.dataplane import DataPlane
 from service.errors import InvalidImage, TooManyImages, UploadTooLarge
-from service.images import decode, decoded_pixels, open_image
-from service.modelcard import IMAGE_SIZE
 
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)
 

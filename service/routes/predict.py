@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
+from contract.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
 from service.http.deps import ContextDep, PlaneDep
 from service.http.uploads import read_images
-from service.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
 from service.schemas import DEFAULT_TOP_K, ErrorBody, PredictResponse, describe
 
 router = APIRouter(tags=["predict"])

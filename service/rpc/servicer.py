@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from contract.modelcard import IMAGE_SIZE, INPUT_NAME
 from service.auth import check
 from service.context import Operation, RequestContext, request_id
 from service.dataplane import EXTENSIONS, PLATFORM, SERVER_NAME, SERVER_VERSION, DataPlane
-from service.errors import InvalidTensor, ServiceError
-from service.modelcard import IMAGE_SIZE, INPUT_NAME
+from service.errors import ContractError, InvalidTensor, status_of
 from service.rpc import inference_pb2 as pb
 from service.rpc.inference_pb2_grpc import GRPCInferenceServiceServicer
 
@@ -151,11 +151,12 @@ class Servicer(GRPCInferenceServiceServicer):
                                else min(timeout, max(remaining, 0.0)))  # fmt: skip
             await context.send_initial_metadata(((REQUEST_ID, ctx.request_id),))
             return await work(ctx)
-        except ServiceError as err:
-            status = err.code
-            if err.headers and "Retry-After" in err.headers:
-                context.set_trailing_metadata((("retry-after", err.headers["Retry-After"]),))
-            await context.abort(grpc.StatusCode[err.code], err.message)
+        except ContractError as err:
+            answer = status_of(err)
+            status = answer.grpc
+            if answer.headers and "Retry-After" in answer.headers:
+                context.set_trailing_metadata((("retry-after", answer.headers["Retry-After"]),))
+            await context.abort(grpc.StatusCode[status], err.message)
         except asyncio.CancelledError:
             status = "CANCELLED"  # the client cancelled or left; grpc has dropped the call
             raise

@@ -1,7 +1,7 @@
 """What made the model say one class for another: for the most confused pairs, a few of the
 test images it got wrong, with the occlusion heat maps of both classes side by side.
 
-The occluded copies and the maps are service/explain.py's (what /explain draws), scored by
+The occluded copies and the maps are contract/occlusion.py's (what /explain draws), scored by
 the report's Classifier, and the patch and stride are the service's defaults, so the
 report's maps are the ones the service would draw for the same image.
 """
@@ -10,11 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.config import Settings
-from service.explain import copies, count, heat_map
+from contract.occlusion import PATCH, STRIDE, copies, count, heat_map
 
-PATCH = Settings.model_fields["explain_patch"].default  # EXPLAIN_PATCH
-STRIDE = Settings.model_fields["explain_stride"].default  # EXPLAIN_STRIDE
 PAIRS = 4  # the most confused pairs explained
 IMAGES_PER_PAIR = 2  # the images of a pair the model is surest of its wrong answer on
 

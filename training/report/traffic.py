@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy import stats
 
+from contract.columns import PAYLOAD_SCHEMA
 from training.atomic import write_text
 from training.data import Cifar100
 from training.errors import ReportError
@@ -38,7 +39,7 @@ def read_log(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     paths = sorted(p for p in Path(folder).rglob("*.parquet") if not p.name.startswith("."))
     if not paths:
         raise ReportError(f"no payload shards (*.parquet) in {folder}; is PAYLOAD_LOG set?")
-    table = pq.ParquetDataset(paths).read()
+    table = pq.ParquetDataset(paths, schema=PAYLOAD_SCHEMA).read()
     columns = {name: table.column(name) for name in table.column_names}
     model_ids = np.asarray(columns["model_id"].to_pylist())
     times = columns["time"].cast("int64").to_numpy().astype("datetime64[ms]")

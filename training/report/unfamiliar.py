@@ -2,7 +2,7 @@
 --unfamiliar PATH`, where PATH is
 
     a folder of image files of any size (searched recursively, in name order), each made
-    32x32 exactly as the service makes an upload sent with resize=true: service/images.py's
+    32x32 exactly as the service makes an upload sent with resize=true: contract/images.py's
     decoding (first frame, RGB, alpha on white, centre crop, Lanczos); files it cannot
     read (a README, a damaged JPEG) are counted as skipped, not fatal;
     or a cifar-100-python folder or archive: its test images, read like the training data.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.errors import InvalidImage, UploadTooLarge
-from service.images import bound_metadata, decode, open_image
+from contract.errors import InvalidImage, UploadTooLarge
+from contract.images import bound_metadata, decode, open_image
 from training import data as cifar
 from training.errors import DataError, ReportError
 

@@ -3,7 +3,7 @@
     reports/<model id>/   index.html, report.json (every number on the page), *.png
     reports/compare/      the same for all exported models side by side (2 or more)
 
-Scoring goes through service.classifier.Classifier, the class that serves the model, so the
+Scoring goes through contract.classifier.Classifier, the class that serves the model, so the
 report describes exactly what the service answers: the test set, the occluded copies of the
 explained images, and any --unfamiliar images (decoded as the service decodes uploads).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.classifier import Classifier
-from service.modelcard import FAMILIARITY_NAME, FEATURES_NAME, OUTPUT_NAME, ModelCard
+from contract.classifier import Classifier
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, OUTPUT_NAME, ModelCard
 from training.atomic import write_text
 from training.data import Cifar100
 from training.evaluate import known_test_images

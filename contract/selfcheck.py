@@ -16,7 +16,7 @@ What each file promises (training/proof.py writes it):
   - a twin (int8, float16): the float32 file's outputs for the same images, to the
     tolerances of the twin's own gate.
 
-This module is NumPy only, like service/modelcard.py: the training side writes the same
+This module is NumPy only, like contract/modelcard.py: the training side writes the same
 structure that the service reads.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from service.modelcard import IMAGE_SIZE
+from contract.modelcard import IMAGE_SIZE
 
 METADATA_KEY = "self_check"
 FORMAT_VERSION = 1

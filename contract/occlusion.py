@@ -12,6 +12,10 @@ through a session; both use these two functions, so both draw the same map.
 import numpy as np
 
 GREY = 128  # the patch's value: mid-grey, neither of the extremes the model may key on
+# The square's side and the step between its positions, unless asked otherwise: what
+# /explain draws (EXPLAIN_PATCH, EXPLAIN_STRIDE) and what the report draws.
+PATCH = 8
+STRIDE = 4
 
 
 def positions(size: int, patch: int, stride: int) -> list[int]:

@@ -14,8 +14,8 @@ import io
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from service.errors import InvalidImage, UploadTooLarge
-from service.modelcard import IMAGE_SIZE
+from contract.errors import InvalidImage, UploadTooLarge
+from contract.modelcard import IMAGE_SIZE
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 WHITE = (255, 255, 255, 255)

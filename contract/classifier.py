@@ -3,7 +3,7 @@
 A file is accepted only if it is one of ours: uint8 [batch, 32, 32, 3] in,
 probabilities [batch, 100] out, and a model card in its metadata; and it is served only
 once it has run at the batch sizes the micro-batcher will send it and has given, here, the
-outputs its self-check promises for its reference images (`warm_up`, service/selfcheck.py).
+outputs its self-check promises for its reference images (`warm_up`, contract/selfcheck.py).
 
 The file is read once: the session is built from those bytes and the version is their
 hash, so a file replaced while it loads is never served under the other file's version.
@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service import selfcheck
-from service.config import Settings
-from service.errors import DeviceUnavailable, InvalidModel
-from service.modelcard import (
+from contract import selfcheck
+from contract.errors import DeviceUnavailable, InvalidModel
+from contract.modelcard import (
     IMAGE_SIZE,
     INPUT_NAME,
     NUM_CLASSES,
@@ -34,7 +33,8 @@ from service.modelcard import (
 
 log = logging.getLogger(__name__)
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-DEFAULT_MAX_BATCH_SIZE = Settings.model_fields["batch_max_size"].default  # BATCH_MAX_SIZE
+# The largest batch a file is warmed up for unless told: the service's BATCH_MAX_SIZE default.
+MAX_BATCH_SIZE = 64
 
 # The CUDA provider's options, set deliberately rather than left to onnxruntime's defaults:
 # - cudnn_conv_algo_search: the default, EXHAUSTIVE, benchmarks every cuDNN algorithm for
@@ -68,7 +68,7 @@ class Classifier:
         intra_op_threads: int,
         inter_op_threads: int,
         *,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_batch_size: int = MAX_BATCH_SIZE,
     ):
         """`max_batch_size`: the largest batch `run` will get (BATCH_MAX_SIZE); `warm_up`
         runs the sizes up to it."""
