@@ -38,10 +38,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from contract.modelcard import INPUT_NAME, OUTPUT_NAME
 from service.config import Settings
 from service.main import create_app
-from service.modelcard import INPUT_NAME, OUTPUT_NAME
-from training.__main__ import DEFAULT_MODELS_DIR, DEFAULT_REPORTS_DIR, DEFAULT_RUNS_DIR, parser
+from training.__main__ import parser
+from training.commands.options import DEFAULT_MODELS_DIR, DEFAULT_REPORTS_DIR, DEFAULT_RUNS_DIR
 from training.models import MODEL_IDS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,16 +13,17 @@ import onnx
 import pytest
 from markupsafe import escape
 
-from service.explain import count
-from service.images import decode, open_image
-from service.modelcard import FAMILIARITY_NAME, ModelCard
+from contract.images import decode, open_image
+from contract.modelcard import FAMILIARITY_NAME, ModelCard
+from contract.occlusion import count
 from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
 from tests.service_helpers import encode
 from tests.synthetic import CLASS_NAMES
 from tests.test_report import claimed, numbers_shown, plant
 from training import data as cifar
 from training import train as training_loop
-from training.__main__ import main, parser, recipe_of
+from training.__main__ import main, parser
+from training.commands.options import recipe_of
 from training.errors import RecipeError, ReportError
 from training.evaluate import evaluate_test_set
 from training.recipe import Recipe

@@ -139,7 +139,8 @@ def test_speed_switches_reach_tensorflow_and_keras_and_are_saved(cifar_dir, tmp_
 
 
 def test_speed_switches_on_the_command_line():
-    from training.__main__ import parser, recipe_of
+    from training.__main__ import parser
+    from training.commands.options import recipe_of
     from training.errors import RecipeError
 
     def recipe(*argv):

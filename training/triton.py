@@ -218,8 +218,9 @@ def model_config(
     )
 
 
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """The export-triton subcommand, for training/__main__.py's parser and for main()."""
+def add(commands: argparse._SubParsersAction, options: object = None) -> None:
+    """The export-triton subcommand, for training/__main__.py's parser and for main() (it
+    takes none of the shared `options`)."""
     command = commands.add_parser(
         "export-triton",
         help="write a Triton model repository from the exported models (no TensorFlow)",
@@ -230,7 +231,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="the repository (default: %(default)s)"
     )
-    command.set_defaults(command=run)
+    command.set_defaults(command=run, needs_data=False)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -243,7 +244,7 @@ def main(argv: list[str]) -> int:
     """`python -m training export-triton ...`, dispatched before training/__main__.py
     imports TensorFlow."""
     root = argparse.ArgumentParser(prog="python -m training")
-    add_command(root.add_subparsers(required=True, metavar="COMMAND"))
+    add(root.add_subparsers(required=True, metavar="COMMAND"))
     args = root.parse_args(argv)
     try:
         args.command(args)
