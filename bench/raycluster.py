@@ -21,7 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from training.processes import ROOT, run_python
+
 RAY = Path(sys.executable).with_name("ray")
 # A loopback address, but not 127.0.0.1: Ray swaps "127.0.0.1" and "localhost" for the
 # machine's outward address (to be reachable from other hosts), and these nodes must talk
@@ -115,14 +116,7 @@ def wait_for_nodes(
         if any(p.poll() is not None for p in processes):
             break
         try:
-            run = subprocess.run(
-                [sys.executable, "-c", ask, address],
-                env=env,
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            run = run_python("-c", ask, address, env=env, timeout=60, check=False)
         except subprocess.TimeoutExpired:
             continue
         if run.returncode == 0 and run.stdout.split()[-1:] == [str(count)]:

@@ -14,8 +14,6 @@ Writes <out>/score.{json,md}; prints the Markdown.
 
 import argparse
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,11 +21,12 @@ from PIL import Image
 
 from bench.ceiling import Windows, all_cpu_session
 from bench.modelfiles import model_files
-from bench.raycluster import ROOT, base_env, local_cluster
+from bench.raycluster import base_env, local_cluster
 from bench.results import cell, write
 from bench.steady import Interleaved
 from service.config import Settings, available_cpus
 from training import data
+from training.processes import run_python
 from training.synthetic import write_cifar100
 
 RATE = re.compile(r"score: ([\d,]+)/([\d,]+) images \([^)]*\), ([\d,.]+) images/s")
@@ -89,16 +88,7 @@ def main(args: argparse.Namespace) -> int:
 def score(args: list[str], env: dict) -> dict:
     """One run of `python -m score`: its steady images/s, as the run dict bench/steady.py
     annotates (every image a request of one)."""
-    run = subprocess.run(
-        [sys.executable, "-m", "score", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if run.returncode != 0:
-        raise RuntimeError(f"python -m score failed:\n{run.stderr[-3000:]}")
+    run = run_python("-m", "score", *args, env=env, timeout=3600)
     done, total, rate = RATE.findall(run.stderr)[-1]
     assert done == total, run.stderr[-2000:]
     images = int(total.replace(",", ""))

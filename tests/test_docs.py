@@ -15,6 +15,7 @@ import pytest
 from bench.servers import free_port
 from tests.service_helpers import live_server
 from training import scores
+from training.processes import run_python
 from training.scores import evidence
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,11 +136,7 @@ def test_the_examples_answer_against_a_real_server(models_dir, triton_grpc_pytho
             assert all(len(p["top_k"]) == k for p in answer["predictions"]), line
         for program in http:
             source = program.replace("localhost:8000", f"127.0.0.1:{port}")
-            result = subprocess.run(
-                [sys.executable, "-c", source], cwd=ROOT, capture_output=True, text=True,
-                timeout=60,
-            )  # fmt: skip
-            assert result.returncode == 0, (program, result.stderr)
+            result = run_python("-c", source, timeout=60)
             # tritonclient's classification extension: three "score:index:label" strings.
             found = re.findall(r"b'(\d\.\d+):(\d+):(\w+)'", result.stdout)
             assert len(found) == 3, result.stdout

@@ -5,10 +5,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -25,6 +23,7 @@ from contract.modelcard import (
     ModelCard,
 )
 from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
+from tests.interrupt import kill_when
 from tests.synthetic import CLASS_NAMES, FINE_TO_COARSE, SUPERCLASS_NAMES, make_images
 from training import export as exporter
 from training import familiarity, scores
@@ -418,15 +417,8 @@ def test_train_export_killed_then_rerun_finishes_without_retraining(small_tarbal
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     second = tmp_path / "runs" / MODEL_IDS[1]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 900  # a hang, not a speed limit
-    while not (second / "backup" / "training_metadata.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "second model never ran"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    ready = (second / "backup" / "training_metadata.json").exists
+    kill_when(command, ready, "the second model's first epoch", env=env)
     first = tmp_path / "models" / f"{MODEL_IDS[0]}.onnx"
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     first_run = sorted(p.name for p in (tmp_path / "runs" / MODEL_IDS[0]).iterdir())

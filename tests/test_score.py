@@ -7,13 +7,10 @@ and rerun gives what an uninterrupted run gives; bad files become rows with an e
 No timing is asserted."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +23,10 @@ from PIL import Image
 from bench.raycluster import local_cluster
 from score.__main__ import build_parser
 from service.config import available_cpus
+from tests.interrupt import kill_when
 from training import data as cifar100
+from training.processes import ROOT, run_python
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "cifar100-712868"
 IMAGES = 40  # of the test split, as 32x32 PNG files
 SHARD_SIZE, BATCH_SIZE = 16, 8
@@ -43,16 +41,7 @@ def cluster():
 
 
 def score(env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    run = subprocess.run(
-        [sys.executable, "-m", "score", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return run
+    return run_python("-m", "score", *args, env=env, timeout=timeout)
 
 
 def read_shards(folder: Path) -> pa.Table:
@@ -223,20 +212,14 @@ def test_killed_job_resumes_to_the_same_output(cluster, cifar_dir, models_dir, t
     ]
     # Slow on purpose (batches of one image through one actor): the kill lands mid-run.
     killed = tmp_path / "killed"
-    job = subprocess.Popen(
+    kill_when(
         [sys.executable, "-m", "score", *common, "--output", str(killed)],
+        lambda: any(killed.glob("part-*.parquet")),
+        "the first shard",
         env=env,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        timeout=240,
     )
-    deadline = time.monotonic() + 240
-    while not list(killed.glob("part-*.parquet")) and job.poll() is None:
-        assert time.monotonic() < deadline, "no shard written in 240 s"
-        time.sleep(0.01)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(timeout=30)
     before = {p.name: p.stat() for p in killed.glob("part-*.parquet")}
     assert 1 <= len(before) < 10, f"{len(before)} of 10 shards when killed"
 
@@ -275,26 +258,11 @@ def test_rerun_with_other_settings_is_refused(cluster, image_folder, models_dir,
     out = tmp_path / "out"
     out.mkdir()
     (out / "_job.json").write_text(json.dumps({"model_id": MODEL, "top_k": 3}))
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "score",
-            "--model",
-            MODEL,
-            "--models-dir",
-            str(models_dir),
-            "--input",
-            str(folder),
-            "--output",
-            str(out),
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_python(
+        "-m", "score", "--model", MODEL, "--models-dir", str(models_dir),
+        "--input", str(folder), "--output", str(out),
+        env=env, timeout=120, check=False,
+    )  # fmt: skip
     assert run.returncode == 2
     assert "another job" in run.stderr and "top_k" in run.stderr
 
@@ -510,21 +478,10 @@ def test_score_dockerfile_passes_hadolint():
 def test_bench_score_smoke_produces_every_row(models_dir, tmp_path):
     """`python -m bench score --smoke`: every row, each related to the ceiling windows next
     to it. No speed is asserted: that is for the benchmark to measure."""
-    command = [
-        sys.executable,
-        "-m",
-        "bench",
-        "score",
-        "--smoke",
-        "--models-dir",
-        str(models_dir),
-        "--model",
-        MODEL,
-        "--out",
-        str(tmp_path),
-    ]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_python(
+        "-m", "bench", "score", "--smoke", "--models-dir", str(models_dir), "--model", MODEL,
+        "--out", str(tmp_path), timeout=900,
+    )  # fmt: skip
     results = json.loads((tmp_path / "score.json").read_text())
     assert results["weights"] == "trained weights" and results["images"] == 200
     cpus = available_cpus()
@@ -545,29 +502,20 @@ def test_bench_score_smoke_produces_every_row(models_dir, tmp_path):
 def test_score_imports_no_tensorflow_and_the_service_no_ray():
     """In a fresh interpreter: the whole score job, the CIFAR-100 reader it uses included,
     loads without TensorFlow; the service's app loads without Ray or score/."""
-    check = (
+    probe = (
         "import sys, score.__main__, score.job, score.scorer, score.inputs, training.data\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
         "import service.main\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('ray', 'score')]\n"
         "print(sorted(heavy))\n"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_python("-c", probe, timeout=120)
     # score/ is loaded (this interpreter asked for it) but no module of Ray's
     assert "'ray" not in run.stdout
-    service = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, service.main; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'score')))",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    service = run_python(
+        "-c",
+        "import sys, service.main; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'score')))",
         timeout=120,
     )
-    assert service.returncode == 0 and service.stdout.strip() == "[]", service.stderr[-2000:]
+    assert service.stdout.strip() == "[]", service.stdout

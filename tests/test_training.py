@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -18,8 +16,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import SMALL_VAL_SIZE, VAL_SIZE
+from tests.interrupt import kill_when
 from training import data as cifar
 from training.errors import RunError
+from training.processes import run_python
 from training.recipe import Recipe
 from training.train import (
     _epoch_of,
@@ -214,15 +214,8 @@ def test_killed_and_resumed_run_ends_as_an_uninterrupted_one(small_tarball, tmp_
 
     run_dir = tmp_path / "killed" / "cifar100-712868"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command(run_dir.parent), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 900  # a hang, not a speed limit
-    while not (run_dir / "backup" / "training_metadata.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no epoch finished"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    ready = (run_dir / "backup" / "training_metadata.json").exists
+    kill_when(command(run_dir.parent), ready, "the first epoch", env=env)
     assert len(history(run_dir)) < 3
 
     again = subprocess.run(command(run_dir.parent), env=env, capture_output=True, text=True)
@@ -309,8 +302,7 @@ assert main(["train", "--model", "cifar100-712868", "--epochs", "1", "--batch-si
 sys.exit(main(["export", "--model", "cifar100-712868",
                "--models-dir", {str(tmp_path / "models")!r}, *common]))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python("-c", script)
     assert "(2 replica(s); op determinism on" in done.stdout
     assert "Parity on" in done.stdout
     recipe = json.loads((tmp_path / "runs" / "cifar100-712868" / "recipe.json").read_text())
@@ -327,9 +319,7 @@ def test_gpu_check_stops_with_a_message_without_a_gpu(tmp_path):
     assert gpu_check.MODEL_IDS == MODEL_IDS
     env = {**os.environ, "PATH": str(tmp_path)}
     for command in (["training.gpu_check"], ["training", "gpu-check"]):
-        done = subprocess.run(
-            [sys.executable, "-m", *command], env=env, capture_output=True, text=True
-        )
+        done = run_python("-m", *command, env=env, check=False)
         assert done.returncode == 1, (command, done.stderr[-2000:])
         assert "needs an NVIDIA GPU; nothing was run" in done.stdout
 
@@ -355,11 +345,10 @@ def test_gpu_check_steps_run_end_to_end_on_the_cpu(tmp_path):
     service. What only a GPU shows is that CUDA is used, and how fast."""
     from training.models import MODEL_IDS
 
-    done = subprocess.run(
-        [sys.executable, "-m", "training", "gpu-check", "--device", "cpu", "--keep",
-         str(tmp_path), "--train-per-class", "2", "--serve-seconds", "1",
-         "--service-python", sys.executable],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    done = run_python(
+        "-m", "training", "gpu-check", "--device", "cpu", "--keep", str(tmp_path),
+        "--train-per-class", "2", "--serve-seconds", "1", "--service-python", sys.executable,
+        timeout=1200, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout

@@ -6,8 +6,6 @@ at the shapes the config declares."""
 import ast
 import importlib.util
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +21,7 @@ from tritonclient.utils import np_to_triton_dtype
 from contract.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
 from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from training import triton
-
-ROOT = Path(__file__).resolve().parent.parent
+from training.processes import run_python
 
 
 def triton_model_config() -> SimpleNamespace:
@@ -83,10 +80,7 @@ def exported(models_dir, tmp_path_factory):
         print(json.dumps({{"code": code, "heavy": heavy}}))
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python("-c", script, timeout=120)
     report = json.loads(result.stdout.splitlines()[-1])
     return out, report, result.stdout
 

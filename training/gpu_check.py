@@ -42,6 +42,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from training.processes import ROOT, ProcessFailed, run_python
+
 # Model ids, spelled here so that a machine without a GPU is told so before TensorFlow
 # loads; tests/test_training.py checks they are training.models.MODEL_IDS.
 MODEL_IDS = ("cifar100-712868", "cifar100-5735844")
@@ -55,7 +57,6 @@ EPOCHS = 2  # the first pays for tracing (and on sm_90, PTX compilation); the se
 GPU_TRAIN_FLAGS = ("--mixed-precision",)
 SPEED_FLAGS = ("--no-deterministic", "--steps-per-execution", "16")
 SERVE_SECONDS, SERVE_CLIENTS, IMAGES_PER_REQUEST = 10, 8, 64
-ROOT = Path(__file__).resolve().parent.parent  # where `python -m service` is found
 
 # Run in the training environment: does TensorFlow see a GPU? (In a process of its own,
 # so this one never holds a CUDA context.)
@@ -196,16 +197,12 @@ def training_process(args: list[str], what: str) -> str:
     # Memory growth: should anything else share the GPU meanwhile, TensorFlow takes only
     # what it uses rather than nearly all of it.
     env = {**os.environ, "TF_FORCE_GPU_ALLOW_GROWTH": "true", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "training", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    try:
+        done = run_python("-m", "training", *args, env=env)
+    except ProcessFailed as failed:
+        sys.stdout.write(failed.stdout)
+        raise CheckFailed(f"{what}: {failed}") from failed
     sys.stdout.write(done.stdout)
-    if done.returncode != 0:
-        raise CheckFailed(f"{what} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
 
 
@@ -263,9 +260,7 @@ def serving_environment(service_python: str, device: str) -> dict[str, str]:
 
 
 def check_tensorflow_sees_a_gpu() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", TENSORFLOW_PROBE], capture_output=True, text=True, cwd=ROOT
-    )
+    done = run_python("-c", TENSORFLOW_PROBE, check=False)
     gpus = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
     if not gpus:
         raise CheckFailed(
