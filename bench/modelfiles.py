@@ -40,30 +40,12 @@ def model_files(
 
 
 def export_untrained(model_id: str, path: Path) -> None:
-    model = build_model(model_id)
-    card = ModelCard(
-        model_id=model_id,
-        class_names=[f"class_{i}" for i in range(100)],
-        superclass_names=[f"superclass_{i}" for i in range(20)],
-        fine_to_coarse=[i % 20 for i in range(100)],
-        parameter_count=model.count_params(),
-        training={"source": "untrained, for benchmarks only"},
-    )
-    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     # The familiarity output is part of the graph whatever the weights, and its cost grows
     # with the number of validation distances it compares against: calibrate on as many
     # (synthetic) images as a trained export's default validation split, so it costs the
-    # same; fit on a few per class.
-    labels = np.arange(VALIDATION_IMAGES) % 100
-    export(
-        model,
-        card,
-        path,
-        images,
-        train_images=make_images(labels[:1000], seed=1),
-        train_labels=labels[:1000],
-        val_images=make_images(labels, seed=2),
-    )
+    # same.
+    model = build_model(model_id)
+    export_unfitted(model, model_id, path, "untrained, for benchmarks only", VALIDATION_IMAGES)
 
 
 def export_trivial(path: Path) -> None:
@@ -75,15 +57,33 @@ def export_trivial(path: Path) -> None:
         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(8, activation="relu"),
         keras.layers.Dense(100, activation="softmax", name="predictions"),
     ])  # fmt: skip
+    source = "untrained, for benchmarks of the serving path only"
+    export_unfitted(model, TRIVIAL, path, source, validation_images=1000)
+
+
+def export_unfitted(
+    model: keras.Model, model_id: str, path: Path, source: str, validation_images: int
+) -> None:
+    """`model` exported as the training command exports, but with placeholder class names
+    and synthetic images to calibrate on (familiarity fitted on 10 a class, compared
+    against `validation_images`): a file that costs what a trained one costs, whose
+    answers mean nothing."""
     card = ModelCard(
-        model_id=TRIVIAL,
+        model_id=model_id,
         class_names=[f"class_{i}" for i in range(100)],
         superclass_names=[f"superclass_{i}" for i in range(20)],
         fine_to_coarse=[i % 20 for i in range(100)],
         parameter_count=model.count_params(),
-        training={"source": "untrained, for benchmarks of the serving path only"},
+        training={"source": source},
     )
-    labels = np.arange(1000) % 100
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    export(model, card, path, images, train_images=make_images(labels, seed=1),
-           train_labels=labels, val_images=make_images(labels, seed=2))  # fmt: skip
+    labels = np.arange(validation_images) % 100
+    export(
+        model,
+        card,
+        path,
+        images,
+        train_images=make_images(labels[:1000], seed=1),
+        train_labels=labels[:1000],
+        val_images=make_images(labels, seed=2),
+    )
