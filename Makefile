@@ -1,4 +1,5 @@
-# One command for the main job (`make train-export`), one for the tests (`make test`).
+# One command for the main job (`make train-export`), one for the tests (`make test`; `make check`
+# for the quick ones).
 # Every target installs what it needs into .venv first.
 
 # TensorFlow 2.21 has wheels for CPython 3.11 to 3.13 only: take the first of those
@@ -12,7 +13,7 @@ EPOCHS ?= 48
 MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
-.PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
+.PHONY: setup train-export report test check lint format serve bench bench-peers bench-faults \
 	bench-profile bench-floor triton-repo gpu-check docs docs-build score traffic-report
 
 $(VENV)/.installed: pyproject.toml
@@ -39,6 +40,12 @@ traffic-report: setup
 
 test: setup lint docs-build
 	$(PY) -m pytest
+
+# The everyday loop, minutes rather than half an hour: lint, format and the quick tests, those
+# that need no trained models, no training, no Docker, no emulated CPU and no benchmark run
+# (tests/conftest.py sorts them by what they use). `make test` and CI run every test.
+check: lint
+	$(PY) -m pytest -q -m quick
 
 # The documentation: docs-build checks it (--strict: a dead link or anchor, or a setting
 # name that is no longer a setting, fails) into site/; docs serves it while you edit.

@@ -25,6 +25,55 @@ GRPC_TOOLS = ("grpcio-tools==1.85.4",)
 VAL_SIZE = 500
 SMALL_VAL_SIZE = 100  # of small_tarball's 800 training images
 
+# The tiers. A test is marked here, by what it uses, so a new one lands in its tier without
+# anyone marking it: by the fixtures it uses (however indirectly), or, where no fixture
+# shows the cost, by name; a test in none of these tiers is `quick`. `make check` runs the
+# quick ones (`pytest -m quick`); `make test` and CI run every test.
+TIERS_BY_FIXTURE = {
+    "workspace": "trained",  # the models this run trains and exports (models_dir, client, ...)
+    "small_tarball": "trained",  # training processes of its own, on the small dataset
+    "stack": "containers",  # images built and run by a Docker engine
+    "qemu": "emulated",  # an emulated CPU
+}
+TIERS_BY_NAME = {
+    "test_training.py::test_same_seed_same_weights": "trained",
+    "test_training.py::test_speed_switches_reach_tensorflow_and_keras_and_are_saved": "trained",
+    "test_training.py::test_gpu_check_steps_run_end_to_end_on_the_cpu": "trained",
+    # servers started and measured for rounds, as `make bench-floor` does
+    "test_bench.py::test_the_floor_mode_measures_every_target_against_the_bare_asgi_app": (
+        "benchmark"
+    ),
+}
+# A quick-tier test slower than this (set-up included, on the machine at hand) is named at
+# the end of the run, so that it is moved before the quick tier stops being quick.
+QUICK_NOTICE_S = 30
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tiers = {TIERS_BY_FIXTURE[f] for f in TIERS_BY_FIXTURE.keys() & set(item.fixturenames)}
+        name = f"{item.path.name}::{item.originalname}"
+        tiers |= {TIERS_BY_NAME[name]} if name in TIERS_BY_NAME else set()
+        for tier in sorted(tiers) or ["quick"]:
+            item.add_marker(tier)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    seconds: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport) and "quick" in report.keywords:
+                seconds[report.nodeid] = seconds.get(report.nodeid, 0) + report.duration
+    slow = sorted((s, n) for n, s in seconds.items() if s > QUICK_NOTICE_S)
+    if slow:
+        terminalreporter.section("quick-tier tests that are not quick")
+        for s, nodeid in reversed(slow):
+            terminalreporter.write_line(f"{s:6.0f} s  {nodeid}")
+        terminalreporter.write_line(
+            "Name each in tests/conftest.py (TIERS_BY_NAME), or by the fixture that costs the "
+            "time (TIERS_BY_FIXTURE), unless this machine was just busy."
+        )
+
 
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
