@@ -94,15 +94,16 @@ INFERENCE_SERVICES = {
 }
 
 
-def settings_from(env: list[dict]) -> Settings:
-    """The service's settings as these env vars make them: bad values fail as at startup."""
+def settings_from(env: list[dict], **options) -> Settings:
+    """The service's settings as these env vars make them, none of this machine's own
+    (`options`: Settings's, such as _env_file): bad values fail as at startup."""
     with pytest.MonkeyPatch.context() as patch:
         for name in os.environ:
             if name.lower() in setting_names():
                 patch.delenv(name)
         for variable in env:
             patch.setenv(variable["name"], variable["value"])
-        return Settings()
+        return Settings(**options)
 
 
 def setting_names() -> set[str]:
@@ -259,11 +260,7 @@ def test_gpu_profile_parses_into_the_service_settings():
     for name in values:
         assert name.lower() in setting_names() or name in FOREIGN_ENV, name
     settings = settings_from([{"name": k, "value": v} for k, v in values.items()])
-    with pytest.MonkeyPatch.context() as patch:
-        for name in os.environ:
-            if name.lower() in setting_names():
-                patch.delenv(name)
-        assert Settings(_env_file=PROFILE) == settings
+    assert settings_from([], _env_file=PROFILE) == settings
     defaults = Settings()
     assert settings.device == "cuda"
     assert settings.workers > 1 and settings.intra_op_threads == 1

@@ -72,12 +72,17 @@ def test_evaluation_numbers_agree_with_each_other(workspace):
     assert evaluation["top1_accuracy"] <= evaluation["superclass_of_top_class_accuracy"]
 
 
-def test_same_seed_same_weights(cifar_dir, tmp_path):
+def first_256_training_images(cifar_dir: Path) -> cifar.Cifar100:
+    """The dataset with only its first 256 training images: an epoch in seconds."""
     data = cifar.load(cifar_dir, val_size=VAL_SIZE)
-    small = cifar.Cifar100(
+    return cifar.Cifar100(
         data.train.take(np.arange(256)), data.val, data.test,
         data.class_names, data.superclass_names, data.fine_to_coarse, data.source,
     )  # fmt: skip
+
+
+def test_same_seed_same_weights(cifar_dir, tmp_path):
+    small = first_256_training_images(cifar_dir)
     recipe = Recipe(epochs=1, batch_size=64, seed=3)
     weights = []
     for name in ("a", "b"):
@@ -96,11 +101,7 @@ def test_speed_switches_reach_tensorflow_and_keras_and_are_saved(cifar_dir, tmp_
     recipe turns determinism back on in the same process."""
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
-    data = cifar.load(cifar_dir, val_size=VAL_SIZE)
-    small = cifar.Cifar100(
-        data.train.take(np.arange(256)), data.val, data.test,
-        data.class_names, data.superclass_names, data.fine_to_coarse, data.source,
-    )  # fmt: skip
+    small = first_256_training_images(cifar_dir)
     compiled, fitted = [], []
     real_compile, real_fit = keras.Model.compile, keras.Model.fit
 
@@ -365,9 +366,20 @@ def test_gpu_check_steps_run_end_to_end_on_the_cpu(tmp_path):
     assert out.rstrip().endswith("gpu-check: passed")
 
 
-def test_training_and_service_never_import_tests_or_bench():
-    """They run in images that hold neither folder (the training image, the service's)."""
-    for path in sorted([*ROOT.glob("training/**/*.py"), *ROOT.glob("service/**/*.py")]):
+# Which packages each may not import, at any depth (inside functions too): the contract is
+# what the others share and imports none of them; training and the service meet only in the
+# contract; neither runs in an image that holds tests/ or bench/ (the training image, the
+# service's), and the service never loads TensorFlow.
+FORBIDDEN_IMPORTS = {
+    "contract": {"training", "service", "score", "bench", "tests", "tensorflow", "keras"},
+    "training": {"service", "score", "bench", "tests"},
+    "service": {"training", "score", "bench", "tests", "tensorflow", "keras"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))
+def test_packages_import_only_downwards(package):
+    for path in sorted(ROOT.glob(f"{package}/**/*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -375,4 +387,4 @@ def test_training_and_service_never_import_tests_or_bench():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             for name in names:
-                assert name.split(".")[0] not in {"tests", "bench"}, (path, name)
+                assert name.split(".")[0] not in FORBIDDEN_IMPORTS[package], (path, name)
