@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=default("max_image_pixels"),
         help="larger images are error rows (MAX_IMAGE_PIXELS)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnxruntime", "openvino"),
+        default=os.environ.get("ENGINE") or default("engine"),
+        help="what computes the file on each actor (default: ENGINE, else auto; as the "
+        "service's ENGINE)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default=os.environ.get("PRECISION") or default("precision"),
+        help="what a float32 file is computed in (default: PRECISION, else auto: bfloat16 on "
+        "CPUs that have it and files that promise it; float32 for the same numbers on every "
+        "node)",
+    )
     parser.add_argument("--actors", type=int, help="default: as many as the cluster holds")
     parser.add_argument(
         "--cpus-per-actor",
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_bytes": args.max_bytes,
             "max_pixels": args.max_pixels,
             "batch_size": args.batch_size,
+            "engine": args.engine,
+            "precision": args.precision,
         }
         resources = Resources(args.actors, args.cpus_per_actor, args.gpus_per_actor)
         summary = run(

@@ -38,11 +38,14 @@ class Options:
     max_pixels: int  # per image (the service's MAX_IMAGE_PIXELS)
     batch_size: int  # images per onnxruntime call: what the warm-up runs
     device: str  # cpu, cuda or auto, as the service's DEVICE
-    threads: int  # onnxruntime intra-op threads: the CPUs the actor holds
+    threads: int  # the engine's threads: the CPUs the actor holds
+    engine: str = "auto"  # as the service's ENGINE
+    precision: str = "auto"  # as the service's PRECISION
 
 
 class Scorer:
-    """One onnxruntime session, warmed up; called with batches of SCORE_INPUT_SCHEMA rows."""
+    """One model file on its engine, warmed up and checked; called with batches of
+    SCORE_INPUT_SCHEMA rows."""
 
     def __init__(self, options: Options) -> None:
         bound_metadata()  # Pillow's limits on PNG metadata, as the service sets them
@@ -53,6 +56,8 @@ class Scorer:
             options.threads,
             1,
             max_batch_size=options.batch_size,
+            engine=options.engine,
+            precision=options.precision,
         )
         if self.model.version != options.model_version:
             raise RuntimeError(

@@ -184,13 +184,14 @@ class Catalog:
         served = Served(model, self._batcher(model))
         self.models.setdefault(model.model_id, {})[model.version] = served
         self.metrics.loaded.labels(model.model_id, model.version).set(1)
+        self.metrics.served_by(model.model_id, model.version, model.serving)
         log.info(
             "model loaded",
             extra={
                 "model": model.model_id,
                 "version": model.version,
                 "file": path.name,
-                "provider": model.provider,
+                **model.serving,
                 "self_check_seconds": round(model.self_check_seconds or 0.0, 4),
             },
         )
@@ -203,6 +204,7 @@ class Catalog:
         if not versions:
             self.models.pop(served.model_id, None)
         self.metrics.loaded.labels(served.model_id, served.version).set(0)
+        self.metrics.served_by(served.model_id, served.version, served.model.serving, 0)
         log.info("model unloaded", extra={"model": served.model_id, "version": served.version,
                                           "reason": why})  # fmt: skip
         # Requests already queued on it are answered before its batcher stops.
@@ -289,6 +291,8 @@ def _open(path: Path, settings: Settings) -> Classifier:
         settings.onnx_threads,
         settings.inter_op_threads,
         max_batch_size=settings.batch_max_size,  # warm-up runs the sizes the batcher sends
+        engine=settings.engine,
+        precision=settings.precision,
     )
     model.warm_up()
     return model

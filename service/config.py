@@ -21,6 +21,20 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA if it works, else CPU; cuda: CUDA or fail at startup"
     )
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="what computes each file: auto, the fastest way this machine offers whose "
+        "promise the file's self-check confirms here (on a GPU onnxruntime; on the CPU OpenVINO "
+        "in bfloat16 where the CPU has it, else onnxruntime); onnxruntime or openvino (CPU "
+        "only) to insist: a file whose promise that engine cannot keep is not served",
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="what a float32 file is computed in: auto (bfloat16 where the CPU has it "
+        "and the file promises it, else float32), float32, or bfloat16 (refused where it "
+        "cannot be kept). int8 and float16 twins are files of their own, computed in their "
+        "own precision",
+    )
 
     max_upload_bytes: int = Field(MIB, gt=0, description="per image")
     max_images_per_request: int = Field(

@@ -94,7 +94,7 @@ def _info(served: Served, catalog: Catalog) -> ModelInfo:
         version=model.version,
         trained_at=model.trained_at,
         file=model.path.name,
-        provider=model.provider,
+        serving=model.serving,
         ready=served.ready,
         default=catalog.is_default(served),
         parameter_count=model.card.parameter_count,

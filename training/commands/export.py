@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         path,
         parity_images=data.test.images[:256],
         reference_images=data.test.images,
+        reference_labels=data.test.fine,
         train_images=data.train.images,
         train_labels=data.train.fine,
         val_images=data.val.images,
