@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract import selfcheck
+from contract import selfcheck, trust
 from contract.errors import DeviceUnavailable, InvalidModel
 from contract.modelcard import (
     IMAGE_SIZE,
@@ -69,9 +69,11 @@ class Classifier:
         inter_op_threads: int,
         *,
         max_batch_size: int = MAX_BATCH_SIZE,
+        trusted: trust.TrustedKeys | None = None,
     ):
         """`max_batch_size`: the largest batch `run` will get (BATCH_MAX_SIZE); `warm_up`
-        runs the sizes up to it."""
+        runs the sizes up to it. `trusted`: the keys the file must be signed with
+        (TRUSTED_KEYS; contract/trust.py); None: it is loaded unverified."""
         self.path = Path(path)
         self.max_batch_size = max_batch_size
         # One read: the session and the version come from the same bytes.
@@ -81,6 +83,8 @@ class Classifier:
                 mtime = os.fstat(file.fileno()).st_mtime
         except OSError as err:
             raise InvalidModel(f"{self.path.name}: cannot be read ({err.strerror})") from err
+        # The bytes just read, the ones the session is built from, are the bytes verified.
+        self.provenance = trust.provenance(self.path, content, trusted)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads

@@ -281,6 +281,7 @@ function renderCard(info, detail) {
   facts.push(['parameters', Number(card.parameter_count).toLocaleString('en')]);
   facts.push(['file', card.file]);
   facts.push(['runs on', card.provider]);
+  if (card.provenance) facts.push(['provenance', card.provenance]);
   if (card.familiarity && card.familiarity.method) facts.push(['familiarity', card.familiarity.method]);
   facts.push(['status', card.ready ? 'ready' : 'not ready']);
   const title = el('h3', {}, card.model_id, card.default ? el('span', { class: 'badge', text: 'default' }) : null);
