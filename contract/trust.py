@@ -31,7 +31,7 @@ from contract.files import open_regular
 
 BUNDLE_SUFFIX = ".sig"
 NOT_VERIFIED = "not verified"
-MAX_BUNDLE_BYTES = 1 << 20  # ours are about 1.5 KB; anything this large is not one
+MAX_BUNDLE_BYTES = 1 << 20  # ours are about 1.4 KB; anything this large is not one
 MAX_KEY_BYTES = 64 * 1024
 # The one manifest entry a bundle made for a single file has: the file itself.
 SINGLE_FILE = "."
@@ -88,7 +88,13 @@ class TrustedKeys:
 
         name = Path(path).name
         signature = _read_bundle(Path(path))
-        hint = signature.bundle.verification_material.public_key.hint
+        public_key = signature.bundle.verification_material.public_key
+        if public_key is None:  # a certificate chain, or a Sigstore identity's certificate
+            raise InvalidModel(
+                f"{name}: its bundle is not signed with a key (a certificate or a Sigstore "
+                "identity); TRUSTED_KEYS verifies key signatures"
+            )
+        hint = public_key.hint
         # The bundle names its key: try that one (a bundle without a name: every key).
         candidates = [key for key in self.keys if not hint or key.hint == hint]
         if not candidates:

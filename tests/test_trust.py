@@ -115,10 +115,11 @@ def mixed_folder(models_dir, keys, tmp_path_factory) -> Path:
     changed.onnx     the large model signed by `current`, then one byte changed: refused
     unsigned.onnx    the large model, no bundle: refused
     stranger.onnx    the large model signed by a key not trusted: refused
-    forged.onnx      changed after signing, its bundle rewritten to match: refused"""
+    forged.onnx      changed after signing, its bundle rewritten to match: refused
+    certified.onnx   a bundle that names a certificate, not a key: refused"""
     folder = tmp_path_factory.mktemp("mixed")
     shutil.copy(models_dir / f"{SMALL}.onnx", folder / "small.onnx")
-    for name in ("large", "changed", "unsigned", "stranger", "forged"):
+    for name in ("large", "changed", "unsigned", "stranger", "forged", "certified"):
         shutil.copy(models_dir / f"{LARGE}.onnx", folder / f"{name}.onnx")
     printed = sign_cli(keys["current"][0], folder / "small.onnx", folder / "changed.onnx",
                        folder / "forged.onnx")  # fmt: skip
@@ -128,6 +129,11 @@ def mixed_folder(models_dir, keys, tmp_path_factory) -> Path:
     flip_byte(folder / "changed.onnx")
     flip_byte(folder / "forged.onnx")
     forge_bundle(folder / "forged.onnx")
+    bundle = json.loads(bundle_path(folder / "large.onnx").read_text())
+    material = bundle["verificationMaterial"]
+    material["x509CertificateChain"] = {"certificates": []}
+    del material["publicKey"]
+    bundle_path(folder / "certified.onnx").write_text(json.dumps(bundle))
     return folder
 
 
@@ -142,12 +148,14 @@ def test_signed_files_serve_and_each_untrusted_one_is_refused_with_its_reason(
         assert served["small.onnx"]["provenance"] == f"verified by {keys['current'][2]}"
         assert served["large.onnx"]["provenance"] == f"verified by {keys['next'][2]}"
         failed = listing["failed"]
-        assert set(failed) == {"changed.onnx", "unsigned.onnx", "stranger.onnx", "forged.onnx"}
+        assert set(failed) == {"changed.onnx", "unsigned.onnx", "stranger.onnx", "forged.onnx",
+                               "certified.onnx"}  # fmt: skip
         assert failed["changed.onnx"].startswith("its bytes are not the bytes signed")
         assert failed["unsigned.onnx"].startswith(MISSING.replace("x.onnx", "unsigned.onnx"))
         assert failed["stranger.onnx"].startswith("signed by a key that TRUSTED_KEYS does not")
         assert keys["current"][2] in failed["stranger.onnx"]  # it names what it trusts
         assert failed["forged.onnx"].startswith("its bundle's signature does not verify")
+        assert failed["certified.onnx"].startswith("its bundle is not signed with a key")
         assert get(port, "/health/ready")[0] == 200
         for model_id in (SMALL, LARGE):
             assert predict(port, model_id)["model_id"] == model_id
