@@ -1,6 +1,6 @@
-"""python -m training {train,evaluate,export,train-export,report,ablate,ood,export-triton,
-sign,gpu-check}: train, score, export, sign and study the models, and check the whole
-pipeline on a GPU. One module per command in training/commands/."""
+"""python -m training COMMAND: train, score, export, sign and study the models, and check
+the whole pipeline on a GPU (train, evaluate, export, report, train-export, ablate, ood,
+export-triton, sign, gpu-check). One module per command in training/commands/."""
 
 import argparse
 import sys
