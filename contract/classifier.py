@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import engines, selfcheck
+from contract import engines, selfcheck, trust
 from contract.engines import Engine, Way
 from contract.errors import InvalidModel
 from contract.modelcard import (
@@ -52,11 +52,13 @@ class Classifier:
         max_batch_size: int = MAX_BATCH_SIZE,
         engine: str = "auto",
         precision: str = "auto",
+        trusted: trust.TrustedKeys | None = None,
     ):
         """`device`, `engine`, `precision`: DEVICE, ENGINE and PRECISION (contract/engines.py
         `ways`); `intra_op_threads`: the engine's threads (0: the engine's default);
         `max_batch_size`: the largest batch `run` will get (BATCH_MAX_SIZE): `warm_up` runs
-        the sizes up to it."""
+        the sizes up to it. `trusted`: the keys the file must be signed with (TRUSTED_KEYS;
+        contract/trust.py); None: it is loaded unverified."""
         self.path = Path(path)
         self.max_batch_size = max_batch_size
         self._threads, self._inter_op_threads, self._device = (
@@ -69,6 +71,8 @@ class Classifier:
                 mtime = os.fstat(file.fileno()).st_mtime
         except OSError as err:
             raise InvalidModel(f"{self.path.name}: cannot be read ({err.strerror})") from err
+        # The bytes just read, the ones the engine is built from, are the bytes verified.
+        self.provenance = trust.provenance(self.path, content, trusted)
         metadata, inputs, outputs = read_graph(content, self.path.name)
         self._check_signature(inputs, outputs)  # the file's fault whatever the engine
         try:

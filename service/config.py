@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     graceful_shutdown_seconds: int = Field(
         20, ge=1, description="then: in-flight requests get this long to finish"
     )
+    trusted_keys: Path | None = Field(
+        None,
+        description="a PEM public key (EC P-256) or a folder of them (two while keys rotate): "
+        "only .onnx files whose signature bundle beside them (<file>.onnx.sig) one of these "
+        "keys verifies for the bytes loaded are served; the others are listed as failed with "
+        "the reason. Unset or empty: files are served unverified (/models says so)",
+    )
     model_load_timeout_seconds: float = Field(60.0, gt=0, description="per file")
     model_poll_seconds: float = Field(
         0, ge=0, description="0: off; else reload MODELS_DIR this often (added, replaced, removed)"
@@ -172,10 +179,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(True, description="one JSON object per log line")
 
-    @field_validator("payload_log", mode="before")
+    @field_validator("payload_log", "trusted_keys", mode="before")
     @classmethod
     def _empty_is_off(cls, value: object) -> object:
-        # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory.
+        # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory;
+        # TRUSTED_KEYS= the working directory's files as keys.
         return None if value == "" else value
 
     @property

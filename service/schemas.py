@@ -144,6 +144,11 @@ class ModelInfo(BaseModel):
     )
     file: str = Field(examples=["cifar100-5735844.onnx"])
     serving: Serving
+    provenance: str = Field(
+        description='"verified by <key fingerprint>": its signature bundle was verified with '
+        'that TRUSTED_KEYS key for the bytes loaded; "not verified": TRUSTED_KEYS is unset',
+        examples=["verified by sha256:4c1f0e9a7b2d3c58"],
+    )
     ready: bool
     default: bool = Field(
         description="used when /predict is called without `model` (and `version`)"

@@ -12,6 +12,8 @@ For every models/<id>.onnx, out/ gets:
                              holds or not by the CPU, so it is not offered unchecked
     <id>/labels.txt          the 100 class names in class-index order (Triton's classification)
     <id>/1/model.onnx        the export, byte for byte, once its self-check has passed here
+    <id>/1/model.onnx.sig    the export's signature bundle, where it has one: the copy holds
+                             the same bytes, so the same bundle verifies it
 
 Everything comes from the ONNX file and its model card: no TensorFlow, so the service's
 dependencies are enough to run it. Triton's own schema (ModelConfig in model_config.proto) is
@@ -36,6 +38,7 @@ from contract.modelcard import (
     OUTPUT_NAME,
     ModelCard,
 )
+from contract.trust import bundle_path
 from training.atomic import write_bytes, write_text
 from training.errors import TrainingError
 
@@ -114,7 +117,12 @@ def write_repository(models_dir: Path, out: Path) -> list[Path]:
         folder = Path(out) / card.model_id
         # The model first, the config last: a Triton polling the repository never sees a
         # config whose model file is not there yet.
-        write_bytes(folder / VERSION / MODEL_FILE, path.read_bytes())
+        copy = folder / VERSION / MODEL_FILE
+        write_bytes(copy, path.read_bytes())
+        if bundle_path(path).is_file():
+            write_bytes(bundle_path(copy), bundle_path(path).read_bytes())
+        else:  # an earlier export's bundle would not verify these bytes: none is honest
+            bundle_path(copy).unlink(missing_ok=True)
         write_text(folder / LABELS_FILE, label_text)
         write_text(folder / "configs" / f"{CPU_CONFIG}.pbtxt", model_config(card, tensors, "cpu"))
         if openvino:

@@ -95,6 +95,7 @@ def _info(served: Served, catalog: Catalog) -> ModelInfo:
         trained_at=model.trained_at,
         file=model.path.name,
         serving=model.serving,
+        provenance=model.provenance,
         ready=served.ready,
         default=catalog.is_default(served),
         parameter_count=model.card.parameter_count,
