@@ -49,7 +49,7 @@ TIERS_BY_NAME = {
         "benchmark"
     ),
 }
-# A quick-tier test slower than this (set-up included, on the machine at hand) is named at
+# A quick-tier test slower than this (set-up and call, on the machine at hand) is named at
 # the end of the run, so that it is moved before the quick tier stops being quick.
 QUICK_NOTICE_S = 30
 
@@ -67,7 +67,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     seconds: dict[str, float] = {}
     for reports in terminalreporter.stats.values():
         for report in reports:
-            if isinstance(report, pytest.TestReport) and "quick" in report.keywords:
+            # Set-up and call: a teardown may be a shared fixture's, ended after its last user.
+            quick = isinstance(report, pytest.TestReport) and "quick" in report.keywords
+            if quick and report.when != "teardown":
                 seconds[report.nodeid] = seconds.get(report.nodeid, 0) + report.duration
     slow = sorted((s, n) for n, s in seconds.items() if s > QUICK_NOTICE_S)
     if slow:

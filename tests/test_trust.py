@@ -29,6 +29,7 @@ from contract.errors import InvalidModel
 from contract.trust import TrustedKeys, UnusableKeys, bundle_path
 from tests.service_helpers import serve
 from tests.signing import flip_byte, make_key, openssl
+from training.processes import run_python
 from training.sign import sign_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,12 +54,9 @@ def trusted(keys, tmp_path_factory) -> Path:
 
 
 def sign_cli(key: Path, *files: Path) -> str:
-    run = subprocess.run(
-        [sys.executable, "-m", "training", "sign", "--key", str(key), *map(str, files)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    return run.stdout
+    return run_python(
+        "-m", "training", "sign", "--key", str(key), *map(str, files), timeout=120
+    ).stdout
 
 
 def forge_bundle(path: Path) -> None:
@@ -297,10 +295,10 @@ def test_sign_without_a_key_or_with_a_public_one_is_one_line(keys, mixed_folder)
         ([], "error: no key: pass --key or set $SIGNING_KEY"),
         (["--key", str(keys["current"][1])], f"error: {keys['current'][1]}: not a PEM private"),
     ):
-        run = subprocess.run(
-            [sys.executable, "-m", "training", "sign", *args, str(mixed_folder / "small.onnx")],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        run = run_python(
+            "-m", "training", "sign", *args, str(mixed_folder / "small.onnx"),
             env={k: v for k, v in os.environ.items() if k != "SIGNING_KEY"},
+            timeout=120, check=False,
         )  # fmt: skip
         assert run.returncode == 2 and run.stderr.startswith(message), run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
