@@ -17,17 +17,17 @@ import logging
 import grpc
 
 from service.codec import max_message_bytes
+from service.config import Settings
 from service.dataplane import DataPlane
-from service.rpc.inference_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 from service.rpc.servicer import Servicer
 
 log = logging.getLogger(__name__)
 
 
-def options(plane: DataPlane) -> tuple[list[tuple[str, int]], int]:
-    """The channel options and the bound on calls at once, from the settings."""
-    settings = plane.settings
-    message = max_message_bytes(settings.max_images_per_request)
+def options(settings: Settings) -> tuple[list[tuple[str, int]], int]:
+    """The channel options and the bound on calls at once, from the settings (the bench's
+    bare gRPC floor runs under the same ones)."""
+    message = max_message_bytes(settings.max_images_per_request, settings.max_upload_bytes)
     return [
         ("grpc.max_receive_message_length", message),
         ("grpc.max_metadata_size", settings.max_header_bytes),
@@ -40,9 +40,9 @@ def options(plane: DataPlane) -> tuple[list[tuple[str, int]], int]:
 async def start(plane: DataPlane, keys: frozenset[bytes]) -> tuple[grpc.aio.Server, int]:
     """A started server on HOST:GRPC_PORT, and the port it listens on."""
     settings = plane.settings
-    channel_options, calls = options(plane)
+    channel_options, calls = options(settings)
     server = grpc.aio.server(options=channel_options, maximum_concurrent_rpcs=calls)
-    add_GRPCInferenceServiceServicer_to_server(Servicer(plane, keys), server)
+    server.add_generic_rpc_handlers([Servicer(plane, keys).handler()])
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
     if not port:
