@@ -235,7 +235,8 @@ def main(args: argparse.Namespace) -> int:
         targets["grpc floor"] = (port, process.pid, grpc_infer)
         grpc_port = free_port()
         port, process = up.enter_context(service_process(
-            models_dir=path.parent, default_model=args.model, workers=1, grpc_port=grpc_port))  # fmt: skip
+            models_dir=path.parent, default_model=args.model, workers=1,
+            grpc_port=grpc_port))  # fmt: skip
         targets["service /v2 binary"] = (port, process.pid, infer)
         targets["service /predict PNG"] = (port, process.pid, ["--kind", "png"])
         targets["service gRPC raw"] = (grpc_port, process.pid, grpc_infer)

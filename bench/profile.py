@@ -2,11 +2,11 @@
 
 One worker (`python -m service`, WEB_CONCURRENCY=1, every CPU for its onnxruntime session) is
 loaded by 64 closed-loop clients on each path (PNG through /predict, binary tensors
-through /v2, raw tensors over gRPC) while py-spy samples it. Server CPU-seconds per answered request come from
-/proc. py-spy samples the thread holding the GIL (`--gil`), 200 times a second; each
-sample (5 ms of Python work) is charged to the innermost frame that belongs to a known
-part (the table's rows). The rest of the CPU time is work done without the GIL:
-onnxruntime's inference, on its own threads.
+through /v2, raw tensors over gRPC) while py-spy samples it. Server CPU-seconds per
+answered request come from /proc. py-spy samples the thread holding the GIL (`--gil`),
+200 times a second; each sample (5 ms of Python work) is charged to the innermost frame
+that belongs to a known part (the table's rows). The rest of the CPU time is work done
+without the GIL: onnxruntime's inference, on its own threads.
 Needs py-spy (`--py-spy PATH`; e.g. `pip install py-spy` into any environment) and
 permission to ptrace the server. Writes <out>/profile.{json,md}; prints the Markdown.
 """

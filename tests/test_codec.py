@@ -10,17 +10,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.codec import (
-    MAX_HEADER_BYTES,
-    InferenceRequest,
-    InferenceResponse,
-    decode_request,
-    encode_response,
-    max_request_bytes,
-    output_tensors,
-    requested_outputs,
-)
+from service.codec import MAX_HEADER_BYTES, InferenceRequest, decode_request, max_request_bytes
 from service.errors import InvalidTensor, TooManyImages
+from service.outputs import InferenceResponse, encode_response, output_tensors, requested_outputs
 
 MAX_IMAGES = 4
 WIDTHS = {"probabilities": 100, "features": 256}
@@ -182,12 +174,12 @@ def test_the_openapi_schema_is_the_model_that_validates():
     request_id=st.text(max_size=300),
     asked=st.lists(
         st.sampled_from(["probabilities", "features", "top"]), min_size=1, max_size=3, unique=True
-    ),  # fmt: skip
+    ),
 )
 def test_the_grpc_answer_is_what_protobuf_itself_writes(images, request_id, asked):
     """encode_message writes protobuf by hand: parsed by protobuf, it is the answer, and
     it is byte for byte what protobuf's own serializer writes for the same message."""
-    from service.codec import OutputTensor, encode_message
+    from service.outputs import OutputTensor, encode_message
     from service.rpc import inference_pb2 as pb
 
     rng = np.random.default_rng(images)

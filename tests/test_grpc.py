@@ -149,10 +149,12 @@ def test_tritonclient_health_metadata_and_config(
         ]
         assert tensors == [*rest["inputs"], *rest["outputs"]]
         assert tensors[0]["shape"] == [-1, 32, 32, 3]  # -1: the batch dimension
+        assert tensors[1] == {"name": "image_files", "datatype": "BYTES", "shape": [-1, 1]}
     config = config["config"]
     assert config["name"] == LARGE and config["max_batch_size"] == 8  # MAX_IMAGES_PER_REQUEST
-    assert config["input"] == [
-        {"name": "images", "data_type": "TYPE_UINT8", "dims": ["32", "32", "3"]}
+    assert config["input"] == [  # one or the other: both optional
+        {"name": "images", "data_type": "TYPE_UINT8", "dims": ["32", "32", "3"], "optional": True},
+        {"name": "image_files", "data_type": "TYPE_STRING", "dims": ["1"], "optional": True},
     ]
     assert {"name": "probabilities", "data_type": "TYPE_FP32", "dims": ["100"]} in config["output"]
 
@@ -401,6 +403,63 @@ def test_answers_are_the_datatypes_and_bytes_rest_sends(server, stub, images):
         np.testing.assert_array_equal(values, rest.as_numpy(output.name))
 
 
+def test_undecodable_messages_are_invalid_argument_counted_and_logged(server, stub, caplog):
+    """Bytes that are not the RPC's message: INVALID_ARGUMENT from our code (not grpcio's
+    UNKNOWN), counted in /metrics like any other refusal."""
+    with grpc.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
+        for method in ("ModelInfer", "ModelMetadata"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            with pytest.raises(grpc.RpcError) as err:
+                call(b"\xff\xff\xff\xff", timeout=30)  # a field tag with no end
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not a valid inference." in err.value.details()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server[0]}/metrics", timeout=30).read()
+    assert any('"/inference.GRPCInferenceService/ModelInfer"' in line
+               and 'status="INVALID_ARGUMENT"' in line and line.startswith("http_requests_total")
+               for line in text.decode().splitlines())  # fmt: skip
+
+
+def test_client_text_in_status_messages_is_cut(stub, images):
+    """A 300 KB model name is answered NOT_FOUND with a message of a few hundred
+    characters (a client with gRPC's default limits reads it), marked as cut."""
+    name = "m" * 300_000
+    for call, request in ((stub.ModelInfer, raw_request(images[:1], model=name)),
+                          (stub.ModelReady, pb.ModelReadyRequest(name=name))):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "(cut: 300,000 characters)" in err.value.details()
+        assert len(err.value.details()) < 1000
+
+
+def bytes_request(files: list[bytes], framed: bool, model: str = SMALL) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="image_files", datatype="BYTES", shape=[len(files)])
+    if framed:  # as tritonclient sends BYTES: raw contents, each with its 4-byte length
+        request.raw_input_contents.append(b"".join(len(f).to_bytes(4, "little") + f for f in files))
+    else:
+        tensor.contents.bytes_contents.extend(files)
+    return request
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["bytes_contents", "raw contents"])
+def test_encoded_images_over_grpc_are_answered_as_predict_answers_them(server, stub, images,
+                                                                       framed):  # fmt: skip
+    from tests.test_v2 import encoded, predict_probabilities
+
+    files = encoded(images)[:3]  # PNG, JPEG, WebP, all 32x32
+    expected = predict_probabilities(server[0], SMALL, files).astype(np.float32)
+    response = stub.ModelInfer(bytes_request(files, framed))
+    (output,) = response.outputs
+    assert output.datatype == "FP32" and list(output.shape) == [3, 100]
+    found = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(3, 100)
+    np.testing.assert_array_equal(found, expected)
+    with pytest.raises(grpc.RpcError) as err:  # not an image: /predict's 422 words
+        stub.ModelInfer(bytes_request([b"hello"], framed))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 1: not an image we can read" in err.value.details()
+
+
 def hostile_cases(images: np.ndarray) -> list[tuple[str, pb.ModelInferRequest, str]]:
     one = images[:1]
     lying = raw_request(one)
@@ -500,12 +559,18 @@ def test_oversized_messages_and_metadata_are_refused_by_grpc_itself(server, imag
                 raw_request(images[:1]), metadata=[("x-huge", "a" * 200_000)], timeout=30
             )
         assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+        # Every call above MAX_HEADER_BYTES, not some at random: the limit the docs name.
+        for size in (65_600, 70_000, 80_000):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ServerLive(pb.ServerLiveRequest(), metadata=[("x-huge", "a" * size)])
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "65536" in err.value.details()
         assert len(stub.ModelInfer(raw_request(images[:1]), timeout=30).outputs) == 1
 
 
 def test_request_ids_metrics_and_access_log_are_per_rpc(server, stub, images):
-    """The caller's x-request-id comes back (trailing metadata); /metrics counts each RPC by its name and
-    gRPC status, beside the HTTP routes."""
+    """The caller's x-request-id comes back (trailing metadata); /metrics counts each RPC
+    by its name and gRPC status, beside the HTTP routes."""
     _, call = stub.ModelInfer.with_call(
         raw_request(images[:2]), metadata=[("x-request-id", "grpc-abc")]
     )

@@ -5,9 +5,10 @@ server drains like HTTP (readiness false at once, still serving for
 SHUTDOWN_DRAIN_SECONDS), then stops taking calls and gives those in flight
 GRACEFUL_SHUTDOWN_SECONDS. Its bounds are REST's, in gRPC's terms:
 
-- a message above the largest valid inference request (service/codec.py) is refused by
+- a message above the largest valid inference request (service/codec.py: the pixels of
+  MAX_IMAGES_PER_REQUEST images, or one encoded image of MAX_UPLOAD_BYTES) is refused by
   gRPC itself (RESOURCE_EXHAUSTED) before any of our code runs;
-- metadata (gRPC's headers) is bounded by MAX_HEADER_BYTES;
+- metadata (gRPC's headers) is bounded by MAX_HEADER_BYTES, gRPC's soft and hard limit;
 - calls at once are bounded so that their messages fit MAX_BODY_BYTES_IN_FLIGHT (beyond
   it RESOURCE_EXHAUSTED at once), the counterpart of HTTP's body budget.
 """
@@ -30,7 +31,10 @@ def options(settings: Settings) -> tuple[list[tuple[str, int]], int]:
     message = max_message_bytes(settings.max_images_per_request, settings.max_upload_bytes)
     return [
         ("grpc.max_receive_message_length", message),
+        # gRPC refuses metadata above the hard limit, and at random between the soft
+        # limit and it (by default 1.25 times the soft one): both at MAX_HEADER_BYTES.
         ("grpc.max_metadata_size", settings.max_header_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_header_bytes),
         # Workers share the port (the kernel spreads connections); one worker alone must
         # not share it with anything else that happens to bind it.
         ("grpc.so_reuseport", int(settings.workers > 1)),

@@ -29,10 +29,11 @@ from google.protobuf.message import DecodeError, Message
 
 from contract.modelcard import IMAGE_SIZE, INPUT_NAME
 from service.auth import check
-from service.codec import FILES_NAME, VALUES_PER_IMAGE, encode_message, quoted
+from service.codec import FILES_NAME, VALUES_PER_IMAGE
 from service.context import Operation, RequestContext, request_id
 from service.dataplane import EXTENSIONS, PLATFORM, SERVER_NAME, SERVER_VERSION, DataPlane
-from service.errors import ContractError, InvalidTensor, status_of
+from service.errors import ContractError, InvalidTensor, message_of, quoted, status_of
+from service.outputs import encode_message
 from service.rpc import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class Servicer:
                 if found.headers and "Retry-After" in found.headers:
                     trailers += (("retry-after", found.headers["Retry-After"]),)
                 context.set_trailing_metadata(trailers)
-                await context.abort(grpc.StatusCode[status], err.message)
+                await context.abort(grpc.StatusCode[status], message_of(err))
             except asyncio.CancelledError:
                 status = "CANCELLED"  # the client cancelled or left; grpc has dropped the call
                 raise
