@@ -7,7 +7,8 @@ from bench.machine import machine_line
 from bench.results import cell
 from bench.targets import met_line
 
-PATHS = {"png": "PNG, /predict", "v2": "tensor, /v2 binary", "grpc": "tensor, gRPC raw"}
+PATHS = {"png": "PNG, /predict", "v2-bytes": "PNG, /v2 BYTES binary",
+         "v2": "tensor, /v2 binary", "grpc": "tensor, gRPC raw"}  # fmt: skip
 
 
 def percent(value: float | None) -> str:
@@ -230,6 +231,11 @@ def headline_lines(r: dict) -> list[str]:
         sentence += (
             f"; raw tensors over gRPC {rpc['rps']} req/s ({share(rpc)}, p99 {rpc['p99_ms']} "
             f"ms, {rpc['failed']} not answered OK)"
+        )
+    if files := h.get("v2-bytes"):
+        sentence += (
+            f"; PNG as /v2 BYTES {files['rps']} req/s ({share(files)}, p99 "
+            f"{files['p99_ms']} ms, {files['failed']} not answered 200)"
         )
     if h.get("peers_rps"):
         sentence += "; peers (PNG): " + ", ".join(
