@@ -35,6 +35,8 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -107,25 +109,32 @@ class InputTensor(Strict):
               "`parameters.binary_data_size` with the bytes after the JSON")
     )  # fmt: skip
 
-    @model_validator(mode="after")
-    def fits(self) -> "InputTensor":
-        """The one input: its name, datatype, shape and data agree (a message each)."""
-        shape, files = self.shape, self.name == FILES_NAME
-        if self.name not in (INPUT_NAME, FILES_NAME):
+    @field_validator("shape")
+    @classmethod
+    def fits(cls, shape: list[int], info: ValidationInfo) -> list[int]:
+        """The one input: its name, datatype and shape agree (a message each), checked
+        before its data is (a data list is only read for a tensor that can hold it)."""
+        name, datatype = info.data.get("name"), info.data.get("datatype")
+        if name not in (INPUT_NAME, FILES_NAME):
             _refuse(f"expected one input named {INPUT_NAME!r} (UINT8 pixels) or "
-                    f"{FILES_NAME!r} (BYTES, encoded images), got {quoted(self.name)}")  # fmt: skip
-        if self.datatype != ("BYTES" if files else "UINT8"):
-            _refuse(f"input {self.name!r} must have datatype {'BYTES' if files else 'UINT8'}, "
-                    f"got {quoted(self.datatype)}")  # fmt: skip
+                    f"{FILES_NAME!r} (BYTES, encoded images), got {quoted(str(name))}")  # fmt: skip
+        files = name == FILES_NAME
+        if datatype != ("BYTES" if files else "UINT8"):
+            _refuse(f"input {name!r} must have datatype {'BYTES' if files else 'UINT8'}, "
+                    f"got {quoted(str(datatype))}")  # fmt: skip
         if files and (shape[0] < 1 or shape[1:] not in ([], [1])):
             _refuse(f"input {FILES_NAME!r} must have shape [N] or [N, 1], got {shape}")
         if not files and (shape[0] < 1 or shape[1:] != [IMAGE_SIZE, IMAGE_SIZE, 3]):
             _refuse(f"input {INPUT_NAME!r} must have shape [N, 32, 32, 3], got {shape}")
+        return shape
+
+    @model_validator(mode="after")
+    def data_fits(self) -> "InputTensor":
         texts = self.data is not None and isinstance(self.data[0], str)
-        if self.data is not None and texts != files:
-            _refuse(f"input {FILES_NAME!r}: data must hold one base64 string per image" if files
-                    else f"input {INPUT_NAME!r}: data must hold integers only, flat or nested "
-                    "as the shape")  # fmt: skip
+        if self.data is not None and texts != (self.name == FILES_NAME):
+            _refuse(f"input {FILES_NAME!r}: data must hold one base64 string per image"
+                    if self.name == FILES_NAME else f"input {INPUT_NAME!r}: data must hold "
+                    "integers only, flat or nested as the shape")  # fmt: skip
         return self
 
 
