@@ -493,10 +493,10 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
         "| 320% (320%-320%) |" in markdown  # fmt: skip
     assert "the whole run took 10.0 min." in markdown
     assert "; int8 kernels: AVX2 (no VNNI))" in markdown
-    # p99 3 ms at 15 offered rates (5 a path), goodput 90% at 6, and the 32-image rows
+    # p99 3 ms at 20 offered rates (5 a path), goodput 90% at 8, and the 32-image rows
     # (320%, float and int8) met; the 8-image rows (80%) and the 64-client rows (10%, /v2
     # and /predict) not; no 503s, so no refusals
-    assert "23 of 27 targets met" in markdown
+    assert "30 of 34 targets met" in markdown
     assert "raw tensors over gRPC 10.0 req/s" in markdown
     assert "![latency-throughput curve](published/latency-curve.png)" in markdown
 
@@ -725,9 +725,10 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     results = json.loads((out / "floor.json").read_text())
     targets = results["targets"]
     assert list(targets) == [
-        "asgi floor", "starlette floor", "fastapi floor", "service /v2 binary",
-        "service /predict PNG", "service /v2 refused at the door", "compared /v2 binary",
-        "compared /predict PNG", "compared /v2 refused at the door",
+        "asgi floor", "starlette floor", "fastapi floor", "grpc floor", "service /v2 binary",
+        "service /predict PNG", "service gRPC raw", "service /v2 refused at the door",
+        "compared /v2 binary", "compared /predict PNG", "compared gRPC raw",
+        "compared /v2 refused at the door",
     ]  # fmt: skip
     for name, row in targets.items():
         assert row["errors"] == 0 and len(row["runs"]) == 2, name

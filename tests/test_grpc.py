@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -333,19 +334,33 @@ def test_keys_queue_bound_and_deadline_over_grpc(models_dir, images, triton_grpc
             assert ("retry-after", "1") in err.value.trailing_metadata()
 
 
-def test_not_ready_is_unavailable(tmp_path, images):
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_not_ready_is_false_on_health_and_unavailable_on_infer(tmp_path, images, transport):
+    """With no model loaded, on either transport: live, not ready (HTTP's health: a 4xx,
+    the protocol's "false"), and inference refused as unavailable (503 / UNAVAILABLE)
+    with the same message."""
     grpc_port = free_port()
-    with (
-        live_server(tmp_path, grpc_port=grpc_port),  # no models
-        grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
-    ):
-        stub = GRPCInferenceServiceStub(channel)
-        assert stub.ServerLive(pb.ServerLiveRequest()).live
-        assert not stub.ServerReady(pb.ServerReadyRequest()).ready
-        with pytest.raises(grpc.RpcError) as err:
-            stub.ModelInfer(raw_request(images[:1]))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "no model loaded" in err.value.details()
+    with live_server(tmp_path, grpc_port=grpc_port) as port:  # no models
+        if transport == "http":
+            client = triton_http.InferenceServerClient(url=f"127.0.0.1:{port}")
+            assert client.is_server_live() and not client.is_server_ready()
+            client.close()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{LARGE}/infer",
+                                             data=b"{}", method="POST")  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(request, timeout=30)
+            status, message = err.value.code, json.loads(err.value.read())["error"]
+            assert status == 503
+        else:
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                stub = GRPCInferenceServiceStub(channel)
+                assert stub.ServerLive(pb.ServerLiveRequest()).live
+                assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ModelInfer(raw_request(images[:1]))
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                message = err.value.details()
+        assert "no model loaded" in message
 
 
 # --- our own stub: the protocol's other forms, and hostile messages ------------------------

@@ -227,15 +227,6 @@ def test_v2_shares_the_limits_of_predict(models_dir, images):
         client.close()
 
 
-def test_not_ready_is_a_4xx_on_health_and_503_on_infer(tmp_path):
-    with live_server(tmp_path) as port:  # no models
-        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
-        assert client.is_server_live() and not client.is_server_ready()
-        status, reply = post(port, f"/v2/models/{LARGE}/infer", b"{}")
-        assert status == 503 and "no model loaded" in reply["error"]
-        client.close()
-
-
 # Runs in the kserve SDK's own venv (the kserve_python fixture): KServe's client against
 # our /v2, health through its JSON bodies, inference in JSON and in binary.
 KSERVE_CLIENT = """
