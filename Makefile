@@ -13,7 +13,7 @@ MODEL_IDS := cifar100-712868 cifar100-5735844
 TRAIN_FLAGS ?=
 
 .PHONY: setup train-export report test lint format serve bench bench-peers bench-faults \
-	bench-profile bench-floor triton-repo gpu-check docs docs-build score traffic-report
+	bench-profile bench-floor triton-repo sign gpu-check docs docs-build score traffic-report
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11, 3.12 or 3.13 (TensorFlow 2.21 has no wheels for others); install one or set PYTHON=/path/to/python3.1x" >&2; exit 1; }
@@ -98,6 +98,15 @@ bench-floor: setup
 # model_repository/: a Triton model repository from models/ (reads the ONNX files only).
 triton-repo: setup
 	$(PY) -m training export-triton
+
+# A signature bundle (<file>.sig) beside each models/*.onnx and model_repository/*/1/model.onnx,
+# with the EC private key KEY (default: $SIGNING_KEY); docs/trust.md makes one. FILES: other
+# files or folders. No TensorFlow needed.
+KEY ?= $(SIGNING_KEY)
+FILES ?=
+sign: setup
+	@test -n "$(KEY)" || { echo "make sign: set KEY=path/to/signing.pem (or SIGNING_KEY)" >&2; exit 1; }
+	$(PY) -m training sign --key '$(KEY)' $(FILES)
 
 # On a machine with an NVIDIA GPU: two epochs per model on synthetic data, export, serve
 # with DEVICE=cuda, check CUDAExecutionProvider, print images/s. Without one: a message

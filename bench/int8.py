@@ -9,6 +9,7 @@ an untrained file is as fast as a trained one, as for the float exports).
 from pathlib import Path
 
 from bench.load import pixel_images
+from bench.modelfiles import copy_verified
 
 CALIBRATION_IMAGES = 256
 MODES = ("auto", "quantize", "off")  # auto: only a file that exists
@@ -30,7 +31,7 @@ def int8_file(
     target = folder / int8_name(model_id)
     if beside.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(beside.read_bytes())
+        copy_verified(beside, target)
         return target, f"int8, {beside.name} from the models folder"
     if mode != "quantize":
         return None

@@ -1,14 +1,19 @@
 """The ONNX files a benchmark serves: the trained ones, or untrained exports in their place.
 
 Speed does not depend on the weights, so a model not trained yet is exported untrained
-(same architecture, same graph) and labelled so in the results."""
+(same architecture, same graph) and labelled so in the results. A file taken from the
+models folder is verified as the service verifies it where TRUSTED_KEYS is set in the
+benchmark's environment (contract/trust.py): the bytes copied are the bytes verified, and
+its signature bundle goes with them."""
 
+import os
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from contract.modelcard import ModelCard
+from contract.trust import TrustedKeys, bundle_path, provenance
 from training.export import export
 from training.models import MODEL_IDS, build_model
 from training.synthetic import make_images
@@ -31,12 +36,23 @@ def model_files(
             export_trivial(target)
             files[model_id] = (target, "a trivial model: mean colour, 8 units, 100 classes")
         elif trained.exists():
-            target.write_bytes(trained.read_bytes())
+            copy_verified(trained, target)
             files[model_id] = (target, "trained weights")
         else:
             export_untrained(model_id, target)
             files[model_id] = (target, "untrained weights (speed only)")
     return files
+
+
+def copy_verified(source: Path, target: Path) -> None:
+    """`source`'s bytes and bundle to `target`, once verified against TRUSTED_KEYS where it
+    is set (InvalidModel, with the reason, where they do not verify)."""
+    keys = os.environ.get("TRUSTED_KEYS")
+    content = source.read_bytes()
+    provenance(source, content, TrustedKeys(Path(keys)) if keys else None)
+    target.write_bytes(content)
+    if bundle_path(source).is_file():
+        bundle_path(target).write_bytes(bundle_path(source).read_bytes())
 
 
 def export_untrained(model_id: str, path: Path) -> None:

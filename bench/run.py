@@ -33,22 +33,25 @@ Writes <out>/results.json and results.md and <out>/latency-curve.png (a full run
 """
 
 import argparse
+import json
 import math
 import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench import curve
 from bench import peers as peer_servers
-from bench.ceiling import Windows, all_cpu_session, measure_table
+from bench.bounds import bounded, measure_floor
+from bench.ceiling import Windows, ceiling_session, measure_table
 from bench.driver import CONCURRENCY, run_load
 from bench.int8 import MODES as INT8_MODES
 from bench.int8 import int8_file
 from bench.machine import describe_machine
 from bench.modelfiles import model_files
 from bench.results import write
-from bench.servers import free_port, service_process, uvicorn_process
+from bench.servers import HOST, free_port, service_process, uvicorn_process
 from bench.steady import Interleaved, Row, goodput_of_capacity, ratio_windows
 from bench.tables import PATHS, to_markdown
 from bench.targets import CLOSED_SHARE, judge_closed, judge_images, judge_open
@@ -137,6 +140,9 @@ def main(args: argparse.Namespace) -> int:
     results["run"]["settings_given"] = args.service_settings
     results["models"] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        # The serving path's floor, once: the same for every model.
+        results["floor"] = measure_floor(args, Path(scratch), HEADLINE_CLIENTS, targets_of)
+        args.floor = {kind: row["rps"] for kind, row in results["floor"].items()}
         models = model_files(args.models_dir, Path(scratch), args.models)
         for model_id, (path, weights) in models.items():
             print(f"== {model_id} ({weights})", flush=True)
@@ -179,7 +185,7 @@ def measure_model(
     """Every table of one model: ceilings (float, int8 where there is one), the service
     on the float file, the naive server, the peers, the service on the int8 file."""
     ceiling = measure_table(path, settings, args.ceiling_seconds)
-    session = all_cpu_session(path, args.device)
+    session = ceiling_session(path, args.device, ceiling)
     threads = ceiling["all_cpus"]["threads"]
     windows: list[Windows] = []
 
@@ -192,7 +198,7 @@ def measure_model(
     if int8 is not None:
         int8_path, source = int8
         int8_ceiling = measure_table(int8_path, settings, args.ceiling_seconds)
-        int8_session = all_cpu_session(int8_path, args.device)
+        int8_session = ceiling_session(int8_path, args.device, int8_ceiling)
         int8_windows = Windows(int8_session, int8_ceiling["best_batch"], args.window_seconds,
                                "int8 ceiling, alternating with float")  # fmt: skip
         float_windows = Windows(session, ceiling["best_batch"], args.window_seconds,
@@ -221,7 +227,7 @@ def measure_model(
         )  # fmt: skip
     result["windows"] = [w.summary() for w in windows]
     result["at_64_clients"] = headline(result)
-    result["targets"] = judge(result)
+    result["targets"] = judge(result, args.floor)
     return result
 
 
@@ -279,6 +285,7 @@ def measure_service(
             **{**args.service_settings, "batching": batching == "on", "grpc_port": grpc_port},
         )  # fmt: skip
         with server as (port, process):
+            service.setdefault("serving", serving_of(port, model_id))
             inter = interleaved(f"service, batching {batching}")
             targets = targets_of(port, process.pid, model_id, grpc_port)
             repeats = args.repeats if batching == "on" else 1
@@ -292,6 +299,13 @@ def measure_service(
                 service["images"] = measured[len(PATHS) * len(CONCURRENCY) :]
                 service["open"] = open_loop(inter, targets, service["closed"], args)
     return service
+
+
+def serving_of(port: int, model_id: str) -> dict:
+    """What the service computes `model_id` with (its GET /models/{id}): engine,
+    precision, instructions, and the ways it declined."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/models/{model_id}", timeout=10) as answer:
+        return json.load(answer)["serving"]
 
 
 def open_loop(inter: Interleaved, targets: dict, closed: dict, args: argparse.Namespace) -> dict:
@@ -375,14 +389,16 @@ def headline(result: dict) -> dict:
     return out
 
 
-def judge(result: dict) -> list[dict]:
-    """Every target's verdict for the model: the 64-client rows, the open loop per path
-    and load, and the many-image rows (float, and int8 where measured)."""
+def judge(result: dict, floor: dict[str, float]) -> list[dict]:
+    """Every target's verdict for the model: the 64-client rows (against the lower of the
+    ceiling and the serving path's floor), the open loop per path and load, and the
+    many-image rows (float, and int8 where measured)."""
     verdicts = []
     for kind in CLOSED_SHARE:
-        (row,) = [r for r in result["service"]["closed"][f"{kind}, batching on"]
-                  if r["concurrency"] == HEADLINE_CLIENTS]  # fmt: skip
-        verdicts.append(judge_closed(kind, PATHS[kind], row))
+        rows = result["service"]["closed"][f"{kind}, batching on"]
+        (i,) = [i for i, r in enumerate(rows) if r["concurrency"] == HEADLINE_CLIENTS]
+        rows[i] = bounded(rows[i], floor.get(kind))
+        verdicts.append(judge_closed(kind, PATHS[kind], rows[i]))
     for kind, rows in result["service"]["open"].items():
         for row in rows:
             verdicts += judge_open(kind, PATHS[kind], row)

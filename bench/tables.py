@@ -40,10 +40,12 @@ def to_markdown(results: dict) -> str:
         "and counts summed over its runs.",
         "",
     ]  # fmt: skip
+    lines += floor_lines(results.get("floor"))
     for model_id, r in results["models"].items():
         c = r["ceiling"]
-        lines += [f"### {model_id} ({r['weights']}, {c['provider']})", ""]
+        lines += [f"### {model_id} ({r['weights']}; ceiling: {c['way']})", ""]
         lines += targets_table(r["targets"])
+        lines += ways_table(r)
         lines += ceiling_table(r)
         lines += drift_table(r["windows"])
         lines += closed_table(r)
@@ -72,11 +74,62 @@ def targets_table(verdicts: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def ways_table(r: dict) -> list[str]:
+    """Every engine and precision this machine offers each file, on every CPU: its best
+    images/s and whether the file's promise holds there; the service judged against the
+    fastest that holds."""
+    lines = [
+        "Engines and precisions on this machine, every CPU (the ceiling: the fastest whose "
+        "promise holds); the service serves "
+        + ", ".join(
+            f"{name}: {s['engine']} {s['precision']} ({s.get('instructions') or s['device']})"
+            for name, s in served(r).items()
+        )
+        + ".",
+        "",
+        "| file | engine | precision | instructions | images/s | at batch | promise | "
+        "self-check s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in (("float", r["ceiling"]), ("int8", (r.get("int8") or {}).get("ceiling"))):
+        for way in (c or {}).get("ways", []):
+            held = "held" if way["promise"] == "held" else f"**not held**: {way['promise']}"
+            lines.append(
+                f"| {name} | {way['engine']} | {way['precision']} | {way['instructions']} | "
+                f"{way['images_per_s']} | {way['best_batch']} | {held} | "
+                f"{cell(way.get('self_check_seconds'))} |"
+            )
+        lines += [f"| {name} | - | - | - | - | - | not offered: {why} | - |"
+                  for why in (c or {}).get("not_offered", [])]  # fmt: skip
+    return [*lines, ""]
+
+
+def served(r: dict) -> dict[str, dict]:
+    """What the service computed each file with, as it said (GET /models/{id})."""
+    out = {"float": r["service"].get("serving")}
+    if r.get("int8") and r["int8"].get("service"):
+        out["int8"] = r["int8"]["service"].get("serving")
+    return {name: s for name, s in out.items() if s}
+
+
+def floor_lines(floor: dict | None) -> list[str]:
+    """The serving path's floor: the service on a model that costs nothing."""
+    if not floor:
+        return []
+    return [
+        "Floor (the service serving a trivial model, 64 clients, median of "
+        f"{next(iter(floor.values()))['runs']} runs): "
+        + ", ".join(f"{PATHS[kind]} {row['rps']} req/s" for kind, row in floor.items())
+        + "; a one-image row is judged against the lower of this and its ceiling.",
+        "",
+    ]
+
+
 def ceiling_table(r: dict) -> list[str]:
-    """onnxruntime alone: the float file's sessions, and the int8 file's beside them."""
+    """The ceiling's way alone: the float file's sessions, and the int8 file's beside them."""
     c, int8 = r["ceiling"], r.get("int8")
     head = (
-        f"| onnxruntime: batch | float, {c['all_cpus']['threads']} threads (all CPUs): "
+        f"| {c['way']}: batch | float, {c['all_cpus']['threads']} threads (all CPUs): "
         f"images/s | p50 ms | p99 ms | float, {c['per_worker']['threads']} thread(s) (one "
         "worker): images/s | p50 ms | p99 ms |"
     )
@@ -127,8 +180,8 @@ def drift_table(windows: list[dict]) -> list[str]:
 CLOSED_HEAD = [
     "| server | request | clients | images/request | runs | answered req/s | images/s "
     "| of ceiling | p50 ms | p95 ms | p99 ms | shed (503) | refused (4xx) | errors "
-    "| CPU ms/request: server | load generator |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| CPU ms/request: server | load generator | of min(ceiling, floor) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -138,8 +191,17 @@ def closed_line(label: str, request: str, x: dict) -> str:
         f"| {x['runs']} | {with_spread(x, 'rps')} | {cell(x.get('images_per_s'))} "
         f"| {with_spread(x, 'share_of_ceiling', as_percent=True)} | {cell(x['p50_ms'])} "
         f"| {cell(x['p95_ms'])} | {with_spread(x, 'p99_ms')} | {x['shed']} | {x['refused']} "
-        f"| {x['errors']} | {cell(x.get('server_cpu_ms'))} | {cell(x.get('client_cpu_ms'))} |"
+        f"| {x['errors']} | {cell(x.get('server_cpu_ms'))} | {cell(x.get('client_cpu_ms'))} "
+        f"| {bound_cell(x)} |"
     )
+
+
+def bound_cell(x: dict) -> str:
+    """A judged one-image row's bound: its share of min(ceiling, floor), and both."""
+    if x.get("bound") is None:
+        return "-"
+    return (f"{percent(x['share_of_bound'])} of {cell(x['bound'])} (ceiling "
+            f"{cell(x.get('ceiling'))}, floor {cell(x.get('floor_rps'))})")  # fmt: skip
 
 
 def closed_table(r: dict) -> list[str]:

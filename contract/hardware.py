@@ -1,6 +1,6 @@
-"""What this machine computes with: the CPU, the vector extensions onnxruntime's kernels
-choose between, and the int8 kernel class that follows. A measurement names these, since
-the same file takes other code paths on another CPU."""
+"""What this machine computes with: the CPU, the vector extensions the engines' kernels
+choose between, and the kernel class each precision takes. A measurement names these,
+since the same file takes other code paths on another CPU."""
 
 import contextlib
 import platform
@@ -21,13 +21,32 @@ INT8_KERNELS = (
 )
 
 
+# float32 (and float16 files, which the CPU computes in float32) and bfloat16, best first.
+FLOAT_KERNELS = ((("avx512f",), "AVX-512"), (("avx2",), "AVX2"))
+BFLOAT16_KERNELS = ((("amx_bf16", "amx_tile"), "AMX"), (("avx512_bf16",), "AVX-512 BF16"))
+
+
 def int8_kernels(flags: list[str] | set[str]) -> str:
     """The widest int8 dot-product instructions `flags` offer (onnxruntime's MLAS has a
     kernel for each of INT8_KERNELS and picks the widest at start)."""
-    for needs, name in INT8_KERNELS:
+    return _widest(INT8_KERNELS, flags) or "none of AVX2/AVX-512/AMX"
+
+
+def kernels(precision: str, flags: list[str] | set[str]) -> str | None:
+    """The instructions a CPU computes `precision` with, by its `flags`; None where it has
+    none for it (bfloat16 without AMX or AVX-512 BF16)."""
+    if precision == "int8":
+        return int8_kernels(flags)
+    if precision == "bfloat16":
+        return _widest(BFLOAT16_KERNELS, flags)
+    return _widest(FLOAT_KERNELS, flags) or "SSE"
+
+
+def _widest(table: tuple, flags: list[str] | set[str]) -> str | None:
+    for needs, name in table:
         if set(needs) <= set(flags):
             return name
-    return "none of AVX2/AVX-512/AMX"
+    return None
 
 
 # /proc/cpuinfo flags -> NumPy's name for the same CPUID bit. NumPy asks CPUID itself, as

@@ -12,9 +12,13 @@ difference and the tolerance. The export runs the same check on what it writes.
 
 What each file promises (training/proof.py writes it):
   - the float32 export: what onnxruntime computed at export, to the parity tolerances
-    the export held it to against Keras;
+    the export held it to against Keras; and, where the export measured it, a promise
+    for each other precision an engine may compute it in (`precisions`: bfloat16), to
+    the limits that measurement was held to;
   - a twin (int8, float16): the float32 file's outputs for the same images, to the
     tolerances of the twin's own gate.
+Wherever the file loads, the loader runs the references through the engine and precision
+that will serve it and holds them to that precision's promise (contract/classifier.py).
 
 This module is NumPy only, like contract/modelcard.py: the training side writes the same
 structure that the service reads.
@@ -86,6 +90,20 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class Promise:
+    """What a file promises when an engine computes it in another precision than its own
+    (a float32 file in bfloat16): its tolerances against the same references, and how
+    the export measured the limits (engine, CPU, images, what it found)."""
+
+    tolerances: list[Tolerance]
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tolerances:
+            raise ValueError("a precision's promise without tolerances would promise nothing")
+
+
+@dataclass(frozen=True)
 class SelfCheck:
     images: np.ndarray  # uint8 [N, 32, 32, 3]
     expected: dict[str, np.ndarray]  # output name -> [N, ...]
@@ -96,6 +114,9 @@ class SelfCheck:
     verified_on: list[dict[str, Any]] = field(default_factory=list)
     # output name -> (low, high), each shaped like its expected values (outside_bounds)
     bounds: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # precision -> its promise, for the precisions the file may be computed in besides its
+    # own (whose promise is `tolerances`)
+    precisions: dict[str, Promise] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         images = self.images
@@ -112,7 +133,8 @@ class SelfCheck:
                 low.shape == high.shape == self.expected[name].shape
             ):
                 raise ValueError(f"bounds for {name} do not match its reference")
-        for tolerance in self.tolerances:
+        every = [*self.tolerances, *(t for p in self.precisions.values() for t in p.tolerances)]
+        for tolerance in every:
             if tolerance.output not in self.expected:
                 raise ValueError(f"a tolerance for {tolerance.output}, which has no reference")
             if tolerance.kind == "outside_bounds" and tolerance.output not in self.bounds:
@@ -125,11 +147,14 @@ class SelfCheck:
         """The outputs the check runs, in a stable order."""
         return sorted({t.output for t in self.tolerances})
 
-    def failures(self, got: dict[str, np.ndarray]) -> list[str]:
+    def failures(
+        self, got: dict[str, np.ndarray], tolerances: list[Tolerance] | None = None
+    ) -> list[str]:
         """Each broken promise, in words (output, the worst difference, the tolerance);
-        empty when every output is within its tolerance."""
+        empty when every output is within its tolerance. `tolerances`: a precision's
+        promise (`precisions[...].tolerances`); by default the file's own."""
         problems = []
-        for tolerance in self.tolerances:
+        for tolerance in self.tolerances if tolerances is None else tolerances:
             values = got.get(tolerance.output)
             expected = self.expected[tolerance.output]
             if values is None:
@@ -148,10 +173,14 @@ class SelfCheck:
                 )
         return problems
 
-    def run(self, model: Callable[[np.ndarray], dict[str, np.ndarray]]) -> list[str]:
+    def run(
+        self,
+        model: Callable[[np.ndarray], dict[str, np.ndarray]],
+        tolerances: list[Tolerance] | None = None,
+    ) -> list[str]:
         """Run the reference images through `model` (images -> outputs by name) and
-        return `failures`."""
-        return self.failures(model(self.images))
+        return `failures` against `tolerances` (by default the file's own)."""
+        return self.failures(model(self.images), tolerances)
 
     def to_metadata(self) -> str:
         return json.dumps(
@@ -164,6 +193,10 @@ class SelfCheck:
                 "verified_on": self.verified_on,
                 "bounds": {
                     name: [_encode(low), _encode(high)] for name, (low, high) in self.bounds.items()
+                },
+                "precisions": {
+                    name: {"tolerances": [vars(t) for t in p.tolerances], "measured": p.measured}
+                    for name, p in self.precisions.items()
                 },
             }
         )
@@ -186,6 +219,13 @@ class SelfCheck:
                     str(name): (_decode(low), _decode(high))
                     for name, (low, high) in (data.get("bounds") or {}).items()
                 },
+                precisions={
+                    str(name): Promise(
+                        tolerances=[Tolerance(**t) for t in promise["tolerances"]],
+                        measured=dict(promise.get("measured") or {}),
+                    )
+                    for name, promise in (data.get("precisions") or {}).items()
+                },
             )
         except KeyError as missing:
             raise ValueError(f"its self-check is missing {missing}") from None
@@ -199,6 +239,10 @@ class SelfCheck:
             "tolerances": [vars(t) for t in self.tolerances],
             "source": self.source,
             "verified_on": self.verified_on,
+            "precisions": {
+                name: {"tolerances": [vars(t) for t in p.tolerances], "measured": p.measured}
+                for name, p in self.precisions.items()
+            },
         }
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from contract.trust import TrustedKeys, UnusableKeys
 from score.inputs import InputError, list_inputs
 from score.job import JobError, Resources, find_model, run
 from service.config import Settings
@@ -44,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get("MODELS_DIR") or default("models_dir")),
         help="where --model's id is looked up (default: MODELS_DIR, else models/)",
     )
+    parser.add_argument(
+        "--trusted-keys",
+        type=Path,
+        default=os.environ.get("TRUSTED_KEYS") or None,
+        help="a public key file or a folder of them: only a model file signed by one is "
+        "scored, verified where each actor loads it, as the service does (default: "
+        "TRUSTED_KEYS; unset: not verified)",
+    )
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="fine classes per image")
     parser.add_argument(
         "--resize",
@@ -72,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=default("max_image_pixels"),
         help="larger images are error rows (MAX_IMAGE_PIXELS)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnxruntime", "openvino"),
+        default=os.environ.get("ENGINE") or default("engine"),
+        help="what computes the file on each actor (default: ENGINE, else auto; as the "
+        "service's ENGINE)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default=os.environ.get("PRECISION") or default("precision"),
+        help="what a float32 file is computed in (default: PRECISION, else auto: bfloat16 on "
+        "CPUs that have it and files that promise it; float32 for the same numbers on every "
+        "node)",
     )
     parser.add_argument("--actors", type=int, help="default: as many as the cluster holds")
     parser.add_argument(
@@ -107,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = list_inputs(args.input, args.column, args.split)
         if not inputs.paths:
             raise InputError(f"{args.input}: no files to score")
-        model = find_model(args.models_dir, args.model)
+        trusted = TrustedKeys(args.trusted_keys) if args.trusted_keys else None
+        model = find_model(args.models_dir, args.model, trusted)
         options = {
             "top_k": args.top_k,
             "resize": args.resize,
@@ -115,13 +140,22 @@ def main(argv: list[str] | None = None) -> int:
             "max_bytes": args.max_bytes,
             "max_pixels": args.max_pixels,
             "batch_size": args.batch_size,
+            "engine": args.engine,
+            "precision": args.precision,
         }
         resources = Resources(args.actors, args.cpus_per_actor, args.gpus_per_actor)
         summary = run(
-            inputs, args.output, model, options, resources, args.shard_size, args.progress_seconds
-        )
+            inputs, args.output, model, options, resources, args.shard_size,
+            args.progress_seconds, args.trusted_keys,
+        )  # fmt: skip
     except (InputError, JobError) as err:
         print(f"score: {err}", file=sys.stderr)
+        return 2
+    except UnusableKeys as err:
+        print(f"score: {err.message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output folder, a shard that cannot be written
+        print(f"score: {err.filename or args.output}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(
         f"score: done: {summary['images']:,} images in {summary['shards']} shard(s) in "

@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 
 from contract.classifier import Classifier
 from contract.columns import SCORE_INPUT_SCHEMA
+from contract.errors import ContractError
+from contract.trust import TrustedKeys
 from score.inputs import Inputs
 from score.scorer import Options, Scorer
 from service.catalog import Served, default_version
@@ -47,21 +49,35 @@ class Resources:
     gpus_per_actor: int  # 0: CPU only; else the CUDA provider, one session per GPU actor
 
 
-def find_model(models_dir: Path, model: str) -> Classifier:
+def find_model(models_dir: Path, model: str, trusted: TrustedKeys | None = None) -> Classifier:
     """`model` as a file, or the newest version (the service's rule) of the model with that
-    id among MODELS_DIR's *.onnx files."""
+    id among MODELS_DIR's *.onnx files; with `trusted` (TRUSTED_KEYS), only files whose
+    signature verifies, as the service loads them."""
     if model.endswith(".onnx") and Path(model).is_file():
-        return Classifier(Path(model), "cpu", 1, 1)
-    found: dict[str, Served] = {}
-    for path in sorted(Path(models_dir).glob("*.onnx")):
         try:
-            candidate = Classifier(path, "cpu", 1, 1)
-        except Exception:  # not ours, or broken: the service skips it too
+            return Classifier(Path(model), "cpu", 1, 1, trusted=trusted)
+        except ContractError as err:
+            raise JobError(err.message) from None
+    found: dict[str, Served] = {}
+    refused: list[str] = []
+    for path in sorted(Path(models_dir).glob("*.onnx")):
+        if not path.is_file():  # a FIFO or a device would block the read
+            continue
+        try:
+            candidate = Classifier(path, "cpu", 1, 1, trusted=trusted)
+        except ContractError as err:  # not ours, broken or not signed: the service skips it
+            refused.append(err.message)
+            continue
+        except Exception:  # onnxruntime's own errors: skipped as well
             continue
         if candidate.model_id == model:
             found[candidate.version] = Served(candidate, batcher=None)
     if not found:
-        raise JobError(f"no model {model!r} in {models_dir} (a *.onnx file whose card names it)")
+        # With TRUSTED_KEYS, the files refused may be the one meant: say why they were.
+        why = f"; refused: {'; '.join(refused[:3])}" if refused and trusted is not None else ""
+        raise JobError(
+            f"no model {model!r} in {models_dir} (a *.onnx file whose card names it{why})"
+        )
     return found[default_version(found)].model
 
 
@@ -71,9 +87,16 @@ def shard_name(shard: int) -> str:
 
 def check_manifest(output: Path, settings: dict) -> None:
     """Write the job's settings, or check that the folder's are the same ones."""
+    if output.exists() and not output.is_dir():
+        raise JobError(f"--output {output} is a file, not a folder for the shards")
     manifest = output / MANIFEST
     if manifest.exists():
-        before = json.loads(manifest.read_text())
+        try:
+            before = json.loads(manifest.read_text())
+        except (OSError, ValueError) as err:
+            raise JobError(
+                f"{manifest} is not a job's record ({err}); use another --output"
+            ) from None
         if before != settings:
             changed = sorted(
                 k for k in settings.keys() | before.keys() if before.get(k) != settings.get(k)
@@ -138,8 +161,10 @@ def run(
     resources: Resources,
     shard_size: int,
     progress_every: float = 5.0,
+    trusted_keys: Path | None = None,
 ) -> dict:
-    """Score every input not yet in `output`; a summary of what was done."""
+    """Score every input not yet in `output`; a summary of what was done. `trusted_keys`:
+    each actor verifies the model file it loads against them, as the driver did."""
     settings = {
         "model_id": model.model_id,
         "model_version": model.version,
@@ -173,7 +198,9 @@ def run(
     pending: dict[int, list[pa.Table]] = defaultdict(list)
     counts: dict[int, int] = defaultdict(int)
     written: set[int] = set()
-    for table in stream(inputs, todo, shard_size, model, options, resources):
+    for table in ray_errors_as_job_errors(
+        stream(inputs, todo, shard_size, model, options, resources, trusted_keys)
+    ):
         for shard in set(table["shard"].to_pylist()) - written:
             part = table.filter(pc.equal(table["shard"], shard))
             pending[shard].append(part)
@@ -205,6 +232,7 @@ def stream(
     model: Classifier,
     options: dict,
     resources: Resources,
+    trusted_keys: Path | None = None,
 ):
     """The answers for shards `todo`, as tables, in whatever order the actors finish."""
     import ray
@@ -236,6 +264,7 @@ def stream(
         model_version=model.version,
         device="cuda" if resources.gpus_per_actor else "cpu",
         threads=resources.cpus_per_actor,
+        trusted_keys=str(trusted_keys) if trusted_keys else None,
         **options,
     )
     answers = dataset.map_batches(
@@ -248,6 +277,26 @@ def stream(
         num_gpus=resources.gpus_per_actor,
     )
     yield from answers.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def ray_errors_as_job_errors(tables):
+    """`tables`, with Ray's failures (an actor that cannot start, a lost cluster) as one
+    JobError line: the innermost cause's last line, not Ray's nested tracebacks. Files'
+    own faults never get here: each is its row's error."""
+    import ray.exceptions
+
+    try:
+        yield from tables
+    except (ray.exceptions.RayError, ConnectionError) as err:
+        cause: BaseException = err
+        while (inner := getattr(cause, "cause", None) or cause.__cause__) not in (None, cause):
+            cause = inner
+        if isinstance(cause, ContractError):
+            text = cause.message
+        else:
+            lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+            text = lines[-1] if lines else type(cause).__name__
+        raise JobError(f"the Ray job failed: {text[:300]}") from None
 
 
 def input_block(inputs: Inputs, shard: int, shard_size: int) -> pa.Table:

@@ -2,14 +2,14 @@
 
 Every step is the service's own. Bytes are opened and decoded by contract/images.py (the
 same formats, limits and resize), probabilities come from contract/classifier.py's
-Classifier on the same ONNX file (checked by its content hash), and each answer is shaped
+Classifier on the same ONNX file (checked by its content hash, and verified against
+TRUSTED_KEYS as the service verifies it, where set), and each answer is shaped
 by service/schemas.describe, the function /predict answers with. A file that cannot be
 read or decoded becomes a row with `error` set; the rest of its batch goes on.
 
 Nothing here knows of Ray: an actor is an instance of `Scorer`, a batch a pyarrow.Table.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +20,10 @@ import pyarrow.fs
 from contract.classifier import Classifier
 from contract.columns import score_output_schema
 from contract.errors import ContractError, UploadTooLarge
+from contract.files import open_regular
 from contract.images import bound_metadata, decode, open_image
 from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, IMAGE_SIZE, OUTPUT_NAME
+from contract.trust import TrustedKeys
 from service.schemas import describe
 
 
@@ -38,11 +40,15 @@ class Options:
     max_pixels: int  # per image (the service's MAX_IMAGE_PIXELS)
     batch_size: int  # images per onnxruntime call: what the warm-up runs
     device: str  # cpu, cuda or auto, as the service's DEVICE
-    threads: int  # onnxruntime intra-op threads: the CPUs the actor holds
+    threads: int  # the engine's threads: the CPUs the actor holds
+    engine: str = "auto"  # as the service's ENGINE
+    precision: str = "auto"  # as the service's PRECISION
+    trusted_keys: str | None = None  # TRUSTED_KEYS: each actor verifies the bytes it loads
 
 
 class Scorer:
-    """One onnxruntime session, warmed up; called with batches of SCORE_INPUT_SCHEMA rows."""
+    """One model file on its engine, warmed up and checked; called with batches of
+    SCORE_INPUT_SCHEMA rows."""
 
     def __init__(self, options: Options) -> None:
         bound_metadata()  # Pillow's limits on PNG metadata, as the service sets them
@@ -53,6 +59,9 @@ class Scorer:
             options.threads,
             1,
             max_batch_size=options.batch_size,
+            engine=options.engine,
+            precision=options.precision,
+            trusted=TrustedKeys(Path(options.trusted_keys)) if options.trusted_keys else None,
         )
         if self.model.version != options.model_version:
             raise RuntimeError(
@@ -126,17 +135,23 @@ class Scorer:
 
 def read_file(path: str, max_bytes: int) -> bytes:
     """A file's bytes, local or an object store URI (s3://, gs://: pyarrow's filesystems);
-    UploadTooLarge above `max_bytes`, told by its size before anything is read."""
+    UploadTooLarge above `max_bytes`, told by its size before anything is read. Only a
+    regular file is opened (contract/files.py): a FIFO, a device or a socket is refused at
+    once instead of blocking the actor and every image of its batch."""
     if "://" in path:
         filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-        size = filesystem.get_file_info(inner).size
-        opener = lambda: filesystem.open_input_stream(inner)  # noqa: E731
+        info = filesystem.get_file_info(inner)
+        if info.type != pyarrow.fs.FileType.File:
+            kind = {pyarrow.fs.FileType.NotFound: "no such file"}.get(info.type)
+            raise OSError(kind or f"not a regular file ({info.type.name.lower()})")
+        file, size = filesystem.open_input_stream(inner), info.size
     else:
-        size = os.stat(path).st_size
-        opener = lambda: open(path, "rb")  # noqa: E731, SIM115
-    if size is not None and size > max_bytes:
-        raise UploadTooLarge(f"the file is {size:,} bytes; the limit is {max_bytes:,} per image")
-    with opener() as file:
+        file, size = open_regular(path)
+    with file:
+        if size is not None and size > max_bytes:
+            raise UploadTooLarge(
+                f"the file is {size:,} bytes; the limit is {max_bytes:,} per image"
+            )
         data = file.read(max_bytes + 1)  # a file that grew since its size was read
     if len(data) > max_bytes:
         raise UploadTooLarge(f"the file is over {max_bytes:,} bytes, the limit per image")

@@ -17,6 +17,10 @@ rename) or removed are loaded, swapped or unloaded. A request holds the version 
 started on until it is answered; a broken new file is reported and the version it was
 meant to replace keeps serving.
 
+With TRUSTED_KEYS set, a file is served only if its signature bundle verifies for the bytes
+loaded (contract/trust.py); one that does not is reported like any broken file. A bundle
+added or replaced beside a file counts as a change to that file.
+
 Each version's micro-batcher is made here; service/dataplane.py hands requests to it.
 """
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.classifier import Classifier
+from contract.trust import TrustedKeys, bundle_path
 from service.batching import MicroBatcher
 from service.config import Settings
 from service.errors import DeviceUnavailable, InvalidModel, NotReady, UnknownModel, quoted
@@ -66,8 +71,10 @@ class Catalog:
     default_id: str | None = None
     # Told of every batch any model runs (the admission's measure of the service rate).
     on_batch: Callable[[int, float], None] = lambda size, seconds: None
-    # file name -> (size, mtime, inode) and what it serves, to see what changed on disk
-    _files: dict[str, tuple[tuple[int, int, int], Served | None]] = field(default_factory=dict)
+    trusted: TrustedKeys | None = None  # TRUSTED_KEYS, read once at startup
+    # file name -> (size, mtime, inode) of it and of its bundle, and what it serves, to see
+    # what changed on disk
+    _files: dict[str, tuple[tuple[int, ...], Served | None]] = field(default_factory=dict)
 
     def get(self, model_id: str | None, version: str | None = None) -> Served:
         """The model asked for (or the default one), at the version asked for (or its
@@ -160,7 +167,8 @@ class Catalog:
         settings = self.settings
         try:
             model = await asyncio.wait_for(
-                asyncio.to_thread(_open, path, settings), settings.model_load_timeout_seconds
+                asyncio.to_thread(_open, path, settings, self.trusted),
+                settings.model_load_timeout_seconds,
             )
         except TimeoutError:
             # The thread cannot be stopped; it is left to finish or hang on its own.
@@ -184,13 +192,14 @@ class Catalog:
         served = Served(model, self._batcher(model))
         self.models.setdefault(model.model_id, {})[model.version] = served
         self.metrics.loaded.labels(model.model_id, model.version).set(1)
+        self.metrics.served_by(model.model_id, model.version, model.serving)
         log.info(
             "model loaded",
             extra={
                 "model": model.model_id,
                 "version": model.version,
                 "file": path.name,
-                "provider": model.provider,
+                **model.serving,
                 "self_check_seconds": round(model.self_check_seconds or 0.0, 4),
             },
         )
@@ -203,6 +212,7 @@ class Catalog:
         if not versions:
             self.models.pop(served.model_id, None)
         self.metrics.loaded.labels(served.model_id, served.version).set(0)
+        self.metrics.served_by(served.model_id, served.version, served.model.serving, 0)
         log.info("model unloaded", extra={"model": served.model_id, "version": served.version,
                                           "reason": why})  # fmt: skip
         # Requests already queued on it are answered before its batcher stops.
@@ -260,22 +270,31 @@ async def load_catalog(
     metrics: Metrics,
     on_batch: Callable[[int, float], None] = lambda size, seconds: None,
 ) -> Catalog:
-    catalog = Catalog(settings, metrics, on_batch=on_batch)
+    # A TRUSTED_KEYS that names no usable key stops startup (UnusableKeys), as DEVICE=cuda
+    # without CUDA does: serving unverified files would be the opposite of what was asked.
+    trusted = TrustedKeys(settings.trusted_keys) if settings.trusted_keys else None
+    catalog = Catalog(settings, metrics, on_batch=on_batch, trusted=trusted)
     await catalog.sync()
     if not catalog.models:
         log.error("not ready", extra={"reason": catalog.not_ready_reason()})
     return catalog
 
 
-def _signature(path: Path) -> tuple[int, int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (-1, -1, -1)
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+def _signature(path: Path) -> tuple[int, ...]:
+    """The file's and its bundle's (size, mtime, inode): a bundle that arrives after its
+    file, or is replaced, has the file loaded again."""
+    stats = []
+    for each in (path, bundle_path(path)):
+        try:
+            st = each.stat()
+        except OSError:
+            stats += (-1, -1, -1)
+            continue
+        stats += (st.st_size, st.st_mtime_ns, st.st_ino)
+    return tuple(stats)
 
 
-def _open(path: Path, settings: Settings) -> Classifier:
+def _open(path: Path, settings: Settings, trusted: TrustedKeys | None) -> Classifier:
     # Only regular files: opening a FIFO or a device would block or read forever.
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
@@ -289,6 +308,9 @@ def _open(path: Path, settings: Settings) -> Classifier:
         settings.onnx_threads,
         settings.inter_op_threads,
         max_batch_size=settings.batch_max_size,  # warm-up runs the sizes the batcher sends
+        engine=settings.engine,
+        precision=settings.precision,
+        trusted=trusted,
     )
     model.warm_up()
     return model

@@ -21,6 +21,20 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA if it works, else CPU; cuda: CUDA or fail at startup"
     )
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="what computes each file: auto, the fastest way this machine offers whose "
+        "promise the file's self-check confirms here (on a GPU onnxruntime; on the CPU OpenVINO "
+        "in bfloat16 where the CPU has it, else onnxruntime); onnxruntime or openvino (CPU "
+        "only) to insist: a file whose promise that engine cannot keep is not served",
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="what a float32 file is computed in: auto (bfloat16 where the CPU has it "
+        "and the file promises it, else float32), float32, or bfloat16 (refused where it "
+        "cannot be kept). int8 and float16 twins are files of their own, computed in their "
+        "own precision",
+    )
 
     max_upload_bytes: int = Field(MIB, gt=0, description="per image")
     max_images_per_request: int = Field(
@@ -102,6 +116,13 @@ class Settings(BaseSettings):
     graceful_shutdown_seconds: int = Field(
         20, ge=1, description="then: in-flight requests get this long to finish"
     )
+    trusted_keys: Path | None = Field(
+        None,
+        description="a PEM public key (EC P-256) or a folder of them (two while keys rotate): "
+        "only .onnx files whose signature bundle beside them (<file>.onnx.sig) one of these "
+        "keys verifies for the bytes loaded are served; the others are listed as failed with "
+        "the reason. Unset or empty: files are served unverified (/models says so)",
+    )
     model_load_timeout_seconds: float = Field(60.0, gt=0, description="per file")
     model_poll_seconds: float = Field(
         0, ge=0, description="0: off; else reload MODELS_DIR this often (added, replaced, removed)"
@@ -158,10 +179,11 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(True, description="one JSON object per log line")
 
-    @field_validator("payload_log", mode="before")
+    @field_validator("payload_log", "trusted_keys", mode="before")
     @classmethod
     def _empty_is_off(cls, value: object) -> object:
-        # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory.
+        # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory;
+        # TRUSTED_KEYS= the working directory's files as keys.
         return None if value == "" else value
 
     @property

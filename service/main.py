@@ -41,7 +41,7 @@ async def lifespan(app: FastAPI):
     # DeviceUnavailable stops startup; every batch tells the door how fast models run.
     plane.catalog = catalog = await load_catalog(settings, plane.metrics, plane.admission.batch_ran)
     log.info("ready" if catalog.ready else "started without a model", extra={
-        "models": {f"{s.model_id} {s.version}": s.model.provider for s in catalog.served()},
+        "models": {f"{s.model_id} {s.version}": str(s.model.way) for s in catalog.served()},
         "default_model": catalog.default_id, "batching": settings.batching,
         "onnx_threads": settings.onnx_threads, "workers": settings.workers,
     })  # fmt: skip

@@ -126,6 +126,14 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        self.engine = Gauge(
+            "model_version_engine_info",
+            "1 while this version is computed by this engine, in this precision, on this "
+            "device, with these instructions (contract/engines.py); 0 once unloaded",
+            [*model, "engine", "precision", "device", "instructions"],
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
         # Sampled payload logging (service/payloads.py), when PAYLOAD_LOG is set.
         self.payloads_logged = Counter(
             "payload_images_logged_total",
@@ -159,6 +167,12 @@ class Metrics:
             )  # fmt: skip
         else:
             ProcessCollector(registry=self.registry)
+
+    def served_by(self, model_id: str, version: str, serving: dict, value: int = 1) -> None:
+        """Which engine, precision, device and instructions compute this version (1), or
+        computed it until it was unloaded (0)."""
+        self.engine.labels(model_id, version, *(str(serving.get(key) or "") for key in (
+            "engine", "precision", "device", "instructions"))).set(value)  # fmt: skip
 
     def for_model(self, model_id: str, version: str) -> ModelMetrics:
         key = (model_id, version)

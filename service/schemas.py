@@ -106,6 +106,32 @@ class ExplainResponse(BaseModel):
     explanations: list[ImageExplanation] = Field(description="one per image, in order")
 
 
+class Serving(BaseModel):
+    """What computes a file here (contract/engines.py), chosen when it loaded."""
+
+    engine: str = Field(examples=["openvino"])
+    engine_version: str = Field(examples=["2026.4.1"])
+    precision: str = Field(
+        description="float32, bfloat16, int8 or float16: what the file is computed in",
+        examples=["bfloat16"],
+    )
+    device: str = Field(description="cpu or cuda", examples=["cpu"])
+    instructions: str | None = Field(
+        description="the CPU instructions that precision runs on here (AMX, AVX-512 BF16, "
+        "AVX-512, AVX2, an int8 kernel class), or CUDA",
+        examples=["AMX"],
+    )
+    provider: str | None = Field(
+        None, description="onnxruntime's execution provider (onnxruntime only)",
+        examples=["CPUExecutionProvider"],
+    )  # fmt: skip
+    declined: list[str] = Field(
+        description="faster ways this machine offers that do not serve it, and why (not "
+        "asked for, no promise for that precision, the promise failed here)",
+        examples=[["openvino bfloat16 on the CPU: this CPU has no bfloat16 instructions"]],
+    )
+
+
 class ModelInfo(BaseModel):
     model_id: str = Field(examples=["cifar100-5735844"])
     version: str = Field(
@@ -117,8 +143,11 @@ class ModelInfo(BaseModel):
         examples=["2026-11-28T17:04:00Z"],
     )
     file: str = Field(examples=["cifar100-5735844.onnx"])
-    provider: str = Field(
-        description="onnxruntime execution provider in use", examples=["CUDAExecutionProvider"]
+    serving: Serving
+    provenance: str = Field(
+        description='"verified by <key fingerprint>": its signature bundle was verified with '
+        'that TRUSTED_KEYS key for the bytes loaded; "not verified": TRUSTED_KEYS is unset',
+        examples=["verified by sha256:4c1f0e9a7b2d3c58"],
     )
     ready: bool
     default: bool = Field(

@@ -18,6 +18,11 @@ from tests.synthetic import make_images, write_cifar100, write_tarball
 # gpu-check's `python -m service`) serve no gRPC unless a test names a port: the default
 # 8081 may be taken on the machine, or by another server of this run.
 os.environ.setdefault("GRPC_PORT", "0")
+# The suite compares the service's answers with onnxruntime's float32 outputs for the same
+# files, so every server it starts computes float32 files in float32 (PRECISION), whatever
+# this CPU offers; tests/test_engines.py asks for the other precisions and the automatic
+# choice by name.
+os.environ.setdefault("PRECISION", "float32")
 
 KSERVE_SDK = ("kserve==0.21.0", "kubernetes==35.0.0")
 TRITON_GRPC = ("tritonclient[grpc]==2.73.0", "numpy==2.4.6")

@@ -95,7 +95,26 @@ def test_smoke_run_produces_every_row(smoke_run):
     markdown = (out / "results.md").read_text()
     assert markdown.startswith("Machine: ")
     assert r["weights"] == "trained weights"
-    assert r["ceiling"]["provider"] == "CPUExecutionProvider"
+    # Every way this CPU offers the float file, each timed with its promise; the ceiling
+    # is the fastest that holds it, and the service's own choice is recorded beside it.
+    offered = {w["way"]: w for w in r["ceiling"]["ways"]}
+    assert {"onnxruntime float32 on the CPU", "openvino float32 on the CPU"} <= set(offered)
+    held = [w for w in offered.values() if w["promise"] == "held"]
+    assert r["ceiling"]["way"] == max(held, key=lambda w: w["images_per_s"])["way"]
+    assert all(w["self_check_seconds"] > 0 for w in held)
+    assert r["service"]["serving"]["engine"] in ("onnxruntime", "openvino")
+    assert {w["way"] for w in r["int8"]["ceiling"]["ways"]} == {
+        "onnxruntime int8 on the CPU", "openvino int8 on the CPU"}  # fmt: skip
+    floor = results["floor"]
+    assert set(floor) == set(PATHS) and all(row["rps"] > 0 for row in floor.values())
+    for kind in PATHS:  # the judged one-image rows carry their bound: min(ceiling, floor)
+        (judged,) = [x for x in r["service"]["closed"][f"{kind}, batching on"]
+                     if x["concurrency"] == HEADLINE_CLIENTS]  # fmt: skip
+        if kind in ("v2", "png"):
+            assert judged["bound"] == min(judged["ceiling"], floor[kind]["rps"])
+            assert judged["share_of_bound"] == pytest.approx(
+                judged["images_per_s"] / judged["bound"], abs=1e-4
+            )
     for session in ("all_cpus", "per_worker"):
         for batch in BATCH_SIZES:
             assert r["ceiling"][session][str(batch)]["images_per_s"] > 0
@@ -391,8 +410,9 @@ def test_targets_are_judged_on_the_median():
     many = {"images_per_request": 32, "concurrency": 4, "share_of_ceiling": 0.9, "runs": 3}
     assert judge_images("v2", many)["met"]
     assert not judge_images("v2", {**many, "share_of_ceiling": 0.89})["met"]
-    closed = {"concurrency": 64, "share_of_ceiling": 0.74, "runs": 3}
+    closed = {"concurrency": 64, "share_of_bound": 0.74, "runs": 3}
     assert not judge_closed("v2", "v2", closed)["met"] and judge_closed("png", "png", closed)["met"]
+    assert judge_closed("v2", "v2", closed)["target"] == "images/s >= 75% of min(ceiling, floor)"
     assert met_line([{"met": True}, {"met": False}, {"met": None}]) == "1 of 2 targets met"
 
 
@@ -443,13 +463,32 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
         for x in OPEN_LOOP_LOADS
     ]  # fmt: skip
     batches = {b: {"images_per_s": 100.0, "p50_ms": 1.0, "p99_ms": 1.0} for b in BATCH_SIZES}
+    way = {
+        "way": "openvino bfloat16 on the CPU",
+        "engine": "openvino",
+        "precision": "bfloat16",
+        "device": "cpu",
+        "instructions": "AMX",
+        "promise": "held",
+        "self_check_seconds": 0.1,
+        "threads": 2,
+        "batches": batches,
+        "best_batch": 128,
+        "images_per_s": 100.0,
+    }
     ceiling = {
-        "provider": "CPUExecutionProvider", "images_per_s": 100.0, "best_batch": 128,
+        "ways": [way, {**way, "way": "onnxruntime float32 on the CPU", "engine": "onnxruntime",
+                       "precision": "float32", "instructions": "AVX-512",
+                       "images_per_s": 30.0}],
+        "not_offered": [], "way": way["way"], "instructions": "AMX",
+        "images_per_s": 100.0, "best_batch": 128,
         "all_cpus": {"threads": 2, **batches}, "per_worker": {"threads": 1, **batches},
     }  # fmt: skip
     model = {
         "weights": "trained weights", "ceiling": ceiling, "naive": rows(CONCURRENCY),
-        "service": {"closed": {f"{kind}, batching on": rows(CONCURRENCY, repeats=3)
+        "service": {"serving": {"engine": "openvino", "precision": "bfloat16", "device": "cpu",
+                                "instructions": "AMX"},
+                    "closed": {f"{kind}, batching on": rows(CONCURRENCY, repeats=3)
                                for kind in PATHS},
                     "images": [*rows([8], 8, 3), *rows([4], 32, 3)],
                     "open": {kind: open_rows for kind in PATHS}},
@@ -466,7 +505,8 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
                      "median": 100.0, "min": 90.0, "max": 110.0, "windows": []}],
     }  # fmt: skip
     model["at_64_clients"] = headline(model)
-    model["targets"] = judge(model)
+    # The floor below the ceiling on /v2 (50 req/s: judged against it), above it on PNG.
+    model["targets"] = judge(model, {"v2": 50.0, "png": 500.0, "grpc": 40.0})
     results = {
         "machine": {
             "cpu": "test CPU", "cpu_flags": [], "cpus_available": 2, "cores": 2,
@@ -497,6 +537,11 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
     # (320%, float and int8) met; the 8-image rows (80%) and the 64-client rows (10%, /v2
     # and /predict) not; no 503s, so no refusals
     assert "30 of 34 targets met" in markdown
+    # the judged one-image rows against the lower of ceiling and floor: 10 of 50 on /v2
+    assert "| 20% of 50.0 (ceiling 100.0, floor 50.0) |" in markdown
+    assert "| 10% of 100.0 (ceiling 100.0, floor 500.0) |" in markdown
+    assert "| float | openvino | bfloat16 | AMX | 100.0 | 128 | held | 0.1 |" in markdown
+    assert "the service serves float: openvino bfloat16 (AMX)" in markdown
     assert "raw tensors over gRPC 10.0 req/s" in markdown
     assert "![latency-throughput curve](published/latency-curve.png)" in markdown
 
@@ -717,7 +762,8 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     and each ratio taken within a round (the bare ASGI app's own is 1)."""
     source = tmp_path / "source"
     source.mkdir()
-    (source / "service").symlink_to(Path("service").resolve())
+    for package in ("contract", "service"):  # what `python -m service` imports of ours
+        (source / package).symlink_to(Path(package).resolve())
     out = tmp_path / "out"
     command = [sys.executable, "-m", "bench", "floor", "--seconds", "0.5", "--rounds", "2",
                "--concurrency", "4", "--out", str(out), "--compare", str(source)]  # fmt: skip

@@ -1,9 +1,10 @@
-"""One ONNX file behind onnxruntime, as the service opens it: the CUDA options and warm-up
-sizes it really passes to onnxruntime, a fixed batch refused at warm-up, one read of the
-file for both the session and its version, and a loud warning when DEVICE=auto finds an
-NVIDIA driver but runs on the CPU. On small graphs of our contract, built here, so no
-training is needed; there is no GPU on these machines, so what reaches onnxruntime is
-recorded rather than run on CUDA."""
+"""One ONNX file as every loader opens it (contract/classifier.py), on onnxruntime: the CUDA
+options and warm-up sizes it really passes to onnxruntime, a fixed batch refused at
+warm-up, one read of the file for both the engine and its version, and a loud warning
+when DEVICE=auto finds an NVIDIA driver but runs on the CPU. On small graphs of our
+contract, built here, so no training is needed; there is no GPU on these machines, so what
+reaches onnxruntime is recorded rather than run on CUDA (tests/test_engines.py has the
+choice between engines and precisions)."""
 
 import logging
 
@@ -13,16 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from contract import classifier as classifier_module
+from contract import engines as engines_module
 from contract import selfcheck
-from contract.classifier import (
-    CPU,
-    CUDA,
-    Classifier,
-    content_version,
-    requested_providers,
-    warm_up_sizes,
-)
+from contract.classifier import Classifier, content_version
+from contract.engines import CPU, CUDA, requested_providers, warm_up_sizes
 from contract.modelcard import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from contract.selfcheck import SelfCheck, Tolerance
 from service.errors import DeviceUnavailable, InvalidModel
@@ -96,16 +91,19 @@ def tiny_model(model_id: str = "tiny", seed: int = 0, batch: int | str = "batch"
 
 class Recorder:
     """Stands in for ort.InferenceSession: records what it is given, then builds the real
-    session on the CPU (the only provider here). `before` runs first, `after` last."""
+    session on the CPU (the only provider here). `before` runs first, `after` last; with
+    `cuda`, the session says it runs on CUDA (what onnxruntime-gpu says on a GPU)."""
 
-    def __init__(self, before=lambda: None, after=lambda: None):
+    def __init__(self, before=lambda: None, after=lambda: None, cuda: bool = False):
         self.calls: list[dict] = []
-        self.before, self.after = before, after
+        self.before, self.after, self.cuda = before, after, cuda
 
     def __call__(self, model, sess_options=None, providers=None):
         self.calls.append({"model": model, "providers": providers})
         self.before()
         session = RealSession(model, sess_options=sess_options, providers=[CPU])
+        if self.cuda:
+            session.get_providers = lambda: [CUDA, CPU]
         self.after()
         return session
 
@@ -122,23 +120,29 @@ def model_file(tmp_path):
 
 @pytest.fixture(autouse=True)
 def fresh_driver_probe():
-    classifier_module.nvidia_driver.cache_clear()
+    engines_module.nvidia_driver.cache_clear()
     yield
-    classifier_module.nvidia_driver.cache_clear()
+    engines_module.nvidia_driver.cache_clear()
+
+
+def onnxruntime_on(device: str, model_file, **kwargs) -> Classifier:
+    """The file on onnxruntime (ENGINE=onnxruntime), DEVICE=`device`."""
+    return Classifier(model_file, device, 1, 1, engine="onnxruntime", **kwargs)
 
 
 def test_cuda_is_asked_for_with_deliberate_options(model_file, monkeypatch):
     """DEVICE=cuda: onnxruntime gets the CUDA provider with HEURISTIC cuDNN search (not
     its EXHAUSTIVE default) and an arena that grows by what is asked, and nothing else."""
-    recorder = Recorder()
-    monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
-    monkeypatch.setattr(Classifier, "provider", property(lambda self: CUDA))
-    model = Classifier(model_file, "cuda", 1, 1)  # recorded, then run on the CPU
+    recorder = Recorder(cuda=True)
+    monkeypatch.setattr(ort, "InferenceSession", recorder)
+    model = onnxruntime_on("cuda", model_file)  # recorded, then run on the CPU
     (call,) = recorder.calls
     assert call["providers"] == [(CUDA, EXPECTED_CUDA_OPTIONS)]
     assert requested_providers("cuda") == [(CUDA, EXPECTED_CUDA_OPTIONS)]
+    assert requested_providers("cuda", fallback=True) == [(CUDA, EXPECTED_CUDA_OPTIONS), CPU]
     assert requested_providers("cpu") == [CPU]
-    assert model.session.get_providers() == [CPU]  # a real session came of it, on the CPU
+    assert model.way.device == "cuda" and model.serving["provider"] == CUDA
+    assert model.serving["instructions"] == "CUDA"
 
 
 def test_device_cuda_without_cuda_refuses_to_start(model_file):
@@ -150,12 +154,12 @@ def test_device_cuda_without_cuda_refuses_to_start(model_file):
 def test_auto_warns_loudly_when_a_driver_is_here_but_the_cpu_is_used(
     model_file, monkeypatch, caplog
 ):
-    monkeypatch.setattr(classifier_module, "nvidia_driver", lambda: "NVRM version: 580.95")
+    monkeypatch.setattr(engines_module, "nvidia_driver", lambda: "NVRM version: 580.95")
     recorder = Recorder()
-    monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
-    with caplog.at_level(logging.WARNING, logger="contract.classifier"):
+    monkeypatch.setattr(ort, "InferenceSession", recorder)
+    with caplog.at_level(logging.WARNING, logger="contract.engines"):
         model = Classifier(model_file, "auto", 1, 1)
-    assert model.provider == CPU
+    assert model.serving["provider"] == CPU and model.way.device == "cpu"
     if CUDA in ort.get_available_providers():  # onnxruntime-gpu: CUDA was asked for first
         assert recorder.calls[0]["providers"] == [(CUDA, EXPECTED_CUDA_OPTIONS), CPU]
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -163,9 +167,9 @@ def test_auto_warns_loudly_when_a_driver_is_here_but_the_cpu_is_used(
     assert record.driver == "NVRM version: 580.95" and "DEVICE=cuda" in record.reason
 
     caplog.clear()
-    monkeypatch.setattr(classifier_module, "nvidia_driver", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="contract.classifier"):
-        Classifier(model_file, "auto", 1, 1)
+    monkeypatch.setattr(engines_module, "nvidia_driver", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="contract.engines"):
+        onnxruntime_on("auto", model_file)
     assert recorder.calls[-1]["providers"] == [CPU]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no driver: quiet
 
@@ -173,46 +177,47 @@ def test_auto_warns_loudly_when_a_driver_is_here_but_the_cpu_is_used(
 def test_driver_probe_reads_the_kernel_module_version(monkeypatch, tmp_path):
     version = tmp_path / "version"
     version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05\nGCC ...\n")
-    real_path = classifier_module.Path
+    real_path = engines_module.Path
     monkeypatch.setattr(
-        classifier_module,
+        engines_module,
         "Path",
         lambda p: version if p == "/proc/driver/nvidia/version" else real_path(p),
     )
-    assert classifier_module.nvidia_driver().endswith("Kernel Module  580.95.05")
+    assert engines_module.nvidia_driver().endswith("Kernel Module  580.95.05")
 
 
 def run_sizes(model: Classifier, monkeypatch) -> list[int]:
     """The batch sizes warm_up hands to onnxruntime (then the self-check's references,
     4 images in tiny_model, at most the batch cap at a time)."""
     sizes = []
-    real_run = model.session.run
+    session = model.engine.session
+    real_run = session.run
 
     def run(names, feeds):
         sizes.append(len(feeds[INPUT_NAME]))
         return real_run(names, feeds)
 
-    monkeypatch.setattr(model.session, "run", run)
+    monkeypatch.setattr(session, "run", run)
     model.warm_up()
     return sizes
 
 
 def test_warm_up_on_cuda_runs_powers_of_two_up_to_the_batch_cap(model_file, monkeypatch):
-    monkeypatch.setattr(Classifier, "provider", property(lambda self: CUDA))
-    model = Classifier(model_file, "cpu", 1, 1, max_batch_size=128)
+    monkeypatch.setattr(ort, "InferenceSession", Recorder(cuda=True))
+    model = onnxruntime_on("cuda", model_file, max_batch_size=128)
     assert run_sizes(model, monkeypatch) == [128, 64, 32, 16, 8, 4, 2, 1, 4]
     assert model.ready
-    model = Classifier(model_file, "cpu", 1, 1, max_batch_size=100)  # the cap, then powers
+    model = onnxruntime_on("cuda", model_file, max_batch_size=100)  # the cap, then powers
     assert run_sizes(model, monkeypatch) == [100, 64, 32, 16, 8, 4, 2, 1, 4]
-    assert warm_up_sizes(1, CUDA) == [1]
+    assert warm_up_sizes(1, "cuda") == [1]
 
 
 def test_warm_up_on_the_cpu_runs_the_batch_cap_and_one(model_file, monkeypatch):
-    model = Classifier(model_file, "cpu", 1, 1)
+    model = onnxruntime_on("cpu", model_file)
     assert model.max_batch_size == 64  # BATCH_MAX_SIZE's default
     assert run_sizes(model, monkeypatch) == [64, 1, 4]
-    assert warm_up_sizes(256, CPU) == [256, 1]
-    assert warm_up_sizes(1, CPU) == [1]
+    assert warm_up_sizes(256, "cpu") == [256, 1]
+    assert warm_up_sizes(1, "cpu") == [1]
 
 
 def test_a_model_with_a_fixed_batch_of_one_is_refused_at_warm_up(tmp_path):
@@ -220,26 +225,27 @@ def test_a_model_with_a_fixed_batch_of_one_is_refused_at_warm_up(tmp_path):
     and the reason says why."""
     path = tmp_path / "fixed.onnx"
     path.write_bytes(tiny_model(batch=1))
-    model = Classifier(path, "cpu", 1, 1, max_batch_size=8)
+    model = onnxruntime_on("cpu", path, max_batch_size=8)
     assert model.run(make_images(np.arange(1), seed=0))[OUTPUT_NAME].shape == (1, 100)
     with pytest.raises(InvalidModel, match=r"batches of exactly 1 image\(s\).*1 to 8") as raised:
         model.warm_up()
     assert raised.value.message.startswith("fixed.onnx: ")
     assert not model.ready
     # With a cap of one, every batch it gets is one image: then it is fine.
-    Classifier(path, "cpu", 1, 1, max_batch_size=1).warm_up()
+    onnxruntime_on("cpu", path, max_batch_size=1).warm_up()
 
 
 def test_warm_up_failure_names_the_batch_size(model_file, monkeypatch):
-    model = Classifier(model_file, "cpu", 1, 1, max_batch_size=16)
-    real_run = model.session.run
+    model = onnxruntime_on("cpu", model_file, max_batch_size=16)
+    session = model.engine.session
+    real_run = session.run
 
     def run(names, feeds):
         if len(feeds[INPUT_NAME]) > 1:
             raise RuntimeError("out of memory")
         return real_run(names, feeds)
 
-    monkeypatch.setattr(model.session, "run", run)
+    monkeypatch.setattr(session, "run", run)
     with pytest.raises(InvalidModel, match=r"warm-up inference failed \(a batch of 16\)"):
         model.warm_up()
     assert not model.ready
@@ -256,8 +262,8 @@ def test_version_is_the_hash_of_the_bytes_the_session_runs(model_file, monkeypat
         model_file.write_bytes(second)
 
     recorder = Recorder(**{"before" if when.startswith("before") else "after": replace})
-    monkeypatch.setattr(classifier_module.ort, "InferenceSession", recorder)
-    model = Classifier(model_file, "cpu", 1, 1)
+    monkeypatch.setattr(ort, "InferenceSession", recorder)
+    model = onnxruntime_on("cpu", model_file)
     assert model_file.read_bytes() == second  # it was replaced
     assert recorder.calls[0]["model"] == first  # the session got the bytes read once
     assert model.version == content_version(first) != content_version(second)
@@ -268,7 +274,7 @@ def test_version_is_the_hash_of_the_bytes_the_session_runs(model_file, monkeypat
 
 
 def test_run_fetches_only_the_outputs_asked_for(model_file):
-    model = Classifier(model_file, "cpu", 1, 1)
+    model = onnxruntime_on("cpu", model_file)
     images = make_images(np.arange(3), seed=0)
     assert sorted(model.run(images)) == sorted([OUTPUT_NAME, FEATURES_NAME])
     only = model.run(images, outputs=[OUTPUT_NAME])

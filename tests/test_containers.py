@@ -1,8 +1,10 @@
 """The containers, built and run by a real Docker engine through `docker compose`, as a
 user runs them: `train-cpu` trains the small model for one epoch on the tests' small
-dataset and exports it, `api-cpu` serves the export, reports healthy, classifies through
-the published port as the export does on the host, runs as non-root with a read-only
-view of the models, and `docker compose stop` lets a request in flight finish.
+dataset and exports it, `api-cpu` (the slim CPU image: no CUDA libraries) serves the
+export, reports healthy, classifies through the published port as the export does on the
+host, runs as non-root with a read-only view of the models, and `docker compose stop`
+lets a request in flight finish; `api` (the GPU image) classifies the same way on the
+CPU.
 
 Docker Hub cannot be reached here, so when the Dockerfiles' real bases cannot be pulled,
 both images are built on a minimal Debian bookworm made with debootstrap (python3 3.11,
@@ -238,8 +240,19 @@ def test_cpu_training_image_has_no_cuda_extra_and_a_tag_of_its_own():
     assert not any("cuda" in r or r.startswith("nvidia") for r in requirements(cpu_extra))
     assert any(r.startswith("tensorflow==") for r in requirements(cpu_extra))
     images = {default(service["image"]) for service in SERVICES.values()}
-    assert len(images) == 3  # the API's image serves both api services
-    assert SERVICES["api"]["image"] == SERVICES["api-cpu"]["image"]
+    assert len(images) == 4  # each service its image: api and api-cpu differ (no CUDA)
+
+
+def test_cpu_api_image_is_built_without_cuda():
+    """api-cpu: the same Dockerfile with the `cpu` extra (onnxruntime's CPU build) on a
+    Python base, where api takes `gpu` (onnxruntime-gpu) on NVIDIA's CUDA base."""
+    build = SERVICES["api-cpu"]["build"]
+    assert build["dockerfile"] == SERVICES["api"]["build"]["dockerfile"]
+    assert build["args"]["EXTRA"] == "cpu" and "args" not in SERVICES["api"]["build"]
+    assert build_arg(dockerfile("api"), "EXTRA") == "gpu"
+    assert default(build["args"]["BASE"]) == "python:3.11-slim-bookworm"
+    assert EXTRAS["cpu"] == [d.replace("onnxruntime-gpu", "onnxruntime") for d in EXTRAS["gpu"]]
+    assert not any("cuda" in r or r.startswith("nvidia") for r in requirements("cpu"))
 
 
 def test_api_image_serves_the_app_as_non_root_without_tensorflow():
@@ -260,13 +273,15 @@ def test_api_image_serves_the_app_as_non_root_without_tensorflow():
     (user,) = instructions(text, "USER")
     assert user not in ("root", "0")
 
-    # Only the service package goes in, installed without extras: no TensorFlow.
+    # Only the contract and service packages go in, with one onnxruntime: no TensorFlow.
     copied = [c.split()[0] for c in instructions(text, "COPY")]
-    assert "training" not in copied and "service" in copied
-    assert "pip install ." in text.replace("\\\n", " ")
+    assert "training" not in copied and {"contract", "service"} <= set(copied)
+    assert 'pip install ".[${EXTRA}]"' in text.replace("\\\n", " ")
     base = PYPROJECT["project"]["dependencies"]
-    assert not [d for d in base if re.match(r"(tensorflow|keras|tf2onnx|onnxruntime==)", d)]
-    assert any(d.startswith("onnxruntime-gpu==") for d in base)
+    assert not [d for d in base if re.match(r"(tensorflow|keras|tf2onnx|onnxruntime)", d)]
+    assert any(d.startswith("openvino==") for d in base)
+    assert [d.split("==")[0] for d in EXTRAS["gpu"] + EXTRAS["cpu"]] == [
+        "onnxruntime-gpu", "onnxruntime"]  # fmt: skip
 
 
 def test_api_healthcheck_settings_and_volume_match_the_app():
@@ -588,10 +603,12 @@ def stack(request, small_tarball, tmp_path_factory):
     stack("down", "--volumes", "--remove-orphans", timeout=120)  # what an interrupted run left
     try:
         mark = time.monotonic()
-        stack("build", *build_args, "train-cpu", "api-cpu", timeout=2400)
+        stack("build", *build_args, "train-cpu", "api-cpu", "api", timeout=2400)
+        sizes = {image: image_size(f"{image}:{IMAGE_TAG}") for image in API_IMAGES}
         say(
-            f"built cifar100-train-cpu:{IMAGE_TAG} and cifar100-api:{IMAGE_TAG} in "
-            f"{time.monotonic() - mark:.0f} s"
+            f"built cifar100-train-cpu, cifar100-api-cpu and cifar100-api:{IMAGE_TAG} in "
+            f"{time.monotonic() - mark:.0f} s; "
+            + ", ".join(f"{image} {size / 2**20:,.0f} MiB" for image, size in sizes.items())
         )
 
         mark = time.monotonic()
@@ -630,6 +647,80 @@ def stack(request, small_tarball, tmp_path_factory):
             logs = stack("logs", "--no-color", "--tail", "60", check=False)
             say(f"compose logs:\n{logs.stdout[-6000:]}")
         stack("down", "--volumes", "--remove-orphans", timeout=180, check=False)
+
+
+API_IMAGES = ("cifar100-api-cpu", "cifar100-api")
+
+
+def image_size(tag: str) -> int:
+    return int(run(["docker", "image", "inspect", "--format", "{{.Size}}", tag]).stdout)
+
+
+def installed(tag: str) -> set[str]:
+    """The Python packages in an image's environment."""
+    listed = run(["docker", "run", "--rm", "--entrypoint", "python", tag, "-m", "pip", "list",
+                  "--format=json"])  # fmt: skip
+    return {package["name"].lower() for package in json.loads(listed.stdout)}
+
+
+# Finds every CUDA library file in an image, whatever installed it (a base image, a wheel).
+CUDA_LIBRARIES = (
+    "import os; print([f for d in ('/usr', '/opt', '/app') for root, _, names in os.walk(d) "
+    "for f in names if f.startswith(('libcuda', 'libcudart', 'libcudnn', 'libcublas', "
+    "'libonnxruntime_providers_cuda'))])"
+)
+
+
+def test_cpu_api_image_carries_no_cuda_libraries_and_is_the_smaller(stack):
+    cpu, gpu = (f"{image}:{IMAGE_TAG}" for image in API_IMAGES)
+    names = installed(cpu)
+    assert {"onnxruntime", "openvino"} <= names and "onnxruntime-gpu" not in names
+    assert not [n for n in names if n.startswith("nvidia-")]
+    found = run(["docker", "run", "--rm", "--entrypoint", "python", cpu, "-c", CUDA_LIBRARIES])
+    assert found.stdout.strip() == "[]", found.stdout[:2000]
+    assert {"onnxruntime-gpu", "openvino"} <= installed(gpu)  # the GPU image, same base here
+    assert image_size(cpu) < image_size(gpu)
+
+
+def test_gpu_api_image_classifies_on_the_cpu_too(stack):
+    """The GPU image without a GPU (DEVICE=auto): onnxruntime-gpu's CPU provider, or
+    OpenVINO, serves the same export and answers as the file does."""
+    port = free_port()
+    name = f"{PROJECT}-gpu-image-on-cpu"
+    run(["docker", "rm", "--force", name], check=False)
+    run(["docker", "run", "--detach", "--name", name, "--publish", f"127.0.0.1:{port}:8000",
+         "--volume", f"{stack.models}:/models:ro", "--env", "PRECISION=float32",
+         f"cifar100-api:{IMAGE_TAG}"])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if get(port, "/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        status, listing = get(port, "/models")
+        assert status == 200, listing
+        (model,) = json.loads(listing)["models"]
+        assert model["serving"]["device"] == "cpu" and model["serving"]["precision"] == "float32"
+        images = stack.test_images[:2]
+        body, content_type = multipart(list(images))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", f"/predict?model={MODEL}", body,
+                           {"Content-Type": content_type})  # fmt: skip
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert response.status == 200, answer
+        session = ort.InferenceSession(stack.models / f"{MODEL}.onnx",
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        (expected,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})
+        assert [p["top_k"][0]["class_id"] for p in answer["predictions"]] == list(
+            expected.argmax(1)
+        )
+    finally:
+        run(["docker", "rm", "--force", name], check=False)
 
 
 def test_train_cpu_image_has_tensorflow_without_cuda_libraries(stack):

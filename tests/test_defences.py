@@ -396,7 +396,7 @@ def test_failures_show_file_names_and_short_reasons_only(monkeypatch, model_copy
     (model_copy / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
     with serve(monkeypatch, model_copy) as client:
         failed = client.get("/models").json()["failed"]
-        assert failed == {"corrupt.onnx": "onnxruntime cannot load it"}
+        assert failed == {"corrupt.onnx": "not an ONNX model (it cannot be parsed)"}
         assert str(model_copy) not in client.get("/models").text
 
 

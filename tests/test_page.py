@@ -306,6 +306,7 @@ def test_page_loads_from_the_service_with_the_model_cards(visit, base_url):
         card = page.locator(f'#cards .card[data-model-id="{info["model_id"]}"]')
         visit.expect(card).to_contain_text(f"{info['parameter_count']:,}")
         visit.expect(card).to_contain_text(info["file"])
+        visit.expect(card).to_contain_text(f"Provenance{info['provenance']}")  # not verified
         visit.expect(card).to_contain_text("Training")
         training = card.locator("h4:has-text('Training') + dl")  # in words, not raw JSON
         visit.expect(training).to_contain_text("Differs from default")

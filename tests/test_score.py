@@ -322,6 +322,160 @@ def test_list_inputs_and_unknown_model(image_folder, models_dir, tmp_path):
     assert build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"]).top_k == 5
 
 
+# --- hostile inputs: nothing a path names hangs or crashes the job ----------------------
+# Each kind of path that is not a readable regular image file, and the row it must become
+# (docs/scoring.md). /proc/self/mem is a file nobody can read from its start, root
+# included (reading it fails with EIO), so the case holds whoever runs the suite.
+HOSTILE = {
+    "fifo": "cannot read the file: not a regular file (a FIFO)",
+    "socket": "cannot read the file: not a regular file (a socket)",
+    "/dev/zero": "cannot read the file: not a regular file (a character device)",
+    "folder": "cannot read the file: not a regular file (a folder)",
+    "link-to-folder": "cannot read the file: not a regular file (a folder)",
+    "loop-a": "cannot read the file: Too many levels of symbolic links",
+    "dangling": "cannot read the file: No such file or directory",
+    "unreadable.png": "cannot read the file: Input/output error",
+}
+HOSTILE_JOB_TIMEOUT_S = 240  # a hang fails the test here instead of stalling the suite
+
+
+@pytest.fixture
+def hostile_folder(image_folder, tmp_path) -> Path:
+    """A folder of every HOSTILE kind beside two good images (its socket is bound for the
+    test's duration)."""
+    import socket
+
+    folder, _ = image_folder
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    shutil.copy(folder / "img-000.png", hostile / "good-1.png")
+    shutil.copy(folder / "img-001.png", hostile / "good-2.png")
+    os.mkfifo(hostile / "fifo")
+    (hostile / "folder").mkdir()
+    (hostile / "folder" / "inside.png").write_bytes((folder / "img-002.png").read_bytes())
+    (hostile / "link-to-folder").symlink_to(hostile / "folder")
+    (hostile / "loop-a").symlink_to(hostile / "loop-b")
+    (hostile / "loop-b").symlink_to(hostile / "loop-a")
+    (hostile / "dangling").symlink_to(hostile / "nowhere")
+    (hostile / "unreadable.png").symlink_to("/proc/self/mem")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(hostile / "socket"))
+    yield hostile
+    server.close()
+
+
+def test_a_folder_lists_every_entry_but_its_sub_folders(hostile_folder):
+    """Symlink loops, dangling links, FIFOs, sockets and links to folders are listed (each
+    becomes an error row), not skipped; the sub-folder is walked, not listed."""
+    from score.inputs import list_inputs
+
+    names = {
+        str(Path(p).relative_to(hostile_folder)) for p in list_inputs(str(hostile_folder)).paths
+    }
+    assert names == {"good-1.png", "good-2.png", "fifo", "socket", "link-to-folder", "loop-a",
+                     "loop-b", "dangling", "unreadable.png", "folder/inside.png"}  # fmt: skip
+
+
+def test_non_files_become_error_rows_and_the_good_rows_stay(
+    cluster, hostile_folder, models_dir, tmp_path
+):
+    """A path list naming each HOSTILE kind between two good images, all in one shard and
+    one batch, scored with a signed model and TRUSTED_KEYS (the driver and each actor
+    verify it): every row comes back within the timeout, each bad one with its error, the
+    good ones equal to onnxruntime on the same pixels."""
+    from tests.signing import make_key
+    from training.sign import sign_file
+
+    private, public, _ = make_key(tmp_path, "signing")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(models_dir / f"{MODEL}.onnx", models)
+    sign_file(models / f"{MODEL}.onnx", private)
+    expected_errors = {
+        name if name.startswith("/") else str(hostile_folder / name): error
+        for name, error in HOSTILE.items()
+    }
+    paths = [
+        str(hostile_folder / "good-1.png"),
+        *expected_errors,
+        str(hostile_folder / "good-2.png"),
+    ]
+    listing = hostile_folder / "list.csv"
+    listing.write_text("path\n" + "".join(f"{p}\n" for p in paths))
+    out = tmp_path / "out"
+    run = score(cluster, "--model", MODEL, "--models-dir", str(models), "--input", str(listing),
+                "--output", str(out), "--batch-size", "16", "--shard-size", "100",
+                "--trusted-keys", str(public), timeout=HOSTILE_JOB_TIMEOUT_S)  # fmt: skip
+    assert "1 shard(s)" in run.stderr
+    rows = read_shards(out).to_pylist()
+    assert [r["path"] for r in rows] == paths
+    assert {r["path"]: r["error"] for r in rows[1:-1]} == expected_errors
+    good = [rows[0], rows[-1]]
+    assert all(r["error"] is None for r in good)
+    pixels = np.stack([np.asarray(Image.open(hostile_folder / n).convert("RGB"))
+                       for n in ("good-1.png", "good-2.png")])  # fmt: skip
+    expected = session_answers(models / f"{MODEL}.onnx", pixels)["probabilities"]
+    for row, probabilities in zip(good, expected, strict=True):
+        assert row["top_k_ids"] == list(np.argsort(-probabilities, kind="stable")[:5])
+
+
+def job_error(*args: str, env: dict | None = None) -> str:
+    """`python -m score` that must fail as a job error: exit 2, one line on stderr."""
+    run = subprocess.run([sys.executable, "-m", "score", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=env)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("score: "), run.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["output is a file", "input is a FIFO", "list is a FIFO", "list is not Parquet",
+     "job record is not one", "model changed after signing", "private key as trusted"],
+)  # fmt: skip
+def test_job_errors_are_one_line_and_exit_2(case, image_folder, models_dir, tmp_path):
+    """Each fails before Ray starts, with the reason and no traceback."""
+    from tests.signing import flip_byte, make_key
+    from training.sign import sign_file
+
+    folder, _ = image_folder
+    common = ["--model", MODEL, "--models-dir", str(models_dir), "--input", str(folder)]
+    output = ["--output", str(tmp_path / "out")]
+    if case == "output is a file":
+        (tmp_path / "out").write_text("taken\n")
+        assert "is a file, not a folder" in job_error(*common, *output)
+    elif case == "input is a FIFO":
+        os.mkfifo(tmp_path / "photos")
+        common[-1] = str(tmp_path / "photos")
+        assert "photos: not a regular file (a FIFO)" in job_error(*common, *output)
+    elif case == "list is a FIFO":
+        os.mkfifo(tmp_path / "list.csv")
+        common[-1] = str(tmp_path / "list.csv")
+        assert "list.csv: not a regular file (a FIFO)" in job_error(*common, *output)
+    elif case == "list is not Parquet":
+        (tmp_path / "list.parquet").write_text("path\nimg-000.png\n")
+        common[-1] = str(tmp_path / "list.parquet")
+        assert "cannot be read as a list of paths" in job_error(*common, *output)
+    elif case == "job record is not one":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "_job.json").write_text("{not json")
+        assert "_job.json is not a job's record" in job_error(*common, *output)
+    else:
+        private, public, _ = make_key(tmp_path, "signing")
+        model = tmp_path / f"{MODEL}.onnx"
+        shutil.copy(models_dir / model.name, model)
+        sign_file(model, private)
+        flip_byte(model)
+        trusted = str(private if case == "private key as trusted" else public)
+        common[:4] = ["--model", str(model)]
+        line = job_error(*common, *output, "--trusted-keys", trusted)
+        if case == "private key as trusted":
+            assert "is a private key" in line
+        else:
+            assert "its bytes are not the bytes signed" in line
+
+
 # --- deploy/ray: the RayJob, checked offline ------------------------------------------
 # There is no Kubernetes cluster or KubeRay here, and KubeRay's CRD schema is not
 # installable from the package index: the RayJob's own fields are checked against the

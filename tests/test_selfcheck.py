@@ -176,10 +176,11 @@ def test_an_export_carries_test_images_and_its_own_outputs_for_them(models_dir, 
         assert 0 <= (high - low).max() < 0.05
     assert check.source["what"] == "this file" and check.verified_on[0]["what"] == "verified"
     assert check.verified_on[0]["provider"] == "CPUExecutionProvider"
-    # The service runs it at warm-up, and knows how long that took.
-    model = Classifier(path, "cpu", 1, 1, max_batch_size=8)
+    # The service runs it at warm-up, and records how long that took (python -m bench
+    # engines measures it on each engine).
+    model = Classifier(path, "cpu", 1, 1, max_batch_size=8, precision="float32")
     model.warm_up()
-    assert model.ready and 0 < model.self_check_seconds < 10
+    assert model.ready and model.self_check_seconds > 0
 
 
 def tampered(source, target, name: str, factor: float) -> None:
@@ -218,7 +219,8 @@ def test_a_file_whose_weights_changed_is_refused_and_the_good_one_still_serves(
     with serve(monkeypatch, model_copy) as client:
         listing = client.get("/models").json()
         reason = listing["failed"][f"{SMALL}.onnx"]
-        assert "does not compute on this machine (CPUExecutionProvider) what it promises" in reason
+        assert "onnxruntime float32 on the CPU: it does not compute here what it promises" in reason
+        assert "openvino float32 on the CPU: it does not compute here what it promises" in reason
         assert "probabilities differ by up to" in reason and "at most 0.0001" in reason
         assert [m["model_id"] for m in listing["models"]] == [LARGE]
         assert client.get("/health/ready").status_code == 200

@@ -273,7 +273,13 @@ def test_models_endpoints_read_the_onnx_metadata(client, models_dir):
     by_id = {m["model_id"]: m for m in listing["models"]}
     assert set(by_id) == {LARGE, SMALL}
     assert by_id[LARGE]["parameter_count"] == 5_735_844 and by_id[LARGE]["default"]
-    assert by_id[SMALL]["provider"] == "CPUExecutionProvider" and by_id[SMALL]["ready"]
+    assert by_id[SMALL]["ready"]
+    # The suite serves float32 (tests/conftest.py); onnxruntime is the first float32 engine.
+    serving = by_id[SMALL]["serving"]
+    assert (serving["engine"], serving["precision"], serving["device"]) == (
+        "onnxruntime", "float32", "cpu",
+    )  # fmt: skip
+    assert serving["provider"] == "CPUExecutionProvider" and serving["instructions"]
 
     detail = client.get(f"/models/{SMALL}").json()
     props = {p.key: p.value for p in onnx.load(models_dir / f"{SMALL}.onnx").metadata_props}
@@ -305,7 +311,8 @@ def test_broken_files_are_reported_and_do_not_take_others_down(monkeypatch, mode
     with serve(monkeypatch, model_copy) as client:
         failed = client.get("/models").json()["failed"]
         assert set(failed) == {"corrupt.onnx", "no-card.onnx"}
-        assert "cannot load" in failed["corrupt.onnx"] and "model card" in failed["no-card.onnx"]
+        assert "not an ONNX model" in failed["corrupt.onnx"]
+        assert "model card" in failed["no-card.onnx"]
         assert client.get("/health/ready").status_code == 200
         assert client.post("/predict", files=upload(encode(images[0]))).status_code == 200
 
@@ -403,8 +410,8 @@ def test_docs_work_offline(client):
 def test_device_cpu_and_auto_use_the_cpu_here(monkeypatch, models_dir):
     for device in ("cpu", "auto"):
         with serve(monkeypatch, models_dir, device=device) as client:
-            providers = {m["provider"] for m in client.get("/models").json()["models"]}
-            assert providers == {"CPUExecutionProvider"}
+            devices = {m["serving"]["device"] for m in client.get("/models").json()["models"]}
+            assert devices == {"cpu"}
 
 
 def test_device_cuda_uses_cuda_or_refuses_to_start(monkeypatch, models_dir):
@@ -412,7 +419,7 @@ def test_device_cuda_uses_cuda_or_refuses_to_start(monkeypatch, models_dir):
     app does not start and says why."""
     if Path("/dev/nvidia0").exists() and "CUDAExecutionProvider" in ort.get_available_providers():
         with serve(monkeypatch, models_dir, device="cuda") as client:
-            providers = {m["provider"] for m in client.get("/models").json()["models"]}
+            providers = {m["serving"]["provider"] for m in client.get("/models").json()["models"]}
             assert providers == {"CUDAExecutionProvider"}
         return
     with (
@@ -430,7 +437,10 @@ def test_concurrent_requests_get_their_own_answers(monkeypatch, models_dir, batc
     labels = np.arange(24) * 4
     images = make_images(labels, seed=77)
     expected = onnx_probabilities(models_dir / f"{LARGE}.onnx", images)
-    env = {"batching": batching, "batch_max_wait_ms": 50, "batch_max_size": 16}
+    # The door off: 24 requests at once on a busy 2-CPU machine may wait longer than its
+    # 50 ms; what is under test is that each gets its own answer, not admission.
+    env = {"batching": batching, "batch_max_wait_ms": 50, "batch_max_size": 16,
+           "max_queue_delay_ms": 0}  # fmt: skip
     results: dict[int, dict] = {}
     with serve(monkeypatch, models_dir, **env) as client:
         barrier = threading.Barrier(len(images))

@@ -20,7 +20,7 @@ from google.protobuf import descriptor_pool, message_factory, text_format
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from tritonclient.utils import np_to_triton_dtype
 
-from contract.classifier import CPU, CUDA, CUDA_PROVIDER_OPTIONS, warm_up_sizes
+from contract.engines import CUDA_PROVIDER_OPTIONS, warm_up_sizes
 from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from training import triton
 
@@ -92,7 +92,7 @@ def exported(models_dir, tmp_path_factory):
 
 
 def configs(out: Path) -> list[Path]:
-    return sorted([*out.glob("*/config.pbtxt"), *out.glob(f"*/configs/{triton.CPU_CONFIG}.pbtxt")])
+    return sorted([*out.glob("*/config.pbtxt"), *out.glob("*/configs/*.pbtxt")])
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
@@ -119,8 +119,26 @@ def test_export_triton_writes_a_model_per_export_without_tensorflow(exported, mo
             models_dir / f"{model_id}.onnx"
         ).read_bytes()
         assert f"Wrote {folder}" in stdout
-    assert len(configs(out)) == 2 * len(exports)
+    assert len(configs(out)) == 3 * len(exports)  # GPU, CPU, OpenVINO on the CPU
     assert not list(out.rglob("*.tmp")), "atomic writes left a temporary file"
+
+
+def test_the_openvino_config_runs_the_same_file_on_the_cpu_in_float32(exported):
+    """Triton's OpenVINO backend reads model.onnx as it is: the same inputs, outputs,
+    batching and warm-up as the CPU config, the backend in place of the platform, and
+    its latency settings; never a bfloat16 hint, which Triton could not check."""
+    out, _, _ = exported
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        cpu = parse(folder / "configs" / f"{triton.CPU_CONFIG}.pbtxt")
+        openvino = parse(folder / "configs" / f"{triton.OPENVINO_CONFIG}.pbtxt")
+        assert (openvino.backend, openvino.platform) == ("openvino", "")
+        assert openvino.default_model_filename == "model.onnx"
+        parameters = {k: v.string_value for k, v in openvino.parameters.items()}
+        assert parameters == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        assert "HINT_BF16" not in parameters
+        for field in ("input", "output", "max_batch_size", "dynamic_batching", "instance_group",
+                      "model_warmup"):  # fmt: skip
+            assert getattr(openvino, field) == getattr(cpu, field), field
 
 
 def test_every_config_parses_with_tritons_schema_and_matches_the_onnx_graph(exported):
@@ -132,7 +150,10 @@ def test_every_config_parses_with_tritons_schema_and_matches_the_onnx_graph(expo
         card = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props})
 
         assert config.name == folder.name == card.model_id, path
-        assert config.platform == "onnxruntime_onnx"
+        openvino = path.stem == triton.OPENVINO_CONFIG
+        assert (config.platform, config.backend) == (
+            ("", "openvino") if openvino else ("onnxruntime_onnx", "")
+        )
         assert config.default_model_filename == "model.onnx"
         assert config.max_batch_size > 0
         for kind, declared in (("input", config.input), ("output", config.output)):
@@ -192,8 +213,8 @@ def test_gpu_config_and_its_cpu_alternative_differ_only_in_device_settings(expor
         }
         assert not cpu.parameters
         # Warm-up before ready, at the sizes the service warms its own sessions at.
-        assert [w.batch_size for w in gpu.model_warmup] == warm_up_sizes(gpu.max_batch_size, CUDA)
-        assert [w.batch_size for w in cpu.model_warmup] == warm_up_sizes(cpu.max_batch_size, CPU)
+        assert [w.batch_size for w in gpu.model_warmup] == warm_up_sizes(gpu.max_batch_size, "cuda")
+        assert [w.batch_size for w in cpu.model_warmup] == warm_up_sizes(cpu.max_batch_size, "cpu")
         assert [w.batch_size for w in gpu.model_warmup] == [128, 64, 32, 16, 8, 4, 2, 1]
         for warmup in [*gpu.model_warmup, *cpu.model_warmup]:
             assert warmup.name == f"batch_{warmup.batch_size}"
@@ -241,7 +262,7 @@ def test_the_training_cli_lists_export_triton_and_runs_it_without_the_dataset(mo
     # No --data-dir and no CIFAR100_DIR: the command must not ask for the dataset.
     out = tmp_path / "repo"
     assert main(["export-triton", "--models-dir", str(models_dir), "--out", str(out)]) == 0
-    assert len(configs(out)) == 4
+    assert len(configs(out)) == 6
 
 
 def test_a_file_that_is_not_one_of_our_exports_is_refused_by_name(models_dir, tmp_path, capsys):

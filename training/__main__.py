@@ -1,6 +1,6 @@
-"""python -m training {train,evaluate,export,train-export,report,ablate,ood,export-triton,
-gpu-check}: train, score, export and study the models, and check the whole pipeline on a
-GPU. One module per command in training/commands/."""
+"""python -m training COMMAND: train, score, export, sign and study the models, and check
+the whole pipeline on a GPU (train, evaluate, export, report, train-export, ablate, ood,
+export-triton, sign, gpu-check). One module per command in training/commands/."""
 
 import argparse
 import sys
@@ -11,6 +11,11 @@ if __name__ == "__main__" and sys.argv[1:2] == ["export-triton"]:
     from training.triton import main as export_triton
 
     sys.exit(export_triton(sys.argv[1:]))
+if __name__ == "__main__" and sys.argv[1:2] == ["sign"]:
+    # Signing reads the files alone: no TensorFlow, as for export-triton.
+    from training.commands.sign import main as sign_files
+
+    sys.exit(sign_files(sys.argv[1:]))
 if __name__ == "__main__" and sys.argv[1:2] == ["gpu-check"]:
     # The training image's entry for `make gpu-check`: it runs training and serving in
     # processes of their own and must not load TensorFlow itself.
@@ -26,6 +31,7 @@ from training.commands import (
     gpu_check,
     ood,
     report,
+    sign,
     train,
     train_export,
 )
@@ -33,7 +39,7 @@ from training.commands.options import load_data, options
 from training.errors import TrainingError
 
 # In the order `--help` lists them.
-COMMANDS = (train, evaluate, export, report, train_export, ablate, ood, triton, gpu_check)
+COMMANDS = (train, evaluate, export, report, train_export, ablate, ood, triton, sign, gpu_check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from contract.modelcard import (
     OUTPUT_NAME,
     ModelCard,
 )
-from training import familiarity, proof, scores
+from training import bfloat16, familiarity, proof, scores
 from training.atomic import write_bytes
 from training.errors import ExportError
 from training.models import build_model
@@ -54,13 +54,15 @@ def export(
     train_labels: np.ndarray,
     val_images: np.ndarray,
     reference_images: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
     familiarity_score: str = scores.DEFAULT,
 ) -> onnx.ModelProto:
     """Convert, fit familiarity (`familiarity_score`, one of training.scores.SCORES) on the
     training images and calibrate it on the validation images, check parity on
     `parity_images`, store the self-check (its reference images drawn from
-    `reference_images`, by default `parity_images`), check it, then write `path`
-    atomically."""
+    `reference_images`, by default `parity_images`) with a bfloat16 promise measured on
+    `reference_images` when their `reference_labels` are given (the test split;
+    training/bfloat16.py), check it, then write `path` atomically."""
     model = float32_twin(model)
     fitted = fit_familiarity(model, train_images, train_labels, val_images, familiarity_score)
     proto = to_onnx(model)
@@ -78,6 +80,8 @@ def export(
     candidates = parity_images if reference_images is None else reference_images
     check = proof.float32_check(proto, candidates, fitted, probabilities_tolerance=MAX_ABS_DIFF,
                                 features_tolerance=MAX_ABS_DIFF)  # fmt: skip
+    if reference_labels is not None:
+        check = bfloat16.with_promise(proto, check, candidates, reference_labels)
     proof.attach(proto, proof.checked(proto, check))
     write_bytes(path, proto.SerializeToString())
     return proto

@@ -19,16 +19,14 @@ from contract.selfcheck import SelfCheck, Tolerance
 from training import proof
 from training.data import Cifar100
 from training.twins import (
+    Twin,
     ancestors,
-    as_trained,
     card_of,
     check_same_signature,
-    compare_with_float,
-    float_self_check,
+    export_twin,
     name_nodes,
     set_card,
     twin_card,
-    write_twin,
 )
 
 # float16 parity with the float model on the test split. float16 keeps 11 significant
@@ -47,23 +45,23 @@ def float16_model_id(model_id: str) -> str:
     return f"{model_id}-float16"
 
 
+LIMITS = {
+    "probabilities_max_abs_difference": FLOAT16_MAX_ABS_DIFF,
+    "features_max_relative_difference": FLOAT16_MAX_FEATURES_DIFF,
+    f"{FAMILIARITY_NAME}_max_abs_difference": FLOAT16_MAX_FAMILIARITY_DIFF,
+    "top1_agreement": FLOAT16_MIN_AGREEMENT,
+}
+
+
 def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
     """Convert `source` to float16 and write `target` only if it matches the float model
-    on the test split (FLOAT16_*, on onnxruntime's CPU provider) and keeps its self-check
+    on the test split (LIMITS, on onnxruntime's CPU provider) and keeps its self-check
     here; else ExportError."""
-    content = Path(source).read_bytes()
-    float_check = float_self_check(content)
-    data = as_trained(data, card_of(onnx.load_from_string(content)))
-    proto = converted_float16(content)
-    card = card_of(proto)
-    comparison = compare_with_float(content, proto, data)
-    comparison["limits"] = {
-        "probabilities_max_abs_difference": FLOAT16_MAX_ABS_DIFF,
-        "features_max_relative_difference": FLOAT16_MAX_FEATURES_DIFF,
-        f"{FAMILIARITY_NAME}_max_abs_difference": FLOAT16_MAX_FAMILIARITY_DIFF,
-        "top1_agreement": FLOAT16_MIN_AGREEMENT,
-    }
-    print(
+    return export_twin(source, target, data, FLOAT16)
+
+
+def summary(card: ModelCard, comparison: dict) -> str:
+    return (
         f"{card.model_id} on {comparison['images']} test images: max |float16 - float32| = "
         + ", ".join(
             f"{comparison[key]:.2e} ({key.split('_')[0]})"
@@ -71,13 +69,13 @@ def export_float16(source: Path, target: Path, data: Cifar100) -> ModelCard:
             if key.endswith("difference") and key in comparison
         )
         + f"; top-1 agreement {comparison['top1_agreement']:.4f}, top-1 "
-        f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f})",
-        flush=True,
+        f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f})"
     )
-    check = proof.twin_check(float_check, content_version(content), float16_tolerances(
-        len(float_check.images), float_check))  # fmt: skip
-    return write_twin(proto, card, comparison, target, float16_problems(comparison),
-                      "the float16 graph differs from the float32 one", check)  # fmt: skip
+
+
+def float16_self_check(source: bytes, float_check: SelfCheck, comparison: dict) -> SelfCheck:
+    return proof.twin_check(float_check, content_version(source),
+                            float16_tolerances(len(float_check.images), float_check))  # fmt: skip
 
 
 def float16_tolerances(references: int, float_check: SelfCheck) -> list[Tolerance]:
@@ -198,3 +196,13 @@ def converted_float16(source: bytes) -> onnx.ModelProto:
     twin = twin_card(card, float16_model_id(card.model_id), "float16", source, float16=details)
     set_card(converted, twin)
     return converted
+
+
+FLOAT16 = Twin(
+    convert=lambda content, data: converted_float16(content),
+    limits=LIMITS,
+    problems=lambda comparison: float16_problems(comparison),
+    self_check=float16_self_check,
+    summary=summary,
+    broken="the float16 graph differs from the float32 one",
+)

@@ -54,11 +54,11 @@ from contract.selfcheck import SelfCheck, Tolerance
 from training import proof
 from training.data import Cifar100
 from training.twins import (
+    Twin,
     ancestors,
-    as_trained,
     card_of,
     check_same_signature,
-    compare_with_float,
+    export_twin,
     float_self_check,
     name_nodes,
     set_card,
@@ -178,42 +178,40 @@ def quantize_int8(source: Path, target: Path, calibration_images: np.ndarray) ->
                "the int8 model does not keep to the float model", check)  # fmt: skip
 
 
-def export_int8(
-    source: Path, target: Path, data: Cifar100, *, limit: float | None = None
-) -> ModelCard:
+def export_int8(source: Path, target: Path, data: Cifar100) -> ModelCard:
     """Quantize `source`, calibrated on training images, and write `target` only if its
-    top-1 accuracy on the test split is at most `limit` (ACCURACY_DROP_LIMIT by default)
-    below the float model's, its familiarity moved at most INT8_MAX_FAMILIARITY_DIFF, and
-    it keeps its self-check here; else ExportError and no file. Returns the card written."""
-    limit = ACCURACY_DROP_LIMIT if limit is None else limit
-    content = Path(source).read_bytes()
-    float_check = float_self_check(content)
-    data = as_trained(data, card_of(onnx.load_from_string(content)))
+    top-1 accuracy on the test split is at most ACCURACY_DROP_LIMIT below the float
+    model's, its familiarity moved at most INT8_MAX_FAMILIARITY_DIFF, and it keeps its
+    self-check here; else ExportError and no file. Returns the card written."""
+    return export_twin(source, target, data, INT8_TWIN)
+
+
+def calibrated_int8(content: bytes, data: Cifar100) -> onnx.ModelProto:
+    """The int8 graph of `content`, calibrated on a seeded sample of the training split."""
     calibration = calibration_sample(data.train.images)
-    proto = quantized_int8(
+    return quantized_int8(
         content,
         calibration,
         calibration_note=f"training split: {len(calibration)} of its {len(data.train)} images, "
         f"drawn at random with seed {CALIBRATION_SEED}",
     )
-    card = card_of(proto)
-    comparison = compare_with_float(content, proto, data)
-    comparison["limits"] = {
-        "top1_accuracy_drop": limit,
-        f"{FAMILIARITY_NAME}_mean_abs_difference": INT8_MAX_FAMILIARITY_DIFF,
-    }
+
+
+def summary(card: ModelCard, comparison: dict) -> str:
     moved = comparison.get(f"{FAMILIARITY_NAME}_mean_abs_difference")
-    print(
+    return (
         f"{card.model_id} on {comparison['images']} test images: top-1 "
         f"{comparison['top1_accuracy']:.4f} (float32 {comparison['float32_top1_accuracy']:.4f}, "
-        f"limit -{limit:g}), top-1 agreement with float32 {comparison['top1_agreement']:.4f}"
-        + ("" if moved is None else f", familiarity moved by {moved:.4f} on average"),
-        flush=True,
+        f"limit -{comparison['limits']['top1_accuracy_drop']:g}), top-1 agreement with float32 "
+        f"{comparison['top1_agreement']:.4f}"
+        + ("" if moved is None else f", familiarity moved by {moved:.4f} on average")
     )
+
+
+def measured_self_check(source: bytes, float_check: SelfCheck, comparison: dict) -> SelfCheck:
+    """`int8_self_check` at the disagreement rate the gate measured on the test split."""
     disagreements = round((1 - comparison["top1_agreement"]) * comparison["images"])
-    check = int8_self_check(content, float_check, disagreements, comparison["images"])
-    return write_twin(proto, card, comparison, target, int8_problems(comparison),
-                      "the int8 model does not keep to the float model", check)  # fmt: skip
+    return int8_self_check(source, float_check, disagreements, comparison["images"])
 
 
 def int8_self_check(
@@ -372,3 +370,17 @@ def kept_float_card(graph: onnx.GraphProto, kept: dict[str, str]) -> list[dict]:
         for reason, why in KEPT_FLOAT.items()
         if reason in kept.values()
     ]
+
+
+LIMITS = {
+    "top1_accuracy_drop": ACCURACY_DROP_LIMIT,
+    f"{FAMILIARITY_NAME}_mean_abs_difference": INT8_MAX_FAMILIARITY_DIFF,
+}
+INT8_TWIN = Twin(
+    convert=calibrated_int8,
+    limits=LIMITS,
+    problems=lambda comparison: int8_problems(comparison),
+    self_check=measured_self_check,
+    summary=summary,
+    broken="the int8 model does not keep to the float model",
+)

@@ -4,8 +4,16 @@ For every models/<id>.onnx, out/ gets:
     <id>/config.pbtxt        platform onnxruntime_onnx, dynamic batching, one instance on a GPU,
                              cuDNN's heuristic search, warm-up at the batch sizes it will run
     <id>/configs/cpu.pbtxt   the same on the CPU (tritonserver --model-config-name=cpu)
+    <id>/configs/openvino.pbtxt  Triton's OpenVINO backend on the CPU, reading the same
+                             model.onnx, in float32 (--model-config-name=openvino); written
+                             where OpenVINO keeps the file's promise here (not for float16
+                             twins, which are for GPUs). Not in bfloat16: Triton cannot run
+                             the file's self-check where it serves, and a bfloat16 promise
+                             holds or not by the CPU, so it is not offered unchecked
     <id>/labels.txt          the 100 class names in class-index order (Triton's classification)
     <id>/1/model.onnx        the export, byte for byte, once its self-check has passed here
+    <id>/1/model.onnx.sig    the export's signature bundle, where it has one: the copy holds
+                             the same bytes, so the same bundle verifies it
 
 Everything comes from the ONNX file and its model card: no TensorFlow, so the service's
 dependencies are enough to run it. Triton's own schema (ModelConfig in model_config.proto) is
@@ -30,6 +38,7 @@ from contract.modelcard import (
     OUTPUT_NAME,
     ModelCard,
 )
+from contract.trust import bundle_path
 from training.atomic import write_bytes, write_text
 from training.errors import TrainingError
 
@@ -39,6 +48,10 @@ VERSION = "1"
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 CPU_CONFIG = "cpu"  # configs/cpu.pbtxt, picked by `tritonserver --model-config-name=cpu`
+OPENVINO_CONFIG = "openvino"  # configs/openvino.pbtxt: Triton's OpenVINO backend, the CPU
+# The OpenVINO backend's parameters (its README): one stream and the latency hint, as the
+# service's engine runs it (contract/engines.py), the batcher sending one batch at a time.
+OPENVINO_PARAMETERS = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 
 # 128, twice the service's BATCH_MAX_SIZE: the service caps batches at 64 to hold its p99
 # target on a CPU, where throughput is flat from batch 32 on (see the README's ceiling
@@ -49,7 +62,7 @@ PREFERRED_BATCH_SIZES = (64, 128)
 # The service's BATCH_MAX_WAIT_MS default: a request waits at most 2 ms for company.
 MAX_QUEUE_DELAY_MICROSECONDS = 2000
 # Warm-up requests Triton runs before it marks a model ready, largest first, as the
-# service warms its sessions (contract.classifier.warm_up_sizes; the tests hold the two to
+# service warms its sessions (contract.engines.warm_up_sizes; the tests hold the two to
 # the same rule): on a GPU every power of two up to the batch cap, since the dynamic
 # batcher forms batches of any size up to it; on the CPU the cap and a single image.
 GPU_WARMUP_BATCH_SIZES = (128, 64, 32, 16, 8, 4, 2, 1)
@@ -92,23 +105,43 @@ def write_repository(models_dir: Path, out: Path) -> list[Path]:
         try:
             model = onnx.load(path)
             card = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props})
-            described.append((path, card, tensor_specs(model), labels(card)))
-            Classifier(path, "cpu", 1, 1).check_itself()
+            openvino = openvino_kept(path)
+            described.append((path, card, tensor_specs(model), labels(card), openvino))
+            Classifier(path, "cpu", 1, 1, engine="onnxruntime").check_itself()  # as Triton runs it
         except (ValueError, DecodeError) as err:
             raise RepositoryError(f"{path}: {err}") from None
         except InvalidModel as err:
             raise RepositoryError(f"{path}: {err.message.removeprefix(path.name + ': ')}") from None
     written = []
-    for path, card, tensors, label_text in described:
+    for path, card, tensors, label_text, openvino in described:
         folder = Path(out) / card.model_id
         # The model first, the config last: a Triton polling the repository never sees a
         # config whose model file is not there yet.
-        write_bytes(folder / VERSION / MODEL_FILE, path.read_bytes())
+        copy = folder / VERSION / MODEL_FILE
+        write_bytes(copy, path.read_bytes())
+        if bundle_path(path).is_file():
+            write_bytes(bundle_path(copy), bundle_path(path).read_bytes())
+        else:  # an earlier export's bundle would not verify these bytes: none is honest
+            bundle_path(copy).unlink(missing_ok=True)
         write_text(folder / LABELS_FILE, label_text)
         write_text(folder / "configs" / f"{CPU_CONFIG}.pbtxt", model_config(card, tensors, "cpu"))
+        if openvino:
+            write_text(folder / "configs" / f"{OPENVINO_CONFIG}.pbtxt",
+                       model_config(card, tensors, OPENVINO_CONFIG))  # fmt: skip
         write_text(folder / "config.pbtxt", model_config(card, tensors, "gpu"))
         written.append(folder)
     return written
+
+
+def openvino_kept(path: Path) -> bool:
+    """Whether OpenVINO computes the file here, on the CPU, as its self-check promises
+    (float32 files in float32, int8 twins in int8; float16 twins are not offered to it)."""
+    try:
+        model = Classifier(path, "cpu", 1, 1, engine="openvino", precision="float32")
+        model.check_itself()
+    except InvalidModel:
+        return False
+    return True
 
 
 def tensor_specs(model: onnx.ModelProto) -> dict[str, list[tuple[str, str, list[int]]]]:
@@ -190,15 +223,16 @@ def model_config(
         ]
         return "model_warmup [\n" + ",\n".join(entries) + "\n]\n"
 
-    kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[device]
-    parameters = GPU_PARAMETERS if device == "gpu" else {}
+    kind = "KIND_GPU" if device == "gpu" else "KIND_CPU"
+    parameters = {"gpu": GPU_PARAMETERS, OPENVINO_CONFIG: OPENVINO_PARAMETERS}.get(device, {})
     sizes = GPU_WARMUP_BATCH_SIZES if device == "gpu" else CPU_WARMUP_BATCH_SIZES
+    runtime = 'backend: "openvino"' if device == OPENVINO_CONFIG else 'platform: "onnxruntime_onnx"'
     return (
         f"# {card.model_id}: written by `python -m training export-triton` from the ONNX file\n"
         f"# and its model card ({card.parameter_count:,} parameters). Inputs are raw uint8 RGB\n"
         "# pixels: the graph scales them itself.\n"
         f'name: "{card.model_id}"\n'
-        'platform: "onnxruntime_onnx"\n'
+        f"{runtime}\n"
         f'default_model_filename: "{MODEL_FILE}"\n'
         f"max_batch_size: {MAX_BATCH_SIZE}\n"
         + block("input", tensors["input"])

@@ -10,7 +10,7 @@ Triton and the report take it as they take the float file; it has its own model 
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,40 @@ def name_nodes(proto: onnx.ModelProto) -> None:
                 name, n = f"{node.output[0]}#{n}", n + 1
             node.name = name
             taken.add(name)
+
+
+# The export of a twin: one sequence, what differs between twins in a Twin.
+
+
+@dataclasses.dataclass(frozen=True)
+class Twin:
+    """What makes one twin: its conversion, its gate's limits on the test split (each
+    measure of `compare_outputs` its limit), what breaks them in words, its promise on the
+    float file's reference images, and the message when it is not written."""
+
+    convert: Callable[[bytes, Cifar100], onnx.ModelProto]  # float file, data -> twin
+    limits: dict[str, float]
+    problems: Callable[[dict], list[str]]  # comparison with limits -> broken, in words
+    self_check: Callable[[bytes, SelfCheck, dict], SelfCheck]  # float file, its check, comparison
+    summary: Callable[[ModelCard, dict], str]  # what is printed of the comparison
+    broken: str
+
+
+def export_twin(source: Path, target: Path, data: Cifar100, twin: Twin) -> ModelCard:
+    """Convert `source` and write `target` only if it keeps to the float model within the
+    twin's limits on the test split (onnxruntime's CPU provider, both files) and keeps its
+    own self-check here; else ExportError and no file. Returns the card written."""
+    content = Path(source).read_bytes()
+    float_check = float_self_check(content)
+    data = as_trained(data, card_of(onnx.load_from_string(content)))
+    proto = twin.convert(content, data)
+    card = card_of(proto)
+    comparison = compare_with_float(content, proto, data)
+    comparison["limits"] = dict(twin.limits)
+    print(twin.summary(card, comparison), flush=True)
+    check = twin.self_check(content, float_check, comparison)
+    return write_twin(proto, card, comparison, target, twin.problems(comparison), twin.broken,
+                      check)  # fmt: skip
 
 
 # Measuring a twin against the float model.

@@ -21,7 +21,7 @@ COPY --chown=1000:100 contract ./contract
 COPY --chown=1000:100 service ./service
 COPY --chown=1000:100 training ./training
 COPY --chown=1000:100 score ./score
-RUN pip install ".[score]" \
+RUN pip install ".[cpu,score]" \
     && rm -rf build ./*.egg-info
 
 ENV MODELS_DIR=/models

@@ -52,6 +52,9 @@ OTHER_VARIABLES = {
     "RAY_AUTH_TOKEN": "Ray: the token a driver joining a cluster presents",
     "RAY_AUTH_TOKEN_PATH": "Ray: a file holding that token",
     "SCORE_FLAGS": "Makefile: extra flags for make score",
+    "SIGNING_KEY": "training: the private key export and sign sign with",
+    "HOST_TRUSTED_KEYS": "docker compose: the host's public key(s), a secret for the service",
+    "HOST_SIGNING_KEY": "docker compose: the host's private key, a secret for training",
 }
 # Names in the same shape that are no variables: gRPC's status codes.
 NOT_VARIABLES = {

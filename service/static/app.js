@@ -280,7 +280,10 @@ function renderCard(info, detail) {
   if (version !== null) facts.push(['version', version]);
   facts.push(['parameters', Number(card.parameter_count).toLocaleString('en')]);
   facts.push(['file', card.file]);
-  facts.push(['runs on', card.provider]);
+  const serving = card.serving || {};
+  const on = serving.device === 'cuda' ? 'GPU' : `CPU, ${serving.instructions || 'no vector extensions'}`;
+  facts.push(['runs on', `${serving.engine} in ${serving.precision} (${on})`]);
+  if (card.provenance) facts.push(['provenance', card.provenance]);
   if (card.familiarity && card.familiarity.method) facts.push(['familiarity', card.familiarity.method]);
   facts.push(['status', card.ready ? 'ready' : 'not ready']);
   const title = el('h3', {}, card.model_id, card.default ? el('span', { class: 'badge', text: 'default' }) : null);

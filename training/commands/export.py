@@ -16,14 +16,15 @@ from training.commands.options import Options
 from training.errors import ExportError
 from training.export import export
 from training.models import MODEL_IDS, load_original_weights
+from training.sign import key_option, report_written
 from training.train import best_checkpoint, saved_recipe
 
 
 def add(commands: argparse._SubParsersAction, options: Options) -> None:
     parser = commands.add_parser(
         "export",
-        parents=[options.data, options.models_dir, options.familiarity],
-        help="write models/<id>.onnx",
+        parents=[options.data, options.models_dir, options.familiarity, key_option()],
+        help="write models/<id>.onnx (and its signature bundle, with --signing-key)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=MODEL_IDS, help="export the run's best checkpoint")
@@ -78,12 +79,13 @@ def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         path,
         parity_images=data.test.images[:256],
         reference_images=data.test.images,
+        reference_labels=data.test.fine,
         train_images=data.train.images,
         train_labels=data.train.fine,
         val_images=data.val.images,
         familiarity_score=args.familiarity_score,
     )
-    print(f"Wrote {path}")
+    report_written(path, args.signing_key)
 
 
 def run_twin(args: argparse.Namespace, data: cifar.Cifar100) -> None:
@@ -106,4 +108,4 @@ def run_twin(args: argparse.Namespace, data: cifar.Cifar100) -> None:
     else:
         target = args.models_dir / f"{float16.float16_model_id(args.model)}.onnx"
         float16.export_float16(source, target, data)
-    print(f"Wrote {target}")
+    report_written(target, args.signing_key)

@@ -8,13 +8,20 @@ from training.commands import evaluate, export, train
 from training.commands.options import Options, recipe_of
 from training.export import exported_card
 from training.models import MODEL_IDS
+from training.sign import key_option
 from training.train import run_state
 
 
 def add(commands: argparse._SubParsersAction, options: Options) -> None:
     parser = commands.add_parser(
         "train-export",
-        parents=[options.data, options.recipe, options.models_dir, options.familiarity],
+        parents=[
+            options.data,
+            options.recipe,
+            options.models_dir,
+            options.familiarity,
+            key_option(),
+        ],
         help="train, evaluate and export both models (what `make train-export` runs)",
     )
     parser.set_defaults(command=run, weights=None)

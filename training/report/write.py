@@ -44,7 +44,8 @@ def write_reports(
     dataset = describe_dataset(data)
     reports, scored, known_masks = [], [], []
     for path in model_paths:
-        model = Classifier(path, "auto", intra_op_threads=0, inter_op_threads=1)
+        # The model itself, in float32: what the report describes, on any machine.
+        model = Classifier(path, "auto", 0, 1, precision="float32")
         held_out = held_out_of(model.card)
         # A model that never saw some classes is scored on the others' test images; the
         # held-out ones go to the familiarity section.
