@@ -240,8 +240,6 @@ class OpenVINOEngine:
     def __init__(self, content: bytes, way: Way, *, name: str, threads: int) -> None:
         import io
 
-        import openvino as ov
-
         core = openvino_core()
         try:
             model = core.read_model(io.BytesIO(content))  # ONNX, read as it is
@@ -261,7 +259,7 @@ class OpenVINOEngine:
         except Exception as err:  # OpenVINO raises RuntimeError for what it cannot read
             raise InvalidModel(f"{name}: OpenVINO cannot load it") from err
         self.way = way
-        self.version = ov.__version__.split("-")[0]  # 2026.4.1, not the build's tags
+        self.version = openvino_version()
         # Named as the graph names them: compiling may merge a tensor's names with its
         # neighbours' (an int8 file's input takes its QuantizeLinear's), the model read
         # from the file keeps the ONNX ones; compiling keeps the order.
@@ -341,6 +339,15 @@ def openvino_missing() -> str | None:
     except Exception as err:  # no CPU plugin: an unsupported CPU or architecture
         return f"its CPU plugin does not start here ({err})"
     return None
+
+
+def openvino_version() -> str | None:
+    """OpenVINO's release (2026.4.1, without the build's tags), None where it cannot run."""
+    if openvino_missing() is not None:
+        return None
+    import openvino as ov
+
+    return ov.__version__.split("-")[0]
 
 
 def openvino_capabilities() -> list[str]:

@@ -10,16 +10,12 @@ onnxruntime (`emulated`), so the measurement and the promise are the same on wha
 the file is exported; where the exporting CPU computes bfloat16 itself, the reference
 images also go through OpenVINO in bfloat16 and must keep the promise there.
 
-The limits, decided by measurement on the two models trained on real photos (10 classes,
-not CIFAR-100; OpenVINO 2026.4 in bfloat16 on an AMD EPYC with AVX-512 BF16, 1,000 test
-images, 2026-12-07), each against the same file in float32 on onnxruntime:
-  small model: top-1 agreement 98.3 %, probabilities moved by at most 0.0074, features
-  by 0.49 % of their largest value, familiarity by 0.026 on average (0.13 at most);
-  the emulation: 98.9 %, 0.0035, 0.49 %, 0.026 (0.17).
-  (A current Xeon with AMX: 98.5-98.6 %, at most 0.014, familiarity 0.009-0.018.)
-The limits allow about twice the familiarity shift and several times the rest; familiarity
-is the loosest because whitening the features magnifies their rounding. A file outside
-them is still written, without the promise: it is then never served in bfloat16.
+The limits were decided by measurement on models trained on real photos (docs/engines.md,
+"The bfloat16 promise", has the table): top-1 agreement 98.3 to 99.4 %, probabilities
+moved by at most 0.011, features by 0.5 % of their largest value, familiarity by 0.004 to
+0.026 on average; the limits allow several times that, familiarity the least, since
+whitening the features magnifies their rounding. A file outside them is still written,
+without the promise: it is then never served in bfloat16.
 """
 
 import dataclasses
