@@ -43,7 +43,8 @@ def to_markdown(results: dict) -> str:
     lines += floor_lines(results.get("floor"))
     for model_id, r in results["models"].items():
         c = r["ceiling"]
-        lines += [f"### {model_id} ({r['weights']}; ceiling: {c['way']})", ""]
+        # Runs published before engines were compared name onnxruntime's provider instead.
+        lines += [f"### {model_id} ({r['weights']}; ceiling: {c.get('way') or c['provider']})", ""]
         lines += targets_table(r["targets"])
         lines += ways_table(r)
         lines += ceiling_table(r)
@@ -78,6 +79,8 @@ def ways_table(r: dict) -> list[str]:
     """Every engine and precision this machine offers each file, on every CPU: its best
     images/s and whether the file's promise holds there; the service judged against the
     fastest that holds."""
+    if "ways" not in r["ceiling"]:  # a run published before engines were compared
+        return []
     lines = [
         "Engines and precisions on this machine, every CPU (the ceiling: the fastest whose "
         "promise holds); the service serves "
@@ -128,8 +131,9 @@ def floor_lines(floor: dict | None) -> list[str]:
 def ceiling_table(r: dict) -> list[str]:
     """The ceiling's way alone: the float file's sessions, and the int8 file's beside them."""
     c, int8 = r["ceiling"], r.get("int8")
+    way = c.get("way") or c["provider"]
     head = (
-        f"| {c['way']}: batch | float, {c['all_cpus']['threads']} threads (all CPUs): "
+        f"| {way}: batch | float, {c['all_cpus']['threads']} threads (all CPUs): "
         f"images/s | p50 ms | p99 ms | float, {c['per_worker']['threads']} thread(s) (one "
         "worker): images/s | p50 ms | p99 ms |"
     )
