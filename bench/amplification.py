@@ -10,26 +10,14 @@ for the table of hostile cases (`python -m bench faults`)."""
 import asyncio
 import contextlib
 import time
-from typing import Protocol
 
-from bench.hostile import GROWTH_CONSTANT, GROWTH_PER_BYTE, growth_bound
+from bench.hostile import GROWTH_CONSTANT, GROWTH_PER_BYTE, Case, growth_bound
 from bench.load import V2_HEADER, http_request, multipart_form, pixel_images, png_images, v2_body
 from bench.procfs import PeakGrowth, cpu_seconds
 from bench.servers import HOST
 
 SETTLE_SECONDS = 0.1  # before and after a measurement: the workers' bookkeeping
 TIMEOUT_SECONDS = 120.0  # per request
-
-
-class Case(Protocol):
-    """A request and the statuses documented for it (bench/hostile.py's `Case`)."""
-
-    name: str
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    expected: frozenset[int] | set[int]
 
 
 def request_bytes(case: Case) -> bytes:

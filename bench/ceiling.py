@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.classifier import Classifier
-from contract.engines import Way, ways
+from contract.engines import Engine, Way, open_engine, ways
 from contract.errors import InvalidModel
 from service.config import Settings, available_cpus
 
@@ -42,19 +42,25 @@ def measure_table(path: Path, settings: Settings, seconds: float) -> dict:
     offered, skipped = ways(probe.file_precision, device=settings.device)
     measured = []
     for way in offered:
-        model = session(path, settings.device, way)
         try:
-            model.warm_up()
-            promise = "held"
-        except InvalidModel as err:  # timed all the same: what the promise would cost
+            model = session(path, settings.device, way)
+            self_check = None
+            try:
+                model.warm_up()
+                promise, self_check = "held", model.self_check_seconds
+            except InvalidModel as err:  # timed all the same: what the promise would cost
+                promise = err.message.removeprefix(f"{path.name}: ")
+            timed, instructions = model, model.serving.get("instructions")
+        except InvalidModel as err:  # no promise in that precision: the engine alone
             promise = err.message.removeprefix(f"{path.name}: ")
-        rows = time_table(model, seconds)
+            engine = open_engine(path.read_bytes(), way, name=path.name, threads=available_cpus())
+            timed, instructions = Bare(engine), engine.describe().get("instructions")
+        rows = time_table(timed, seconds)
         best = max(BATCH_SIZES, key=lambda b: rows[b]["images_per_s"])
         measured.append({
             "way": str(way), "engine": way.engine, "precision": way.precision,
-            "device": way.device, "instructions": model.serving.get("instructions"),
-            "promise": promise, "self_check_seconds": model.self_check_seconds,
-            "threads": available_cpus(), "batches": rows,
+            "device": way.device, "instructions": instructions, "promise": promise,
+            "self_check_seconds": self_check, "threads": available_cpus(), "batches": rows,
             "best_batch": best, "images_per_s": rows[best]["images_per_s"],
         })  # fmt: skip
         print(f"  ceiling {path.name} {way}: {rows[best]['images_per_s']} images/s at batch "
@@ -77,6 +83,17 @@ def measure_table(path: Path, settings: Settings, seconds: float) -> dict:
     }
 
 
+class Bare:
+    """An engine alone, timed like a loaded file (`run(images)`): a way whose precision the
+    file makes no promise for is never loaded as one, but what it would do is measured."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.names = engine, [port.name for port in engine.outputs]
+
+    def run(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.engine.run(self.names, images)
+
+
 def ceiling_session(path: Path, device: str, ceiling: dict) -> Classifier:
     """The session of the ceiling `measure_table` found (its way, every CPU), warmed up."""
     (fastest,) = [m for m in ceiling["ways"] if m["way"] == ceiling["way"]]
@@ -85,7 +102,7 @@ def ceiling_session(path: Path, device: str, ceiling: dict) -> Classifier:
     return model
 
 
-def time_table(model: Classifier, seconds: float) -> dict:
+def time_table(model: Classifier | Bare, seconds: float) -> dict:
     """images/s, p50 and p99 ms of `model` at each of BATCH_SIZES, `seconds` each."""
     rows = {}
     for batch in BATCH_SIZES:
@@ -98,7 +115,7 @@ def time_table(model: Classifier, seconds: float) -> dict:
     return rows
 
 
-def time_calls(model: Classifier, batch: int, seconds: float) -> list[float]:
+def time_calls(model: Classifier | Bare, batch: int, seconds: float) -> list[float]:
     """Seconds per engine call on `batch` random images, for `seconds` (3 calls at
     least), after one untimed call."""
     images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)

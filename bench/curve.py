@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from bench.tables import PATHS as NAMES
 from bench.targets import GOODPUT_LOADS, GOODPUT_SHARE, P99_MS
 
-COLOURS = {"png": "tab:orange", "v2": "tab:blue", "grpc": "tab:green"}
+COLOURS = {"png": "tab:orange", "v2": "tab:blue", "grpc": "tab:green", "v2-bytes": "tab:red"}
 PNG = {"metadata": {"Software": None}}  # no version stamp
 
 

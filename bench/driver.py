@@ -18,7 +18,7 @@ def run_load(target: dict, args: argparse.Namespace, **mode: float) -> dict:
     """One load run against `target` (port, kind, path[, field][, images: per v2
     request][, pid: the server's, for its CPU]) for `args.seconds`: `concurrency=N`
     (closed loop) or `rate=R` (open loop). gRPC: port is GRPC_PORT, path the model."""
-    generator = "bench.grpc_load" if target["kind"] == "grpc" else "bench.load"
+    generator = "bench.grpc_load" if target["kind"].startswith("grpc") else "bench.load"
     command = [
         sys.executable, "-m", generator, "--port", str(target["port"]),
         "--kind", target["kind"], "--path", target["path"],

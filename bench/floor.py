@@ -7,9 +7,12 @@ loop), one worker:
   asgi       a bare ASGI callable: read the body, send the answer
   starlette  one Starlette route doing the same with Request and Response
   fastapi    one FastAPI route, as the service's /v2 infer route reads its request
-beside the service itself (`python -m service`, one worker) on /v2 binary infer and PNG
-/predict, and a second one refusing /v2 requests at a door held closed (bench/door.py;
-its clients ask again at once instead of waiting out Retry-After). The services serve
+and a bare `grpc.aio` server (one unary ModelInfer handler answering the same
+probabilities as a serialized message, under the service's own gRPC options,
+service/rpc/server.py), beside the service itself (`python -m service`, one worker) on
+/v2 binary infer, PNG /predict and gRPC ModelInfer with raw contents, and a second one
+refusing /v2 requests at a door held closed (bench/door.py; its clients ask again at
+once instead of waiting out Retry-After). The services serve
 a trivial model by default (bench/modelfiles.py: the contract of every export, inference
 in microseconds), so what is measured is the serving path; `--model` names a real one.
 Every server runs at once, idle but for the one loaded; the same load generator
@@ -22,6 +25,7 @@ Writes <out>/floor.{json,md}; prints the Markdown.
 """
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.door import closed_settings, held_closed
@@ -36,7 +41,7 @@ from bench.machine import describe_machine, machine_line
 from bench.modelfiles import TRIVIAL, model_files
 from bench.procfs import cpu_seconds
 from bench.results import write
-from bench.servers import HOST, free_port, server_process, service_process
+from bench.servers import HOST, free_port, listeners, server_process, service_process
 from service.config import Settings
 
 APPS = ("asgi", "starlette", "fastapi")
@@ -123,14 +128,66 @@ def fastapi_app():
     return app
 
 
+async def grpc_floor(settings: Settings) -> None:
+    """A bare grpc.aio server: one unary ModelInfer handler, bytes in, a fixed serialized
+    answer out (no deserializing, no metadata read), under the service's gRPC options."""
+    import grpc
+
+    from service.rpc import inference_pb2 as pb
+    from service.rpc.server import options
+
+    reply = pb.ModelInferResponse(model_name="cifar100-5735844", model_version="0123456789ab")
+    reply.outputs.add(name="probabilities", datatype="FP32", shape=[1, 100])
+    reply.raw_output_contents.append(bytes(400))
+    answer = reply.SerializeToString()
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return answer
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)},
+    )
+    channel_options, calls = options(settings)
+    server = grpc.aio.server(options=channel_options, maximum_concurrent_rpcs=calls)
+    server.add_generic_rpc_handlers([handler])
+    server.add_insecure_port(f"{HOST}:{settings.grpc_port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
 def serve_floor(kind: str, port: int) -> None:
-    """`python -m bench.floor KIND PORT`: a floor app behind the service's uvicorn setup."""
+    """`python -m bench.floor KIND PORT`: a floor app behind the service's uvicorn setup,
+    or (grpc) the bare gRPC server on the event loop the service runs on."""
     import uvicorn
 
     from service.server import server_config
 
     settings = Settings(host=HOST, port=port, workers=1, log_level="WARNING", grpc_port=0)
-    uvicorn.Server(server_config(settings, f"bench.floor:{kind}_app")).run()
+    config = server_config(settings, f"bench.floor:{kind}_app")
+    if kind == "grpc":
+        grpc_settings = Settings(host=HOST, workers=1, grpc_port=port)
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(grpc_floor(grpc_settings))
+    else:
+        uvicorn.Server(config).run()
+
+
+@contextlib.contextmanager
+def grpc_floor_process(port: int):
+    """The bare gRPC floor in its own process, once it listens."""
+    command = [sys.executable, "-m", "bench.floor", "grpc", str(port)]
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120  # as server_process: importing bench takes a while
+        while not listeners(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the gRPC floor did not start")
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 # --- the mode ---------------------------------------------------------------------------
@@ -172,11 +229,17 @@ def main(args: argparse.Namespace) -> int:
             command = [sys.executable, "-m", "bench.floor", kind, str(port)]
             process = up.enter_context(server_process(command, {}, port))
             targets[f"{kind} floor"] = (port, process.pid, infer)
-        port, process = up.enter_context(
-            service_process(models_dir=path.parent, default_model=args.model, workers=1)
-        )
+        port = free_port()
+        process = up.enter_context(grpc_floor_process(port))
+        grpc_infer = ["--kind", "grpc", "--path", args.model]
+        targets["grpc floor"] = (port, process.pid, grpc_infer)
+        grpc_port = free_port()
+        port, process = up.enter_context(service_process(
+            models_dir=path.parent, default_model=args.model, workers=1,
+            grpc_port=grpc_port))  # fmt: skip
         targets["service /v2 binary"] = (port, process.pid, infer)
         targets["service /predict PNG"] = (port, process.pid, ["--kind", "png"])
+        targets["service gRPC raw"] = (grpc_port, process.pid, grpc_infer)
         # The cost of a refusal: a second service whose door is held closed (bench/door.py).
         port, process = up.enter_context(service_process(
             models_dir=path.parent, workers=1, **closed_settings(args.model)))  # fmt: skip
@@ -184,11 +247,13 @@ def main(args: argparse.Namespace) -> int:
         targets["service /v2 refused at the door"] = (
             port, process.pid, [*infer, "--no-wait"])  # fmt: skip
         if args.compare:
+            grpc_port = free_port()
             port, process = up.enter_context(service_process(
                 models_dir=path.parent, default_model=args.model, workers=1,
-                source=args.compare.resolve()))  # fmt: skip
+                source=args.compare.resolve(), grpc_port=grpc_port))  # fmt: skip
             targets["compared /v2 binary"] = (port, process.pid, infer)
             targets["compared /predict PNG"] = (port, process.pid, ["--kind", "png"])
+            targets["compared gRPC raw"] = (grpc_port, process.pid, grpc_infer)
             port, process = up.enter_context(service_process(
                 models_dir=path.parent, workers=1, source=args.compare.resolve(),
                 **closed_settings(args.model)))  # fmt: skip
@@ -238,7 +303,8 @@ def load(target: tuple[int, int, list[str]], seconds: float, concurrency: int) -
     """One closed-loop load on the target: the load generator's summary, with the server's
     CPU per response over it."""
     port, pid, kind = target
-    command = [sys.executable, "-m", "bench.load", "--port", str(port), *kind,
+    generator = "bench.grpc_load" if "grpc" in kind else "bench.load"
+    command = [sys.executable, "-m", generator, "--port", str(port), *kind,
                "--concurrency", str(concurrency), "--duration", str(seconds)]  # fmt: skip
     before = cpu_seconds(pid)
     finished = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)

@@ -1,12 +1,16 @@
 """A hostile corpus: requests whose cost could be out of proportion to their size.
 
 Each `Case` is one complete HTTP request (method, path, headers, body) and the statuses
-the service documents for it. The tests send every case to a real `python -m service`
-and bound the server's peak memory growth by the bytes sent; `python -m bench faults`
-prints the same cases as an amplification table. The generators build the files by
+the service documents for it; each `GrpcCase` one serialized ModelInfer message and the
+gRPC status codes documented for it. Encoded images come through /predict, through /v2's
+BYTES input (JSON and binary) and over gRPC (`bytes_contents`, raw contents). The tests
+send every case to a real `python -m service` and bound the server's peak memory growth
+by the bytes sent; `python -m bench faults` prints the same cases as an amplification
+table. The generators build the files by
 hand (chunk by chunk, marker by marker) where Pillow would refuse to write them.
 """
 
+import base64
 import io
 import json
 import struct
@@ -92,6 +96,74 @@ def cases(model_id: str, max_images: int = 64) -> list[Case]:
            {400}, "256 for a UINT8 input"),
         v2("shape-lies", infer, v2_body(shape=[max_images, SIDE, SIDE, 3]), {400},
            "a shape of 64 images with the data of one"),
+        # --- /v2 BYTES: encoded images, decoded by /predict's code and limits
+        files_binary("bytes-png-ztxt", infer, [png_with(pixels, text_chunks(b"zTXt", 64))] * 16,
+                     {422}, "16 PNGs with zTXt bombs as BYTES binary data: refused at the cap"),
+        files_binary("bytes-pixel-bomb", infer, [png_claiming(100_000, 100_000)] * 4, {413},
+                     "PNG headers claiming 10^10 pixels each"),
+        files_binary("bytes-gif-frames", infer, [gif_frames(pixels, 1000)] * 4, {200},
+                     "GIFs of 1,000 frames: only the first is decoded"),
+        files_framed("bytes-frame-lies", infer, struct.pack("<I", 2**31) + b"x" * 16, 1, {400},
+                     "an element claiming 2 GiB, 16 bytes sent"),
+        v2("bytes-too-many", infer, files_json([b"\0"] * (max_images + 1)), {413},
+           "one encoded image more than a request may carry"),
+        v2("bytes-not-base64", infer, files_json(None, ["%%%%"] * 4), {400},
+           "strings that are not base64"),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GrpcCase:
+    name: str
+    message: bytes  # a serialized inference.ModelInferRequest (or not)
+    expected: frozenset[str]  # gRPC status code names
+    why: str = field(default="", compare=False)
+
+
+def grpc_cases(model_id: str, max_images: int = 64) -> list[GrpcCase]:
+    """Hostile ModelInfer messages: undecodable bytes, client text to echo, typed values
+    beyond any request, and encoded images whose decoding could cost more than their size."""
+    from service.rpc import inference_pb2 as pb
+
+    pixels = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+
+    def infer(name: str = model_id, **fields) -> pb.ModelInferRequest:
+        return pb.ModelInferRequest(model_name=name, **fields)
+
+    def files(elements: list[bytes], framed: bool) -> bytes:
+        request = infer()
+        tensor = request.inputs.add(name="image_files", datatype="BYTES", shape=[len(elements)])
+        if framed:
+            request.raw_input_contents.append(b"".join(struct.pack("<I", len(e)) + e
+                                                       for e in elements))  # fmt: skip
+        else:
+            tensor.contents.bytes_contents.extend(elements)
+        return request.SerializeToString()
+
+    long_name = infer("m" * 300_000)
+    long_name.inputs.add(name="images", datatype="UINT8", shape=[1, SIDE, SIDE, 3])
+    values = infer()
+    tensor = values.inputs.add(name="images", datatype="UINT8", shape=[1, SIDE, SIDE, 3])
+    tensor.contents.uint_contents.extend([7] * (max_images * SIDE * SIDE * 3 + 1))
+    lying = infer()
+    lying.inputs.add(name="image_files", datatype="BYTES", shape=[1])
+    lying.raw_input_contents.append(struct.pack("<I", 2**31) + b"x" * 16)
+    return [
+        GrpcCase("grpc-undecodable", b"\xff" * 4096, frozenset({"INVALID_ARGUMENT"}),
+                 "4 KB that are not protobuf"),
+        GrpcCase("grpc-model-name-300kb", long_name.SerializeToString(),
+                 frozenset({"NOT_FOUND"}), "a 300 KB model name: not echoed whole"),
+        GrpcCase("grpc-values-beyond-any-request", values.SerializeToString(),
+                 frozenset({"INVALID_ARGUMENT"}), "one typed value more than any request holds"),
+        GrpcCase("grpc-bytes-frame-lies", lying.SerializeToString(),
+                 frozenset({"INVALID_ARGUMENT"}), "an element claiming 2 GiB, 16 bytes sent"),
+        GrpcCase("grpc-bytes-png-ztxt", files([png_with(pixels, text_chunks(b"zTXt", 64))] * 4,
+                                              framed=False),
+                 frozenset({"INVALID_ARGUMENT"}), "PNGs with zTXt bombs in bytes_contents"),
+        GrpcCase("grpc-bytes-pixel-bomb", files([png_claiming(100_000, 100_000)] * 4, framed=True),
+                 frozenset({"INVALID_ARGUMENT"}), "PNG headers claiming 10^10 pixels, framed"),
+        GrpcCase("grpc-bytes-too-many", files([b"\0"] * (max_images + 1), framed=False),
+                 frozenset({"INVALID_ARGUMENT"}), "one image more than a request may carry"),
     ]  # fmt: skip
 
 
@@ -107,6 +179,38 @@ def predict(name: str, images: list[bytes], expected: set[int], why: str) -> Cas
 def v2(name: str, path: str, body: bytes, expected: set[int], why: str) -> Case:
     headers = {"Content-Type": "application/json"}
     return Case(name, "POST", path, headers, body, frozenset(expected), why)
+
+
+def files_binary(name: str, path: str, images: list[bytes], expected: set[int],
+                 why: str) -> Case:  # fmt: skip
+    """Encoded images as /v2's BYTES input with binary data (Triton's framing)."""
+    return files_framed(name, path, b"".join(struct.pack("<I", len(i)) + i for i in images),
+                        len(images), expected, why)  # fmt: skip
+
+
+def files_framed(name: str, path: str, framed: bytes, count: int, expected: set[int],
+                 why: str) -> Case:  # fmt: skip
+    """A /v2 request: a JSON header, then `framed` as the `image_files` input's binary data."""
+    tensor = {"name": "image_files", "datatype": "BYTES", "shape": [count],
+              "parameters": {"binary_data_size": len(framed)}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    headers = {"Content-Type": "application/octet-stream",
+               "Inference-Header-Content-Length": str(len(header))}  # fmt: skip
+    return Case(name, "POST", path, headers, header + framed, frozenset(expected), why)
+
+
+def files_json(images: list[bytes] | None, texts: list[str] | None = None) -> bytes:
+    """Encoded images as /v2's BYTES input in JSON (base64 strings, or `texts` as given)."""
+    data = texts if texts is not None else [base64.b64encode(i).decode() for i in images or []]
+    return json.dumps({"inputs": [{"name": "image_files", "datatype": "BYTES",
+                                   "shape": [len(data)], "data": data}]}).encode()  # fmt: skip
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid-looking 1x1 PNG whose header claims `width` x `height` pixels."""
+    png = png_with(np.zeros((1, 1, 3), np.uint8), [])
+    header = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + header + struct.pack(">I", zlib.crc32(header)) + png[33:]
 
 
 def v2_body(

@@ -3,12 +3,16 @@
 Runs in its own process (`python -m bench.load ...`) so it does not share the server's
 interpreter. Clients speak raw HTTP/1.1 over keep-alive connections with pre-built request
 bytes (so the generator itself costs little CPU) and read fixed-length and chunked
-responses. Three request kinds, all real-looking 32x32 images:
-  png   a multipart form with one PNG (POST /predict; the peers take the same form)
-  v2    the Open Inference Protocol with binary tensor data: a JSON header of
-        `Inference-Header-Content-Length` bytes, then the raw uint8 pixels
-  grpc  the same protocol over gRPC, raw uint8 pixels (`python -m bench.grpc_load`, the
-        same options; --path names the model)
+responses. Five request kinds, all real-looking 32x32 images:
+  png         a multipart form with one PNG (POST /predict; the peers take the same form)
+  v2          the Open Inference Protocol with binary tensor data: a JSON header of
+              `Inference-Header-Content-Length` bytes, then the raw uint8 pixels
+  v2-bytes    the same protocol with the PNG files as its BYTES input (binary data)
+  grpc        the same protocol over gRPC, raw uint8 pixels (`python -m bench.grpc_load`,
+              the same options; --path names the model)
+  grpc-bytes  over gRPC, the PNG files as BYTES (raw contents, 4-byte lengths)
+Every kind goes through the same closed and open loops; a transport is only its client
+class (`HttpClient` here, `GrpcClient` in bench/grpc_load.py) with one `send`.
 Two ways to load:
   closed loop  N clients, each sends its next request when the last one is answered
   open loop    requests arrive at a fixed mean rate (Poisson), answered or not; latency
@@ -23,7 +27,6 @@ import argparse
 import asyncio
 import io
 import json
-import sys
 import time
 from types import ModuleType
 
@@ -31,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 LINGER_SECONDS = 30.0  # open loop: how long requests still in flight may take after the run
+KINDS = ("png", "v2", "v2-bytes", "grpc", "grpc-bytes")
 V2_HEADER = "Inference-Header-Content-Length"
 
 
@@ -132,7 +136,28 @@ def build_requests(
     if kind == "v2":
         pixels = pixel_images(64 + images_per_request)
         return [v2_request(path, host, pixels[i : i + images_per_request]) for i in range(64)]
+    if kind == "v2-bytes":
+        pngs = png_images(64 + images_per_request)
+        return [files_request(path, host, pngs[i : i + images_per_request]) for i in range(64)]
     raise ValueError(f"unknown request kind {kind!r}")
+
+
+def framed(files: list[bytes]) -> bytes:
+    """BYTES elements as binary data: each a 4-byte little-endian length, then its bytes."""
+    return b"".join(len(data).to_bytes(4, "little") + data for data in files)
+
+
+def files_request(path: str, host: str, files: list[bytes]) -> bytes:
+    """Encoded images as the Open Inference Protocol's BYTES input `image_files`, with
+    binary tensor data (as tritonclient sends them)."""
+    data = framed(files)
+    tensor = {"name": "image_files", "datatype": "BYTES", "shape": [len(files)],
+              "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+    asked = {"name": "probabilities", "parameters": {"binary_data": True}}
+    header = {"inputs": [tensor], "outputs": [asked]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/octet-stream", V2_HEADER: str(len(head))}
+    return http_request(path, host, head + data, headers)
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
@@ -229,6 +254,39 @@ class Tally:
         }
 
 
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection, opened on first use and again after the server
+    closed it: `send` writes pre-built request bytes and reads the response."""
+
+    MULTIPLEXED = False  # one request at a time
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def send(self, request: bytes) -> tuple[int | None, dict[str, str]]:
+        """(status, lower-cased headers); (None, {}) for a reset, an EOF, or not HTTP."""
+        try:
+            if self.connection is None:
+                self.connection = await asyncio.open_connection(self.host, self.port)
+            self.connection[1].write(request)
+            status, headers, keep_alive = await read_response_headers(self.connection[0])
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await self.close()
+            return None, {}
+        if not keep_alive:
+            await self.close()
+        return status, headers
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            self.connection[1].close()
+            self.connection = None
+
+
+Client = type[HttpClient]  # a transport's client class: HttpClient, or bench/grpc_load.py's
+
+
 async def closed_loop(
     host: str,
     port: int,
@@ -237,46 +295,34 @@ async def closed_loop(
     duration: float,
     limit: int,
     wait_retry_after: bool = True,
+    client: Client = HttpClient,
 ) -> dict:
-    """`concurrency` clients, each with one request in flight at a time. A client told 503
-    with Retry-After waits that long (within the run) before its next request, as a
-    well-behaved client does: one that retried at once would measure how fast the server
-    refuses, not how fast it answers (`wait_retry_after=False`: what refusals cost)."""
+    """`concurrency` clients (`client`: HTTP keep-alive connections, or gRPC channels),
+    each with one request in flight at a time. A client told 503 with Retry-After waits
+    that long (within the run) before its next request, as a well-behaved client does:
+    one that retried at once would measure how fast the server refuses, not how fast it
+    answers (`wait_retry_after=False`: what refusals cost)."""
     tally = Tally()
     issued = 0
     deadline = time.perf_counter() + duration
 
-    async def client(offset: int) -> None:
+    async def one(offset: int) -> None:
         nonlocal issued
-        connection = None
+        sender = client(host, port)
         try:
             while issued < limit and time.perf_counter() < deadline:
                 request = requests[(offset + issued) % len(requests)]
                 issued += 1
                 start = time.perf_counter()
-                try:
-                    if connection is None:
-                        connection = await asyncio.open_connection(host, port)
-                    connection[1].write(request)
-                    status, headers, keep_alive = await read_response_headers(connection[0])
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                    tally.record(None, 0.0)
-                    connection = _close(connection)
-                    continue
-                except ValueError:  # not HTTP
-                    tally.record(None, 0.0)
-                    connection = _close(connection)
-                    continue
-                tally.record(status, time.perf_counter() - start, headers)
-                if not keep_alive:
-                    connection = _close(connection)
+                status, headers = await sender.send(request)
+                tally.record(status, time.perf_counter() - start if status else 0.0, headers)
                 if wait_retry_after and status == 503 and (after := retry_after(headers)):
                     await asyncio.sleep(max(0.0, min(after, deadline - time.perf_counter())))
         finally:
-            _close(connection)
+            await sender.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    await asyncio.gather(*(one(i) for i in range(concurrency)))
     return {"concurrency": concurrency, **tally.summary(time.perf_counter() - started)}
 
 
@@ -289,83 +335,72 @@ async def open_loop(
     limit: int,
     max_connections: int = 1024,
     seed: int = 0,
+    client: Client = HttpClient,
 ) -> dict:
-    """Requests arrive at `rate` per second on average (exponential gaps), each on an idle
+    """Requests arrive at `rate` per second on average (exponential gaps), answered or
+    not; latency counts from the scheduled arrival. Over HTTP each goes on an idle
     keep-alive connection or a new one (at most `max_connections`; an arrival finding
-    none is counted as `unsent`, an honest overflow rather than a hidden wait)."""
+    none is counted as `unsent`, an honest overflow rather than a hidden wait); over a
+    multiplexed transport (gRPC) arrivals are spread over 64 channels, none unsent."""
     tally = Tally()
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    open_count = 0
-    unsent = 0
+    multiplexed = client.MULTIPLEXED
+    pool = [client(host, port) for _ in range(64)] if multiplexed else []
+    idle: list[HttpClient] = []
+    opened, unsent, sent = 0, 0, 0
     tasks: set[asyncio.Task] = set()
     rng = np.random.default_rng(seed)
 
-    async def fire(request: bytes, scheduled: float, connection) -> None:
-        nonlocal open_count
-        try:
-            if connection is None:
-                connection = await asyncio.open_connection(host, port)
-            connection[1].write(request)
-            status, headers, keep_alive = await read_response_headers(connection[0])
-        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            tally.record(None, 0.0)
-            _close(connection)
-            open_count -= 1
-            return
-        tally.record(status, time.perf_counter() - scheduled, headers)
-        if keep_alive:
-            idle.append(connection)
-        else:
-            _close(connection)
-            open_count -= 1
+    async def fire(sender: HttpClient, request: bytes, scheduled: float) -> None:
+        status, headers = await sender.send(request)
+        tally.record(status, time.perf_counter() - scheduled if status else 0.0, headers)
+        if not multiplexed:
+            idle.append(sender)
 
     started = time.perf_counter()
     arrival = started
-    sent = 0
-    while sent < limit:
-        arrival += rng.exponential(1 / rate)
-        if arrival - started >= duration:
-            break
-        wait = arrival - time.perf_counter()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        if not idle and open_count >= max_connections:
-            unsent += 1
-            continue
-        connection = idle.pop() if idle else None
-        if connection is None:
-            open_count += 1
-        task = asyncio.create_task(fire(requests[sent % len(requests)], arrival, connection))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        sent += 1
-    elapsed = time.perf_counter() - started
-    if tasks:
-        _, late = await asyncio.wait(list(tasks), timeout=LINGER_SECONDS)
-        for task in late:
-            task.cancel()
-            tally.record(None, 0.0)
-    for connection in idle:
-        _close(connection)
+    try:
+        while sent < limit:
+            arrival += rng.exponential(1 / rate)
+            if arrival - started >= duration:
+                break
+            if (wait := arrival - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            if multiplexed:
+                sender = pool[sent % len(pool)]
+            elif idle:
+                sender = idle.pop()
+            elif opened < max_connections:
+                sender, opened = client(host, port), opened + 1
+                pool.append(sender)
+            else:
+                unsent += 1
+                continue
+            task = asyncio.create_task(fire(sender, requests[sent % len(requests)], arrival))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent += 1
+        elapsed = time.perf_counter() - started
+        if tasks:
+            _, late = await asyncio.wait(list(tasks), timeout=LINGER_SECONDS)
+            for task in late:
+                task.cancel()
+                tally.record(None, 0.0)
+    finally:
+        for sender in pool:
+            await sender.close()
     summary = tally.summary(elapsed)  # answered per second of offered load
     return {"rate": round(rate, 1), "sent": sent, "unsent": unsent, **summary}
 
 
-def _close(connection) -> None:
-    if connection is not None:
-        connection[1].close()
-    return None
-
-
-def main(argv: list[str] | None = None, grpc_loops: ModuleType | None = None) -> None:
-    """The generator's command line; `grpc_loops`: bench/grpc_load.py, whose own `main`
+def main(argv: list[str] | None = None, grpc_load: ModuleType | None = None) -> None:
+    """The generator's command line; `grpc_load`: bench/grpc_load.py, whose own `main`
     passes itself (this module imports nothing of gRPC)."""
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--kind", choices=["png", "v2", "grpc"], default="png")
+    parser.add_argument("--kind", choices=KINDS, default="png")
     parser.add_argument("--path", default="/predict")
     parser.add_argument("--field", default="files", help="png: the multipart field name")
-    parser.add_argument("--images", type=int, default=1, help="v2: images per request")
+    parser.add_argument("--images", type=int, default=1, help="v2, grpc: images per request")
     parser.add_argument("--concurrency", type=int, default=8, help="closed loop: clients")
     parser.add_argument("--rate", type=float, help="open loop: requests per second")
     parser.add_argument("--duration", type=float, default=5.0)
@@ -375,22 +410,20 @@ def main(argv: list[str] | None = None, grpc_loops: ModuleType | None = None) ->
     )
     args = parser.parse_args(argv)
     host = "127.0.0.1"
-    if args.kind == "grpc":
-        if grpc_loops is None:
-            parser.error("--kind grpc: run `python -m bench.grpc_load`")
-        loops = grpc_loops
-        requests = loops.build_requests(args.path, args.images)
+    client: Client = HttpClient
+    if args.kind.startswith("grpc"):
+        if grpc_load is None:
+            parser.error(f"--kind {args.kind}: run `python -m bench.grpc_load`")
+        client = grpc_load.GrpcClient
+        requests = grpc_load.build_requests(args.path, args.images, files=args.kind == "grpc-bytes")
     else:
-        loops = sys.modules[__name__]
         requests = build_requests(args.kind, host, args.path, args.field, args.images)
     if args.rate:
-        work = loops.open_loop(host, args.port, requests, args.rate, args.duration,
-                               args.requests)  # fmt: skip
+        work = open_loop(host, args.port, requests, args.rate, args.duration, args.requests,
+                         client=client)  # fmt: skip
     else:
-        wait = {} if args.kind == "grpc" else {"wait_retry_after": not args.no_wait}
-        work = loops.closed_loop(
-            host, args.port, requests, args.concurrency, args.duration, args.requests, **wait
-        )
+        work = closed_loop(host, args.port, requests, args.concurrency, args.duration,
+                           args.requests, not args.no_wait, client)  # fmt: skip
     cpu = time.process_time()
     result = asyncio.run(work)
     # The generator's own CPU: on a machine it shares with the server, this is CPU the

@@ -2,11 +2,11 @@
 
 One worker (`python -m service`, WEB_CONCURRENCY=1, every CPU for its onnxruntime session) is
 loaded by 64 closed-loop clients on each path (PNG through /predict, binary tensors
-through /v2) while py-spy samples it. Server CPU-seconds per answered request come from
-/proc. py-spy samples the thread holding the GIL (`--gil`), 200 times a second; each
-sample (5 ms of Python work) is charged to the innermost frame that belongs to a known
-part (the table's rows). The rest of the CPU time is work done without the GIL:
-onnxruntime's inference, on its own threads.
+through /v2, raw tensors over gRPC) while py-spy samples it. Server CPU-seconds per
+answered request come from /proc. py-spy samples the thread holding the GIL (`--gil`),
+200 times a second; each sample (5 ms of Python work) is charged to the innermost frame
+that belongs to a known part (the table's rows). The rest of the CPU time is work done
+without the GIL: onnxruntime's inference, on its own threads.
 Needs py-spy (`--py-spy PATH`; e.g. `pip install py-spy` into any environment) and
 permission to ptrace the server. Writes <out>/profile.{json,md}; prints the Markdown.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.modelfiles import model_files
 from bench.procfs import cpu_seconds
 from bench.results import write
-from bench.servers import service_process
+from bench.servers import free_port, service_process
 from service.config import available_cpus
 
 RATE = 200  # samples per second
@@ -40,6 +40,7 @@ PARTS = (
     ("FastAPI (routing, dependencies, encoding)", ("fastapi/",)),
     ("Starlette (requests, responses, middleware)", ("starlette/",)),
     ("HTTP parsing and transport (uvicorn, httptools)", ("uvicorn/", "httptools/")),
+    ("gRPC (grpcio, protobuf)", ("grpc/", "grpc_", "google/protobuf/")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("logging", ("logging/",)),
     ("numpy", ("numpy/",)),
@@ -62,11 +63,15 @@ def main(args: argparse.Namespace) -> int:
     results: dict = {"model": args.model, "cpus_available": available_cpus(), "paths": {}}
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as scratch:
         path, _ = model_files(args.models_dir, Path(scratch), [args.model])[args.model]
-        server = service_process(models_dir=path.parent, default_model=args.model, workers=1)
+        grpc_port = free_port()
+        server = service_process(models_dir=path.parent, default_model=args.model, workers=1,
+                                 grpc_port=grpc_port)  # fmt: skip
         with server as (port, process):
-            for kind, url in (("png", "/predict"), ("v2", f"/v2/models/{args.model}/infer")):
+            for kind, url, to in (("png", "/predict", port),
+                                  ("v2", f"/v2/models/{args.model}/infer", port),
+                                  ("grpc", args.model, grpc_port)):  # fmt: skip
                 raw = Path(scratch) / f"{kind}.txt"
-                results["paths"][kind] = profile_path(spy, port, process.pid, kind, url, raw, args)
+                results["paths"][kind] = profile_path(spy, to, process.pid, kind, url, raw, args)
     write(results, args.out, "profile", to_markdown)
     return 0
 
@@ -75,8 +80,9 @@ def profile_path(
     spy: str, port: int, pid: int, kind: str, url: str, raw: Path, args: argparse.Namespace
 ) -> dict:
     """py-spy on server `pid` while 64 clients load `url`: server µs per request, by part."""
+    generator = "bench.grpc_load" if kind == "grpc" else "bench.load"
     load = subprocess.Popen(
-        [sys.executable, "-m", "bench.load", "--port", str(port), "--kind", kind, "--path", url,
+        [sys.executable, "-m", generator, "--port", str(port), "--kind", kind, "--path", url,
          "--concurrency", "64", "--duration", str(args.seconds + 2)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -126,7 +132,7 @@ def part_of(frames: list[str]) -> str:
 def to_markdown(results: dict) -> str:
     """One table: each part's server µs per request, and its share, on each path."""
     paths = results["paths"]
-    names = {"png": "PNG, /predict", "v2": "tensor, /v2 binary"}
+    names = {"png": "PNG, /predict", "v2": "tensor, /v2 binary", "grpc": "tensor, gRPC raw"}
     parts = sorted(
         {p for r in paths.values() for p in r["parts_us"]},
         key=lambda p: -max(r["parts_us"].get(p, 0) for r in paths.values()),

@@ -7,11 +7,12 @@ For each model, in one run on one machine (every number is a ratio within that r
                 two service rows below, a short window of the all-CPU session at its best
                 batch: each row's ratio is to the windows just before and after it
   2. service    `python -m service` (our server, with its limits) loaded from another
-                process by 1, 8, 32 and 64 closed-loop clients on three paths: a PNG
-                through /predict, a raw tensor through the Open Inference Protocol (/v2,
-                binary tensor data), and the same tensor over gRPC (ModelInfer, raw
-                contents); /v2 with 8 and 32 images a request, as many clients as keep
-                IMAGES_IN_FLIGHT images in flight (at least 2 requests a worker);
+                process by 1, 8, 32 and 64 closed-loop clients on four paths: a PNG
+                through /predict, the same PNG as the Open Inference Protocol's BYTES
+                input (/v2, binary data), a raw tensor through /v2 (binary tensor data),
+                and the same tensor over gRPC (ModelInfer, raw contents); /v2 with 8
+                and 32 images a request, as many clients as keep IMAGES_IN_FLIGHT
+                images in flight (at least 2 requests a worker);
                 micro-batching on, and off for context
   3. open loop  Poisson arrivals at 50, 80, 100, 120 and 200 % of the 64-client capacity
                 just measured: answered latency from the scheduled arrival, goodput, what
@@ -233,7 +234,8 @@ def measure_model(
 def targets_of(port: int, pid: int, model_id: str, grpc_port: int) -> dict[str, dict]:
     """The service's paths as load targets: PNG and /v2 over HTTP, the same tensors
     over gRPC (its port; the model named in each call)."""
-    paths = {"png": "/predict", "v2": f"/v2/models/{model_id}/infer", "grpc": model_id}
+    paths = {"png": "/predict", "v2": f"/v2/models/{model_id}/infer", "grpc": model_id,
+             "v2-bytes": f"/v2/models/{model_id}/infer"}  # fmt: skip
     return {
         kind: {"port": grpc_port if kind == "grpc" else port, "pid": pid, "kind": kind,
                "path": paths[kind]}

@@ -7,7 +7,8 @@ from bench.machine import machine_line
 from bench.results import cell
 from bench.targets import met_line
 
-PATHS = {"png": "PNG, /predict", "v2": "tensor, /v2 binary", "grpc": "tensor, gRPC raw"}
+PATHS = {"png": "PNG, /predict", "v2-bytes": "PNG, /v2 BYTES binary",
+         "v2": "tensor, /v2 binary", "grpc": "tensor, gRPC raw"}  # fmt: skip
 
 
 def percent(value: float | None) -> str:
@@ -42,7 +43,8 @@ def to_markdown(results: dict) -> str:
     lines += floor_lines(results.get("floor"))
     for model_id, r in results["models"].items():
         c = r["ceiling"]
-        lines += [f"### {model_id} ({r['weights']}; ceiling: {c['way']})", ""]
+        # Runs published before engines were compared name onnxruntime's provider instead.
+        lines += [f"### {model_id} ({r['weights']}; ceiling: {c.get('way') or c['provider']})", ""]
         lines += targets_table(r["targets"])
         lines += ways_table(r)
         lines += ceiling_table(r)
@@ -77,6 +79,8 @@ def ways_table(r: dict) -> list[str]:
     """Every engine and precision this machine offers each file, on every CPU: its best
     images/s and whether the file's promise holds there; the service judged against the
     fastest that holds."""
+    if "ways" not in r["ceiling"]:  # a run published before engines were compared
+        return []
     lines = [
         "Engines and precisions on this machine, every CPU (the ceiling: the fastest whose "
         "promise holds); the service serves "
@@ -127,8 +131,9 @@ def floor_lines(floor: dict | None) -> list[str]:
 def ceiling_table(r: dict) -> list[str]:
     """The ceiling's way alone: the float file's sessions, and the int8 file's beside them."""
     c, int8 = r["ceiling"], r.get("int8")
+    way = c.get("way") or c["provider"]
     head = (
-        f"| {c['way']}: batch | float, {c['all_cpus']['threads']} threads (all CPUs): "
+        f"| {way}: batch | float, {c['all_cpus']['threads']} threads (all CPUs): "
         f"images/s | p50 ms | p99 ms | float, {c['per_worker']['threads']} thread(s) (one "
         "worker): images/s | p50 ms | p99 ms |"
     )
@@ -292,6 +297,11 @@ def headline_lines(r: dict) -> list[str]:
         sentence += (
             f"; raw tensors over gRPC {rpc['rps']} req/s ({share(rpc)}, p99 {rpc['p99_ms']} "
             f"ms, {rpc['failed']} not answered OK)"
+        )
+    if files := h.get("v2-bytes"):
+        sentence += (
+            f"; PNG as /v2 BYTES {files['rps']} req/s ({share(files)}, p99 "
+            f"{files['p99_ms']} ms, {files['failed']} not answered 200)"
         )
     if h.get("peers_rps"):
         sentence += "; peers (PNG): " + ", ".join(

@@ -36,7 +36,7 @@ from contract.classifier import Classifier
 from contract.trust import TrustedKeys, bundle_path
 from service.batching import MicroBatcher
 from service.config import Settings
-from service.errors import DeviceUnavailable, InvalidModel, NotReady, UnknownModel
+from service.errors import DeviceUnavailable, InvalidModel, NotReady, UnknownModel, quoted
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ class Catalog:
         model_id = model_id or self.default_id
         if model_id not in self.models:
             raise UnknownModel(
-                f"unknown model {model_id!r}; available: {', '.join(sorted(self.models))}"
+                f"unknown model {quoted(model_id)}; available: {', '.join(sorted(self.models))}"
             )
         versions = self.models[model_id]
         if version is None:
             return versions[default_version(versions)]
         if version not in versions:
             raise UnknownModel(
-                f"model {model_id!r} has no version {version!r}; it has "
+                f"model {model_id!r} has no version {quoted(version)}; it has "
                 f"{', '.join(sorted(versions))}"
             )
         return versions[version]

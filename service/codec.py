@@ -1,7 +1,6 @@
-"""The Open Inference Protocol's tensor codec: request bytes -> one uint8 tensor, and a
-model's outputs -> response bytes. Knows nothing of HTTP, gRPC or of models: the JSON and
-binary forms are here, and the protocol-neutral `InferenceResponse` every transport
-encodes (gRPC's protobuf form: service/rpc/).
+"""The Open Inference Protocol's request codec: request bytes -> one uint8 tensor (or the
+encoded images of a BYTES input). Knows nothing of HTTP, gRPC or of models: the JSON and
+binary forms are here (the answer's side: service/outputs.py).
 
 The request is validated by `InferenceRequest`, the same pydantic model the OpenAPI
 document shows, parsed straight from the bytes by pydantic's JSON parser (which refuses
@@ -13,12 +12,19 @@ holds at most each output once per image.
 
 Binary tensor data: `Inference-Header-Content-Length` bytes of JSON, then the raw
 tensors; an output asked with `binary_data` comes back the same way.
+
+Encoded images (PNG, JPEG, ... what /predict takes) come as the input `image_files`,
+BYTES [N] (or [N, 1]): in JSON as base64 strings (as KServe's Python server reads BYTES
+sent as text), in binary as each element's 4-byte little-endian length then its bytes
+(Triton's framing, what tritonclient sends), over gRPC in `bytes_contents` or raw
+contents framed the same way. The codec only unframes them; the data plane decodes them
+with /predict's own code and limits.
 """
 
-import json
+import base64
+import binascii
 import math
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import (
@@ -27,15 +33,19 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    StrictStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from contract.modelcard import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
-from service.errors import InvalidTensor, TooManyImages
+from service.errors import InvalidTensor, TooManyImages, quoted
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+FILES_NAME = "image_files"  # the input of encoded images, BYTES [N]
 MAX_HEADER_BYTES = 64 * 1024  # the JSON before binary data: names and parameters only
 # Compact JSON spends at most 4 bytes on a value ("255,"); nesting adds about one more.
 # Twice that leaves room for spaces and newlines: the largest valid JSON request.
@@ -56,6 +66,7 @@ def _list(item: Any) -> Any:
 
 FlatData = _list(Byte)
 NestedData = _list(_list(_list(_list(Byte))))
+Texts = _list(StrictStr)  # BYTES in JSON: base64, one string an image
 
 
 class Strict(BaseModel):
@@ -81,24 +92,54 @@ class TensorParameters(Parameters):
 
 
 class InputTensor(Strict):
-    name: Literal["images"] = Field(description="the model's one input")
-    datatype: Literal["UINT8"]
-    shape: list[StrictInt] = Field(
-        min_length=4, max_length=4, description="[N, 32, 32, 3]", examples=[[1, 32, 32, 3]]
+    name: str = Field(
+        max_length=64,
+        description=f"`{INPUT_NAME}` (UINT8 pixels) or `{FILES_NAME}` (BYTES: encoded images)",
     )
+    datatype: str = Field(max_length=16, description=f"UINT8 for `{INPUT_NAME}`, BYTES for "
+                          f"`{FILES_NAME}`")  # fmt: skip
+    shape: list[StrictInt] = Field(
+        min_length=1, max_length=4, description=f"`{INPUT_NAME}`: [N, 32, 32, 3]; "
+        f"`{FILES_NAME}`: [N] or [N, 1]", examples=[[1, 32, 32, 3]],
+    )  # fmt: skip
     parameters: TensorParameters | None = None
+    data: Annotated[FlatData | NestedData | Texts, Field(union_mode="left_to_right")] | None = (
+        Field(None, description=f"`{INPUT_NAME}`: integers 0..255, flat (row-major) or nested "
+              f"as `shape`; `{FILES_NAME}`: one base64 string per image; or "
+              "`parameters.binary_data_size` with the bytes after the JSON")
+    )  # fmt: skip
 
     @field_validator("shape")
     @classmethod
-    def images_of_32x32(cls, shape: list[int]) -> list[int]:
-        if shape[0] < 1 or shape[1:] != [IMAGE_SIZE, IMAGE_SIZE, 3]:
-            raise ValueError("must be [N, 32, 32, 3]")
+    def fits(cls, shape: list[int], info: ValidationInfo) -> list[int]:
+        """The one input: its name, datatype and shape agree (a message each), checked
+        before its data is (a data list is only read for a tensor that can hold it)."""
+        name, datatype = info.data.get("name"), info.data.get("datatype")
+        if name not in (INPUT_NAME, FILES_NAME):
+            _refuse(f"expected one input named {INPUT_NAME!r} (UINT8 pixels) or "
+                    f"{FILES_NAME!r} (BYTES, encoded images), got {quoted(str(name))}")  # fmt: skip
+        files = name == FILES_NAME
+        if datatype != ("BYTES" if files else "UINT8"):
+            _refuse(f"input {name!r} must have datatype {'BYTES' if files else 'UINT8'}, "
+                    f"got {quoted(str(datatype))}")  # fmt: skip
+        if files and (shape[0] < 1 or shape[1:] not in ([], [1])):
+            _refuse(f"input {FILES_NAME!r} must have shape [N] or [N, 1], got {shape}")
+        if not files and (shape[0] < 1 or shape[1:] != [IMAGE_SIZE, IMAGE_SIZE, 3]):
+            _refuse(f"input {INPUT_NAME!r} must have shape [N, 32, 32, 3], got {shape}")
         return shape
 
-    data: Annotated[FlatData | NestedData, Field(union_mode="left_to_right")] | None = Field(
-        None, description="integers 0..255, flat (row-major) or nested as `shape`; or "
-        "`parameters.binary_data_size` with the bytes after the JSON"
-    )  # fmt: skip
+    @model_validator(mode="after")
+    def data_fits(self) -> "InputTensor":
+        texts = self.data is not None and isinstance(self.data[0], str)
+        if self.data is not None and texts != (self.name == FILES_NAME):
+            _refuse(f"input {FILES_NAME!r}: data must hold one base64 string per image"
+                    if self.name == FILES_NAME else f"input {INPUT_NAME!r}: data must hold "
+                    "integers only, flat or nested as the shape")  # fmt: skip
+        return self
+
+
+def _refuse(message: str) -> None:
+    raise PydanticCustomError("tensor", message)
 
 
 class OutputParameters(Parameters):
@@ -115,6 +156,10 @@ class RequestedOutput(Strict):
 
 class RequestParameters(Parameters):
     binary_data_output: StrictBool = Field(False, description="every output in binary")
+    resize: StrictBool = Field(
+        False, description=f"`{FILES_NAME}`: centre-crop and resize images of another size "
+        "to 32x32 instead of refusing them",
+    )  # fmt: skip
     min_familiarity: FiniteFloat | None = Field(
         None, ge=0, le=1, description="refuse (422) images less familiar than this"
     )
@@ -133,8 +178,9 @@ class InferenceRequest(Strict):
     model_version: str | None = Field(None, max_length=64)
     parameters: RequestParameters | None = None
     inputs: list[InputTensor] = Field(
-        min_length=1, max_length=1, description="exactly one: `images`, UINT8 [N, 32, 32, 3]"
-    )
+        min_length=1, max_length=1, description=f"exactly one: `{INPUT_NAME}`, UINT8 "
+        f"[N, 32, 32, 3], or `{FILES_NAME}`, BYTES [N] of encoded images",
+    )  # fmt: skip
     outputs: list[RequestedOutput] | None = Field(
         None,
         max_length=8,
@@ -143,17 +189,28 @@ class InferenceRequest(Strict):
     )
 
 
-def max_message_bytes(max_images: int) -> int:
-    """The largest valid gRPC inference message: each UINT8 value at most 2 bytes (a
+def max_message_bytes(max_images: int, max_upload_bytes: int = 0) -> int:
+    """The largest gRPC inference message taken: each UINT8 value at most 2 bytes (a
     packed varint in `uint_contents`; 1 in `raw_input_contents`), names and parameters
-    within MAX_HEADER_BYTES."""
-    return MAX_HEADER_BYTES + max_images * VALUES_PER_IMAGE * 2
+    within MAX_HEADER_BYTES; and at least one encoded image of MAX_UPLOAD_BYTES (gRPC
+    holds a whole message before any of our code sees it, so calls at once are bounded by
+    this size: it cannot grow to a request of every image at its upload limit)."""
+    tensors = max_images * VALUES_PER_IMAGE * 2
+    return MAX_HEADER_BYTES + max(tensors, max_upload_bytes + 2 * FRAME)
 
 
 def max_request_bytes(max_images: int) -> int:
-    """The largest valid inference request: JSON with every value spelt out, or the
-    binary form (smaller)."""
+    """The largest valid JSON inference request: every value spelt out (encoded images in
+    base64 fit within it too: about 30 KB an image)."""
     return MAX_HEADER_BYTES + max_images * VALUES_PER_IMAGE * JSON_BYTES_PER_VALUE
+
+
+def max_binary_request_bytes(max_images: int, max_files_bytes: int) -> int:
+    """The largest valid request with binary data (Inference-Header-Content-Length): its
+    JSON header, then the pixels of `max_images` images, or encoded images of at most
+    `max_files_bytes` in all (/predict's bound) with their 4-byte lengths."""
+    files = max_files_bytes + max_images * FRAME
+    return MAX_HEADER_BYTES + max(max_images * VALUES_PER_IMAGE, files)
 
 
 def parse_json(body: bytes | memoryview) -> InferenceRequest:
@@ -173,8 +230,16 @@ def parse_fields(fields: dict[str, Any]) -> InferenceRequest:
         raise InvalidTensor(_problem(err)) from None
 
 
+Tensor = np.ndarray | list[bytes]  # uint8 pixels [N, 32, 32, 3], or N encoded images
+
+
+def is_files(request: InferenceRequest) -> bool:
+    return request.inputs[0].name == FILES_NAME
+
+
 def _counted(request: InferenceRequest, max_images: int) -> int:
-    """The values the one input's shape holds; TooManyImages (413) above `max_images`."""
+    """The values the one input's shape holds (images, for encoded ones); TooManyImages
+    (413) above `max_images`."""
     shape = request.inputs[0].shape
     if shape[0] > max_images:
         raise TooManyImages(f"{shape[0]} images in one request; at most {max_images}")
@@ -183,9 +248,10 @@ def _counted(request: InferenceRequest, max_images: int) -> int:
 
 def decode_request(
     body: bytes, header_length: int | None, max_images: int
-) -> tuple[InferenceRequest, np.ndarray]:
-    """The validated request and its images, uint8 [N, 32, 32, 3]; InvalidTensor (400)
-    or TooManyImages (413) with a message that says what is wrong."""
+) -> tuple[InferenceRequest, Tensor]:
+    """The validated request and its input (pixels uint8 [N, 32, 32, 3], or N encoded
+    images); InvalidTensor (400) or TooManyImages (413) with a message that says what is
+    wrong."""
     if header_length is None:
         header_length = len(body)
     elif header_length > min(len(body), MAX_HEADER_BYTES):
@@ -195,44 +261,102 @@ def decode_request(
         )
     request = parse_json(body[:header_length])
     (tensor,) = request.inputs
-    shape = tensor.shape
     count = _counted(request, max_images)
     binary = memoryview(body)[header_length:]
     size = tensor.parameters.binary_data_size if tensor.parameters else None
     if size is not None:
+        if tensor.data is not None:
+            raise InvalidTensor(f"input {tensor.name!r} has both data and binary_data_size")
+        if is_files(request):
+            if len(binary) != size:
+                raise InvalidTensor(f"binary_data_size is {size} and {len(binary)} bytes "
+                                    "follow the header")  # fmt: skip
+            return request, unframe(binary, count)
         if size != count or len(binary) != size:
             raise InvalidTensor(
                 f"binary_data_size is {size} and {len(binary)} bytes follow the header; "
-                f"shape {shape} of UINT8 needs {count}"
+                f"shape {tensor.shape} of UINT8 needs {count}"
             )
-        return request, np.frombuffer(binary, dtype=np.uint8).reshape(shape)
+        return request, np.frombuffer(binary, dtype=np.uint8).reshape(tensor.shape)
     if len(binary):
         raise InvalidTensor("binary data follows the header but no input has binary_data_size")
     return request, _values(request, count)
 
 
-def decode_raw(request: InferenceRequest, raw: bytes | None, max_images: int) -> np.ndarray:
-    """The images of a request whose input came as raw bytes (gRPC's
-    `raw_input_contents`), or as `data` when `raw` is None."""
+def decode_raw(
+    request: InferenceRequest,
+    raw: bytes | None,
+    max_images: int,
+    elements: list[bytes] | None = None,
+) -> Tensor:
+    """The input of a request whose values came apart from its fields (gRPC): as raw
+    bytes (`raw_input_contents`), as BYTES elements (`bytes_contents`), or as `data`."""
     count = _counted(request, max_images)
+    (tensor,) = request.inputs
+    if (raw is not None) + (elements is not None) + (tensor.data is not None) > 1:
+        raise InvalidTensor(f"input {tensor.name!r} has both contents and raw contents")
+    if elements is not None:
+        if not is_files(request):
+            raise InvalidTensor(
+                f"input {tensor.name!r}: UINT8 values go in uint_contents or raw_input_contents"
+            )
+        if len(elements) != count:
+            raise InvalidTensor(f"input {FILES_NAME!r} has {len(elements)} elements for "
+                                f"shape {tensor.shape}")  # fmt: skip
+        return elements
     if raw is None:
         return _values(request, count)
-    shape = request.inputs[0].shape
-    if request.inputs[0].data is not None:
-        raise InvalidTensor(f"input {INPUT_NAME!r} has both contents and raw contents")
+    if is_files(request):
+        return unframe(memoryview(raw), count)
     if len(raw) != count:
         raise InvalidTensor(
-            f"input {INPUT_NAME!r} has {len(raw)} raw bytes; shape {shape} of UINT8 needs {count}"
+            f"input {INPUT_NAME!r} has {len(raw)} raw bytes; shape {tensor.shape} of UINT8 "
+            f"needs {count}"
         )
-    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(tensor.shape)
 
 
-def _values(request: InferenceRequest, count: int) -> np.ndarray:
-    """The input's `data` values as uint8 in its shape."""
+FRAME = 4  # bytes of each BYTES element's length
+
+
+def unframe(data: memoryview, count: int) -> list[bytes]:
+    """`count` BYTES elements, each a 4-byte little-endian length then its bytes, filling
+    `data` exactly (Triton's binary form of BYTES)."""
+    elements, at = [], 0
+    while at < len(data) and len(elements) < count:
+        if at + FRAME > len(data):
+            break
+        size = int.from_bytes(data[at : at + FRAME], "little")
+        at += FRAME
+        if at + size > len(data):
+            raise InvalidTensor(f"input {FILES_NAME!r}: element {len(elements) + 1} says "
+                                f"{size:,} bytes; {len(data) - at:,} are left")  # fmt: skip
+        elements.append(bytes(data[at : at + size]))
+        at += size
+    if len(elements) != count or at != len(data):
+        raise InvalidTensor(
+            f"input {FILES_NAME!r}: the binary data must be {count} elements, each a 4-byte "
+            f"little-endian length then its bytes; found {len(elements)} and "
+            f"{len(data) - at:,} bytes more"
+        )
+    return elements
+
+
+def _values(request: InferenceRequest, count: int) -> Tensor:
+    """The input's `data`: values as uint8 in its shape, or base64 strings decoded."""
     (tensor,) = request.inputs
     shape = tensor.shape
     if tensor.data is None:
-        raise InvalidTensor(f"input {INPUT_NAME!r} needs 'data' or binary data")
+        raise InvalidTensor(f"input {tensor.name!r} needs 'data' or binary data")
+    if is_files(request):
+        if len(tensor.data) != count:
+            raise InvalidTensor(f"input {FILES_NAME!r}: {len(tensor.data)} strings for "
+                                f"shape {shape}")  # fmt: skip
+        try:
+            return [base64.b64decode(text, validate=True) for text in tensor.data]
+        except (binascii.Error, ValueError):
+            raise InvalidTensor(f"input {FILES_NAME!r}: data must be base64 strings (RFC 4648, "
+                                "standard alphabet), one per image") from None  # fmt: skip
     try:
         values = np.asarray(tensor.data, dtype=np.uint8)
     except ValueError:  # nested lists of uneven lengths
@@ -242,137 +366,11 @@ def _values(request: InferenceRequest, count: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def requested_outputs(request: InferenceRequest, widths: dict[str, int]) -> list[RequestedOutput]:
-    """The outputs to send back (default: probabilities), checked against the model's
-    outputs and their widths before any work is done: known, asked once, and top-k
-    only of the probabilities, with k at most their width."""
-    asked = request.outputs if request.outputs is not None else [RequestedOutput(name=OUTPUT_NAME)]
-    names = [output.name for output in asked]
-    if unknown := [name for name in names if name not in widths]:
-        raise InvalidTensor(f"unknown output {unknown[0]!r}; this model has {sorted(widths)}")
-    if len(set(names)) != len(names):
-        raise InvalidTensor(f"each output may be asked once; asked {names}")
-    for output in asked:
-        k = output.parameters.classification if output.parameters else None
-        if k is not None and output.name != OUTPUT_NAME:
-            raise InvalidTensor(f"classification applies to {OUTPUT_NAME!r} only")
-        if k is not None and k > widths[output.name]:
-            raise InvalidTensor(
-                f"classification must be an integer from 1 to {widths[output.name]}"
-            )
-    return asked
+class _Quoted(str):
+    """Text already quoted: its repr is itself."""
 
-
-@dataclass(frozen=True, slots=True)
-class OutputTensor:
-    """One output of an answer, as every transport sends it."""
-
-    name: str
-    datatype: str  # FP32, INT32 or BYTES
-    values: np.ndarray
-    binary: bool = False  # over HTTP, sent as raw bytes after the JSON (gRPC: always raw)
-
-    def raw(self) -> bytes:
-        """Row-major little-endian bytes; BYTES as 4-byte lengths and their bytes."""
-        if self.datatype == "BYTES":
-            return bytes_tensor(self.values)
-        return self.values.astype("<i4" if self.datatype == "INT32" else "<f4").tobytes()
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceResponse:
-    """The protocol's answer, before any transport encodes it."""
-
-    model_name: str
-    model_version: str
-    id: str | None
-    outputs: list[OutputTensor]
-
-
-def output_tensors(
-    request: InferenceRequest,
-    asked: list[RequestedOutput],
-    outputs: dict[str, np.ndarray],
-    class_names: list[str],
-) -> list[OutputTensor]:
-    """The outputs `requested_outputs` accepted, top-k applied where asked."""
-    binary_default = request.parameters is not None and request.parameters.binary_data_output
-    tensors = []
-    for output in asked:
-        options = output.parameters or OutputParameters()
-        values, datatype = outputs[output.name], "FP32"
-        if options.classification is not None:
-            values, datatype = classify(class_names, values, options.classification), "BYTES"
-        binary = options.binary_data if options.binary_data is not None else binary_default
-        tensors.append(OutputTensor(output.name, datatype, values, binary))
-    return tensors
-
-
-def explanation_tensors(
-    heat_map: np.ndarray, class_index: int, probability: float
-) -> list[OutputTensor]:
-    """An explanation as outputs: the heat map FP32 [1, 32, 32], the class explained
-    INT32 [1] and its probability FP32 [1]."""
-    return [
-        OutputTensor("heat_map", "FP32", heat_map.round(6)[np.newaxis]),
-        OutputTensor("class", "INT32", np.array([class_index], dtype=np.int32)),
-        OutputTensor("probability", "FP32", np.array([probability])),
-    ]
-
-
-def encode_response(response: InferenceResponse) -> tuple[bytes, int | None]:
-    """The HTTP body: JSON, then the binary outputs' bytes; and the JSON's length when
-    binary outputs follow it."""
-    described, blobs = [], []
-    for output in response.outputs:
-        values = output.values
-        entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype,
-                                 "shape": list(values.shape)}  # fmt: skip
-        if output.binary:
-            blob = output.raw()
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = values.ravel().tolist()
-        described.append(entry)
-    body: dict[str, Any] = {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-        "outputs": described,
-    }
-    if response.id is not None:
-        body["id"] = response.id
-    head = json.dumps(body, separators=(",", ":")).encode()
-    if not blobs:
-        return head, None
-    return head + b"".join(blobs), len(head)
-
-
-def top_classes(values: np.ndarray, k: int) -> np.ndarray:
-    """The indices of the k largest values along the last axis, best first (ties: the
-    lower index first): the one top-k of /predict and the classification extension."""
-    return np.argsort(-values, axis=-1, kind="stable")[..., :k]
-
-
-def classify(names: list[str], values: np.ndarray, k: int) -> np.ndarray:
-    """Triton's classification extension: the top k as "score:index:label"."""
-    best = top_classes(values, k)
-    return np.array(
-        [
-            [f"{row[i]:.6f}:{i}:{names[i]}" for i in top]
-            for row, top in zip(values, best, strict=True)
-        ],
-        dtype=object,
-    )
-
-
-def bytes_tensor(values: np.ndarray) -> bytes:
-    """BYTES in binary: each element as a 4-byte little-endian length, then its bytes."""
-    parts = []
-    for value in values.ravel():
-        encoded = str(value).encode()
-        parts.append(len(encoded).to_bytes(4, "little") + encoded)
-    return b"".join(parts)
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _problem(err: ValidationError) -> str:
@@ -382,8 +380,12 @@ def _problem(err: ValidationError) -> str:
     seen = first.get("input")  # quoted back only when small: never a whole data list
     if not isinstance(seen, str | int | None) and not (isinstance(seen, list) and len(seen) < 9):
         seen = "..."
+    if isinstance(seen, str):  # a client's text: cut to a few hundred characters
+        seen = _Quoted(quoted(seen))
     if kind == "json_invalid":
         return f"the inference request is not valid JSON ({first['msg']})"
+    if kind == "tensor":  # InputTensor.fits: its own words
+        return first["msg"]
     if not loc or loc == ("inputs",):
         return (
             "the inference request must be a JSON object with an 'inputs' list of one "
@@ -391,12 +393,12 @@ def _problem(err: ValidationError) -> str:
         )
     match loc[0], loc[2:3]:
         case "inputs", ("name",):
-            return f"expected one input named {INPUT_NAME!r}, got {seen!r}"
+            return (f"expected one input named {INPUT_NAME!r} (UINT8 pixels) or "
+                    f"{FILES_NAME!r} (BYTES, encoded images), got {seen!r}")  # fmt: skip
         case "inputs", ("datatype",):
-            return f"input {INPUT_NAME!r} must have datatype UINT8, got {seen!r}"
+            return f"input {INPUT_NAME!r} must have datatype UINT8 (or {FILES_NAME!r} BYTES)"
         case "inputs", ("shape",):
-            shape = seen if loc[3:] == () else "a shape with non-integers"
-            return f"input {INPUT_NAME!r} must have shape [N, 32, 32, 3], got {shape}"
+            return f"an input's shape must be 1 to 4 integers ({INPUT_NAME!r}: [N, 32, 32, 3])"
         case "inputs", ("data",) if kind in ("less_than_equal", "greater_than_equal"):
             return f"input {INPUT_NAME!r}: UINT8 values must be within 0..255"
         case "inputs", ("data",):
@@ -405,5 +407,5 @@ def _problem(err: ValidationError) -> str:
             )
         case "outputs", _ if "classification" in loc:
             return "classification must be an integer from 1 to the number of classes"
-    where = ".".join(str(part) for part in loc)
-    return f"invalid inference request: {where}: {first['msg']}"
+    where = quoted(".".join(str(part) for part in loc))[1:-1]
+    return f"invalid inference request: {where}: {first['msg'][:300]}"

@@ -20,13 +20,14 @@ import numpy as np
 from contract import occlusion
 from contract.modelcard import FAMILIARITY_NAME, IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 from service import codec
+from service import outputs as answers
 from service.admission import Admission, Door
 from service.batching import Outputs
 from service.catalog import Catalog, Served
-from service.codec import InferenceRequest, InferenceResponse
+from service.codec import InferenceRequest
 from service.config import Settings
 from service.context import RequestContext
-from service.decoding import DecodeSlots
+from service.decoding import DecodeSlots, read_images
 from service.errors import (
     BadParameter,
     ClientGone,
@@ -36,6 +37,7 @@ from service.errors import (
     Unfamiliar,
 )
 from service.metrics import Metrics
+from service.outputs import InferenceResponse
 from service.payloads import PayloadLog
 
 T = TypeVar("T")
@@ -110,10 +112,6 @@ class DataPlane:
         context.model_id, context.model_version = served.model_id, served.version
         return served
 
-    async def decode_large(self, work: Callable[[], T]) -> T:
-        """Decoding that is more than a 32x32 image: in a thread, a few requests at once."""
-        return await self.decode_slots.run(work)
-
     # --- the Open Inference Protocol: metadata, decode, infer or explain, encode ----------
 
     def model_metadata(self, model_id: str, version: str | None) -> dict:
@@ -125,8 +123,10 @@ class DataPlane:
             "name": model.model_id,
             "versions": sorted(catalog.models[model.model_id]),
             "platform": PLATFORM,
+            # Exactly one of them in a request: pixels, or encoded images (PNG, JPEG...).
             "inputs": [
-                {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]}
+                {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]},
+                {"name": codec.FILES_NAME, "datatype": "BYTES", "shape": [-1, 1]},
             ],
             "outputs": [
                 {"name": name, "datatype": "FP32", "shape": [-1, width]}
@@ -134,25 +134,43 @@ class DataPlane:
             ],
         }
 
-    def decode(
+    async def decode(
         self, body: bytes, header_length: int | None = None, max_images: int | None = None
     ) -> Decoded:
         """An inference request's JSON body (binary tensors after `header_length` bytes)."""
         limit = max_images or self.settings.max_images_per_request
-        return Decoded(*codec.decode_request(body, header_length, limit))
+        request, tensor = codec.decode_request(body, header_length, limit)
+        return Decoded(request, await self._pixels(request, tensor, limit))
 
-    def decode_fields(
-        self, fields: dict, raw: bytes | None, max_images: int | None = None
+    async def decode_fields(
+        self,
+        fields: dict,
+        raw: bytes | None,
+        elements: list[bytes] | None = None,
+        max_images: int | None = None,
     ) -> Decoded:
         """The same request from a transport that parsed its own message (gRPC): its
-        fields as Python values, and its input's raw bytes if it sent them so."""
+        fields as Python values, and its input's raw bytes or BYTES elements if it sent
+        them so."""
         request = codec.parse_fields(fields)
         limit = max_images or self.settings.max_images_per_request
-        return Decoded(request, codec.decode_raw(request, raw, limit))
+        tensor = codec.decode_raw(request, raw, limit, elements)
+        return Decoded(request, await self._pixels(request, tensor, limit))
+
+    async def _pixels(
+        self, request: InferenceRequest, tensor: codec.Tensor, max_images: int
+    ) -> np.ndarray:
+        """Pixels as they came, or encoded images decoded as /predict decodes them (its
+        limits, its decode slots)."""
+        if isinstance(tensor, np.ndarray):
+            return tensor
+        resize = request.parameters is not None and request.parameters.resize
+        files = [(None, data) for data in tensor]
+        return await read_images(files, resize, max_images, self.settings, self.decode_slots)
 
     def encode(self, response: InferenceResponse) -> tuple[bytes, int | None]:
         """The JSON (and binary) body of an answer, and the JSON's length if binary follows."""
-        return codec.encode_response(response)
+        return answers.encode_response(response)
 
     async def infer_tensors(
         self, context: RequestContext, model_id: str, version: str | None, decoded: Decoded
@@ -160,16 +178,16 @@ class DataPlane:
         """The outputs a protocol request asks for, checked against the version that
         answers before any work, with its familiarity floor."""
         request = decoded.request
-        asked: list[codec.RequestedOutput] = []
+        asked: list[answers.RequestedOutput] = []
 
         def choose(served: Served) -> list[str]:
-            asked[:] = codec.requested_outputs(request, served.model.output_widths)
+            asked[:] = answers.requested_outputs(request, served.model.output_widths)
             return [output.name for output in asked]
 
         floor = request.parameters.min_familiarity if request.parameters else None
         served, outputs, _ = await self.infer(context, model_id, version, decoded.images,
                                               choose, floor)  # fmt: skip
-        tensors = codec.output_tensors(request, asked, outputs, served.model.card.class_names)
+        tensors = answers.output_tensors(request, asked, outputs, served.model.card.class_names)
         return InferenceResponse(served.model_id, served.version, request.id, tensors)
 
     async def explain_tensors(
@@ -183,7 +201,7 @@ class DataPlane:
         if index is not None and index >= width:
             raise InvalidTensor(f"class must be an id from 0 to {width - 1}")
         answer = await self.explain(context, model_id, version, decoded.images[0], index)
-        tensors = codec.explanation_tensors(answer.heat_map, answer.class_index,
+        tensors = answers.explanation_tensors(answer.heat_map, answer.class_index,
                                             answer.probability)  # fmt: skip
         return InferenceResponse(answer.served.model_id, answer.served.version, request.id,
                                  tensors)  # fmt: skip

@@ -20,7 +20,7 @@ __all__ = [
     "STATUSES", "BadParameter", "ClientGone", "ContractError", "DeadlineExceeded",
     "DeviceUnavailable", "InvalidImage", "InvalidModel", "InvalidTensor", "NotReady",
     "Overloaded", "ReportNotFound", "ServiceError", "Status", "TooManyImages", "Unauthorized",
-    "Unfamiliar", "UnknownModel", "UploadTooLarge", "status_of",
+    "Unfamiliar", "UnknownModel", "UploadTooLarge", "message_of", "quoted", "status_of",
 ]  # fmt: skip
 
 
@@ -97,6 +97,26 @@ STATUSES: dict[type[ContractError], Status] = {
     # A file that cannot be served, a device that cannot be used: never a client's fault.
     ContractError: Status(500, "INTERNAL"),
 }
+
+
+QUOTED = 200  # characters of a client's text an error message repeats
+MAX_MESSAGE = 2048  # characters of any error message a transport sends
+
+
+def quoted(text: str, limit: int = QUOTED) -> str:
+    """A client's text as an error message repeats it: repr, cut to `limit` characters
+    and marked so (a 300 KB model name must not come back whole)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... (cut: {len(text):,} characters)"
+
+
+def message_of(err: ContractError) -> str:
+    """The message a transport sends for `err`: its own, bounded whatever it repeats."""
+    message = err.message
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[:MAX_MESSAGE]}... (cut: {len(message):,} characters)"
 
 
 def status_of(err: ContractError) -> Status:

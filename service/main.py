@@ -18,6 +18,7 @@ from service import auth, server
 from service.catalog import load_catalog
 from service.config import Settings, get_settings
 from service.dataplane import SERVER_VERSION, DataPlane
+from service.http.asgi import DIRECT, DirectRoute
 from service.http.door import GATE, Gate
 from service.http.errors import install_handlers
 from service.http.keys import ApiKeys
@@ -82,18 +83,22 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
     protected = (predict.router, explain.router, v2.router, models.router)  # by API_KEYS, when set
     routes = [route for router in protected for route in router.routes]
+    for router in (*protected, v2.health, operations.router, page.router):
+        app.include_router(router)
+    # The hot paths: answered by bare ASGI apps, documented by their routes' signatures.
+    setattr(app.state, DIRECT, {predict.predict: predict.PredictApp(plane),
+                                v2.model_infer: v2.InferApp(plane)})  # fmt: skip
+    direct = [route for route in routes if isinstance(route, DirectRoute)]
     # One layer: the door first (a refused request costs no more than that), then the
     # request id, the API key, the bounds, the metrics and the access line.
     app.add_middleware(HttpMiddleware, plane=plane, keys=ApiKeys(keys, routes) if keys else None,
-                       direct=v2.direct_routes(plane))  # fmt: skip
+                       direct=direct)  # fmt: skip
     if settings.cors_origins:  # a page served elsewhere may call the API (and read a 503)
         exposed = ["X-Request-ID", "Retry-After", "Inference-Header-Content-Length"]
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=CORS_HEADERS,
                            expose_headers=exposed)  # fmt: skip
     install_handlers(app)
-    for router in (*protected, v2.health, operations.router, page.router):
-        app.include_router(router)
     return app
 
 

@@ -32,10 +32,10 @@ import numpy as np
 
 from contract.modelcard import FAMILIARITY_NAME, OUTPUT_NAME
 from service.catalog import Served
-from service.codec import top_classes
 from service.config import Settings
 from service.context import RequestContext
 from service.metrics import PAYLOAD_DROP_REASONS, Metrics
+from service.outputs import top_classes
 from service.schemas import DEFAULT_TOP_K
 
 log = logging.getLogger(__name__)

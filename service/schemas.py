@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from contract.classifier import Classifier
 from contract.modelcard import superclass_probabilities
-from service.codec import top_classes
+from service.outputs import top_classes
 
 
 class ClassScore(BaseModel):

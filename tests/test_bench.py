@@ -533,10 +533,10 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
         "| 320% (320%-320%) |" in markdown  # fmt: skip
     assert "the whole run took 10.0 min." in markdown
     assert "; int8 kernels: AVX2 (no VNNI))" in markdown
-    # p99 3 ms at 15 offered rates (5 a path), goodput 90% at 6, and the 32-image rows
+    # p99 3 ms at 20 offered rates (5 a path), goodput 90% at 8, and the 32-image rows
     # (320%, float and int8) met; the 8-image rows (80%) and the 64-client rows (10%, /v2
     # and /predict) not; no 503s, so no refusals
-    assert "23 of 27 targets met" in markdown
+    assert "30 of 34 targets met" in markdown
     # the judged one-image rows against the lower of ceiling and floor: 10 of 50 on /v2
     assert "| 20% of 50.0 (ceiling 100.0, floor 50.0) |" in markdown
     assert "| 10% of 100.0 (ceiling 100.0, floor 500.0) |" in markdown
@@ -771,9 +771,10 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     results = json.loads((out / "floor.json").read_text())
     targets = results["targets"]
     assert list(targets) == [
-        "asgi floor", "starlette floor", "fastapi floor", "service /v2 binary",
-        "service /predict PNG", "service /v2 refused at the door", "compared /v2 binary",
-        "compared /predict PNG", "compared /v2 refused at the door",
+        "asgi floor", "starlette floor", "fastapi floor", "grpc floor", "service /v2 binary",
+        "service /predict PNG", "service gRPC raw", "service /v2 refused at the door",
+        "compared /v2 binary", "compared /predict PNG", "compared gRPC raw",
+        "compared /v2 refused at the door",
     ]  # fmt: skip
     for name, row in targets.items():
         assert row["errors"] == 0 and len(row["runs"]) == 2, name

@@ -10,17 +10,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.codec import (
-    MAX_HEADER_BYTES,
-    InferenceRequest,
-    InferenceResponse,
-    decode_request,
-    encode_response,
-    max_request_bytes,
-    output_tensors,
-    requested_outputs,
-)
+from service.codec import MAX_HEADER_BYTES, InferenceRequest, decode_request, max_request_bytes
 from service.errors import InvalidTensor, TooManyImages
+from service.outputs import InferenceResponse, encode_response, output_tensors, requested_outputs
 
 MAX_IMAGES = 4
 WIDTHS = {"probabilities": 100, "features": 256}
@@ -174,3 +166,48 @@ def test_the_openapi_schema_is_the_model_that_validates():
     schema = InferenceRequest.model_json_schema()
     assert schema["additionalProperties"] is False
     assert schema["properties"]["outputs"]["anyOf"][0]["maxItems"] == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    images=st.integers(1, 70),
+    request_id=st.text(max_size=300),
+    asked=st.lists(
+        st.sampled_from(["probabilities", "features", "top"]), min_size=1, max_size=3, unique=True
+    ),
+)
+def test_the_grpc_answer_is_what_protobuf_itself_writes(images, request_id, asked):
+    """encode_message writes protobuf by hand: parsed by protobuf, it is the answer, and
+    it is byte for byte what protobuf's own serializer writes for the same message."""
+    from service.outputs import OutputTensor, encode_message
+    from service.rpc import inference_pb2 as pb
+
+    rng = np.random.default_rng(images)
+    values = {"probabilities": rng.random((images, 100), dtype=np.float32),
+              "features": rng.random((images, 256), dtype=np.float32)}  # fmt: skip
+    outputs = []
+    for name in asked:
+        if name == "top":
+            labels = np.array([[f"0.5:{i}:{NAMES[i]}" for i in range(3)]] * images, dtype=object)
+            outputs.append(OutputTensor("probabilities", "BYTES", labels))
+        else:
+            outputs.append(OutputTensor(name, "FP32", values[name]))
+    response = InferenceResponse("cifar100-712868", "0123456789ab", request_id or None, outputs)
+    encoded = encode_message(response)
+    parsed = pb.ModelInferResponse.FromString(encoded)
+    assert (parsed.model_name, parsed.model_version, parsed.id) == (
+        "cifar100-712868", "0123456789ab", request_id)  # fmt: skip
+    expected = pb.ModelInferResponse(model_name="cifar100-712868", model_version="0123456789ab",
+                                      id=request_id)  # fmt: skip
+    for output, found, raw in zip(outputs, parsed.outputs, parsed.raw_output_contents,
+                                  strict=True):  # fmt: skip
+        assert (found.name, found.datatype, list(found.shape)) == (
+            output.name, output.datatype, list(output.values.shape))  # fmt: skip
+        if output.datatype == "FP32":  # the values, as little-endian float32
+            assert found.datatype == "FP32" and len(raw) == output.values.size * 4
+            np.testing.assert_array_equal(
+                np.frombuffer(raw, "<f4").reshape(-1, output.values.shape[1]), output.values
+            )
+        expected.outputs.add(name=output.name, datatype=output.datatype, shape=output.values.shape)
+        expected.raw_output_contents.append(output.raw())
+    assert encoded == expected.SerializeToString()

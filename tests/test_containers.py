@@ -44,6 +44,7 @@ from contract.modelcard import INPUT_NAME, OUTPUT_NAME
 from service.config import Settings
 from service.main import create_app
 from training.__main__ import parser
+from training.commands import train_export
 from training.commands.options import DEFAULT_MODELS_DIR, DEFAULT_REPORTS_DIR, DEFAULT_RUNS_DIR
 from training.models import MODEL_IDS
 
@@ -321,7 +322,7 @@ def test_train_service_runs_the_training_cli_into_the_mounted_folders():
         text = dockerfile(name)
         assert instructions(text, "ENTRYPOINT") == ['["python", "-m", "training"]']
         args = parser().parse_args([default(a) for a in train["command"]])
-        assert args.command.__name__ == "run_train_export" and args.epochs == 48
+        assert args.command is train_export.run and args.epochs == 48
         (workdir,) = instructions(text, "WORKDIR")
         mounts = dict(v.split(":")[:2] for v in map(default, train["volumes"]))
         assert mounts["./models"] == f"{workdir}/{DEFAULT_MODELS_DIR}"

@@ -3,6 +3,7 @@ against the real server over a socket: metadata, readiness, JSON and binary tens
 the classification extension and every error case. Top-1 through /v2 equals /predict
 equals onnxruntime on the same images."""
 
+import base64
 import json
 import subprocess
 import urllib.request
@@ -50,7 +51,10 @@ def test_server_and_model_metadata_and_health(client, models_dir):
         meta = client.get_model_metadata(LARGE, **kwargs)
         assert meta["name"] == LARGE and meta["versions"] == [version]
         assert meta["platform"] == "onnxruntime_onnx"
-        assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+        assert meta["inputs"] == [
+            {"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]},
+            {"name": "image_files", "datatype": "BYTES", "shape": [-1, 1]},
+        ]
         outputs = {o["name"]: o for o in meta["outputs"]}
         assert outputs["probabilities"] == {
             "name": "probabilities",
@@ -223,15 +227,6 @@ def test_v2_shares_the_limits_of_predict(models_dir, images):
         client.close()
 
 
-def test_not_ready_is_a_4xx_on_health_and_503_on_infer(tmp_path):
-    with live_server(tmp_path) as port:  # no models
-        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
-        assert client.is_server_live() and not client.is_server_ready()
-        status, reply = post(port, f"/v2/models/{LARGE}/infer", b"{}")
-        assert status == 503 and "no model loaded" in reply["error"]
-        client.close()
-
-
 # Runs in the kserve SDK's own venv (the kserve_python fixture): KServe's client against
 # our /v2, health through its JSON bodies, inference in JSON and in binary.
 KSERVE_CLIENT = """
@@ -274,3 +269,99 @@ def test_kserves_own_client_reads_health_and_infers(server, models_dir, images, 
     expected = onnx_probabilities(models_dir / f"{LARGE}.onnx", images)
     for binary in (False, True):
         np.testing.assert_allclose(result[f"binary={binary}"], expected, atol=1e-6)
+
+
+# --- encoded images: the BYTES input ----------------------------------------------------
+
+
+def predict_probabilities(port: int, model_id: str, files: list[bytes], resize=False) -> np.ndarray:
+    """/predict's answer for these files: every class's probability, in class order."""
+    body, content_type = multipart_form([(f"{i}.img", data) for i, data in enumerate(files)])
+    url = f"http://127.0.0.1:{port}/predict?model={model_id}&top_k=100&resize={str(resize).lower()}"
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    return np.array([[c["probability"] for c in sorted(p["top_k"], key=lambda c: c["class_id"])]
+                     for p in answer["predictions"]])  # fmt: skip
+
+
+def encoded(images: np.ndarray) -> list[bytes]:
+    """The images as the files a user has: PNG, JPEG and WebP, and one twice the size."""
+    large = np.repeat(np.repeat(images[3], 2, axis=0), 2, axis=1)
+    return [encode(images[0]), encode(images[1], "JPEG", quality=90),
+            encode(images[2], "WEBP", lossless=True), encode(large)]  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["tritonclient binary", "json base64", "json [N, 1]"])
+def test_encoded_images_as_bytes_are_answered_as_predict_answers_them(client, server, images,
+                                                                       form):  # fmt: skip
+    """PNG, JPEG and WebP files in the `image_files` input, binary (tritonclient) or
+    base64 in JSON: the very probabilities /predict gives for the same bytes (resized
+    like /predict?resize=true when asked)."""
+    files = encoded(images)
+    expected = predict_probabilities(server, SMALL, files, resize=True)
+    if form == "tritonclient binary":
+        tensor = triton.InferInput("image_files", [len(files)], "BYTES")
+        tensor.set_data_from_numpy(np.array(files, dtype=object), binary_data=True)
+        result = client.infer(SMALL, [tensor], parameters={"resize": True})
+        found = result.as_numpy("probabilities")
+        assert result.get_response()["outputs"][0]["datatype"] == "FP32"
+    else:
+        shape = [len(files)] if form == "json base64" else [len(files), 1]
+        body = {"inputs": [{"name": "image_files", "datatype": "BYTES", "shape": shape,
+                            "data": [base64.b64encode(f).decode() for f in files]}],
+                "parameters": {"resize": True}}  # fmt: skip
+        status, reply = post(server, f"/v2/models/{SMALL}/infer", json.dumps(body).encode())
+        assert status == 200, reply
+        found = np.array(reply["outputs"][0]["data"]).reshape(len(files), 100)
+    np.testing.assert_array_equal(found, expected.astype(np.float32))
+
+
+def framed(*elements: bytes) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def files_request(data=None, shape=None, binary: bytes | None = None) -> tuple[bytes, dict]:
+    tensor = {"name": "image_files", "datatype": "BYTES", "shape": shape or [1]}
+    if binary is None:
+        tensor["data"] = data
+        return json.dumps({"inputs": [tensor]}).encode(), {}
+    tensor["parameters"] = {"binary_data_size": len(binary)}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    return head + binary, {"Inference-Header-Content-Length": str(len(head))}
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "message"),
+    [
+        ({"data": ["not base64!"]}, 400, "base64 strings"),
+        ({"data": [1, 2, 3]}, 400, "one base64 string per image"),
+        ({"data": [base64.b64encode(b"hello").decode()]}, 422, "image 1: not an image"),
+        ({"data": ["AAAA", "AAAA"]}, 400, "2 strings for shape [1]"),
+        ({"shape": [1, 32, 32, 3], "data": ["AAAA"]}, 400, "shape [N] or [N, 1]"),
+        ({"binary": framed(b"abc") + b"x"}, 400, "4-byte little-endian length"),
+        ({"binary": (99).to_bytes(4, "little") + b"abc"}, 400, "says 99 bytes"),
+        ({"binary": framed(b"a", b"b"), "shape": [1]}, 400, "found 1 and 5 bytes more"),
+        ({"binary": framed(b"\0" * 20_000)}, 413, "the limit is 10,000 per image"),
+        ({"shape": [9], "data": ["AAAA"] * 9}, 413, "at most 8"),
+    ],
+)
+def test_bad_encoded_images_are_refused_as_predict_refuses_them(files_server, case, status,
+                                                                message):  # fmt: skip
+    body, headers = files_request(**case)
+    got, reply = post(files_server, f"/v2/models/{LARGE}/infer", body, headers)
+    assert got == status and message in reply["error"], reply
+
+
+@pytest.fixture(scope="module")
+def files_server(models_dir):
+    with live_server(models_dir, max_images_per_request=8, max_upload_bytes=10_000) as port:
+        yield port
+
+
+def test_client_text_in_errors_is_cut(server):
+    """A 50 KB model name (the request line fits in MAX_HEADER_BYTES) comes back as a
+    few hundred characters, marked as cut."""
+    name = "m" * 50_000
+    status, reply = post(server, f"/v2/models/{name}/infer", b"{}")
+    assert status == 404 and "(cut: 50,000 characters)" in reply["error"]
+    assert len(reply["error"]) < 1000

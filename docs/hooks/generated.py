@@ -47,6 +47,8 @@ OTHER_VARIABLES = {
     "HOST_RUNS_DIR": "docker compose: the host's runs folder",
     "HOST_REPORTS_DIR": "docker compose: the host's reports folder",
     "IMAGE_TAG": "docker compose: the images' tag",
+    "CPU_BASE": "docker compose: api-cpu's base image",
+    "HINT_BF16": "Triton's OpenVINO backend: its bfloat16 parameter",
     "API_KEY": "the page's curl examples: the key you hold",
     "RAY_ADDRESS": "Ray: the cluster the score job joins",
     "RAY_AUTH_TOKEN": "Ray: the token a driver joining a cluster presents",

@@ -7,13 +7,15 @@ Every error body is JSON, 5xx included: `{"detail": "..."}` on our routes, `{"er
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from service.context import OTHER, Operation
-from service.errors import ContractError, status_of
+from service.errors import ContractError, message_of, status_of
 
 log = logging.getLogger(__name__)
 CONTEXT = "context"  # scope["state"] key (service/http/door.py)
@@ -35,11 +37,19 @@ def error_answer(operation: Operation, exc: Exception, path: str) -> JSONRespons
     answer through here."""
     if isinstance(exc, ContractError):
         status = status_of(exc)
-        return error_response(operation, status.http, exc.message, status.headers)
+        return error_response(operation, status.http, message_of(exc), status.headers)
     if isinstance(exc, HTTPException):
         return error_response(operation, exc.status_code, str(exc.detail), exc.headers)
     log.error("unexpected error", exc_info=exc, extra={"path": path})
     return error_response(operation, 500, "internal server error; the log has the detail")
+
+
+def validation_answer(err: ValidationError, where: str) -> JSONResponse:
+    """FastAPI's 422 for parameters that did not validate (a route answered outside its
+    machinery says the same): each problem with its location under `where`."""
+    problems = [{**problem, "loc": [where, *problem["loc"]]}
+                for problem in err.errors(include_url=False)]  # fmt: skip
+    return JSONResponse({"detail": jsonable_encoder(problems)}, status_code=422)
 
 
 def operation_of_request(request: Request) -> Operation:

@@ -4,10 +4,11 @@ task, no body copy).
 - A deadline for every request: REQUEST_TIMEOUT_SECONDS, shortened by an
   `X-Request-Timeout` header (seconds). The inference path drops work past it (504).
 - A bound on the body that fits its protocol: for the Open Inference Protocol, the
-  largest valid inference request (service/codec.py: every value of
-  MAX_IMAGES_PER_REQUEST images spelt out in JSON);
-  elsewhere every image at its upload limit. Refused from the Content-Length header or,
-  without one, as soon as the stream crosses it (413).
+  largest valid inference request (service/codec.py): in JSON, every value of
+  MAX_IMAGES_PER_REQUEST images spelt out; with binary data (an
+  `Inference-Header-Content-Length` header), /predict's bound for encoded images, or the
+  pixels, whichever is larger; elsewhere every image at its upload limit. Refused from
+  the Content-Length header or, without one, as soon as the stream crosses it (413).
 - A bound on waiting for the body: a client that stops sending mid-body (or sends less
   than its Content-Length) gets 408 after BODY_TIMEOUT_SECONDS of silence, and one that
   trickles it gets 408 at the request's deadline; the connection is closed.
@@ -23,10 +24,11 @@ apply before a request reaches any ASGI code.
 
 import math
 
-from service.codec import max_request_bytes
+from service.codec import HEADER_LENGTH, max_binary_request_bytes, max_request_bytes
 from service.config import Settings
 
 TIMEOUT_HEADER = b"x-request-timeout"
+BINARY_HEADER = HEADER_LENGTH.lower().encode()  # as ASGI gives header names
 BAD_TIMEOUT = "X-Request-Timeout must be a positive number of seconds"
 
 
@@ -36,12 +38,19 @@ class Limits:
 
     def __init__(self, settings: Settings) -> None:
         self.max_body = settings.max_request_bytes
-        self.max_v2_body = max_request_bytes(settings.max_images_per_request)
+        images = settings.max_images_per_request
+        self.max_v2_body = max_request_bytes(images)
+        self.max_v2_binary = max_binary_request_bytes(images, settings.max_request_bytes)
         # The 413 messages, worded once: a request only picks one.
         self.too_large = body_too_large(settings)
         self.too_large_v2 = (
             f"the request body is above {self.max_v2_body:,} bytes, the largest valid "
-            f"inference request of {settings.max_images_per_request} images"
+            f"JSON inference request of {images} images (encoded images above that: send "
+            f"them as binary data, {HEADER_LENGTH})"
+        )
+        self.too_large_v2_binary = (
+            f"the request body is above {self.max_v2_binary:,} bytes, the largest valid "
+            f"inference request of {images} images with binary data"
         )
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds

@@ -27,15 +27,16 @@ import time
 from collections.abc import Sequence
 
 from starlette.exceptions import HTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.context import Operation, RequestContext, request_id
 from service.dataplane import DataPlane
+from service.http.asgi import DirectRoute, answer_of
 from service.http.door import ADMITTED, ARRIVED, CLOSE, INFERENCE, REQUEST_ID, operation_of, refusal
 from service.http.errors import CONTEXT, error_response
 from service.http.keys import ApiKeys
-from service.http.limits import BAD_TIMEOUT, TIMEOUT_HEADER, Limits, seconds
+from service.http.limits import BAD_TIMEOUT, BINARY_HEADER, TIMEOUT_HEADER, Limits, seconds
 from service.http.record import route_template
 
 CLOSING = {"Connection": "close"}  # an answer that leaves the body unread ends the connection
@@ -48,7 +49,7 @@ class HttpMiddleware:
         app: ASGIApp,
         plane: DataPlane,
         keys: ApiKeys | None = None,
-        direct: Sequence[Route] = (),
+        direct: Sequence[DirectRoute] = (),
     ) -> None:
         self.app = app
         self.direct = tuple(direct)
@@ -73,9 +74,12 @@ class HttpMiddleware:
         started = time.perf_counter()
         limits = self.limits
         timeout, bad_timeout, declared, sent_id = limits.request_timeout, False, 0, None
+        binary = False
         for name, value in scope["headers"]:
             if name == REQUEST_ID:
                 sent_id = value
+            elif name == BINARY_HEADER:
+                binary = True
             elif name == TIMEOUT_HEADER:
                 if (asked := seconds(value)) is None:
                     bad_timeout = True
@@ -97,8 +101,12 @@ class HttpMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        v2 = operation.v2
-        max_body = limits.max_v2_body if v2 else limits.max_body
+        if not operation.v2:
+            max_body, too_large = limits.max_body, limits.too_large
+        elif binary:
+            max_body, too_large = limits.max_v2_binary, limits.too_large_v2_binary
+        else:
+            max_body, too_large = limits.max_v2_body, limits.too_large_v2
         reserved = 0
         entered = False
         try:
@@ -108,7 +116,6 @@ class HttpMiddleware:
                 answer = error_response(operation, 400, BAD_TIMEOUT, CLOSING)
                 return await answer(scope, receive, send_recorded)
             if declared > max_body:  # on the header alone, in the words used mid-stream
-                too_large = limits.too_large_v2 if v2 else limits.too_large
                 answer = error_response(operation, 413, too_large, CLOSING)
                 return await answer(scope, receive, send_recorded)
             if limits.in_flight + declared > limits.budget:
@@ -134,7 +141,6 @@ class HttpMiddleware:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > max_body:  # refused while it streams in, never buffered
-                        too_large = limits.too_large_v2 if v2 else limits.too_large
                         raise HTTPException(413, too_large, headers=CLOSING)
                     if received > reserved:  # a chunked body: counted as it arrives
                         limits.in_flight += received - reserved
@@ -166,5 +172,5 @@ class HttpMiddleware:
                 if match is Match.FULL:
                     scope.update(child)
                     scope["route"] = route  # its template labels the metrics (record.py)
-                    return route.app
+                    return answer_of(scope, route)
         return self.app

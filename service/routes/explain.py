@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Query, UploadFile
 
-from service.errors import BadParameter
+from service.errors import BadParameter, quoted
 from service.http.deps import ContextDep, PlaneDep
 from service.http.uploads import read_images
 from service.routes.predict import BINARY, ERRORS, RESIZE_DOC
@@ -62,6 +62,6 @@ def _class_index(value: str, names: list[str]) -> int:
     if value in names:
         return names.index(value)
     raise BadParameter(
-        f"class {value!r} is neither a class id (0-{len(names) - 1}) nor a label of this "
+        f"class {quoted(value)} is neither a class id (0-{len(names) - 1}) nor a label of this "
         "model (GET /models/{id} lists them)"
     )

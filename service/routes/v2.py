@@ -17,15 +17,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.codec import HEADER_LENGTH, InferenceRequest
 from service.context import RequestContext
 from service.dataplane import EXTENSIONS, SERVER_NAME, DataPlane
-from service.errors import InvalidTensor
-from service.http import deps
-from service.http.asgi import read_body, watch_disconnect
+from service.errors import InvalidTensor, quoted
+from service.http.asgi import DirectRoute, documented_only, read_body, watch_disconnect
 from service.http.deps import CatalogDep, ContextDep, PlaneDep
 from service.http.door import context_of
 from service.http.errors import error_answer
@@ -109,31 +107,22 @@ def infer_doc(*path: str) -> dict[str, Any]:
     }
 
 
-# Documented here, with their parameters written out (infer_doc); in the service the
-# middleware hands these requests to InferApp before any router sees them.
-@router.post(
-    "/models/{model_name}/infer",
-    responses={**ERRORS, 200: INFER_OK},
-    openapi_extra=infer_doc("model_name"),
-)
-@router.post(
-    "/models/{model_name}/versions/{model_version}/infer",
-    responses={**ERRORS, 200: INFER_OK},
-    openapi_extra=infer_doc("model_name", "model_version"),
-)
-async def model_infer(request: Request) -> Response:
-    """Classify a uint8 tensor `images` [N, 32, 32, 3]: `probabilities` FP32 [N, 100],
-    and `features` or `familiarity` [N, 1] when asked (`parameters.min_familiarity`
-    refuses images below it). JSON data (flat or nested) or binary tensor data; outputs
-    in binary with `"binary_data": true`; `"classification": k` for the top-k labels."""
-    # The service answers this route from InferApp, below (the middleware calls it before
-    # FastAPI's stack); this is the same answer for the router mounted on its own.
-    plane, context = await deps.plane(request), await deps.context(request)
-    content, head = await infer(plane, context, request.path_params,
-                                request.headers.get(HEADER_LENGTH), request.body)  # fmt: skip
-    response = Response(content)
-    response.raw_headers = answer_headers(content, head)
-    return response
+async def model_infer() -> Response:
+    """Classify a uint8 tensor `images` [N, 32, 32, 3], or encoded images `image_files`
+    BYTES [N]: `probabilities` FP32 [N, 100], and `features` or `familiarity` [N, 1] when
+    asked (`parameters.min_familiarity` refuses images below it). JSON data (flat or
+    nested; base64 strings for BYTES) or binary tensor data; outputs in binary with
+    `"binary_data": true`; `"classification": k` for the top-k labels."""
+    documented_only()  # answered by InferApp; its parameters are written out (infer_doc)
+
+
+for _path, _params in (("/models/{model_name}/versions/{model_version}/infer",
+                        ("model_name", "model_version")),
+                       ("/models/{model_name}/infer", ("model_name",))):  # fmt: skip
+    router.add_api_route(
+        _path, model_infer, methods=["POST"], responses={**ERRORS, 200: INFER_OK},
+        openapi_extra=infer_doc(*_params), route_class_override=DirectRoute,
+    )  # fmt: skip
 
 
 async def infer(
@@ -147,7 +136,7 @@ async def infer(
     and the length of its JSON part when binary outputs follow."""
     model_name, model_version = path_params["model_name"], path_params.get("model_version")
     plane.model(context, model_name, model_version)  # 404 before the body is read
-    decoded = plane.decode(await body(), header_length_of(header_length))
+    decoded = await plane.decode(await body(), header_length_of(header_length))
     answer = await plane.infer_tensors(context, model_name, model_version, decoded)
     return plane.encode(answer)
 
@@ -164,8 +153,8 @@ def answer_headers(content: bytes, head: int | None) -> list[tuple[bytes, bytes]
 class InferApp:
     """The inference route as a bare ASGI app: no Request, no Response object, no router,
     no FastAPI or Starlette middleware. The HTTP middleware calls it directly once its own
-    checks are done (service/http/middleware.py), for the requests that match
-    `direct_routes`; each layer it skips costs every request a call per message
+    checks are done (service/http/middleware.py: the app's DirectRoutes); each layer it
+    skips costs every request a call per message
     (`python -m bench floor` measures the service against bare ASGI, Starlette and
     FastAPI apps). Errors are answered as the app's handlers answer them."""
 
@@ -188,22 +177,11 @@ class InferApp:
         await send({"type": "http.response.body", "body": content})
 
 
-def direct_routes(plane: DataPlane) -> list[Route]:
-    """The inference routes (those documented above), answered by `InferApp`, for the
-    middleware to match before anything else."""
-    infer_app = InferApp(plane)
-    return [
-        Route(route.path, infer_app, methods=["POST"], include_in_schema=False)
-        for route in router.routes
-        if getattr(route, "endpoint", None) is model_infer
-    ]
-
-
 def header_length_of(value: str | None) -> int | None:
     if value is None:
         return None
     if not (value.isascii() and value.isdigit()):  # no sign, no spaces, no other numerals
-        raise InvalidTensor(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+        raise InvalidTensor(f"{HEADER_LENGTH} must be a non-negative integer, got {quoted(value)}")
     return int(value)
 
 
@@ -231,7 +209,8 @@ async def model_explain(
     protocol: one explanation is 50 images of work, counted as such in every bound."""
     plane.model(context, model_name, model_version)  # 404 before the body is read
     body = await request.body()
-    decoded = plane.decode(body, header_length_of(request.headers.get(HEADER_LENGTH)), max_images=1)
+    length = header_length_of(request.headers.get(HEADER_LENGTH))
+    decoded = await plane.decode(body, length, max_images=1)
     answer = await plane.explain_tensors(context, model_name, model_version, decoded)
     content, _ = plane.encode(answer)  # JSON only
     return Response(content, media_type="application/json")
