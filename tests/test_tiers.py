@@ -3,6 +3,7 @@ a test's name or a fixture's, so a renamed test or fixture must not quietly drop
 test into the quick tier."""
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from tests import conftest
 TESTS = Path(__file__).resolve().parent
 
 
+@cache
 def definitions(path: Path) -> dict[str, list[str]]:
     """Each function defined in `path` -> its decorators, as source."""
     source = path.read_text()
