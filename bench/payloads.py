@@ -17,8 +17,6 @@ Writes <out>/payloads.{json,md}.
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -31,6 +29,7 @@ from bench.procfs import cpu_seconds
 from bench.results import write
 from bench.servers import HOST, service_process
 from service.config import available_cpus
+from training.processes import run_python
 
 CLIENTS = 8  # enough to keep one worker busy; more are shed at the door on 2 CPUs
 
@@ -83,10 +82,9 @@ def main(args: argparse.Namespace) -> int:
 
 def load(port: int, pid: int, seconds: float) -> dict:
     before = cpu_seconds(pid)
-    found = subprocess.run(
-        [sys.executable, "-m", "bench.load", "--port", str(port), "--kind", "png",
-         "--concurrency", str(CLIENTS), "--duration", str(seconds)],
-        capture_output=True, text=True, check=True, timeout=seconds + 120,
+    found = run_python(
+        "-m", "bench.load", "--port", str(port), "--kind", "png",
+        "--concurrency", str(CLIENTS), "--duration", str(seconds), timeout=seconds + 120,
     )  # fmt: skip
     used = cpu_seconds(pid) - before
     stats = json.loads(found.stdout)

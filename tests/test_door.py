@@ -10,8 +10,6 @@ import http.client
 import json
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from service.admission import Admission, Door
 from service.config import Settings
 from service.http.door import GATE, Gate
 from service.server import server_config
+from training.processes import run_python
 
 MODEL = "cifar100-5735844"  # the wider features: fewer images make a large answer
 SETTINGS = closed_settings(MODEL)
@@ -152,11 +151,10 @@ def test_under_a_real_overload_the_door_refuses_some_and_answers_others(server):
     door refuses some of them; every refusal carries Retry-After and is counted."""
     port = server
     before = refused_at_door(scrape(port))
-    load = subprocess.run(
-        [sys.executable, "-m", "bench.load", "--port", str(port), "--kind", "v2",
-         "--path", INFER, "--images", "8", "--concurrency", "64", "--duration", "3",
-         "--requests", "3000"],
-        capture_output=True, text=True, timeout=300, check=True,
+    load = run_python(
+        "-m", "bench.load", "--port", str(port), "--kind", "v2", "--path", INFER,
+        "--images", "8", "--concurrency", "64", "--duration", "3", "--requests", "3000",
+        timeout=300,
     )  # fmt: skip
     stats = json.loads(load.stdout)
     assert stats["shed"] > 0 and stats["requests"] > 0, stats
