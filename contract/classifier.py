@@ -75,6 +75,10 @@ class Classifier:
         self.provenance = trust.provenance(self.path, content, trusted)
         metadata, inputs, outputs = read_graph(content, self.path.name)
         self._check_signature(inputs, outputs)  # the file's fault whatever the engine
+        # The graph's outputs, whatever engine computes them (read once: the data plane
+        # asks for them on every request).
+        self.output_names = [port.name for port in outputs]
+        self.output_widths = {port.name: port.shape[-1] for port in outputs}
         try:
             self.card = ModelCard.from_metadata(metadata)
             self.self_check = selfcheck.read(metadata)
@@ -195,14 +199,6 @@ class Classifier:
             return self.self_check.tolerances
         promise = self.self_check.precisions.get(precision)
         return None if promise is None else promise.tolerances
-
-    @property
-    def output_names(self) -> list[str]:
-        return [port.name for port in self.engine.outputs]
-
-    @property
-    def output_widths(self) -> dict[str, int | None]:
-        return {port.name: port.shape[-1] for port in self.engine.outputs}
 
     def _open_from(self, first: int) -> Engine:
         """The first of `ways[first:]` that builds (InvalidModel with every reason when

@@ -11,12 +11,11 @@ machine offers a file, fastest first, and `open_engine` builds one. Whether a wa
 file's promise is not decided here: contract/classifier.py runs the file's self-check
 through the engine it built and moves on to the next way when it does not.
 
-The order is measured (`python -m bench engines`, docs/engines.md): on CPUs with
-bfloat16, OpenVINO in bfloat16 is several times onnxruntime's float32 at the batch sizes
-the micro-batcher sends; without it, OpenVINO's float32 kernels and onnxruntime's are
-within a few per cent of each other, and onnxruntime, the engine every file's reference
-outputs come from, goes first. On an NVIDIA GPU the file runs on onnxruntime's CUDA
-provider only.
+The order is measured (`python -m bench`'s ceiling table, docs/engines.md): on CPUs
+with bfloat16, OpenVINO in bfloat16 is well ahead of onnxruntime's float32 at the batch
+sizes the micro-batcher sends; OpenVINO's float32 kernels run as fast as onnxruntime's
+at best, and onnxruntime, the engine every file's reference outputs come from, goes
+first. On an NVIDIA GPU the file runs on onnxruntime's CUDA provider only.
 """
 
 import ctypes
@@ -129,7 +128,11 @@ def ways(
             else:
                 offered.insert(0, Way("openvino", "bfloat16", "cpu"))
         elif file_precision == "int8":
-            offered.insert(0, Way("openvino", "int8", "cpu"))
+            # OpenVINO's int8 kernels first where they use AMX (measured on a Xeon with
+            # AMX: about 3x onnxruntime's on the same twin); elsewhere onnxruntime's, which
+            # ran as fast or faster at the batcher's sizes (AVX-512 VNNI, docs/engines.md).
+            amx = "amx_int8" in hardware.cpu()["cpu_flags"]
+            offered.insert(0 if amx else 1, Way("openvino", "int8", "cpu"))
         # float16 files are made for GPUs; on the CPU, onnxruntime as their gate measured.
     for name, missing in (("onnxruntime", onnxruntime_missing()), ("openvino", openvino_missing())):
         if missing is not None and any(way.engine == name for way in offered):
