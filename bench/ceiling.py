@@ -42,9 +42,9 @@ def measure_table(path: Path, settings: Settings, seconds: float) -> dict:
     offered, skipped = ways(probe.file_precision, device=settings.device)
     measured = []
     for way in offered:
+        self_check = None
         try:
             model = session(path, settings.device, way)
-            self_check = None
             try:
                 model.warm_up()
                 promise, self_check = "held", model.self_check_seconds

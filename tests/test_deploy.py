@@ -42,6 +42,10 @@ API = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api
 # The repository docker compose tags the build of docker/service.Dockerfile as (its tag,
 # ${IMAGE_TAG:-latest}, is compose's; the manifests pin the project's version).
 API_IMAGE = API["image"].split(":", 1)[0]
+# The CPU overlay runs the slim CPU image, compose's api-cpu build (no CUDA libraries).
+CPU_IMAGE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api-cpu"][
+    "image"
+].split(":", 1)[0]
 DOCKERFILE = (ROOT / API["build"]["dockerfile"]).read_text().replace("\\\n", " ")
 API_PORT, GRPC_PORT = (int(p) for p in re.findall(r"^EXPOSE (\d+)$", DOCKERFILE, re.M))
 (API_USER,) = (int(u) for u in re.findall(r"^USER (\d+)$", DOCKERFILE, re.M))
@@ -202,7 +206,8 @@ def test_deployment_runs_our_image_as_the_project_defines_it(build):
     deployment = objects["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == f"{API_IMAGE}:{PROJECT_VERSION}"
+    image = CPU_IMAGE if build == "cpu" else API_IMAGE
+    assert container["image"] == f"{image}:{PROJECT_VERSION}"
     settings = check_container(container, allowed_foreign=set(), objects=objects)
     check_pod(pod, settings)
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"

@@ -584,7 +584,7 @@ def test_rayjob_runs_our_command_and_image(deploy_objects):
     assert 11 <= minor <= 13  # requires-python >=3.11,<3.14
     for package in ("service", "training", "score"):  # what score/ imports
         assert f"COPY --chown=1000:100 {package} ./{package}" in dockerfile
-    assert 'pip install ".[score]"' in dockerfile
+    assert 'pip install ".[cpu,score]"' in dockerfile  # onnxruntime's CPU build: no CUDA
     image = f"cifar100-score:{pyproject()['project']['version']}"
     assert f"-t {image}" in dockerfile
     pods = [cluster["headGroupSpec"]["template"]["spec"]]

@@ -280,6 +280,9 @@ def serve(
         **env,
         "MODELS_DIR": str(models_dir),
         "DEVICE": device,
+        # What the check is about: onnxruntime's provider (on the CPU, OpenVINO would
+        # otherwise take a file that promises bfloat16 on a CPU that has it).
+        "ENGINE": "onnxruntime",
         "LOG_JSON": "false",
         "HOST": "127.0.0.1",
         "PORT": str(port),
@@ -295,7 +298,7 @@ def serve(
         wait_until_ready(base, server)
         with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
             listing = json.load(response)
-        providers = {model["model_id"]: model["provider"] for model in listing["models"]}
+        providers = {m["model_id"]: m["serving"].get("provider") for m in listing["models"]}
         print(f"gpu-check: /models providers: {providers}", flush=True)
         if sorted(providers) != sorted(MODEL_IDS) or any(
             provider != expected for provider in providers.values()
