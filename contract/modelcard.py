@@ -25,6 +25,8 @@ NUM_SUPERCLASSES = 20
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _JSON_FIELDS = ("class_names", "superclass_names", "fine_to_coarse", "training", "evaluation")
+# Fields older files lack: left out of the metadata when None, read back when present.
+_OPTIONAL_FIELDS = ("familiarity", "training_class_counts")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ModelCard:
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME, FEATURES_NAME])
     # How the familiarity output was calibrated (images, method); None: the file has none.
     familiarity: dict[str, Any] | None = None
+    # How many training images each fine class had (superclass counts follow from
+    # fine_to_coarse): what the traffic report compares the served class mix with, so it
+    # needs the model file, not the dataset. None: exported before the card carried them.
+    training_class_counts: list[int] | None = None
 
     def __post_init__(self) -> None:
         # A card comes from a file anyone may drop into MODELS_DIR: check every type, so a
@@ -56,6 +62,15 @@ class ModelCard:
         for name in ("evaluation", "familiarity"):
             if getattr(self, name) is not None:
                 _expect(getattr(self, name), dict, name)
+        if self.training_class_counts is not None:
+            _expect_list(self.training_class_counts, int, "training_class_counts")
+            if (
+                len(self.training_class_counts) != NUM_CLASSES
+                or min(self.training_class_counts) < 0
+            ):
+                raise ValueError(
+                    f"training_class_counts must be {NUM_CLASSES} counts, none negative"
+                )
         # The id names URLs (/models/{id}, /v2/models/{id}) and folders (reports/{id}/):
         # a strict pattern keeps "..", slashes and odd bytes out of both.
         if not MODEL_ID_PATTERN.fullmatch(self.model_id):
@@ -78,9 +93,9 @@ class ModelCard:
         """The card as ONNX metadata_props: strings only, structured values as JSON."""
         props = {"format_version": FORMAT_VERSION}
         for key, value in asdict(self).items():
-            if value is None and key == "familiarity":
+            if value is None and key in _OPTIONAL_FIELDS:
                 continue
-            structured = key in (*_JSON_FIELDS, "outputs", "familiarity")
+            structured = key in (*_JSON_FIELDS, "outputs", *_OPTIONAL_FIELDS)
             props[key] = json.dumps(value) if structured else str(value)
         return props
 
@@ -97,8 +112,9 @@ class ModelCard:
             values["model_id"] = props["model_id"]
             values["parameter_count"] = int(props["parameter_count"])
             values["outputs"] = json.loads(props["outputs"])
-            if "familiarity" in props:  # files exported before it existed have none
-                values["familiarity"] = json.loads(props["familiarity"])
+            for key in _OPTIONAL_FIELDS:  # files exported before they existed have none
+                if key in props:
+                    values[key] = json.loads(props[key])
         except KeyError as missing:
             raise ValueError(f"model card is missing {missing}") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError

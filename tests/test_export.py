@@ -83,6 +83,9 @@ def test_exported_file_is_self_describing(models_dir, workspace, model_id):
     assert card.familiarity["training_images"] == 40 * 100 - VAL_SIZE
     assert card.familiarity["classes_without_training_images"] == []
     assert card.familiarity["validation_images"] == VAL_SIZE
+    # The training mix the traffic page compares with: the validation split takes the same
+    # share of every class of the 40 written per class.
+    assert card.training_class_counts == [(40 * 100 - VAL_SIZE) // 100] * 100
     assert card.familiarity["score"] == scores.DEFAULT and card.familiarity["method"]
     quantiles = list(card.familiarity["validation_strangeness_quantiles"].values())
     assert quantiles == sorted(quantiles)

@@ -37,7 +37,6 @@ from bench.servers import (
 from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME
 from service.rpc import inference_pb2 as pb
 from service.rpc.inference_pb2_grpc import GRPCInferenceServiceStub
-from tests.conftest import VAL_SIZE
 from tests.synthetic import make_images
 from training.__main__ import main as training
 
@@ -350,14 +349,19 @@ def test_a_read_only_folder_fails_no_request_and_counts_its_drops(
 
 
 def test_the_traffic_report_finds_the_skew_and_the_unfamiliar_share(
-    logged, cifar_tarball, tmp_path
+    logged, models_dir, tmp_path, monkeypatch
 ):
+    # No dataset on this host: the training mix comes from the model file's card.
+    monkeypatch.setenv("CIFAR100_DIR", str(tmp_path / "no-dataset"))
     reports = tmp_path / "reports"
     command = ["report", "--traffic", str(logged["folder"]), "--reports-dir", str(reports),
-               "--data-dir", str(cifar_tarball), "--val-size", str(VAL_SIZE)]  # fmt: skip
+               "--models-dir", str(models_dir)]  # fmt: skip
     assert training(command) == 0
     out = reports / SMALL
     report = json.loads((out / "traffic.json").read_text())
+    assert report["training_counts_from"] == "the model card"
+    # 40 training images written per class, the same share of each held for validation.
+    assert [r["train_share"] for r in report["classes"]["rows"]] == pytest.approx([0.01] * 100)
     rows = logged["rows"]
     n = len(rows["request_id"])
     assert report["images"] == n

@@ -31,6 +31,7 @@ from contract.modelcard import (
     FAMILIARITY_NAME,
     FEATURES_NAME,
     INPUT_NAME,
+    NUM_CLASSES,
     OUTPUT_NAME,
     ModelCard,
 )
@@ -68,9 +69,15 @@ def export(
     proto = to_onnx(model)
     familiarity.add_to_graph(proto, fitted)
     onnx.checker.check_model(proto)
-    # The card states what the file has, read from the graph itself.
+    # The card states what the file has, read from the graph itself, and the training
+    # class mix it was fitted on (what the traffic report compares traffic with).
     card = dataclasses.replace(
-        card, outputs=[output.name for output in proto.graph.output], familiarity=fitted.card
+        card,
+        outputs=[output.name for output in proto.graph.output],
+        familiarity=fitted.card,
+        training_class_counts=np.bincount(
+            np.asarray(train_labels, np.int64), minlength=NUM_CLASSES
+        ).tolist(),
     )
     onnx.helper.set_model_props(proto, card.to_metadata())
     proto.doc_string = (

@@ -5,12 +5,11 @@ import argparse
 from pathlib import Path
 
 from contract.modelcard import FEATURES_NAME
-from training import data as cifar
-from training.commands.options import DEFAULT_REPORTS_DIR, Options
+from training.commands.options import DEFAULT_REPORTS_DIR, Options, load_data
 from training.errors import ReportError
-from training.export import exported_outputs
+from training.export import exported_card, exported_outputs
 from training.models import MODEL_IDS
-from training.report.traffic import write_traffic
+from training.report.traffic import read_log, write_traffic
 from training.report.write import COMPARE_DIR, write_reports
 
 
@@ -37,17 +36,17 @@ def add(commands: argparse._SubParsersAction, options: Options) -> None:
         type=Path,
         metavar="DIR",
         help="instead: the traffic page of each model in this payload log (the service's "
-        "PAYLOAD_LOG), reports/<id>/traffic.html, against the training set",
+        "PAYLOAD_LOG), reports/<id>/traffic.html, against the training class counts in the "
+        "model file's card (--models-dir); needs no dataset, unless a file exported before "
+        "cards carried the counts is to be compared: then give --data-dir",
     )
-    parser.set_defaults(command=run)
+    # The dataset is loaded here, only where needed: the traffic page reads the card.
+    parser.set_defaults(command=run, needs_data=False)
 
 
-def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+def run(args: argparse.Namespace) -> None:
     if args.traffic is not None:
-        for report in write_traffic(args.traffic, data, args.reports_dir, args.model):
-            print(f"Wrote {args.reports_dir / report['model_id'] / 'traffic.html'}: "
-                  f"{report['images']} images")  # fmt: skip
-        return
+        return run_traffic(args)
     ids = [args.model] if args.model else MODEL_IDS
     paths = [args.models_dir / f"{model_id}.onnx" for model_id in ids]
     found = [path for path in paths if path.exists()]
@@ -59,6 +58,7 @@ def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
                 f"{path} has no {FEATURES_NAME!r} output (it has: {', '.join(outputs)}), which "
                 "the report's feature map needs; export the model with `python -m training export`"
             )
+    data = load_data(args)
     for report in write_reports(found, data, args.reports_dir, args.unfamiliar):
         print(
             f"Wrote {args.reports_dir / report['model_id'] / 'index.html'}: "
@@ -66,3 +66,26 @@ def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         )
     if len(found) > 1:
         print(f"Wrote {args.reports_dir / COMPARE_DIR / 'index.html'}: the models side by side")
+
+
+def run_traffic(args: argparse.Namespace) -> None:
+    """The traffic pages, from the log and the model files' cards; the dataset only when a
+    card lacks the training class counts and --data-dir (or $CIFAR100_DIR) names one."""
+    logged = read_log(args.traffic)
+    if args.model is not None:
+        if args.model not in logged:
+            raise ReportError(f"the payload log in {args.traffic} has no images of {args.model}")
+        logged = {args.model: logged[args.model]}
+    cards = {}
+    for path in sorted(Path(args.models_dir).glob("*.onnx")):
+        card = exported_card(path)
+        if card is not None and card.model_id in logged:
+            cards[card.model_id] = card
+    lacking = [i for i in logged if i not in cards or cards[i].training_class_counts is None]
+    data = load_data(args) if lacking and args.data_dir is not None else None
+    if lacking and data is None:
+        print(f"{', '.join(lacking)}: no training class counts in a model card and no "
+              "--data-dir: the class mix is not compared", flush=True)  # fmt: skip
+    for report in write_traffic(logged, cards, data, args.reports_dir):
+        print(f"Wrote {args.reports_dir / report['model_id'] / 'traffic.html'}: "
+              f"{report['images']} images")  # fmt: skip

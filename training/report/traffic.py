@@ -6,13 +6,17 @@ model id in them, beside that model's report:
     reports/<id>/traffic.html, traffic.json (every number on the page), traffic_*.png
 
 It compares the traffic with the training set: the class and superclass mix (of the top
-class answered; chi-square goodness-of-fit tests), familiarity against the uniform
-distribution it has on the validation set by construction (overall and per hour or day),
-the mean confidence per class, the pairs of classes that most often share an image's top
-two, the training classes never answered, and the most unfamiliar images themselves.
+class answered; chi-square goodness-of-fit tests) against the training class counts the
+model file's card carries (a file exported before cards carried them needs the dataset,
+--data-dir, for that part; without it the page says the comparison is unavailable),
+familiarity against the uniform distribution it has on the validation set by construction
+(overall and per hour or day), the mean confidence per class, the pairs of classes that
+most often share an image's top two, the training classes never answered, and the most
+unfamiliar images themselves.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from contract.columns import PAYLOAD_SCHEMA
+from contract.modelcard import ModelCard
 from training.atomic import write_text
 from training.data import Cifar100
 from training.errors import ReportError
@@ -65,15 +70,46 @@ def read_log(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def analyse(rows: dict[str, np.ndarray], data: Cifar100, model_id: str) -> dict:
+@dataclass(frozen=True)
+class Classes:
+    """What the page needs to know of the training set: the class names, the superclass of
+    each class and, when known, how many training images each class had."""
+
+    names: list[str]
+    superclass_names: list[str]
+    fine_to_coarse: list[int]
+    train_counts: np.ndarray | None  # [classes]; None: the mix comparison is unavailable
+    source: str  # where the counts came from, for the page
+
+    @classmethod
+    def of(cls, card: ModelCard | None, data: Cifar100 | None) -> "Classes":
+        """From the model file's card (names and counts), else the dataset; the counts from
+        the dataset only when the card has none."""
+        if card is None and data is None:
+            raise ReportError(
+                "the traffic page needs the model file (its card names the classes and "
+                "counts the training images): none in --models-dir; give the folder that "
+                "holds it, or the dataset with --data-dir"
+            )
+        names = card or data
+        counts, source = None, "nowhere: unavailable"
+        if card is not None and card.training_class_counts is not None:
+            counts, source = np.asarray(card.training_class_counts), "the model card"
+        elif data is not None:
+            counts = np.bincount(data.train.fine, minlength=len(data.class_names))
+            source = f"the dataset ({data.source})"
+        return cls(names.class_names, names.superclass_names, list(names.fine_to_coarse),
+                   counts, source)  # fmt: skip
+
+
+def analyse(rows: dict[str, np.ndarray], classes: Classes, model_id: str) -> dict:
     """Every number of one model's traffic page."""
     top1 = rows["top_classes"][:, 0]
     n = len(top1)
-    to_coarse = np.asarray(data.fine_to_coarse)
-    train_classes = np.bincount(data.train.fine, minlength=len(data.class_names))
-    traffic_classes = np.bincount(top1, minlength=len(data.class_names))
-    train_super = np.bincount(data.train.coarse, minlength=len(data.superclass_names))
-    traffic_super = np.bincount(to_coarse[top1], minlength=len(data.superclass_names))
+    to_coarse = np.asarray(classes.fine_to_coarse)
+    names = classes.names
+    traffic_classes = np.bincount(top1, minlength=len(names))
+    traffic_super = np.bincount(to_coarse[top1], minlength=len(classes.superclass_names))
     versions, version_counts = np.unique(rows["model_version"], return_counts=True)
     routes, route_counts = np.unique(rows["route"], return_counts=True)
     report = {
@@ -83,16 +119,23 @@ def analyse(rows: dict[str, np.ndarray], data: Cifar100, model_id: str) -> dict:
         "last": str(rows["time"][-1]) + "Z",
         "versions": dict(zip(versions.tolist(), version_counts.tolist(), strict=True)),
         "routes": dict(zip(routes.tolist(), route_counts.tolist(), strict=True)),
-        "classes": mix(traffic_classes, train_classes, data.class_names),
-        "superclasses": mix(traffic_super, train_super, data.superclass_names),
-        "never_answered": [
-            data.class_names[i]
-            for i in np.flatnonzero((traffic_classes == 0) & (train_classes > 0))
-        ],
-        "confidence": confidence(top1, rows["top_probabilities"][:, 0], data.class_names),
-        "top2_pairs": top2_pairs(rows["top_classes"], data.class_names, n),
+        "training_counts_from": classes.source,
+        "classes": {"available": False},
+        "superclasses": {"available": False},
+        "never_answered": None,
+        "confidence": confidence(top1, rows["top_probabilities"][:, 0], names),
+        "top2_pairs": top2_pairs(rows["top_classes"], names, n),
         "familiarity": familiarity(rows["familiarity"], rows["time"]),
     }
+    if classes.train_counts is not None:
+        train_classes = classes.train_counts
+        supers = len(classes.superclass_names)
+        train_super = np.bincount(to_coarse, train_classes, supers).astype(np.int64)
+        report["classes"] = mix(traffic_classes, train_classes, names)
+        report["superclasses"] = mix(traffic_super, train_super, classes.superclass_names)
+        report["never_answered"] = [
+            names[i] for i in np.flatnonzero((traffic_classes == 0) & (train_classes > 0))
+        ]
     report["findings"] = findings(report)
     return report
 
@@ -117,6 +160,7 @@ def mix(traffic: np.ndarray, train: np.ndarray, names: list[str]) -> dict:
     ]
     ranked = sorted((r for r in rows if r["ratio"] is not None), key=lambda r: -r["ratio"])
     return {
+        "available": True,
         "rows": rows,
         "chi_square": float(test.statistic),
         "degrees_of_freedom": int(kept.sum() - 1),
@@ -202,6 +246,13 @@ def findings(report: dict) -> dict:
     said = {}
     for key, what in (("classes", "class"), ("superclasses", "superclass")):
         m = report[key]
+        if not m["available"]:
+            said[key] = (
+                f"The {what} mix cannot be compared with the training set's: the model file "
+                "was exported before its card counted the training images, and no dataset "
+                "was given (--data-dir)."
+            )
+            continue
         test = (f"chi-square {m['chi_square']:.1f} on {m['degrees_of_freedom']} degrees of "
                 f"freedom, p = {m['p_value']:.3g}")  # fmt: skip
         if m["shifted"]:
@@ -229,10 +280,13 @@ def findings(report: dict) -> dict:
     else:
         said["familiarity"] = "The model file has no familiarity output: nothing to compare."
     never = report["never_answered"]
-    said["never_answered"] = (
-        f"{len(never)} of the training set's classes were never the answer."
-        if never else "Every training class was the answer at least once."
-    )  # fmt: skip
+    if never is None:
+        said["never_answered"] = "Which training classes were never the answer is unknown."
+    else:
+        said["never_answered"] = (
+            f"{len(never)} of the training set's classes were never the answer."
+            if never else "Every training class was the answer at least once."
+        )  # fmt: skip
     return said
 
 
@@ -240,6 +294,8 @@ def draw(report: dict, rows: dict[str, np.ndarray], names: list[str], out: Path)
     """The mixes, the familiarity and the most unfamiliar images, as PNG files."""
     for key, path in (("superclasses", "traffic_superclasses.png"),
                       ("classes", "traffic_classes.png")):  # fmt: skip
+        if not report[key]["available"]:
+            continue
         m = report[key]["rows"]
         fig, ax = plt.subplots(figsize=(12 if key == "classes" else 9, 4.5))
         x = np.arange(len(m))
@@ -274,20 +330,20 @@ def draw(report: dict, rows: dict[str, np.ndarray], names: list[str], out: Path)
 
 
 def write_traffic(
-    folder: Path, data: Cifar100, reports_dir: Path, model_id: str | None = None
+    logged: dict[str, dict[str, np.ndarray]],
+    cards: dict[str, ModelCard],
+    data: Cifar100 | None,
+    reports_dir: Path,
 ) -> list[dict]:
-    """reports_dir/<id>/traffic.* for each model id in the log (or only `model_id`)."""
-    logged = read_log(folder)
-    if model_id is not None:
-        if model_id not in logged:
-            raise ReportError(f"the payload log in {folder} has no images of {model_id}")
-        logged = {model_id: logged[model_id]}
+    """reports_dir/<id>/traffic.* for each model id in `logged` (read_log's), the training
+    set described by that model's card in `cards` (by model id), else by `data`."""
     reports = []
     for name, rows in logged.items():
-        report = analyse(rows, data, name)
+        classes = Classes.of(cards.get(name), data)
+        report = analyse(rows, classes, name)
         out = Path(reports_dir) / name
         out.mkdir(parents=True, exist_ok=True)
-        draw(report, rows, data.class_names, out)
+        draw(report, rows, classes.names, out)
         write_text(out / "traffic.json", json.dumps(report, indent=2))
         write_text(out / "traffic.html",
                    environment.get_template("traffic.html").render(report=report))  # fmt: skip
