@@ -37,7 +37,8 @@ def add(commands: argparse._SubParsersAction, options: Options) -> None:
         "--output",
         type=Path,
         default=Path("bench-results/published/familiarity.json"),
-        help="where the results go, as JSON (default %(default)s); the table is printed",
+        help="where the results go, as JSON (default %(default)s), under the model's id "
+        "beside any other model's results already there; the table is printed",
     )
     parser.set_defaults(command=run)
 
@@ -55,6 +56,10 @@ def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
         args.images,
     )
     result["command"] = "python -m training " + shlex.join(args.argv)
-    write_text(args.output, json.dumps(result, indent=2))
+    published = json.loads(args.output.read_text()) if args.output.exists() else {}
+    models = published.get("models", {})  # a file of one model only, as once written: replaced
+    models[args.model] = result
+    write_text(args.output, json.dumps({"models": models}, indent=2))
     print(evidence.table(result))
+    print(evidence.judged_table(result))
     print(f"Wrote {args.output}")

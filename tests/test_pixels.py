@@ -1,0 +1,59 @@
+"""The pixel statistics score (training/scores/pixels.py): its statistics against values
+worked out by hand for images whose answer is known, and its direction: fitted on smooth
+photo-like images, noise, flat colour and patterns are stranger."""
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+
+from training import families
+from training.scores import pixels
+
+
+def column(name: str) -> int:
+    return pixels.STATISTICS.index(name)
+
+
+def smooth_images(count: int, seed: int) -> np.ndarray:
+    """Photo-like stand-ins: coloured noise blurred to a few pixels' correlation length,
+    with a random contrast and brightness, so neighbouring pixels are alike but not equal."""
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(0, 1, (count, 32, 32, 3))
+    blurred = gaussian_filter(raw, sigma=(0, 1.5, 1.5, 0))
+    blurred /= blurred.std(axis=(1, 2, 3), keepdims=True)
+    scale = rng.uniform(25, 60, (count, 1, 1, 1))
+    return np.clip(rng.uniform(80, 170, (count, 1, 1, 3)) + scale * blurred, 0, 255).astype(
+        np.uint8
+    )
+
+
+def test_statistics_of_a_flat_grey_and_a_checkerboard_by_hand():
+    grey = np.full((1, 32, 32, 3), 100, np.uint8)
+    board = np.where((np.indices((32, 32)).sum(axis=0) % 2)[None, :, :, None] == 1, 255, 0)
+    board = np.broadcast_to(board, (1, 32, 32, 3)).astype(np.uint8)
+    flat, checked = pixels.statistics(grey)[0], pixels.statistics(board)[0]
+    assert flat[column("flat share")] == 1 and flat[column("edge share")] == 0
+    assert flat[column("neighbour correlation")] == 1  # no variance: called smooth
+    assert flat[column("mean saturation")] == 0 and flat[column("value entropy")] == 0
+    assert flat[column("log mean |horizontal difference|")] == pytest.approx(np.log(1e-3))
+    # Every neighbour differs by the full range: all edges, correlation -1, two values.
+    assert checked[column("edge share")] == 1 and checked[column("flat share")] == 0
+    assert checked[column("neighbour correlation")] == pytest.approx(-1)
+    assert checked[column("log mean |horizontal difference|")] == pytest.approx(np.log(1.001))
+    assert checked[column("value entropy")] == pytest.approx(np.log(2))
+    # Every diagonal neighbour has the same colour.
+    assert checked[column("log mean |diagonal difference|")] == pytest.approx(np.log(1e-3))
+
+
+def test_noise_flat_colour_and_patterns_are_stranger_than_photo_like_images():
+    fitted = pixels.fit(smooth_images(2000, 0))
+    known = fitted.strangeness(smooth_images(300, 1))
+    photos = smooth_images(50, 2)
+    generated = families.generate(100, 0, photos)
+    for name in ("uniform noise", "salt-and-pepper noise", "flat colour", "checkerboards",
+                 "stripes", "text"):  # fmt: skip
+        other = fitted.strangeness(generated[name])
+        auroc = roc_auc_score(np.r_[np.zeros(len(known)), np.ones(len(other))], np.r_[known, other])
+        assert auroc > 0.95, name
+    assert fitted.card()["statistics"] == list(pixels.STATISTICS)
