@@ -3,12 +3,16 @@ worked out by hand for images whose answer is known, and its direction: fitted o
 photo-like images, noise, flat colour and patterns are stranger."""
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from training import families
 from training.scores import pixels
+from training.scores.base import Nodes
 
 
 def column(name: str) -> int:
@@ -57,3 +61,30 @@ def test_noise_flat_colour_and_patterns_are_stranger_than_photo_like_images():
         auroc = roc_auc_score(np.r_[np.zeros(len(known)), np.ones(len(other))], np.r_[known, other])
         assert auroc > 0.95, name
     assert fitted.card()["statistics"] == list(pixels.STATISTICS)
+
+
+def test_the_graph_computes_the_statistics_and_the_score_of_the_reference():
+    """The ONNX nodes on the uint8 input, run by onnxruntime in float32, against the
+    float64 reference, on photo-like images and on every family (flat images included:
+    the logarithms' floor and the correlation's flat case)."""
+    fitted = pixels.fit(smooth_images(500, 0))
+    photos = smooth_images(30, 3)
+    images = np.concatenate([photos, *families.generate(8, 1, photos).values()])
+    nodes = Nodes("pixels/")
+    statistics = pixels.statistics_nodes(nodes.within("stats/"), "images")
+    score = fitted.add_nodes(nodes, "images")
+    graph = helper.make_graph(
+        nodes.nodes, "pixels",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 32, 32, 3])],
+        [helper.make_tensor_value_info(statistics, TensorProto.FLOAT, ["batch", 12]),
+         helper.make_tensor_value_info(score, TensorProto.FLOAT, ["batch", 1])],
+        nodes.initializers,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got_statistics, got_score = session.run(None, {"images": images})
+    # float32 leaves a flat image a standard deviation of about 1e-6 (its mean rounded),
+    # which moves log(1e-3 + std) by about 1e-3: the one difference above float32's own.
+    np.testing.assert_allclose(got_statistics, pixels.statistics(images), rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(got_score[:, 0], fitted.strangeness(images), rtol=1e-3, atol=1e-2)

@@ -10,15 +10,20 @@ features), and the strangeness is the squared Mahalanobis distance from it.
 
 This score reads the uint8 images, not the penultimate features every score in
 `training.scores.SCORES` is a function of: it is measured by `python -m training ood`
-(alone, and combined with a feature score as `combined` combines two), not yet computed
-inside the exported graph, so the export cannot choose it.
+(alone, and combined with a feature score as `combined` combines two). `add_nodes` builds
+it as ONNX nodes on the uint8 input (float32, opset 17), checked against this reference
+by tests/test_pixels.py; the export does not add them yet (its familiarity head, parity
+gates, self-check and twins' gates all take the score as a function of the features), so
+the export cannot choose it.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
+from training.scores.base import Nodes
 from training.scores.mahalanobis import shrunk_covariance
 
 NAME = "pixels"
@@ -99,6 +104,161 @@ class Pixels:
 
     def card(self) -> dict[str, Any]:
         return {"method": METHOD, "statistics": list(STATISTICS), "shrinkage": self.shrinkage}
+
+    def add_nodes(self, graph: Nodes, images: str) -> str:
+        """[B, 1] strangeness from the uint8 [B, 32, 32, 3] input `images`, float32."""
+        stats = statistics_nodes(graph, images)
+        z = graph.node(
+            "Gemm",
+            [stats, graph.constant("whitening", self.whitening),
+             graph.constant("offset", -(self.center @ self.whitening))],
+            "z",
+        )  # fmt: skip
+        return graph.node("ReduceSumSquare", [z], "distance", axes=[1])
+
+
+def statistics_nodes(graph: Nodes, images: str) -> str:
+    """[B, len(STATISTICS)] float32: `statistics` as ONNX nodes, in the same order. The
+    thresholds sit half a grey level from any difference of two uint8 values, and the
+    histogram's bin edges at least 1/255 of a bin from any value, so float32 counts the
+    same pixels as the float64 reference."""
+    one = 1.0 / 255.0
+    x = graph.node("Mul", [graph.node("Cast", [images], "float", to=TensorProto.FLOAT),
+                           graph.constant("scale", np.array(one))], "x")  # fmt: skip
+
+    def constant(name: str, value: Any) -> str:
+        return graph.constant(name, np.array(value))
+
+    def cut(value: str, name: str, starts: list[int], ends: list[int], axes: list[int]) -> str:
+        parts = (("starts", starts), ("ends", ends), ("axes", axes))
+        bounds = [graph.constant(f"{name}_{part}", np.array(v)) for part, v in parts]
+        return graph.node("Slice", [value, *bounds], name)
+
+    def mean(value: str, name: str, axes: list[int]) -> str:
+        """[B, 1]: the mean over `axes`, then flattened to one column."""
+        reduced = graph.node("ReduceMean", [value], f"{name}_mean", axes=axes, keepdims=0)
+        shape = graph.constant(f"{name}_shape", np.array([-1, 1]))
+        return graph.node("Reshape", [reduced, shape], name)
+
+    def log(value: str, name: str) -> str:
+        return graph.node("Log", [graph.node("Add", [value, constant(f"{name}_eps", EPSILON)],
+                                             f"{name}_plus")], name)  # fmt: skip
+
+    def flat(value: str, name: str) -> str:
+        return graph.node("Flatten", [value], name, axis=1)
+
+    dx = graph.node("Sub", [cut(x, "right", [1], [32], [2]), cut(x, "left", [0], [31], [2])],
+                    "dx")  # fmt: skip
+    dy = graph.node("Sub", [cut(x, "down", [1], [32], [1]), cut(x, "up", [0], [31], [1])],
+                    "dy")  # fmt: skip
+    diagonal = graph.node(
+        "Sub",
+        [cut(x, "lower", [1, 1], [32, 32], [1, 2]), cut(x, "upper", [0, 0], [31, 31], [1, 2])],
+        "diagonal",
+    )  # fmt: skip
+    second = graph.node(
+        "Add",
+        [graph.node("Sub", [cut(x, "third", [2], [32], [2]),
+                            graph.node("Mul", [cut(x, "middle", [1], [31], [2]),
+                                               constant("two", 2.0)], "twice")], "part"),
+         cut(x, "first", [0], [30], [2])],
+        "second",
+    )  # fmt: skip
+    both = graph.node("Concat", [flat(dx, "dx_flat"), flat(dy, "dy_flat")], "both", axis=1)
+    magnitude = graph.node("Abs", [both], "magnitude")
+    both_centred = graph.node(
+        "Sub", [both, graph.node("ReduceMean", [both], "both_mean", axes=[1])], "both_centred"
+    )
+    both_std = graph.node("Sqrt", [mean(graph.node("Mul", [both_centred, both_centred],
+                                                   "both_square"), "both_var", [1])],
+                          "both_std")  # fmt: skip
+    grey = graph.node("ReduceMean", [x], "grey", axes=[3], keepdims=0)
+    centred = graph.node(
+        "Sub", [grey, graph.node("ReduceMean", [grey], "grey_mean", axes=[1, 2])], "centred"
+    )
+    variance = mean(graph.node("Mul", [centred, centred], "centred_square"), "variance", [1, 2])
+    covariance = mean(
+        graph.node("Mul", [cut(centred, "c_right", [1], [32], [2]),
+                           cut(centred, "c_left", [0], [31], [2])], "neighbours"),
+        "covariance", [1, 2],
+    )  # fmt: skip
+    floor = constant("variance_floor", 1e-12)
+    correlation = graph.node(
+        "Where",
+        [graph.node("Greater", [variance, floor], "has_variance"),
+         graph.node("Div", [covariance, graph.node("Max", [variance, floor], "variance_kept")],
+                    "ratio"),
+         constant("smooth", 1.0)],
+        "correlation",
+    )  # fmt: skip
+    share = lambda op, bound, name: mean(  # noqa: E731
+        graph.node("Cast", [graph.node(op, [magnitude, constant(f"{name}_bound", bound)],
+                                       f"{name}_test")], f"{name}_float", to=TensorProto.FLOAT),
+        name, [1],
+    )  # fmt: skip
+    saturation = graph.node(
+        "Sub",
+        [graph.node("ReduceMax", [x], "brightest", axes=[3], keepdims=0),
+         graph.node("ReduceMin", [x], "darkest", axes=[3], keepdims=0)],
+        "saturation",
+    )  # fmt: skip
+    saturation_mean = mean(saturation, "saturation_mean", [1, 2])
+    saturation_off = graph.node(
+        "Sub",
+        [saturation, graph.node("Unsqueeze", [saturation_mean,
+                                              graph.constant("two_axes", np.array([2]))],
+                                "saturation_mean_3d")],
+        "saturation_off",
+    )  # fmt: skip
+    saturation_std = graph.node(
+        "Sqrt", [mean(graph.node("Mul", [saturation_off, saturation_off], "saturation_square"),
+                      "saturation_var", [1, 2])], "saturation_std",
+    )  # fmt: skip
+    levels = graph.node(
+        "Min",
+        [graph.node("Floor", [graph.node("Mul", [x, constant("bins", float(BINS))], "binned")],
+                    "level"),
+         constant("top_bin", float(BINS - 1))],
+        "levels",
+    )  # fmt: skip
+    in_bin = graph.node(
+        "Cast",
+        [graph.node("Equal", [graph.node("Unsqueeze", [levels, graph.constant(
+            "last_axis", np.array([4]))], "levels_5d"),
+                              graph.constant("bin_values", np.arange(BINS, dtype=np.float32))],
+                    "in_bin_bool")],
+        "in_bin", to=TensorProto.FLOAT,
+    )  # fmt: skip
+    counts = graph.node("ReduceMean", [in_bin], "counts", axes=[1, 2], keepdims=0)  # [B, 3, bins]
+    plogp = graph.node(
+        "Mul", [counts, graph.node("Log", [graph.node("Max", [counts, floor], "counts_kept")],
+                                   "log_counts")], "plogp",
+    )  # fmt: skip
+    entropy = graph.node(
+        "Mul",
+        [graph.node("Reshape", [graph.node("ReduceSum", [plogp, graph.constant(
+            "channel_bin_axes", np.array([1, 2]))], "plogp_sum", keepdims=0),
+            graph.constant("entropy_shape", np.array([-1, 1]))], "plogp_column"),
+         constant("minus_third", -1.0 / 3.0)],
+        "entropy",
+    )  # fmt: skip
+    abs_mean = lambda value, name: mean(graph.node("Abs", [value], f"{name}_abs"), name,  # noqa: E731
+                                        [1, 2, 3])  # fmt: skip
+    columns = [
+        log(abs_mean(dx, "dx_mean"), "log_dx"),
+        log(abs_mean(dy, "dy_mean"), "log_dy"),
+        log(both_std, "log_both_std"),
+        log(abs_mean(second, "second_mean"), "log_second"),
+        correlation,
+        share("Less", 1.5 * one, "flat_share"),
+        share("Greater", 0.25, "edge_share"),
+        log(graph.node("Sqrt", [variance], "pixel_std"), "log_pixel_std"),
+        saturation_mean,
+        saturation_std,
+        entropy,
+        log(abs_mean(diagonal, "diagonal_mean"), "log_diagonal"),
+    ]
+    return graph.node("Concat", columns, "statistics", axis=1)
 
 
 def fit(images: np.ndarray) -> Pixels:
