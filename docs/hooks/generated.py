@@ -214,17 +214,24 @@ def benchmark_tables(config) -> str:
 
 
 def familiarity_table(config) -> str:
-    from training.scores.evidence import table
+    from training.scores.evidence import HEADLINE, judged_table, table
 
-    result = json.loads((_repo(config) / "bench-results/published/familiarity.json").read_text())
-    runs = ", ".join(f"without {' and '.join(r['held_out'])} (seed {r['seed']})"
-                     for r in result["runs"])  # fmt: skip
-    return (
-        table(result) + f"\n\nAUROC / FPR@95, in %, means over {len(result['runs'])} runs of "
-        f"`{result['model']}` ({runs}); {result['images_per_family']} images per family. "
-        f"Measured {result['measured_at']} on {result['machine']['cpu']} by "
-        f"`{result['command']}`."
-    )
+    published = (_repo(config) / "bench-results/published/familiarity.json").read_text()
+    parts = []
+    for model_id, result in json.loads(published)["models"].items():
+        runs = ", ".join(f"without {' and '.join(r['held_out'])} (seed {r['seed']})"
+                         for r in result["runs"])  # fmt: skip
+        parts.append(
+            f"#### `{model_id}`\n\n"
+            + table(result, list(HEADLINE))
+            + f"\n\nAUROC / FPR@95, in %, every family, means over {len(result['runs'])} "
+            f"run(s) of `{model_id}` ({runs}); {result['images_per_family']} images per family. "
+            "Chosen on half the families, judged on the other half (the exportable score "
+            "chosen on each split, its AUROC in % on each judging family, MSP's in brackets):"
+            "\n\n" + judged_table(result) + f"\n\nMeasured {result['measured_at']} on "
+            f"{result['machine']['cpu']} by `{result['command']}`."
+        )
+    return "\n\n".join(parts)
 
 
 GENERATORS = {

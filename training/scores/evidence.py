@@ -7,8 +7,9 @@ import numpy as np
 from training.scores import DEFAULT
 
 NEAR = "held-out classes"
-# The README's columns: the default, the score it replaced, GEN, the top probability.
-HEADLINE = (DEFAULT, "mahalanobis", "gen", "msp")
+# The README's columns: the default, the exportable score the split chose, GEN, the pixel
+# score alone and the combination the split chose among all, the top probability.
+HEADLINE = (DEFAULT, "either:mahalanobis,gen", "gen", "pixels", "mean:pixels,gen", "msp")
 FAR = "far (mean of families)"
 
 
