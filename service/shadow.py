@@ -127,7 +127,7 @@ class Shadows:
             self._log_payload(copy, None)
             return
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        start, started = loop.time(), time.perf_counter()  # (uvloop's clock ticks in ms)
         try:
             candidate = self.catalog.get(copy.served.model_id, candidate_version)
             fetch = [OUTPUT_NAME]
@@ -140,7 +140,7 @@ class Shadows:
             self._warn(copy, err.message if isinstance(err, ContractError) else repr(err))
             self._log_payload(copy, None)
             return
-        seconds = loop.time() - start
+        seconds = time.perf_counter() - started
         bound.candidate_seconds.observe(seconds)
         live, theirs = copy.outputs, result.outputs
         agreed = live[OUTPUT_NAME].argmax(axis=1) == theirs[OUTPUT_NAME].argmax(axis=1)
