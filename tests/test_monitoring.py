@@ -172,6 +172,14 @@ BROKEN_RULES = {
         "images_classified_total",
     ),
     "p95": ("histogram_quantile(0.99,", "histogram_quantile(0.95,"),
+    "per-pod agreement": (
+        "sum by (model, version, candidate) (rate(shadow_images_agreed_total[30m]))\n"
+        "          /\n"
+        "          sum by (model, version, candidate) (rate(shadow_images_compared_total[30m]))",
+        "sum by (model, version, candidate) (rate(shadow_images_agreed_total[30m])\n"
+        "          /\n"
+        "          rate(shadow_images_compared_total[30m]))",
+    ),
     "door refusals not arrivals": (
         '{__name__=~"requests_shed_at_door_total|http_requests_total", route=~',
         "http_requests_total{route=~",
@@ -184,6 +192,7 @@ UNFAMILIAR, GUARD_200 = "ratio_rate1h > 0.05", "increase1h >= 200" + FOR_15
 SHED, SHED_GUARD = "images_shed:ratio_rate5m > 0.01", "images_received:rate5m >= 1" + FOR_10
 DOOR, DOOR_GUARD = "at_door:ratio_rate5m > 0.01", "inference_requests:rate5m >= 1" + FOR_10
 P99, P99_GUARD = "p99_rate5m > 0.25", "route:http_requests:rate5m >= 1" + FOR_10
+AGREE, AGREE_GUARD = "ratio_rate30m < 0.8", "compared:increase30m >= 200" + FOR_10
 NEAR_BOUNDS = {
     "unfamiliar share 0.05 -> 0.06": (UNFAMILIAR, UNFAMILIAR.replace("0.05", "0.06")),
     "unfamiliar share 0.05 -> 0.04": (UNFAMILIAR, UNFAMILIAR.replace("0.05", "0.04")),
@@ -212,6 +221,12 @@ NEAR_BOUNDS = {
     "p99 guard >= 1 -> > 1": (P99_GUARD, P99_GUARD.replace(">= 1", "> 1")),
     "p99 for 10m -> 12m": (P99_GUARD, P99_GUARD.replace("10m", "12m")),
     "p99 for 10m -> 9m": (P99_GUARD, P99_GUARD.replace("10m", "9m")),
+    "agreement 0.8 -> 0.79": (AGREE, AGREE.replace("0.8", "0.79")),
+    "agreement 0.8 -> 0.81": (AGREE, AGREE.replace("0.8", "0.81")),
+    "agreement guard 200 -> 220": (AGREE_GUARD, AGREE_GUARD.replace("200", "220")),
+    "agreement guard 200 -> 170": (AGREE_GUARD, AGREE_GUARD.replace("200", "170")),
+    "agreement for 10m -> 11m": (AGREE_GUARD, AGREE_GUARD.replace("10m", "11m")),
+    "agreement for 10m -> 9m": (AGREE_GUARD, AGREE_GUARD.replace("10m", "9m")),
 }
 BROKEN_RULES |= NEAR_BOUNDS
 
@@ -241,6 +256,7 @@ def test_rules_read_only_what_the_service_exports(monkeypatch, tmp_path):
         "CIFAR100SheddingLoad",
         "CIFAR100SheddingAtTheDoor",
         "CIFAR100InferenceLatencyHigh",
+        "CIFAR100ShadowDisagreement",
     }
 
 
