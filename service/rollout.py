@@ -66,6 +66,7 @@ class Rollouts:
         self.plans: dict[str, Plan] = {}
         self.history: dict[str, deque[dict]] = {}
         self._seen: tuple[int, int] | None = None  # the file's (size, mtime) last read
+        self.written: bool | None = None  # whether the last change by a route reached the file
         self._random = random.Random()
 
     # --- the request path ---------------------------------------------------------------
@@ -104,6 +105,8 @@ class Rollouts:
             "mode": plan.mode if plan else None,
             "share": plan.share if plan else 0.0,
             "versions": sorted(versions),
+            "file": str(self.path),
+            "written": self.written,
             "history": list(self.history.get(model_id, ())),
         }
 
@@ -220,6 +223,8 @@ class Rollouts:
             self.plans[model_id] = plan
             self.catalog.pinned[model_id] = plan.serving
         saved = self._save() if save else None
+        if save:
+            self.written = saved
         event = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "change": what, "by": by, "model": model_id,

@@ -202,6 +202,11 @@ class RolloutState(BaseModel):
     mode: Literal["shadow", "canary"] | None
     share: float
     versions: list[str] = Field(description="every loaded version")
+    file: str = Field(description="ROLLOUT_FILE, where every worker reads the plans")
+    written: bool | None = Field(
+        description="whether the last change made here reached the file (false: a read-only "
+        "folder, so it holds in the worker that answered only); null before any"
+    )
     history: list[dict] = Field(description="the latest changes, oldest first")
 
 

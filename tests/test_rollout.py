@@ -194,7 +194,9 @@ def test_the_rollout_file_is_written_by_the_routes_and_read_on_reload(folder):
         base = f"http://127.0.0.1:{port}"
         path = f"/v1/models/{MODEL}/rollout"
         body = {"candidate": candidate, "mode": "shadow", "share": 0.25, "serving": serving}
-        assert call(base, "PUT", path, body)[0] == 200
+        status, state = call(base, "PUT", path, body)
+        assert status == 200 and state["written"] is True
+        assert state["file"] == str(models / "rollout.json")
         written = json.loads((models / "rollout.json").read_text())
         assert written == {"models": {MODEL: {**body}}}
         # An operator edits the file: every caller to the candidate.

@@ -7,8 +7,10 @@ import asyncio
 import concurrent.futures
 import io
 import json
+import math
 import time
 import urllib.request
+from collections import Counter
 
 import grpc
 import numpy as np
@@ -41,7 +43,9 @@ from tests.rollouts import (
     v2_body,
 )
 from tests.service_helpers import encode, live_server
+from training.__main__ import main as training
 from training.report.traffic import read_log
+from training.synthetic import CLASS_NAMES
 
 
 @pytest.fixture
@@ -87,7 +91,7 @@ def grpc_infer(port: int, images: np.ndarray) -> None:
         GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
 
 
-def test_agreement_on_every_transport_is_what_the_two_files_say(folder, tmp_path):
+def test_agreement_on_every_transport_is_what_the_two_files_say(folder, tmp_path, cifar_tarball):
     models, serving, candidate = folder
     images = coloured_images(60, seed=7)
     theirs = top_classes(models / "b.onnx", images)
@@ -135,6 +139,41 @@ def test_agreement_on_every_transport_is_what_the_two_files_say(folder, tmp_path
     assert all(ms is not None and ms > 0 for ms in rows["candidate_latency_ms"])
     assert set(rows["candidate_familiarity"]) == {None}  # these files have no familiarity
     assert len(read_log(log)[MODEL]["pixels"]) == 60
+    # The rollout page, from this log alone.
+    reports = tmp_path / "reports"
+    command = ["report", "--compare", str(log), "--reports-dir", str(reports),
+               "--data-dir", str(cifar_tarball), "--val-size", "100"]  # fmt: skip
+    assert training(command) == 0
+    report = json.loads((reports / MODEL / f"rollout-{MODEL}.json").read_text())
+    (comparison,) = report["comparisons"]
+    assert (comparison["serving"], comparison["candidate"]) == (serving, candidate)
+    overall = comparison["overall"]
+    assert (overall["agree"], overall["images"]) == (agreeing[-1], 60)
+    assert (overall["low"], overall["high"]) == pytest.approx(wilson(agreeing[-1], 60))
+    served = top_classes(models / "a.onnx", pixels)
+    shadowed = top_classes(models / "b.onnx", pixels)
+    differ = served != shadowed
+    trades = Counter(zip(served[differ].tolist(), shadowed[differ].tolist(), strict=True))
+    names = CLASS_NAMES
+    commonest = comparison["traded"][0]
+    assert trades[(names.index(commonest["serving"]), names.index(commonest["candidate"]))] == (
+        max(trades.values())
+    )
+    for row in comparison["by_class"]:
+        mine = served == names.index(row["name"])
+        assert (row["images"], row["agree"]) == (mine.sum(), (shadowed[mine] == served[mine]).sum())
+    assert len(comparison["disagreements"]) == min(20, 60 - agreeing[-1])
+    page = (reports / MODEL / f"rollout-{MODEL}.html").read_text()
+    assert f"on {agreeing[-1]} of 60 images" in page
+    assert all((reports / MODEL / name).is_file() for name in comparison["figures"])
+
+
+def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval, from its formula."""
+    p = successes / n
+    middle = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return middle - half, middle + half
 
 
 def test_a_full_shadow_queue_sheds_copies_never_live_requests(folder):

@@ -1,5 +1,6 @@
 """python -m training report: reports/<id>/ for exported models, or with --traffic, the
-traffic page of each model in the service's payload log."""
+traffic page of each model in the service's payload log, or with --compare, the rollout
+page of each model a shadow candidate answered for in it."""
 
 import argparse
 from pathlib import Path
@@ -10,6 +11,7 @@ from training.commands.options import DEFAULT_REPORTS_DIR, Options
 from training.errors import ReportError
 from training.export import exported_outputs
 from training.models import MODEL_IDS
+from training.report.rollout import write_rollout
 from training.report.traffic import write_traffic
 from training.report.write import COMPARE_DIR, write_reports
 
@@ -39,10 +41,23 @@ def add(commands: argparse._SubParsersAction, options: Options) -> None:
         help="instead: the traffic page of each model in this payload log (the service's "
         "PAYLOAD_LOG), reports/<id>/traffic.html, against the training set",
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="instead: a shadow candidate against the serving version, from this payload log "
+        "(the rows a candidate also answered), reports/<id>/rollout-<id>.html",
+    )
     parser.set_defaults(command=run)
 
 
 def run(args: argparse.Namespace, data: cifar.Cifar100) -> None:
+    if args.compare is not None:
+        for report in write_rollout(args.compare, data, args.reports_dir, args.model):
+            name = report["model_id"]
+            print(f"Wrote {args.reports_dir / name / f'rollout-{name}.html'}: "
+                  f"{len(report['comparisons'])} comparison(s)")  # fmt: skip
+        return
     if args.traffic is not None:
         for report in write_traffic(args.traffic, data, args.reports_dir, args.model):
             print(f"Wrote {args.reports_dir / report['model_id'] / 'traffic.html'}: "
