@@ -236,8 +236,9 @@ def test_copies_are_shed_while_the_door_refuses_live_requests(folder):
             for _ in range(5):
                 admission.leave()
             idle = shadows.offer(context, served, images, outputs, 1.0)
-            shed = metrics.for_shadow(MODEL, serving, candidate).shed["busy"]
-            return busy, idle, shed._value.get()
+            labels = {"model": MODEL, "version": serving, "candidate": candidate,
+                      "reason": "busy"}  # fmt: skip
+            return busy, idle, metrics.registry.get_sample_value("shadow_images_shed_total", labels)
         finally:
             await catalog.stop()
 
