@@ -56,6 +56,11 @@ async def lifespan(app: FastAPI):
     plane.shadows = Shadows(settings, plane.metrics, catalog, plane.rollouts, plane.admission,
                             plane.payloads)  # fmt: skip
     plane.shadows.start()
+    if settings.admin_keys and settings.workers > 1 and not settings.model_poll_seconds:
+        log.warning(
+            "several workers without MODEL_POLL_SECONDS: a rollout changed through the admin "
+            "routes reaches the other workers only when they restart"
+        )
     watcher = asyncio.create_task(catalog.watch()) if settings.model_poll_seconds else None
     grpc_server = None
     if settings.grpc_port:  # the same data plane over gRPC, on this loop

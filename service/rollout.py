@@ -74,9 +74,12 @@ class Rollouts:
     def choose(self, model_id: str | None, context: RequestContext) -> str | None:
         """The version a request naming none goes to: the candidate for a canary's share
         of callers, else None (the catalog's default, which the plan pins)."""
-        plan = self.plans.get(model_id or self.catalog.default_id or "")
+        model_id = model_id or self.catalog.default_id or ""
+        plan = self.plans.get(model_id)
         if plan is None or plan.mode != "canary" or not plan.share:
             return None
+        if plan.candidate not in self.catalog.models.get(model_id, {}):
+            return None  # unloaded by a reload that has not yet dropped it from the plan
         key = context.rollout_key or context.credentials
         if key:  # sticky: the same caller lands on the same side for this candidate
             digest = hashlib.sha256(f"{plan.candidate}\0{key}".encode()).digest()
