@@ -247,7 +247,7 @@ class DataPlane:
             _refuse_unfamiliar(answer.outputs[FAMILIARITY_NAME][:, 0], floor)
         shadowed = (version is None and self.shadows is not None
                     and self.shadows.offer(context, answer.served, images, answer.outputs,
-                                           answer.inference_ms))  # fmt: skip
+                                           round(answer.inference_ms, 3)))  # fmt: skip
         if self.payloads is not None and not shadowed:
             self.payloads.offer(context, answer.served, images, answer.outputs,
                                 round(answer.inference_ms, 3))  # fmt: skip

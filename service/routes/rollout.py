@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from service.dataplane import DataPlane
 from service.errors import NotReady
 from service.http.deps import PlaneDep
 from service.http.keys import admin_key
@@ -25,7 +26,8 @@ ERRORS = {
 }
 
 
-def rollouts_of(plane) -> Rollouts:
+def rollouts_of(plane: DataPlane) -> Rollouts:
+    """The plans; NotReady while the lifespan is still loading the models."""
     if plane.rollouts is None:
         raise NotReady(plane.not_ready_reason() or "starting")
     return plane.rollouts
