@@ -21,6 +21,8 @@ from tests.rollouts import (
     v2_body,
 )
 from tests.service_helpers import live_server
+from tests.signing import make_key
+from training.sign import sign_file
 
 
 @pytest.fixture
@@ -220,3 +222,23 @@ def test_the_rollout_file_is_written_by_the_routes_and_read_on_reload(folder):
             assert time.monotonic() < deadline, "the candidate was not dropped"
             time.sleep(0.05)
         assert {infer(base, f"k{i}") for i in range(10)} == {serving}
+
+
+def test_an_unsigned_candidate_is_refused_where_trusted_keys_are_set(tmp_path):
+    """With TRUSTED_KEYS, a version whose signature does not verify is never loaded, so it
+    can be neither shadowed, canaried nor promoted."""
+    models = tmp_path / "models"
+    models.mkdir()
+    private, public, _ = make_key(tmp_path, "signing")
+    serving = tiny_version(models / "a.onnx", 0)
+    sign_file(models / "a.onnx", private)
+    unsigned = tiny_version(models / "b.onnx", 10)  # loadable, but not signed
+    with live_server(models, admin_keys=ADMIN, trusted_keys=public) as port:
+        base = f"http://127.0.0.1:{port}"
+        status, listing = call(base, "GET", "/models", token=None)
+        assert "b.onnx" in listing["failed"], listing
+        for mode in ("shadow", "canary"):
+            body = {"candidate": unsigned, "mode": mode, "share": 0.5, "serving": serving}
+            status, reply = call(base, "PUT", f"/v1/models/{MODEL}/rollout", body)
+            assert status == 409 and "b.onnx" in reply["detail"], reply
+        assert call(base, "POST", f"/v1/models/{MODEL}/rollout/promote")[0] == 409
