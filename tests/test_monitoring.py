@@ -28,6 +28,7 @@ import yaml
 
 from bench.load import multipart_form
 from bench.servers import HOST, free_port, server_process, service_process
+from bench.shadow import another_version
 from contract.classifier import file_version
 from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from service.metrics import Metrics
@@ -454,9 +455,20 @@ def test_prometheus_records_and_alerts_on_a_real_service(models_dir, cifar_dir, 
         return images[rng.permutation(len(images))]
 
     small_version, large_version = file_version(small_file), file_version(large_file)
-    with service_process(
-        tmp_path / "metrics", models_dir=models_dir, workers=2, log_json=False
-    ) as (service_port, _):
+    # A second version of the small model (its card's date changed: the same answers)
+    # shadows the first on every request, so the rollout rules and panels read real series.
+    models = tmp_path / "models"
+    models.mkdir()
+    for file in (small_file, large_file):
+        shutil.copy(file, models / file.name)
+    another_version(small_file, models / "small-candidate.onnx")
+    candidate = file_version(models / "small-candidate.onnx")
+    plan = {"serving": small_version, "candidate": candidate, "mode": "shadow", "share": 1.0}
+    (models / "rollout.json").write_text(json.dumps({"models": {SMALL: plan}}))
+    with service_process(tmp_path / "metrics", models_dir=models, workers=2, log_json=False) as (
+        service_port,
+        _,
+    ):
         # Round 1, before Prometheus: 16 images each (4 unfamiliar for the small model).
         predict(service_port, SMALL, mixed(12, 4, 0))
         predict(service_port, LARGE, take(familiar, 16, 0))
@@ -531,6 +543,13 @@ def test_prometheus_records_and_alerts_on_a_real_service(models_dir, cifar_dir, 
             p99 = api.values("route:http_request_duration_seconds:p99_rate5m", "route")
             assert set(p99) == {"/predict"} and math.isfinite(p99["/predict"])
             assert api.values("route:http_requests:rate5m", "route")["/predict"] > 0
+
+            # The candidate gave the serving version's answers: agreement 1, from copies.
+            agreement = api.query("model_version_candidate:shadow_agreement:ratio_rate30m")
+            assert [(a["metric"]["model"], a["metric"]["version"], a["metric"]["candidate"],
+                     float(a["value"][1])) for a in agreement] == [
+                (SMALL, small_version, candidate, 1.0)
+            ]  # fmt: skip
 
             # Every dashboard query runs on the real data, and every panel shows some.
             dashboard = json.loads(DASHBOARD.read_text())
