@@ -8,6 +8,8 @@
                                         Starlette and FastAPI apps (bench/floor.py)
   python -m bench score ...             the score job against the ceiling (bench/scorejob.py)
   python -m bench payloads ...          the payload log's cost, on against off (bench/payloads.py)
+  python -m bench shadow ...            shadowing's cost to live latency, on against off
+                                        (bench/shadow.py)
 Without a mode name, the options are run's: `python -m bench --peers` is `run --peers`.
 """
 
@@ -15,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import faults, floor, payloads, profile, run, scorejob
+from bench import faults, floor, payloads, profile, run, scorejob, shadow
 
 MODES = {"run": run, "faults": faults, "profile": profile, "floor": floor, "score": scorejob,
-         "payloads": payloads}  # fmt: skip
+         "payloads": payloads, "shadow": shadow}  # fmt: skip
 
 
 def one_model_options() -> argparse.ArgumentParser:

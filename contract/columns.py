@@ -28,6 +28,16 @@ PAYLOAD_SCHEMA = pa.schema(
         ("top_labels", pa.list_(pa.string())),
         ("top_probabilities", pa.list_(pa.float32())),
         ("familiarity", pa.float32()),  # null where the file has no familiarity output
+        # Added with shadow rollouts; a shard written before them reads these as null
+        # (read with this schema). The version's time for the request, hand-over to answer:
+        ("latency_ms", pa.float32()),
+        # A shadow candidate's answer to the same image (service/shadow.py); null unless
+        # the request was shadowed. Its class names are the model's, as above.
+        ("candidate_version", pa.string()),
+        ("candidate_top_classes", pa.list_(pa.int16())),
+        ("candidate_top_probabilities", pa.list_(pa.float32())),
+        ("candidate_familiarity", pa.float32()),
+        ("candidate_latency_ms", pa.float32()),
     ]
 )
 

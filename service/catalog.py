@@ -72,6 +72,11 @@ class Catalog:
     # Told of every batch any model runs (the admission's measure of the service rate).
     on_batch: Callable[[int, float], None] = lambda size, seconds: None
     trusted: TrustedKeys | None = None  # TRUSTED_KEYS, read once at startup
+    # model id -> the version that serves it whatever else is loaded (service/rollout.py
+    # pins it while a candidate is tried, and after a promotion or a rollback)
+    pinned: dict[str, str] = field(default_factory=dict)
+    # Told after every sync (the rollouts read their file again then).
+    on_sync: Callable[[], None] = lambda: None
     # file name -> (size, mtime, inode) of it and of its bundle, and what it serves, to see
     # what changed on disk
     _files: dict[str, tuple[tuple[int, ...], Served | None]] = field(default_factory=dict)
@@ -88,7 +93,7 @@ class Catalog:
             )
         versions = self.models[model_id]
         if version is None:
-            return versions[default_version(versions)]
+            return versions[self.default_version_of(model_id)]
         if version not in versions:
             raise UnknownModel(
                 f"model {model_id!r} has no version {quoted(version)}; it has "
@@ -99,9 +104,16 @@ class Catalog:
     def served(self) -> list[Served]:
         return [s for versions in self.models.values() for s in versions.values()]
 
+    def default_version_of(self, model_id: str) -> str:
+        """The version that answers a request naming none: the pinned one while it is
+        loaded, else the newest trained."""
+        versions = self.models[model_id]
+        pinned = self.pinned.get(model_id)
+        return pinned if pinned in versions else default_version(versions)
+
     def is_default(self, served: Served) -> bool:
-        versions = self.models.get(served.model_id, {})
-        return served.model_id == self.default_id and default_version(versions) == served.version
+        return (served.model_id == self.default_id
+                and self.default_version_of(served.model_id) == served.version)  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -149,6 +161,7 @@ class Catalog:
                 await self._unload(replaced, f"{name} was replaced")
         if changed:  # a poll that found nothing new costs a glob and a stat per file
             self._choose_default()
+        self.on_sync()
 
     async def watch(self) -> None:
         """Poll MODELS_DIR every MODEL_POLL_SECONDS (the lifespan runs this as a task)."""

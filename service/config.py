@@ -146,6 +146,25 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="one hex SHA-256 of a token a line")
     metrics_token: str = Field("", description="bearer token for /metrics; empty: open")
+    admin_keys: str = Field(
+        "",
+        description="comma-separated bearer tokens for the admin routes (/v1/models/{id}/rollout"
+        "...), distinct from API_KEYS; empty: those routes answer 403",
+    )
+    rollout_file: Path | None = Field(
+        None,
+        description="the rollouts (a candidate version per model, shadow or canary, and the "
+        "version pinned as serving), as JSON: read at startup and on every reload "
+        "(MODEL_POLL_SECONDS), written by the admin routes. Default: rollout.json in "
+        "MODELS_DIR; a relative path is read from MODELS_DIR",
+    )
+    shadow_queue_images: int = Field(
+        256,
+        gt=0,
+        description="images copied to shadow candidates and not yet computed (per worker); "
+        "beyond it, and whenever the door is refusing live requests, copies are dropped "
+        "(counted), never waited for",
+    )
     cors_origins: list[str] = Field(
         [], description='origins allowed to call the API from a browser, as JSON: ["https://..."]'
     )
@@ -179,7 +198,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     log_json: bool = Field(True, description="one JSON object per log line")
 
-    @field_validator("payload_log", "trusted_keys", mode="before")
+    @field_validator("payload_log", "trusted_keys", "rollout_file", mode="before")
     @classmethod
     def _empty_is_off(cls, value: object) -> object:
         # PAYLOAD_LOG= would otherwise be Path("."): logging into the working directory;
@@ -190,6 +209,11 @@ class Settings(BaseSettings):
     def max_request_bytes(self) -> int:
         """The whole multipart body: every image at its limit, plus room for the framing."""
         return self.max_upload_bytes * self.max_images_per_request + 64 * 1024
+
+    @property
+    def rollout_path(self) -> Path:
+        """ROLLOUT_FILE, in MODELS_DIR unless it is absolute."""
+        return self.models_dir / (self.rollout_file or "rollout.json")
 
     @property
     def onnx_threads(self) -> int:

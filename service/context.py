@@ -44,6 +44,7 @@ class RequestContext:
     arrived: float | None = None  # time.monotonic() when its first byte was read, if known
     deadline: float = math.inf  # on the event loop's clock
     credentials: str = ""  # the `authorization` value the caller sent ("" if none)
+    rollout_key: str = ""  # `X-Rollout-Key`: who the caller is for a canary ("" if none)
     # Returns once the caller has gone (None: the transport cancels the task itself).
     gone: Callable[[], Awaitable[None]] | None = None
     # What the data plane did, for the metrics and the access line.

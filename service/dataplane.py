@@ -39,6 +39,8 @@ from service.errors import (
 from service.metrics import Metrics
 from service.outputs import InferenceResponse
 from service.payloads import PayloadLog
+from service.rollout import Rollouts
+from service.shadow import Shadows
 
 T = TypeVar("T")
 STARTING = "starting: the models are loading"
@@ -77,6 +79,8 @@ class DataPlane:
     draining: threading.Event = field(default_factory=threading.Event)
     catalog: Catalog | None = None  # set by the lifespan once the models are loaded
     payloads: PayloadLog | None = None  # set by the lifespan when PAYLOAD_LOG is set
+    rollouts: Rollouts | None = None  # set by the lifespan with the catalog
+    shadows: Shadows | None = None  # ... and the worker that runs shadow copies
     decode_slots: DecodeSlots = field(init=False)
     admission: Admission = field(init=False)  # service/admission.py
     door: Door = field(init=False)  # every transport's admission decision
@@ -107,8 +111,13 @@ class DataPlane:
         return self.catalog
 
     def model(self, context: RequestContext, model_id: str | None, version: str | None) -> Served:
-        """The model version that answers (UnknownModel otherwise), named on the context."""
-        served = self.loaded().get(model_id, version)
+        """The model version that answers (UnknownModel otherwise), named on the context: the
+        one asked for, else the canary's candidate for its share of callers (rollouts),
+        else the serving one."""
+        catalog = self.loaded()
+        if version is None and self.rollouts is not None:
+            version = self.rollouts.choose(model_id, context)
+        served = catalog.get(model_id, version)
         context.model_id, context.model_version = served.model_id, served.version
         return served
 
@@ -221,7 +230,9 @@ class DataPlane:
         function of that version names: it may refuse them, before any work). Every
         answered image is watched (its familiarity and top probability, for drift); with a
         familiarity floor (the request's, else MIN_FAMILIARITY), an image below it is
-        refused (422). A sample of the answered images goes to the payload log, if on."""
+        refused (422). A request that named no version may be copied to a shadow candidate
+        (service/shadow.py) once answered. A sample of the answered images goes to the
+        payload log, if on (for a shadowed request, once the candidate answered too)."""
 
         def plan(served: Served) -> tuple[set[str], float]:
             # For the version that answers: what to fetch, and the floor (422 before work).
@@ -234,8 +245,12 @@ class DataPlane:
         self._watch(answer)
         if floor:
             _refuse_unfamiliar(answer.outputs[FAMILIARITY_NAME][:, 0], floor)
-        if self.payloads is not None:
-            self.payloads.offer(context, answer.served, images, answer.outputs)
+        shadowed = (version is None and self.shadows is not None
+                    and self.shadows.offer(context, answer.served, images, answer.outputs,
+                                           round(answer.inference_ms, 3)))  # fmt: skip
+        if self.payloads is not None and not shadowed:
+            self.payloads.offer(context, answer.served, images, answer.outputs,
+                                round(answer.inference_ms, 3))  # fmt: skip
         return answer
 
     async def explain(

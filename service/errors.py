@@ -18,8 +18,9 @@ from contract.errors import (
 
 __all__ = [
     "STATUSES", "BadParameter", "ClientGone", "ContractError", "DeadlineExceeded",
-    "DeviceUnavailable", "InvalidImage", "InvalidModel", "InvalidTensor", "NotReady",
-    "Overloaded", "ReportNotFound", "ServiceError", "Status", "TooManyImages", "Unauthorized",
+    "DeviceUnavailable", "Forbidden", "InvalidImage", "InvalidModel", "InvalidTensor",
+    "NotReady", "Overloaded", "ReportNotFound", "RolloutConflict", "ServiceError", "Status",
+    "TooManyImages", "Unauthorized",
     "Unfamiliar", "UnknownModel", "UploadTooLarge", "message_of", "quoted", "status_of",
 ]  # fmt: skip
 
@@ -51,6 +52,15 @@ class Unauthorized(ServiceError):
 
 class UnknownModel(ServiceError):
     pass
+
+
+class Forbidden(ServiceError):
+    """A route that is off on this server (the admin routes without ADMIN_KEYS)."""
+
+
+class RolloutConflict(ServiceError):
+    """A rollout change the models served cannot take: a candidate that is not loaded
+    (its file failed its self-check or signature, or is gone), or one already serving."""
 
 
 class ReportNotFound(ServiceError):
@@ -88,7 +98,9 @@ STATUSES: dict[type[ContractError], Status] = {
     UploadTooLarge: Status(413, "INVALID_ARGUMENT"),
     TooManyImages: Status(413, "INVALID_ARGUMENT"),
     Unauthorized: Status(401, "UNAUTHENTICATED", {"WWW-Authenticate": "Bearer"}),
+    Forbidden: Status(403, "PERMISSION_DENIED"),
     UnknownModel: Status(404, "NOT_FOUND"),
+    RolloutConflict: Status(409, "FAILED_PRECONDITION"),
     ReportNotFound: Status(404, "NOT_FOUND"),
     NotReady: Status(503, "UNAVAILABLE"),
     Overloaded: Status(503, "RESOURCE_EXHAUSTED", {"Retry-After": "1"}),

@@ -26,8 +26,10 @@ from service.http.middleware import HttpMiddleware
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.payloads import payload_log
-from service.routes import explain, models, operations, page, predict, v2
+from service.rollout import rollouts_for
+from service.routes import explain, models, operations, page, predict, rollout, v2
 from service.rpc import server as rpc
+from service.shadow import Shadows
 
 log = logging.getLogger(__name__)
 CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout",
@@ -49,6 +51,16 @@ async def lifespan(app: FastAPI):
         log.warning("several workers without PROMETHEUS_MULTIPROC_DIR: /metrics is per worker")
     server.drain_on_sigterm(plane.draining, settings.shutdown_drain_seconds)
     plane.payloads = payload_log(settings, plane.metrics)  # None unless PAYLOAD_LOG is set
+    # Rollouts (ROLLOUT_FILE) pin each model's serving version before anything is answered.
+    plane.rollouts = rollouts_for(catalog, settings.rollout_path)
+    plane.shadows = Shadows(settings, plane.metrics, catalog, plane.rollouts, plane.admission,
+                            plane.payloads)  # fmt: skip
+    plane.shadows.start()
+    if settings.admin_keys and settings.workers > 1 and not settings.model_poll_seconds:
+        log.warning(
+            "several workers without MODEL_POLL_SECONDS: a rollout changed through the admin "
+            "routes reaches the other workers only when they restart"
+        )
     watcher = asyncio.create_task(catalog.watch()) if settings.model_poll_seconds else None
     grpc_server = None
     if settings.grpc_port:  # the same data plane over gRPC, on this loop
@@ -59,6 +71,7 @@ async def lifespan(app: FastAPI):
         await rpc.stop(grpc_server, settings.graceful_shutdown_seconds)
     if watcher is not None:
         watcher.cancel()
+    await plane.shadows.stop()  # copies not yet compared are dropped: nobody waits for them
     await catalog.stop()
     if plane.payloads is not None:  # nothing more is answered: write the last shard
         await asyncio.to_thread(plane.payloads.close)
@@ -83,7 +96,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.plane = plane = DataPlane(settings, Metrics(), keyed=bool(keys))
     protected = (predict.router, explain.router, v2.router, models.router)  # by API_KEYS, when set
     routes = [route for router in protected for route in router.routes]
-    for router in (*protected, v2.health, operations.router, page.router):
+    # The admin routes check ADMIN_KEYS themselves (service/routes/rollout.py), not API_KEYS.
+    for router in (*protected, v2.health, operations.router, page.router, rollout.router):
         app.include_router(router)
     # The hot paths: answered by bare ASGI apps, documented by their routes' signatures.
     setattr(app.state, DIRECT, {predict.predict: predict.PredictApp(plane),

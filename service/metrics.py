@@ -30,6 +30,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FAMILIARITY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 PAYLOAD_DROP_REASONS = ("queue_full", "write_error", "over_cap")  # service/payloads.py
+SHADOW_SHED_REASONS = ("queue_full", "busy")  # service/shadow.py
+# A candidate's familiarity minus the serving version's, image by image: symmetric, fine
+# near 0 where two close versions of one model fall.
+SHIFT_BUCKETS = (-0.5, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 0.5)
 
 access_log = logging.getLogger("service.access")
 
@@ -46,10 +50,23 @@ class ModelMetrics:
     top_probability: Histogram
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowMetrics:
+    """One (model, serving version, candidate)'s shadow series, bound once."""
+
+    compared: Counter
+    agreed: Counter
+    errors: Counter
+    familiarity_shift: Histogram
+    candidate_seconds: Histogram
+    shed: dict[str, Counter]
+
+
 class Metrics:
     def __init__(self) -> None:
         self._models: dict[tuple[str, str], ModelMetrics] = {}
         self._http: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._shadows: dict[tuple[str, str, str], ShadowMetrics] = {}
         self.registry = CollectorRegistry()
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         model = ["model", "version"]
@@ -156,6 +173,48 @@ class Metrics:
             multiprocess_mode="livemax",  # every worker counts the whole folder
             registry=self.registry,
         )
+        # Shadowing (service/shadow.py): a candidate's answers to copies of live requests,
+        # compared with the serving version's. Agreement ratio: agreed / compared.
+        shadow = [*model, "candidate"]
+        self.shadow_compared = Counter(
+            "shadow_images_compared_total",
+            "Images answered by the serving version and, on a copy, by the candidate",
+            shadow,
+            registry=self.registry,
+        )
+        self.shadow_agreed = Counter(
+            "shadow_images_agreed_total",
+            "Compared images whose top class was the same for both versions",
+            shadow,
+            registry=self.registry,
+        )
+        self.shadow_errors = Counter(
+            "shadow_candidate_errors_total",
+            "Shadow copies the candidate failed to answer (an error, its deadline, unloaded)",
+            shadow,
+            registry=self.registry,
+        )
+        self.shadow_shed = Counter(
+            "shadow_images_shed_total",
+            "Shadow copies dropped before the candidate saw them: queue_full (over "
+            "SHADOW_QUEUE_IMAGES), busy (the door was refusing live requests)",
+            [*shadow, "reason"],
+            registry=self.registry,
+        )
+        self.shadow_familiarity_shift = histogram(
+            "shadow_familiarity_shift",
+            "Per compared image, the candidate's familiarity minus the serving version's "
+            "(both files with the familiarity output only)",
+            shadow,
+            SHIFT_BUCKETS,
+        )
+        self.shadow_candidate_seconds = histogram(
+            "shadow_candidate_seconds",
+            "Candidate's time per shadow copy, hand-over to answer (the serving version's is "
+            "inference_queue_seconds and inference_seconds)",
+            shadow,
+            LATENCY_BUCKETS,
+        )
         if self.multiprocess:  # each worker's CPU and memory, labelled with its pid
             self.cpu = Gauge(
                 "worker_cpu_seconds", "CPU time of a worker", multiprocess_mode="liveall",
@@ -180,6 +239,15 @@ class Metrics:
             series = (self.in_flight, self.queue_seconds, self.images, self.familiarity,
                       self.top_probability)  # fmt: skip
             bound = self._models[key] = ModelMetrics(*(m.labels(*key) for m in series))
+        return bound
+
+    def for_shadow(self, model_id: str, serving: str, candidate: str) -> ShadowMetrics:
+        key = (model_id, serving, candidate)
+        if (bound := self._shadows.get(key)) is None:
+            series = (self.shadow_compared, self.shadow_agreed, self.shadow_errors,
+                      self.shadow_familiarity_shift, self.shadow_candidate_seconds)  # fmt: skip
+            shed = {r: self.shadow_shed.labels(*key, r) for r in SHADOW_SHED_REASONS}
+            bound = self._shadows[key] = ShadowMetrics(*(m.labels(*key) for m in series), shed)
         return bound
 
     def for_request(self, labels: tuple[str, str, str, str]) -> tuple[Counter, Histogram]:

@@ -7,8 +7,11 @@ bounded queue for one writer thread. The request never waits: a full queue drops
 image (counted), and so does a shard that cannot be written (a full or read-only disk).
 What a row holds: the uint8 32x32x3 pixels after decoding and resizing, the model id and
 version, the top classes with their probabilities, the familiarity (null for a file
-without that output), the request id, the time and the route (a route template, or the
-gRPC method's full name). Never the upload's bytes, the client's address or a key.
+without that output), the request id, the time, the route (a route template, or the
+gRPC method's full name) and the time the version took from hand-over to answer. An image
+a shadow candidate also answered (service/shadow.py) carries the candidate's version, top
+classes, familiarity and time too, for `python -m training report --compare`. Never the
+upload's bytes, the client's address or a key.
 
 Shards are written whole to a temporary name and renamed, so a reader never sees half of
 one; a shard is closed at PAYLOAD_SHARD_BYTES or PAYLOAD_SHARD_SECONDS, and the oldest are
@@ -44,6 +47,22 @@ SUFFIX = ".parquet"
 ROW_OVERHEAD = 128
 
 
+class CandidateAnswer(NamedTuple):
+    """A shadow candidate's answer to a whole request (service/shadow.py)."""
+
+    version: str
+    probabilities: np.ndarray  # float32 [N, classes]
+    familiarity: np.ndarray | None  # float32 [N], None without that output
+    latency_ms: float
+
+
+class CandidateRow(NamedTuple):
+    version: str
+    probabilities: np.ndarray  # float32 [classes], a copy
+    familiarity: float | None
+    latency_ms: float
+
+
 class Row(NamedTuple):
     """One sampled image, as the request path hands it over (the writer does the rest)."""
 
@@ -57,6 +76,8 @@ class Row(NamedTuple):
     pixels: np.ndarray  # uint8 [32, 32, 3], a copy
     probabilities: np.ndarray  # float32 [classes], a copy
     familiarity: float | None
+    latency_ms: float | None = None  # the request's hand-over to answer
+    candidate: CandidateRow | None = None
 
 
 class PayloadLog:
@@ -84,8 +105,11 @@ class PayloadLog:
         served: Served,
         images: np.ndarray,
         outputs: Mapping[str, np.ndarray],
+        latency_ms: float | None = None,
+        candidate: CandidateAnswer | None = None,
     ) -> None:
-        """Sample the answered `images` of one request and queue the chosen ones."""
+        """Sample the answered `images` of one request and queue the chosen ones, with a
+        shadow candidate's answers to them when there was one."""
         chosen = [i for i in range(len(images)) if self._random.random() < self.sample]
         if not chosen:
             return
@@ -94,9 +118,14 @@ class PayloadLog:
         familiarity = outputs.get(FAMILIARITY_NAME)
         names = served.model.card.class_names
         for i in chosen:
+            other = None if candidate is None else CandidateRow(
+                candidate.version, candidate.probabilities[i].copy(),
+                None if candidate.familiarity is None else float(candidate.familiarity[i]),
+                candidate.latency_ms)  # fmt: skip
             row = Row(now, context.request_id, context.operation.name, i, served.model_id,
                       served.version, names, images[i].copy(), probabilities[i].copy(),
-                      None if familiarity is None else float(familiarity[i, 0]))  # fmt: skip
+                      None if familiarity is None else float(familiarity[i, 0]), latency_ms,
+                      other)  # fmt: skip
             try:
                 self._queue.put_nowait(row)
             except queue.Full:
@@ -200,6 +229,16 @@ def write_table(rows: list[Row], path: Path) -> None:
 
     probabilities = np.stack([row.probabilities for row in rows])
     best = top_classes(probabilities, DEFAULT_TOP_K)
+    # A shadow candidate's answers, null on the rows that had none.
+    others = [row.candidate for row in rows]
+    theirs: list = [None] * len(rows)
+    their_best: list = [None] * len(rows)
+    if shadowed := [i for i, other in enumerate(others) if other is not None]:
+        stacked = np.stack([others[i].probabilities for i in shadowed])
+        top = top_classes(stacked, DEFAULT_TOP_K)
+        chosen = np.take_along_axis(stacked, top, axis=1).tolist()
+        for j, i in enumerate(shadowed):
+            their_best[i], theirs[i] = top[j].tolist(), chosen[j]
     table = pa.table(
         {
             "time": [round(row.time * 1000) for row in rows],
@@ -215,6 +254,12 @@ def write_table(rows: list[Row], path: Path) -> None:
             ],
             "top_probabilities": np.take_along_axis(probabilities, best, axis=1).tolist(),
             "familiarity": [row.familiarity for row in rows],
+            "latency_ms": [row.latency_ms for row in rows],
+            "candidate_version": [None if o is None else o.version for o in others],
+            "candidate_top_classes": their_best,
+            "candidate_top_probabilities": theirs,
+            "candidate_familiarity": [None if o is None else o.familiarity for o in others],
+            "candidate_latency_ms": [None if o is None else o.latency_ms for o in others],
         },
         schema=PAYLOAD_SCHEMA,
     )

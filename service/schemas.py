@@ -1,6 +1,6 @@
 """Response bodies of the API, with the examples shown in /docs."""
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -178,6 +178,36 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     detail: str | None = None
+
+
+class RolloutChange(BaseModel):
+    """A candidate version to try beside the serving one."""
+
+    candidate: str = Field(description="a loaded version of the model (its content hash)")
+    mode: Literal["shadow", "canary"] = Field(
+        description="shadow: copies of live requests, answered after the fact, compared; "
+        "canary: this share of callers is answered by the candidate"
+    )
+    share: float = Field(ge=0, le=1, description="of requests shadowed, or of callers answered")
+    serving: str | None = Field(
+        None, description="the version to keep serving; default: the one serving now"
+    )
+
+
+class RolloutState(BaseModel):
+    model_id: str
+    serving: str = Field(description="the version answering requests that name none")
+    pinned: bool = Field(description="a plan pins the serving version (else: the newest)")
+    candidate: str | None
+    mode: Literal["shadow", "canary"] | None
+    share: float
+    versions: list[str] = Field(description="every loaded version")
+    file: str = Field(description="ROLLOUT_FILE, where every worker reads the plans")
+    written: bool | None = Field(
+        description="whether the last change made here reached the file (false: a read-only "
+        "folder, so it holds in the worker that answered only); null before any"
+    )
+    history: list[dict] = Field(description="the latest changes, oldest first")
 
 
 class ErrorBody(BaseModel):

@@ -48,6 +48,9 @@ TIERS_BY_NAME = {
     "test_bench.py::test_the_floor_mode_measures_every_target_against_the_bare_asgi_app": (
         "benchmark"
     ),
+    "test_bench.py::test_the_shadow_mode_compares_every_copy_of_the_same_answers_or_sheds_it": (
+        "benchmark"
+    ),
 }
 # A quick-tier test slower than this (set-up and call, on the machine at hand) is named at
 # the end of the run, so that it is moved before the quick tier stops being quick.

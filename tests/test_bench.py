@@ -791,3 +791,20 @@ def test_the_floor_mode_measures_every_target_against_the_bare_asgi_app(tmp_path
     assert "service_x_compared" in targets["compared /v2 binary"]
     assert "service_x_compared" in targets["compared /v2 refused at the door"]
     assert "| service /v2 binary |" in (out / "floor.md").read_text()
+
+
+def test_the_shadow_mode_compares_every_copy_of_the_same_answers_or_sheds_it(tmp_path):
+    """`python -m bench shadow` on its trivial model: the candidate is the same weights
+    under another card, so every copy it compares agrees; no live request failed, and the
+    ratios of both latencies and the throughput are there."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bench", "shadow", "--model", "trivial", "--seconds",
+               "1", "--pairs", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, timeout=600)
+    results = json.loads((out / "shadow.json").read_text())
+    ((pair),) = results["pairs"]
+    assert pair["off"]["errors"] == pair["on"]["errors"] == 0
+    assert results["images_compared"] > 0 and results["candidate_errors"] == 0
+    assert results["images_agreed"] == results["images_compared"]
+    assert set(results["median_ratios"]) == {"p50_ms", "p99_ms", "rps"}
+    assert "| 1 |" in (out / "shadow.md").read_text()

@@ -28,6 +28,7 @@ import yaml
 
 from bench.load import multipart_form
 from bench.servers import HOST, free_port, server_process, service_process
+from bench.shadow import another_version
 from contract.classifier import file_version
 from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from service.metrics import Metrics
@@ -172,6 +173,14 @@ BROKEN_RULES = {
         "images_classified_total",
     ),
     "p95": ("histogram_quantile(0.99,", "histogram_quantile(0.95,"),
+    "per-pod agreement": (
+        "sum by (model, version, candidate) (rate(shadow_images_agreed_total[30m]))\n"
+        "          /\n"
+        "          sum by (model, version, candidate) (rate(shadow_images_compared_total[30m]))",
+        "sum by (model, version, candidate) (rate(shadow_images_agreed_total[30m])\n"
+        "          /\n"
+        "          rate(shadow_images_compared_total[30m]))",
+    ),
     "door refusals not arrivals": (
         '{__name__=~"requests_shed_at_door_total|http_requests_total", route=~',
         "http_requests_total{route=~",
@@ -184,6 +193,7 @@ UNFAMILIAR, GUARD_200 = "ratio_rate1h > 0.05", "increase1h >= 200" + FOR_15
 SHED, SHED_GUARD = "images_shed:ratio_rate5m > 0.01", "images_received:rate5m >= 1" + FOR_10
 DOOR, DOOR_GUARD = "at_door:ratio_rate5m > 0.01", "inference_requests:rate5m >= 1" + FOR_10
 P99, P99_GUARD = "p99_rate5m > 0.25", "route:http_requests:rate5m >= 1" + FOR_10
+AGREE, AGREE_GUARD = "ratio_rate30m < 0.8", "compared:increase30m >= 200" + FOR_10
 NEAR_BOUNDS = {
     "unfamiliar share 0.05 -> 0.06": (UNFAMILIAR, UNFAMILIAR.replace("0.05", "0.06")),
     "unfamiliar share 0.05 -> 0.04": (UNFAMILIAR, UNFAMILIAR.replace("0.05", "0.04")),
@@ -212,6 +222,12 @@ NEAR_BOUNDS = {
     "p99 guard >= 1 -> > 1": (P99_GUARD, P99_GUARD.replace(">= 1", "> 1")),
     "p99 for 10m -> 12m": (P99_GUARD, P99_GUARD.replace("10m", "12m")),
     "p99 for 10m -> 9m": (P99_GUARD, P99_GUARD.replace("10m", "9m")),
+    "agreement 0.8 -> 0.79": (AGREE, AGREE.replace("0.8", "0.79")),
+    "agreement 0.8 -> 0.81": (AGREE, AGREE.replace("0.8", "0.81")),
+    "agreement guard 200 -> 220": (AGREE_GUARD, AGREE_GUARD.replace("200", "220")),
+    "agreement guard 200 -> 170": (AGREE_GUARD, AGREE_GUARD.replace("200", "170")),
+    "agreement for 10m -> 11m": (AGREE_GUARD, AGREE_GUARD.replace("10m", "11m")),
+    "agreement for 10m -> 9m": (AGREE_GUARD, AGREE_GUARD.replace("10m", "9m")),
 }
 BROKEN_RULES |= NEAR_BOUNDS
 
@@ -241,6 +257,7 @@ def test_rules_read_only_what_the_service_exports(monkeypatch, tmp_path):
         "CIFAR100SheddingLoad",
         "CIFAR100SheddingAtTheDoor",
         "CIFAR100InferenceLatencyHigh",
+        "CIFAR100ShadowDisagreement",
     }
 
 
@@ -438,9 +455,20 @@ def test_prometheus_records_and_alerts_on_a_real_service(models_dir, cifar_dir, 
         return images[rng.permutation(len(images))]
 
     small_version, large_version = file_version(small_file), file_version(large_file)
-    with service_process(
-        tmp_path / "metrics", models_dir=models_dir, workers=2, log_json=False
-    ) as (service_port, _):
+    # A second version of the small model (its card's date changed: the same answers)
+    # shadows the first on every request, so the rollout rules and panels read real series.
+    models = tmp_path / "models"
+    models.mkdir()
+    for file in (small_file, large_file):
+        shutil.copy(file, models / file.name)
+    another_version(small_file, models / "small-candidate.onnx")
+    candidate = file_version(models / "small-candidate.onnx")
+    plan = {"serving": small_version, "candidate": candidate, "mode": "shadow", "share": 1.0}
+    (models / "rollout.json").write_text(json.dumps({"models": {SMALL: plan}}))
+    with service_process(tmp_path / "metrics", models_dir=models, workers=2, log_json=False) as (
+        service_port,
+        _,
+    ):
         # Round 1, before Prometheus: 16 images each (4 unfamiliar for the small model).
         predict(service_port, SMALL, mixed(12, 4, 0))
         predict(service_port, LARGE, take(familiar, 16, 0))
@@ -515,6 +543,13 @@ def test_prometheus_records_and_alerts_on_a_real_service(models_dir, cifar_dir, 
             p99 = api.values("route:http_request_duration_seconds:p99_rate5m", "route")
             assert set(p99) == {"/predict"} and math.isfinite(p99["/predict"])
             assert api.values("route:http_requests:rate5m", "route")["/predict"] > 0
+
+            # The candidate gave the serving version's answers: agreement 1, from copies.
+            agreement = api.query("model_version_candidate:shadow_agreement:ratio_rate30m")
+            assert [(a["metric"]["model"], a["metric"]["version"], a["metric"]["candidate"],
+                     float(a["value"][1])) for a in agreement] == [
+                (SMALL, small_version, candidate, 1.0)
+            ]  # fmt: skip
 
             # Every dashboard query runs on the real data, and every panel shows some.
             dashboard = json.loads(DASHBOARD.read_text())

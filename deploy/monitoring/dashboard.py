@@ -51,6 +51,7 @@ INFERENCE_ROUTES = (
 UNFAMILIAR_BASELINE, UNFAMILIAR_ALERT = 0.01, 0.05
 SHED_ALERT = 0.01
 LATENCY_OBJECTIVE = 0.25
+AGREEMENT_ALERT = 0.8  # a floor: CIFAR100ShadowDisagreement fires below it
 
 
 def query(expr: str, legend: str, ref: str = "A") -> Dataquery:
@@ -235,6 +236,55 @@ def build() -> Dashboard:
             ),
         ),
     ]
+    rollout = [
+        timeseries(
+            "Shadow agreement: share of compared images with the same top class (30 min)",
+            "Per model, serving version and candidate (recorded by rules.yml), while a "
+            "candidate shadows the serving version (docs/rollouts.md). "
+            "CIFAR100ShadowDisagreement fires below 80 % (dashed red) for 10 minutes, with "
+            "at least 200 images compared in 30 minutes.",
+            "percentunit",
+            query(
+                f"model_version_candidate:shadow_agreement:ratio_rate30m{{{MODEL}}}",
+                "{{model}} {{version}} vs {{candidate}}",
+            ),
+        )
+        .thresholds(
+            ThresholdsConfig()
+            .mode(ThresholdsMode.ABSOLUTE)
+            .steps([Threshold(None, "red"), Threshold(AGREEMENT_ALERT, "green")])
+        )
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(GraphThresholdsStyleMode.DASHED)
+        )
+        .min(0)
+        .max(1),
+        timeseries(
+            "Shadow copies per second: compared, shed, failed by the candidate",
+            "Copies of live requests the candidate answered (compared), dropped before it "
+            "saw them (shed: the shadow queue full, or the door refusing live requests), "
+            "or failed to answer. Shed copies cost the live requests nothing. A canary's "
+            "traffic is in the images panel above, per version.",
+            "short",
+            query(
+                "sum by (model, version, candidate) "
+                f"(rate(shadow_images_compared_total{{{MODEL}}}[$__rate_interval]))",
+                "{{model}} {{version}} vs {{candidate}} compared",
+            ),
+            query(
+                "sum by (model, version, candidate, reason) "
+                f"(rate(shadow_images_shed_total{{{MODEL}}}[$__rate_interval]))",
+                "{{model}} {{version}} vs {{candidate}} shed ({{reason}})",
+                "B",
+            ),
+            query(
+                "sum by (model, version, candidate) "
+                f"(rate(shadow_candidate_errors_total{{{MODEL}}}[$__rate_interval]))",
+                "{{model}} {{version}} vs {{candidate}} failed",
+                "C",
+            ),
+        ),
+    ]
     dashboard = (
         Dashboard("CIFAR-100 classifier: drift, shedding, latency")
         .uid(UID)
@@ -265,6 +315,7 @@ def build() -> Dashboard:
         ("Drift of the inputs", drift),
         ("Load and shedding", capacity),
         ("Latency", latency),
+        ("Rollouts: a candidate shadowing the serving version", rollout),
     ):
         dashboard = dashboard.with_row(Row(title).id(next(ids)))
         for panel in panels:

@@ -23,6 +23,7 @@ ARRIVED = "arrived"  # scope["state"] key: time.monotonic() when its first byte 
 GATE = "gate"  # lifespan state key: the Gate the server's protocol asks
 ADMITTED = "admitted"  # scope["state"] key: the protocol asked the door and it said yes
 REQUEST_ID = b"x-request-id"
+ROLLOUT_KEY = b"x-rollout-key"  # who the caller is for a canary (service/rollout.py)
 CLOSE = (b"connection", b"close")
 
 PREDICT = Operation("/predict", inference=True)

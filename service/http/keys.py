@@ -1,4 +1,4 @@
-"""API keys over HTTP (service/auth.py checks them).
+"""API keys over HTTP (service/auth.py checks them), the metrics token and admin keys.
 
 The API key is checked in the HTTP middleware (service/http/middleware.py), before
 anything reads the body: a route dependency runs only after FastAPI has parsed the
@@ -6,6 +6,7 @@ request's form, so an unknown client could make the server parse (and spool to d
 full upload before hearing 401.
 """
 
+import hashlib
 from collections.abc import Sequence
 
 from fastapi import Request
@@ -16,7 +17,7 @@ from starlette.types import Scope
 
 from service.auth import check, known_keys
 from service.context import RequestContext
-from service.errors import Unauthorized, status_of
+from service.errors import Forbidden, Unauthorized, status_of
 from service.http.errors import error_response
 
 
@@ -46,3 +47,16 @@ async def metrics_token(request: Request) -> None:
         what = "the metrics token"
         check(request.headers.get("authorization", ""), known_keys(settings.metrics_token, None),
               what)  # fmt: skip
+
+
+async def admin_key(request: Request) -> str:
+    """The admin routes' check: 403 while ADMIN_KEYS is empty (they are off), 401 without
+    one of its tokens. Returns who called, for the log: the first 8 hex digits of the
+    token's SHA-256 (never the token)."""
+    settings = request.app.state.plane.settings
+    if not settings.admin_keys.strip():
+        raise Forbidden("the admin routes are off on this server: set ADMIN_KEYS to use them")
+    authorization = request.headers.get("authorization", "")
+    check(authorization, known_keys(settings.admin_keys, None), "an admin key")
+    token = authorization.partition(" ")[2].strip()
+    return "admin " + hashlib.sha256(token.encode()).hexdigest()[:8]

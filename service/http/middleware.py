@@ -7,7 +7,7 @@ In order, for each request:
    inference request that would wait too long is refused here, before anything else is
    spent on it (no request id, no access line, no body read);
 2. one pass over the headers: its request id (returned on every response, errors too),
-   `X-Request-Timeout` and `Content-Length`;
+   `X-Request-Timeout`, `Content-Length` and `X-Rollout-Key` (service/rollout.py);
 3. the API key, when keys are set (keys.py), and the bounds (limits.py), each refused
    before the body is read;
 4. the app, with the body bounded as it streams in and counted by admission once it is
@@ -33,7 +33,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.context import Operation, RequestContext, request_id
 from service.dataplane import DataPlane
 from service.http.asgi import DirectRoute, answer_of
-from service.http.door import ADMITTED, ARRIVED, CLOSE, INFERENCE, REQUEST_ID, operation_of, refusal
+from service.http.door import (
+    ADMITTED,
+    ARRIVED,
+    CLOSE,
+    INFERENCE,
+    REQUEST_ID,
+    ROLLOUT_KEY,
+    operation_of,
+    refusal,
+)
 from service.http.errors import CONTEXT, error_response
 from service.http.keys import ApiKeys
 from service.http.limits import BAD_TIMEOUT, BINARY_HEADER, TIMEOUT_HEADER, Limits, seconds
@@ -87,6 +96,8 @@ class HttpMiddleware:
                     timeout = min(timeout, asked)
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
+            elif name == ROLLOUT_KEY:
+                context.rollout_key = value.decode("latin-1")
         context.request_id = request_id(None if sent_id is None else sent_id.decode("latin-1"))
         id_header = (REQUEST_ID, context.request_id.encode())
         draining, status = self.draining, 500

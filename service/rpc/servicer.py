@@ -42,6 +42,7 @@ T = TypeVar("T")
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVICE = f"/{SERVICE_NAME}/"
 REQUEST_ID = "x-request-id"
+ROLLOUT_KEY = "x-rollout-key"  # who the caller is for a canary (service/rollout.py)
 AUTHORIZATION = "authorization"
 # The request's fields the codec validates are taken up to one past their limit: enough
 # for its message, and no work for a message holding thousands of them.
@@ -170,14 +171,16 @@ class Servicer:
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> T:
             start = time.perf_counter()
-            sent_id, credentials = None, ""
+            sent_id, credentials, rollout_key = None, "", ""
             for key, value in context.invocation_metadata() or ():
                 if key == REQUEST_ID and isinstance(value, str):
                     sent_id = value
                 elif key == AUTHORIZATION and isinstance(value, str):
                     credentials = value
+                elif key == ROLLOUT_KEY and isinstance(value, str):
+                    rollout_key = value
             ctx = RequestContext(request_id(sent_id), operation, time.monotonic(),
-                                 credentials=credentials)  # fmt: skip
+                                 credentials=credentials, rollout_key=rollout_key)  # fmt: skip
             trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID, ctx.request_id),)
             status, entered = "OK", False
             try:

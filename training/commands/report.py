@@ -1,5 +1,6 @@
 """python -m training report: reports/<id>/ for exported models, or with --traffic, the
-traffic page of each model in the service's payload log."""
+traffic page of each model in the service's payload log, or with --compare, the rollout
+page of each model a shadow candidate answered for in it."""
 
 import argparse
 from pathlib import Path
@@ -9,7 +10,8 @@ from training.commands.options import DEFAULT_REPORTS_DIR, Options, load_data
 from training.errors import ReportError
 from training.export import exported_card, exported_outputs
 from training.models import MODEL_IDS
-from training.report.traffic import read_log, write_traffic
+from training.report.rollout import write_rollout
+from training.report.traffic import Classes, read_log, write_traffic
 from training.report.write import COMPARE_DIR, write_reports
 
 
@@ -40,11 +42,21 @@ def add(commands: argparse._SubParsersAction, options: Options) -> None:
         "model file's card (--models-dir); needs no dataset, unless a file exported before "
         "cards carried the counts is to be compared: then give --data-dir",
     )
-    # The dataset is loaded here, only where needed: the traffic page reads the card.
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="instead: a shadow candidate against the serving version, from this payload log "
+        "(the rows a candidate also answered), reports/<id>/rollout-<id>.html; class names "
+        "from the model files' cards (--models-dir), like --traffic",
+    )
+    # The dataset is loaded here, only where needed: the log pages read the card.
     parser.set_defaults(command=run, needs_data=False)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.compare is not None:
+        return run_compare(args)
     if args.traffic is not None:
         return run_traffic(args)
     ids = [args.model] if args.model else MODEL_IDS
@@ -76,11 +88,7 @@ def run_traffic(args: argparse.Namespace) -> None:
         if args.model not in logged:
             raise ReportError(f"the payload log in {args.traffic} has no images of {args.model}")
         logged = {args.model: logged[args.model]}
-    cards = {}
-    for path in sorted(Path(args.models_dir).glob("*.onnx")):
-        card = exported_card(path)
-        if card is not None and card.model_id in logged:
-            cards[card.model_id] = card
+    cards = cards_of(args.models_dir, logged)
     lacking = [i for i in logged if i not in cards or cards[i].training_class_counts is None]
     data = load_data(args) if lacking and args.data_dir is not None else None
     if lacking and data is None:
@@ -89,3 +97,29 @@ def run_traffic(args: argparse.Namespace) -> None:
     for report in write_traffic(logged, cards, data, args.reports_dir):
         print(f"Wrote {args.reports_dir / report['model_id'] / 'traffic.html'}: "
               f"{report['images']} images")  # fmt: skip
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    """The rollout pages, from the log; the class names from the model files' cards, else
+    the dataset (--data-dir)."""
+    logged = read_log(args.compare)
+    cards = cards_of(args.models_dir, logged)
+    data = load_data(args) if set(logged) - set(cards) and args.data_dir is not None else None
+
+    def classes(model_id: str) -> Classes:  # asked only for the models a candidate shadowed
+        return Classes.of(cards.get(model_id), data)
+
+    for report in write_rollout(logged, classes, args.reports_dir, args.compare, args.model):
+        name = report["model_id"]
+        print(f"Wrote {args.reports_dir / name / f'rollout-{name}.html'}: "
+              f"{len(report['comparisons'])} comparison(s)")  # fmt: skip
+
+
+def cards_of(models_dir: Path, logged: dict) -> dict:
+    """The cards of the model files in `models_dir` whose id the log holds."""
+    cards = {}
+    for path in sorted(Path(models_dir).glob("*.onnx")):
+        card = exported_card(path)
+        if card is not None and card.model_id in logged:
+            cards[card.model_id] = card
+    return cards

@@ -1,6 +1,7 @@
 """The traffic page: what the service was asked, from its payload log (service/payloads.py).
 
-`python -m training report --traffic DIR` reads every shard under DIR and writes, for each
+`python -m training report --traffic DIR` reads every shard under DIR (`read_log`, which
+`--compare` reads too: training/report/rollout.py) and writes, for each
 model id in them, beside that model's report:
 
     reports/<id>/traffic.html, traffic.json (every number on the page), traffic_*.png
@@ -59,15 +60,36 @@ def read_log(folder: Path) -> dict[str, dict[str, np.ndarray]]:
         ),
         "top_classes": np.asarray(columns["top_classes"].to_pylist(), dtype=np.int64),
         "top_probabilities": np.asarray(columns["top_probabilities"].to_pylist(), np.float32),
-        "familiarity": np.asarray(
-            [np.nan if v is None else v for v in columns["familiarity"].to_pylist()], np.float32
+        "familiarity": floats(columns["familiarity"].to_pylist()),
+        # The version's time, and a shadow candidate's answer where there was one (columns
+        # added with shadowing: null in older shards, and on rows not shadowed).
+        "latency_ms": floats(columns["latency_ms"].to_pylist()),
+        "candidate_version": np.asarray(
+            [v or "" for v in columns["candidate_version"].to_pylist()]
         ),
+        "candidate_top1": np.asarray(
+            [-1 if v is None else v[0] for v in columns["candidate_top_classes"].to_pylist()],
+            np.int64,
+        ),
+        "candidate_probability": floats(
+            [
+                None if v is None else v[0]
+                for v in columns["candidate_top_probabilities"].to_pylist()
+            ]
+        ),
+        "candidate_familiarity": floats(columns["candidate_familiarity"].to_pylist()),
+        "candidate_latency_ms": floats(columns["candidate_latency_ms"].to_pylist()),
     }
     rows = {name: values[order] for name, values in rows.items()}
     return {
         model_id: {name: values[rows["model_id"] == model_id] for name, values in rows.items()}
         for model_id in sorted(set(model_ids.tolist()))
     }
+
+
+def floats(values: list) -> np.ndarray:
+    """float32, null as NaN."""
+    return np.asarray([np.nan if v is None else v for v in values], np.float32)
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,7 @@ class Classes:
         the dataset only when the card has none."""
         if card is None and data is None:
             raise ReportError(
-                "the traffic page needs the model file (its card names the classes and "
+                "the page needs the model file (its card names the classes and "
                 "counts the training images): none in --models-dir; give the folder that "
                 "holds it, or the dataset with --data-dir"
             )
