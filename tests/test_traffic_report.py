@@ -140,6 +140,7 @@ def payload_log(folder, model_id: str, top1: np.ndarray) -> None:
         "top_probabilities": [[0.7, 0.2]] * n,
         "familiarity": [0.5] * n,
     }
+    rows |= {name: [None] * n for name in PAYLOAD_SCHEMA.names if name not in rows}  # not shadowed
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows, schema=PAYLOAD_SCHEMA), folder / "shard-0.parquet")
 
