@@ -499,11 +499,15 @@ WORKER_SPEC = {
 
 @pytest.fixture(scope="module")
 def deploy_objects() -> dict[str, dict]:
+    return kustomize(DEPLOY)
+
+
+def kustomize(folder: Path, *options: str) -> dict[str, dict]:
     import yaml
 
     kubectl = Path(sys.executable).with_name("kubectl")
     build = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", *options, str(folder)], capture_output=True, text=True, timeout=60
     )
     assert build.returncode == 0, build.stderr
     return {o["kind"]: o for o in yaml.safe_load_all(build.stdout)}
@@ -608,6 +612,53 @@ def test_rayjob_runs_our_command_and_image(deploy_objects):
 def mounts_of(pod: dict) -> dict[str, dict]:
     (container,) = pod["containers"]
     return {m["mountPath"]: m for m in container["volumeMounts"]}
+
+
+def test_rayjob_with_trusted_keys_verifies_in_every_pod(deploy_objects, tmp_path, monkeypatch):
+    """deploy/ray/components/trusted-keys in an overlay: every pod of the job (the head,
+    where the driver checks each file, and the workers, where each actor verifies what it
+    loads) reads the service's Secret, read-only, at the folder TRUSTED_KEYS names, which
+    the score job takes as --trusted-keys; nothing else of the job changes."""
+    import shlex
+
+    import kubernetes_validate
+    import yaml
+
+    here = os.path.relpath(DEPLOY, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources:\n  - {here}\ncomponents:\n  - {here}/components/trusted-keys\n"
+    )
+    signed = kustomize(tmp_path, "--load-restrictor", "LoadRestrictionsNone")
+    service = yaml.safe_load(
+        (ROOT / "deploy/kubernetes/components/trusted-keys/deployment.yaml").read_text()
+    )
+    (secret,) = [v["secret"]["secretName"] for v in service["spec"]["template"]["spec"]["volumes"]]
+    cluster = signed["RayJob"]["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    folders = set()
+    for group in groups:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        folder = env["TRUSTED_KEYS"]
+        folders.add(folder)
+        mount = mounts_of(pod)[folder]
+        assert mount["readOnly"] is True
+        volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+        assert volume["secret"]["secretName"] == secret
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                    "template": group["template"]}  # fmt: skip
+        kubernetes_validate.validate(template, kubernetes_validate.utils.latest_version(),
+                                     strict=True)  # fmt: skip
+        # Without what the component added, the pod is the base's.
+        container.pop("env")
+        container["volumeMounts"].remove(mount)
+        pod["volumes"].remove(volume)
+    assert len(folders) == 1  # the driver and the actors read one path
+    assert signed == deploy_objects
+    monkeypatch.setenv("TRUSTED_KEYS", folders.pop())
+    _, _, _, *rest = shlex.split(signed["RayJob"]["spec"]["entrypoint"])
+    assert str(build_parser().parse_args(rest).trusted_keys) == os.environ["TRUSTED_KEYS"]
 
 
 def test_score_dockerfile_passes_hadolint():
