@@ -56,6 +56,7 @@ from bench.steady import Interleaved, Row, goodput_of_capacity, ratio_windows
 from bench.tables import PATHS, to_markdown
 from bench.targets import CLOSED_SHARE, judge_closed, judge_images, judge_open
 from service.config import Settings, available_cpus
+from training.errors import ExportError
 from training.models import MODEL_IDS
 
 OPEN_LOOP_LOADS = (0.5, 0.8, 1.0, 1.2, 2.0)  # of the closed-loop capacity at 64 clients
@@ -194,7 +195,11 @@ def measure_model(
         return Interleaved(windows[-1], threads)
 
     result: dict = {"weights": weights, "ceiling": ceiling, "int8": None}
-    int8 = int8_file(args.models_dir, scratch, model_id, path, args.int8)
+    try:
+        int8 = int8_file(args.models_dir, scratch, model_id, path, args.int8)
+    except ExportError as err:  # quantized here, and its gate refused it: no int8 rows
+        print(f"  no int8 file: {err}", flush=True)
+        int8, result["int8_refused"] = None, str(err)
     if int8 is not None:
         int8_path, source = int8
         int8_ceiling = measure_table(int8_path, settings, args.ceiling_seconds)

@@ -161,6 +161,8 @@ def ceiling_table(r: dict) -> list[str]:
             f"({ratio['min']:.2f}-{ratio['max']:.2f}), from {ratio['n']} int8 windows each "
             "between two float windows."
         )
+    elif r.get("int8_refused"):  # quantized here, and its own gate refused it
+        lines.append(f"No int8 rows: {r['int8_refused']}")
     return [*lines, ""]
 
 
