@@ -100,7 +100,7 @@ def ways_table(r: dict) -> list[str]:
             lines.append(
                 f"| {name} | {way['engine']} | {way['precision']} | {way['instructions']} | "
                 f"{way['images_per_s']} | {way['best_batch']} | {held} | "
-                f"{cell(way.get('self_check_seconds'))} |"
+                f"{seconds(way.get('self_check_seconds'))} |"
             )
         lines += [f"| {name} | - | - | - | - | - | not offered: {why} | - |"
                   for why in (c or {}).get("not_offered", [])]  # fmt: skip
@@ -126,6 +126,10 @@ def floor_lines(floor: dict | None) -> list[str]:
         + "; a one-image row is judged against the lower of this and its ceiling.",
         "",
     ]
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def ceiling_table(r: dict) -> list[str]:
