@@ -66,7 +66,7 @@ def float32_check(
         Tolerance(FEATURES_NAME, "max_relative", features_tolerance,
                   "the export's parity with Keras"),
         Tolerance(FAMILIARITY_NAME, "outside_bounds", 0,
-                  "the ranks float32 rounding of each image's distance allows"),
+                  "the ranks float32 rounding of each image's score allows"),
     ]  # fmt: skip
     return SelfCheck(images=images, expected=outputs, tolerances=tolerances,
                      source=where("this file"), bounds=bounds)  # fmt: skip
