@@ -7,7 +7,9 @@ that a Mahalanobis distance and an entropy are on one scale), then
 Why combine: a score on the penultimate features (Mahalanobis) and one on the classifier's
 outputs (energy, GEN) fail on different images. Features far from every training image
 (noise, text, flat colour) can still excite one class strongly; a photo of an unseen class
-has features like the training photos' but an unsure classifier.
+has features like the training photos' but an unsure classifier. The pixels' score
+(`pixels`) sees what no network output does, an image unlike any photo, and nothing of
+its content: a photo of an unseen class has a photo's pixels.
 
 The percentile is the training scores' distribution function, interpolated linearly
 between QUANTILES order statistics (not all the scores: the file would carry 45,000
