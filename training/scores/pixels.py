@@ -167,8 +167,14 @@ def statistics_nodes(graph: Nodes, images: str) -> str:
     histogram's bin edges at least 1/255 of a bin from any value, so float32 counts the
     same pixels as the float64 reference."""
     one = 1.0 / 255.0
-    x = graph.node("Mul", [graph.node("Cast", [images], "float", to=TensorProto.FLOAT),
-                           graph.constant("scale", np.array(one))], "x")  # fmt: skip
+    # Through int32 (exact) and divided by 255: a Cast of the input to float and a Mul by
+    # 1/255 are what the network's first layer does, and graph optimisers merge identical
+    # nodes and constants (the int8 quantizer's preparation does), which would hand these
+    # statistics the network's quantized copy of the pixels. A path of its own keeps them
+    # float (and the division is the reference's, correctly rounded).
+    whole = graph.node("Cast", [images], "int32", to=TensorProto.INT32)
+    x = graph.node("Div", [graph.node("Cast", [whole], "float", to=TensorProto.FLOAT),
+                           graph.constant("full_scale", np.array(255.0))], "x")  # fmt: skip
 
     def constant(name: str, value: Any) -> str:
         return graph.constant(name, np.array(value))
