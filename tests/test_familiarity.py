@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME
 from training import familiarity
 from training.export import OPSET
 from training.scores import mahalanobis
-from training.scores.base import Training
+from training.scores.base import Inputs, Training
 
 WIDTH = 16
 CLASSES = 10
@@ -30,6 +30,11 @@ def clusters(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     return (means[labels] + rng.normal(0, 1, (len(labels), WIDTH)) * SD).astype(np.float32)
 
 
+def inputs(features: np.ndarray) -> Inputs:
+    """What the Mahalanobis score reads of these images: their features (no pixels)."""
+    return Inputs(None, features)
+
+
 def training(features: np.ndarray, labels: np.ndarray) -> Training:
     """The Mahalanobis score ignores the classifier layer; any kernel and bias will do."""
     kernel = np.random.default_rng(5).normal(0, 0.1, (features.shape[1], 100))
@@ -43,17 +48,21 @@ def fitted() -> familiarity.Familiarity:
     labels = np.arange(4000) % (CLASSES - 1)
     return familiarity.fit(
         training(clusters(rng, labels), labels),
-        clusters(rng, np.arange(1000) % 9),
+        inputs(clusters(rng, np.arange(1000) % 9)),
         score=mahalanobis.NAME,
     )
 
 
 def head(fitted: familiarity.Familiarity, width: int = WIDTH) -> ort.InferenceSession:
-    """The familiarity head export builds, on a graph whose features are its input."""
+    """The familiarity head export builds, on a graph whose features are its input (beside
+    the images, which this score does not read)."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], [FEATURES_NAME])],
         "features",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["batch", 32, 32, 3]),
+        ],
         [helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["batch", width])],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
@@ -78,7 +87,8 @@ def at_distance(fitted: familiarity.Familiarity, squared: float) -> np.ndarray:
 
 
 def run(session: ort.InferenceSession, features: np.ndarray) -> np.ndarray:
-    (values,) = session.run([FAMILIARITY_NAME], {"x": features})
+    images = np.zeros((len(features), 32, 32, 3), np.uint8)
+    (values,) = session.run([FAMILIARITY_NAME], {"x": features, INPUT_NAME: images})
     assert values.shape == (len(features), 1) and values.dtype == np.float32
     return values[:, 0]
 
@@ -89,8 +99,8 @@ def test_the_graph_computes_the_reference(fitted):
         [clusters(rng, np.arange(500) % CLASSES), rng.uniform(0, 60, (100, WIDTH))]
     ).astype(np.float32)
     got = run(head(fitted), features)
-    assert familiarity.parity_failure(fitted, features, got[:, None]) is None
-    expected = familiarity.familiarity_of(fitted, features)[:, 0]
+    assert familiarity.parity_failure(fitted, inputs(features), got[:, None]) is None
+    expected = familiarity.familiarity_of(fitted, inputs(features))[:, 0]
     # A rank: off by one validation distance at most, where float32 rounding crosses one.
     assert np.abs(got - expected).max() <= 1 / len(fitted.validation) + 1e-6
     assert (got == expected).mean() > 0.95
@@ -101,7 +111,7 @@ def test_validation_images_are_uniform_and_new_images_of_trained_classes_typical
     clusters(validation, np.arange(4000) % 9)
     val_features = clusters(validation, np.arange(1000) % 9)
     # Calibrated on exactly these: every rank 0, 1/V, ..., (V-1)/V once.
-    ranks = np.sort(familiarity.familiarity_of(fitted, val_features)[:, 0]) * 1000
+    ranks = np.sort(familiarity.familiarity_of(fitted, inputs(val_features))[:, 0]) * 1000
     np.testing.assert_allclose(ranks, np.arange(1000), atol=1e-3)
     # New images from the same classes: uniform too, up to sampling (Kolmogorov-Smirnov
     # distance to the uniform CDF; 0.06 is about p = 0.001 for 1000 draws).
@@ -182,7 +192,7 @@ def test_no_spread_at_all_falls_back_to_euclid():
     labels = np.repeat(np.arange(3), 4)
     fitted = mahalanobis.fit(training(features, labels))
     np.testing.assert_allclose(fitted.classes.whitening, np.eye(3))
-    assert fitted.strangeness(features[:1] + np.array([1, 0, 0]))[0] == pytest.approx(1)
+    assert fitted.strangeness(inputs(features[:1] + np.array([1, 0, 0])))[0] == pytest.approx(1)
 
 
 def test_parity_tolerance_is_one_rank_where_rounding_can_cross_a_distance(fitted):
@@ -194,20 +204,24 @@ def test_parity_tolerance_is_one_rank_where_rounding_can_cross_a_distance(fitted
     # reference ranks it one way, rounding may rank it the other. Both are allowed.
     k = 500
     on = at_distance(fitted, validation[k])
-    assert fitted.score.strangeness(on)[0] == pytest.approx(validation[k], rel=1e-12)
-    exact = familiarity.familiarity_of(fitted, on)
+    assert fitted.score.strangeness(inputs(on))[0] == pytest.approx(validation[k], rel=1e-12)
+    exact = familiarity.familiarity_of(fitted, inputs(on))
     for rank in ((v - k - 1) / v, (v - k) / v):
-        assert familiarity.parity_failure(fitted, on, np.array([[rank]], np.float32)) is None
+        assert (
+            familiarity.parity_failure(fitted, inputs(on), np.array([[rank]], np.float32)) is None
+        )
     # Ten ranks off there (more than lie within rounding of it), or one rank off at a
     # distance far from any validation distance, is a graph computing something else.
-    assert familiarity.parity_failure(fitted, on, exact - 10 / v) is not None
+    assert familiarity.parity_failure(fitted, inputs(on), exact - 10 / v) is not None
     gaps = np.diff(validation)
     widest = int(gaps.argmax())
     between = (validation[widest] + validation[widest + 1]) / 2
     off = at_distance(fitted, between)
-    exact = familiarity.familiarity_of(fitted, off)
-    assert familiarity.parity_failure(fitted, off, exact) is None
+    exact = familiarity.familiarity_of(fitted, inputs(off))
+    assert familiarity.parity_failure(fitted, inputs(off), exact) is None
     for moved in (exact + 1 / v, exact - 1 / v):
-        assert "outside what the reference allows" in familiarity.parity_failure(fitted, off, moved)
-    assert familiarity.parity_failure(fitted, off, np.full((1, 1), np.nan, np.float32))
-    assert "shape" in familiarity.parity_failure(fitted, off, exact[:, 0])
+        assert "outside what the reference allows" in familiarity.parity_failure(
+            fitted, inputs(off), moved
+        )
+    assert familiarity.parity_failure(fitted, inputs(off), np.full((1, 1), np.nan, np.float32))
+    assert "shape" in familiarity.parity_failure(fitted, inputs(off), exact[:, 0])

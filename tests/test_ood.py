@@ -14,9 +14,8 @@ from training import data as cifar
 from training import families
 from training.__main__ import main
 from training.evaluate import known_test_images
-from training.ood import PIXEL_PARTNERS, PIXEL_SCORES
-from training.scores import SCORES, combined, pixels
-from training.scores.base import Training
+from training.scores import PAIRS, SCORES, SINGLE, combined
+from training.scores.base import Inputs, Training
 from training.scores.evidence import FAR, NEAR, table
 from training.train import best_checkpoint
 
@@ -42,7 +41,7 @@ def test_every_score_and_the_baseline_on_every_set(measured):
     assert [run["held_out"] for run in result["runs"]] == [list(HELD_OUT)]
     assert list(result["summary"]) == [NEAR, *families.FAMILIES, FAR]
     for row in result["summary"].values():
-        assert list(row) == [*SCORES, *PIXEL_SCORES, "msp"]
+        assert list(row) == [*SCORES, "msp"]
         for cell in row.values():
             assert 0 <= cell["auroc_min"] <= cell["auroc"] <= cell["auroc_max"] <= 1
             assert 0 <= cell["fpr"] <= 1
@@ -73,18 +72,16 @@ def test_every_scores_numbers_are_sklearns_from_the_model(measured, small_tarbal
     def features(images: np.ndarray) -> np.ndarray:
         return np.asarray(features_model.predict(images, verbose=0), np.float32)
 
-    training = Training(features(kept.train.images), kept.train.fine, kernel, bias)
-    fitted = {name: fit(training) for name, fit in SCORES.items()}
-    pixel = pixels.fit(kept.train.images)
+    training = Training(features(kept.train.images), kept.train.fine, kernel, bias,
+                        images=kept.train.images)  # fmt: skip
+    fitted = {name: fit(training) for name, fit in SINGLE.items()}
     known_features = features(photos)
 
     def strangeness(images: np.ndarray, feats: np.ndarray) -> dict[str, np.ndarray]:
-        """Every score's, the pixel combinations' from the percentiles written out with
-        np.interp over the training images' score quantiles (as tests/test_scores.py)."""
-        found = {score: f.strangeness(feats) for score, f in fitted.items()}
-        found[pixels.NAME] = pixel.strangeness(images)
-        train = {p: fitted[p].strangeness(training.features) for p in PIXEL_PARTNERS}
-        train[pixels.NAME] = pixel.strangeness(kept.train.images)
+        """Every single score's, and every combination's from the percentiles written out
+        with np.interp over the training images' score quantiles (as tests/test_scores.py)."""
+        found = {score: f.strangeness(Inputs(images, feats)) for score, f in fitted.items()}
+        train = {score: f.strangeness(training.inputs) for score, f in fitted.items()}
         positions = (np.arange(combined.QUANTILES) + 0.5) / combined.QUANTILES
         share = {}
         for part, values in train.items():
@@ -92,9 +89,9 @@ def test_every_scores_numbers_are_sklearns_from_the_model(measured, small_tarbal
             x = found[part].astype(np.float32).astype(np.float64)
             tail = np.maximum(x - q[-1], 0) / (q[-1] - q[0])
             share[part] = np.interp(x, q, np.linspace(0, 1, len(q))) + tail
-        for part in PIXEL_PARTNERS:
-            found[f"either:pixels,{part}"] = np.maximum(share["pixels"], share[part])
-            found[f"mean:pixels,{part}"] = (share["pixels"] + share[part]) / 2
+        for first, second in PAIRS:
+            found[f"either:{first},{second}"] = np.maximum(share[first], share[second])
+            found[f"mean:{first},{second}"] = (share[first] + share[second]) / 2
         return found
 
     known_values = strangeness(photos, known_features)
@@ -102,7 +99,7 @@ def test_every_scores_numbers_are_sklearns_from_the_model(measured, small_tarbal
     for name, others in sets.items():
         labels = np.r_[np.ones(len(photos)), np.zeros(len(others))]
         other_values = strangeness(others, features(others))
-        assert set(other_values) == {*SCORES, *PIXEL_SCORES}
+        assert set(other_values) == set(SCORES)
         for score in other_values:
             values = -np.r_[known_values[score], other_values[score]]
             expected = roc_auc_score(labels, values)

@@ -20,7 +20,7 @@ from scipy import stats
 
 from contract import selfcheck
 from contract.classifier import Classifier
-from contract.modelcard import FAMILIARITY_NAME, OUTPUT_NAME, ModelCard
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME, OUTPUT_NAME, ModelCard
 from tests.conftest import VAL_SIZE
 from tests.synthetic import make_images
 from training import float16 as half
@@ -280,6 +280,14 @@ def test_kept_float_nodes_are_chosen_by_the_scheme(twins):
     one = kept(float_layers=1)
     assert one[last.name] == "tail" and set(one) > familiarity | softmax | {last.name}
     assert not {n.name for n in graph.node if n.op_type == "Conv"} & set(kept(float_layers=3))
+    # The default score reads the pixels: its head starts from the uint8 input too.
+    assert any(INPUT_NAME in node.input for node in graph.node if node.name in familiarity)
+    # A familiarity node on the probabilities' path (as the graph optimisation can leave
+    # one, merging the head's Cast of the input with the network's) stays float by name.
+    shared = next(node for node in graph.node if node.name not in familiarity
+                  and INPUT_NAME in node.input)  # fmt: skip
+    shared.name = "familiarity/merged"
+    assert kept(float_layers=0, float_softmax=False)["familiarity/merged"] == "off_path"
 
 
 def test_float16_file_matches_the_float_one(twins):

@@ -1,6 +1,7 @@
 """Each strangeness score against an independent computation (the formula written out the
 long way, with scipy and sklearn), and its ONNX nodes against its own reference through
-the calibration every score shares (tests/test_familiarity.py tests that on one score)."""
+the calibration every score shares (tests/test_familiarity.py tests that on one score).
+Every image has pixels and features: each score reads what it needs of them."""
 
 import numpy as np
 import pytest
@@ -8,11 +9,12 @@ from scipy.special import logsumexp, softmax
 from sklearn.covariance import ledoit_wolf
 from sklearn.metrics import roc_auc_score
 
-from contract.modelcard import FAMILIARITY_NAME
+from contract.modelcard import FAMILIARITY_NAME, INPUT_NAME
 from tests.test_familiarity import head
-from training import familiarity
-from training.scores import DEFAULT, SCORES, combined, mahalanobis
-from training.scores.base import Training
+from tests.test_pixels import smooth_images
+from training import familiarity, families
+from training.scores import DEFAULT, SCORES, combined, mahalanobis, pixels
+from training.scores.base import Inputs, Training
 
 WIDTH = 24
 CLASSES = 12
@@ -33,15 +35,17 @@ def training() -> Training:
     rng = np.random.default_rng(0)
     labels = np.arange(3000) % (CLASSES - 1)
     kernel = rng.normal(0, 0.5, (WIDTH, 100))
-    return Training(features_of(rng, labels), labels, kernel, rng.normal(0, 1, 100))
+    return Training(features_of(rng, labels), labels, kernel, rng.normal(0, 1, 100),
+                    images=smooth_images(3000, 10))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def probes() -> np.ndarray:
+def probes() -> Inputs:
     """Images of trained classes, of the untrained one, noise, and extremes: large
-    activations and all-zero features (a black image can give those)."""
+    activations and all-zero features (a black image can give those); photo-like pixels
+    for the classes, every generated family's (noise, flat colour, patterns) for the rest."""
     rng = np.random.default_rng(1)
-    return np.concatenate(
+    features = np.concatenate(
         [
             features_of(rng, np.arange(400) % CLASSES),
             rng.uniform(0, 20, (100, WIDTH)),
@@ -49,25 +53,33 @@ def probes() -> np.ndarray:
             np.zeros((2, WIDTH)),
         ]
     ).astype(np.float32)
+    generated = np.concatenate(list(families.generate(6, 0, smooth_images(20, 11)).values()))
+    return Inputs(np.concatenate([smooth_images(400, 12), generated[:122]]), features)
 
 
-def long_way(name: str, training: Training, x: np.ndarray) -> np.ndarray:
+def with_images(features: np.ndarray, seed: int) -> Inputs:
+    """Features with photo-like pixels."""
+    return Inputs(smooth_images(len(features), seed), features)
+
+
+def long_way(name: str, training: Training, inputs: Inputs) -> np.ndarray:
     """Each score from its paper's formula: covariances from sklearn's Ledoit-Wolf (same
     estimator, independent code), distances as (x - m)^T S^-1 (x - m) image by image,
-    logits, softmax and log-sum-exp from scipy; a combination from its two scores' long
+    logits, softmax and log-sum-exp from scipy; the pixels' the same on the statistics
+    (tests/test_pixels.py checks those by hand); a combination from its two scores' long
     ways, each through np.interp over the training images' score quantiles."""
     if ":" in name:
         how, pair = name.split(":")
         shares = []
         for part in pair.split(","):
             positions = (np.arange(combined.QUANTILES) + 0.5) / combined.QUANTILES
-            train = long_way(part, training, training.features)
+            train = long_way(part, training, training.inputs)
             q = np.unique(np.quantile(train, positions).astype(np.float32)).astype(np.float64)
-            values = long_way(part, training, x).astype(np.float32).astype(np.float64)
+            values = long_way(part, training, inputs).astype(np.float32).astype(np.float64)
             tail = np.maximum(values - q[-1], 0) / (q[-1] - q[0])
             shares.append(np.interp(values, q, np.linspace(0, 1, len(q))) + tail)
         return np.maximum(*shares) if how == "either" else (shares[0] + shares[1]) / 2
-    x = x.astype(np.float64)
+    x = inputs.features.astype(np.float64)
     feats, labels = training.features.astype(np.float64), training.labels
     classes = np.unique(labels)
 
@@ -84,6 +96,11 @@ def long_way(name: str, training: Training, x: np.ndarray) -> np.ndarray:
     def distance(point: np.ndarray, mean: np.ndarray, inverse: np.ndarray) -> float:
         return float((point - mean) @ inverse @ (point - mean))
 
+    if name == "pixels":
+        known = pixels.statistics(training.images)
+        inverse = inverse_covariance(known - known.mean(axis=0))
+        points = pixels.statistics(inputs.images)
+        return np.array([distance(p, known.mean(axis=0), inverse) for p in points])
     means = {k: feats[labels == k].mean(axis=0) for k in classes}
     residuals = np.concatenate([feats[labels == k] - means[k] for k in classes])
     within = inverse_covariance(residuals)
@@ -121,10 +138,11 @@ def test_the_reference_is_the_papers_formula(name, training, probes):
 @pytest.mark.parametrize("name", SCORES)
 def test_the_graph_computes_the_reference_through_the_calibration(name, training, probes):
     rng = np.random.default_rng(2)
-    val = features_of(rng, np.arange(2000) % (CLASSES - 1))
+    val = with_images(features_of(rng, np.arange(2000) % (CLASSES - 1)), 13)
     fitted = familiarity.fit(training, val, score=name)
     assert fitted.card["score"] == name and fitted.card["method"]
-    (got,) = head(fitted, WIDTH).run([FAMILIARITY_NAME], {"x": probes})
+    feed = {"x": probes.features, INPUT_NAME: probes.images}
+    (got,) = head(fitted, WIDTH).run([FAMILIARITY_NAME], feed)
     assert familiarity.parity_failure(fitted, probes, got) is None
     exact = familiarity.familiarity_of(fitted, probes)
     # Mostly exact; where not, within the rank band (parity_failure above), whose width
@@ -142,11 +160,15 @@ def test_the_graph_computes_the_reference_through_the_calibration(name, training
 def test_the_rounding_band_is_narrow_enough_to_mean_something(name, training, probes):
     """A band wide enough to hold every validation score would pass any graph: on trained
     classes' images it must cover at most 1 % of the validation images (typically: 0 to 1
-    for energy and GEN, 5 for Mahalanobis, 9 for relative Mahalanobis, of 2000)."""
+    for energy and GEN, 5 for Mahalanobis, 9 for relative Mahalanobis, of 2000), 2 % for
+    the scores that read pixels (29 for the pixels' score, 20 to 27 for its combinations:
+    the bound adds up twelve statistics' errors, each 10x the largest measured, through
+    the whitening, on photo-like images whose scores lie close together)."""
     rng = np.random.default_rng(3)
-    fitted = familiarity.fit(training, features_of(rng, np.arange(2000) % 11), score=name)
-    lowest, highest = familiarity.rank_bounds(fitted, probes[:400])
-    assert np.median(highest - lowest) <= 0.01
+    val = with_images(features_of(rng, np.arange(2000) % 11), 14)
+    fitted = familiarity.fit(training, val, score=name)
+    lowest, highest = familiarity.rank_bounds(fitted, probes.take(slice(0, 400)))
+    assert np.median(highest - lowest) <= (0.02 if pixels.NAME in name else 0.01)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +188,7 @@ def classifying() -> Training:
     kernel, bias = np.zeros((WIDTH, 100)), np.full(100, -30.0)
     kernel[:, : CLASSES - 1] = inverse @ means.T
     bias[: CLASSES - 1] = -0.5 * np.einsum("kd,de,ke->k", means, inverse, means)
-    return Training(features, labels, kernel, bias)
+    return Training(features, labels, kernel, bias, images=smooth_images(3000, 10))
 
 
 @pytest.mark.parametrize("name", SCORES)
@@ -174,11 +196,13 @@ def test_the_untrained_class_is_stranger_than_the_trained_ones(name, classifying
     """Every score and every combination: images of the class never trained are ranked
     stranger than images of trained classes (AUROC from sklearn on the raw score, and the
     calibrated familiarity's medians): a score computing nonsense, or its sign flipped,
-    would not."""
+    would not. The untrained class's pixels are uniform noise, the trained classes'
+    photo-like: the pixels' score has no classes to go by."""
     rng = np.random.default_rng(4)
-    val = features_of(rng, np.arange(1000) % (CLASSES - 1))
-    known = features_of(rng, np.arange(500) % (CLASSES - 1))
-    unknown = features_of(rng, np.full(500, CLASSES - 1))
+    val = with_images(features_of(rng, np.arange(1000) % (CLASSES - 1)), 15)
+    known = with_images(features_of(rng, np.arange(500) % (CLASSES - 1)), 16)
+    noise = rng.integers(0, 256, (500, 32, 32, 3), dtype=np.uint8)
+    unknown = Inputs(noise, features_of(rng, np.full(500, CLASSES - 1)))
     fitted = familiarity.fit(classifying, val, score=name)
     strangeness = np.r_[fitted.score.strangeness(known), fitted.score.strangeness(unknown)]
     assert roc_auc_score(np.r_[np.zeros(500), np.ones(500)], strangeness) > 0.9
@@ -189,4 +213,4 @@ def test_the_untrained_class_is_stranger_than_the_trained_ones(name, classifying
 def test_the_default_is_a_score_and_unknown_scores_are_refused(training):
     assert DEFAULT in SCORES
     with pytest.raises(ValueError, match="unknown familiarity score 'knn'"):
-        familiarity.fit(training, training.features, score="knn")
+        familiarity.fit(training, training.inputs, score="knn")

@@ -10,6 +10,12 @@ onnxruntime (`emulated`), so the measurement and the promise are the same on wha
 the file is exported; where the exporting CPU computes bfloat16 itself, the reference
 images also go through OpenVINO in bfloat16 and must keep the promise there.
 
+The familiarity head is no exception: a score's matrix products are rounded like the
+network's (with the pixel score, the whitening of the image statistics, whose inputs are
+already float32 statistics, not pixels). Its elementwise arithmetic (the statistics'
+differences, means and logarithms) stays float32 in the emulation, as in the rest of the
+graph; what OpenVINO does with those is what the run on a bfloat16 CPU checks.
+
 The limits were decided by measurement on models trained on real photos (docs/engines.md,
 "The bfloat16 promise", has the table): top-1 agreement 98.3 to 99.4 %, probabilities
 moved by at most 0.011, features by 0.5 % of their largest value, familiarity by 0.004 to

@@ -5,9 +5,9 @@ tf.function with an explicit input signature instead. The graph takes uint8 imag
 (the model's own first layer scales them) and returns three outputs:
     probabilities  [batch, 100]  what the service uses
     features       [batch, n]    the penultimate activations, for the report's feature map
-    familiarity    [batch, 1]    how like the training data the features are: a strangeness
-                                 score (training/scores/) calibrated on the validation images
-                                 (training/familiarity.py)
+    familiarity    [batch, 1]    how like the training data the image is: a strangeness score
+                                 (training/scores/) of its pixels and features, calibrated on
+                                 the validation images (training/familiarity.py)
 The first two are checked against Keras, the third against familiarity.py's NumPy
 reference, before anything is written; the model card lists the outputs the file has and
 says how familiarity was calibrated. The file carries its own proof: reference test images,
@@ -39,6 +39,7 @@ from training import bfloat16, familiarity, proof, scores
 from training.atomic import write_bytes
 from training.errors import ExportError
 from training.models import build_model
+from training.scores.base import Inputs
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
@@ -118,11 +119,12 @@ def fit_familiarity(
     val_images: np.ndarray,
     score: str = scores.DEFAULT,
 ) -> familiarity.Familiarity:
-    """Familiarity fitted on the features Keras computes for the training images (float32,
-    on the CPU, as the parity reference is) and calibrated on the validation images'."""
+    """Familiarity fitted on the training images and the features Keras computes for them
+    (float32, on the CPU, as the parity reference is), calibrated on the validation
+    images and theirs."""
     return familiarity.fit(
         training_features(model, train_images, train_labels),
-        keras_reference(model, val_images)[1],
+        Inputs(val_images, keras_reference(model, val_images)[1]),
         score,
     )
 
@@ -130,10 +132,11 @@ def fit_familiarity(
 def training_features(
     model: keras.Model, images: np.ndarray, labels: np.ndarray
 ) -> scores.Training:
-    """What a score is fitted on: these images' features, their labels, and the classifier
-    layer that turns features into logits."""
+    """What a score is fitted on: these images, their features and labels, and the
+    classifier layer that turns features into logits."""
     kernel, bias = model.get_layer("predictions").get_weights()
-    return scores.Training(keras_reference(model, images)[1], np.asarray(labels), kernel, bias)
+    features = keras_reference(model, images)[1]
+    return scores.Training(features, np.asarray(labels), kernel, bias, images=images)
 
 
 def check_parity(
@@ -144,7 +147,7 @@ def check_parity(
 ) -> None:
     """Fail unless the graph has all three outputs, onnxruntime agrees with Keras on the
     probabilities and features (see `parity_failure`), and its familiarity is what the
-    NumPy reference computes from those same features (see familiarity.parity_failure)."""
+    NumPy reference computes from the same images and features (familiarity.parity_failure)."""
     names = sorted(output.name for output in proto.graph.output)
     if names != sorted(EXPECTED_OUTPUTS):
         raise ExportError(
@@ -158,9 +161,10 @@ def check_parity(
     keras_probs, keras_features = keras_reference(model, images)
     if problem := parity_failure(onnx_probs, onnx_features, keras_probs, keras_features):
         raise ExportError(f"ONNX output differs from Keras: {problem}; not writing the file")
-    # On the graph's own features: those are held to Keras's just above, so this checks
-    # the familiarity head alone (its constants and ops), to its own rounding.
-    if problem := familiarity.parity_failure(fitted, onnx_features, onnx_familiarity):
+    # On the images and the graph's own features: those are held to Keras's just above, so
+    # this checks the familiarity head alone (its constants and ops), to its own rounding.
+    inputs = Inputs(images, onnx_features)
+    if problem := familiarity.parity_failure(fitted, inputs, onnx_familiarity):
         raise ExportError(
             f"ONNX familiarity differs from the reference: {problem}; not writing the file"
         )

@@ -1,17 +1,18 @@
 """Familiarity: how like the training data an image is, calibrated, as a graph output.
 
 A strangeness score (one of `training.scores`, chosen at export; the default chosen by
-`python -m training ood`) maps an image's penultimate features to a number, larger =
-stranger. A raw score means nothing to a client (its scale depends on the score, the model
-and the feature width), so it is calibrated on the validation images:
+`python -m training ood`) maps an image (its uint8 pixels, its penultimate features, or
+both: `Inputs`) to a number, larger = stranger. A raw score means nothing to a client (its
+scale depends on the score, the model and the feature width), so it is calibrated on the
+validation images:
 
     familiarity(x) = share of validation images whose strangeness is larger than x's
 
 0.01 means stranger than 99 % of the validation set; on validation data it is uniform on
 {0, 1/V, ..., (V-1)/V}, whatever the score. Everything the formula needs (the score's
 constants, the sorted validation strangeness) is a constant, so the export builds it into
-the ONNX graph as a third output computed from the `features` output: the service, Triton
-and any other onnxruntime get it with no code of their own.
+the ONNX graph as a third output computed from the graph's `images` input and `features`
+output: the service, Triton and any other onnxruntime get it with no code of their own.
 
 This module has three parts, top-down: `fit` (NumPy, float64), the NumPy reference
 (`familiarity_of`, `rank_bounds` and `parity_failure`, which the export's gate runs) and
@@ -25,9 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, NUM_CLASSES
+from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME, NUM_CLASSES
 from training.scores import DEFAULT, SCORES
-from training.scores.base import Fitted, Nodes, Training
+from training.scores.base import Fitted, Inputs, Nodes, Training
 
 CALIBRATION = "familiarity = share of validation images whose strangeness is larger"
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -46,16 +47,16 @@ class Familiarity:
     card: dict[str, Any]  # ModelCard.familiarity: which score, how fitted and calibrated
 
 
-def fit(training: Training, val_features: np.ndarray, score: str = DEFAULT) -> Familiarity:
-    """Fit `score` on the training features, calibrate it on the validation features."""
-    if len(training.features) == 0 or len(val_features) == 0:
+def fit(training: Training, validation: Inputs[np.ndarray], score: str = DEFAULT) -> Familiarity:
+    """Fit `score` on the training images, calibrate it on the validation images."""
+    if len(training.features) == 0 or len(validation) == 0:
         raise ValueError("familiarity needs training and validation images")
     if score not in SCORES:
         raise ValueError(f"unknown familiarity score {score!r}; known: {', '.join(SCORES)}")
     fitted = SCORES[score](training)
     # Stored as the graph stores them: float32, sorted (the graph needs no sorting, but a
     # reader of the file, and the reference's searchsorted, do).
-    validation = np.sort(fitted.strangeness(val_features)).astype(np.float32)
+    calibration = np.sort(fitted.strangeness(validation)).astype(np.float32)
     trained = set(np.unique(np.asarray(training.labels)).tolist())
     card = {
         "score": fitted.name,
@@ -63,12 +64,12 @@ def fit(training: Training, val_features: np.ndarray, score: str = DEFAULT) -> F
         "calibration": CALIBRATION,
         "training_images": len(training.features),
         "classes_without_training_images": sorted(set(range(NUM_CLASSES)) - trained),
-        "validation_images": len(validation),
+        "validation_images": len(calibration),
         "validation_strangeness_quantiles": {
-            f"{q:g}": float(np.quantile(validation.astype(np.float64), q)) for q in QUANTILES
+            f"{q:g}": float(np.quantile(calibration.astype(np.float64), q)) for q in QUANTILES
         },
     }
-    return Familiarity(fitted, validation, card)
+    return Familiarity(fitted, calibration, card)
 
 
 # The NumPy reference. Independent of the graph in how it computes: float64 (each score's
@@ -76,9 +77,9 @@ def fit(training: Training, val_features: np.ndarray, score: str = DEFAULT) -> F
 # image).
 
 
-def familiarity_of(familiarity: Familiarity, features: np.ndarray) -> np.ndarray:
+def familiarity_of(familiarity: Familiarity, inputs: Inputs[np.ndarray]) -> np.ndarray:
     """[N, 1] float32: the share of validation strangeness strictly larger than each image's."""
-    return ranks_above(familiarity.validation, familiarity.score.strangeness(features))
+    return ranks_above(familiarity.validation, familiarity.score.strangeness(inputs))
 
 
 def ranks_above(validation: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -93,21 +94,23 @@ def ranks_above(validation: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (above / len(validation)).astype(np.float32)[:, None]
 
 
-def rank_bounds(familiarity: Familiarity, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N] lowest and highest familiarity that float32 rounding of these features' scores
+def rank_bounds(
+    familiarity: Familiarity, inputs: Inputs[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """[N] lowest and highest familiarity that float32 rounding of these images' scores
     can give (see `parity_failure`): equal where no validation score lies within the
     rounding band, so any correct float32 computation gives that exact value."""
-    score = familiarity.score.strangeness(features)
-    band = familiarity.score.rounding(features)
+    score = familiarity.score.strangeness(inputs)
+    band = familiarity.score.rounding(inputs)
     validation = familiarity.validation
     return ranks_above(validation, score + band)[:, 0], ranks_above(validation, score - band)[:, 0]
 
 
 def parity_failure(
-    familiarity: Familiarity, features: np.ndarray, onnx_familiarity: np.ndarray
+    familiarity: Familiarity, inputs: Inputs[np.ndarray], onnx_familiarity: np.ndarray
 ) -> str | None:
-    """What is wrong with the graph's familiarity for these features (the graph's own
-    `features` output, checked against Keras separately), or None.
+    """What is wrong with the graph's familiarity for these images (their pixels, and the
+    graph's own `features` output for them, checked against Keras separately), or None.
 
     Familiarity is a rank: a score that float32 rounding moves past one validation score
     moves the answer by a whole 1/V, so a plain absolute tolerance is either too tight
@@ -119,13 +122,13 @@ def parity_failure(
     graph does not compute this score.
     """
     onnx_familiarity = np.asarray(onnx_familiarity)
-    if onnx_familiarity.shape != (len(features), 1):
-        return f"familiarity has shape {onnx_familiarity.shape}, expected ({len(features)}, 1)"
-    lowest, highest = rank_bounds(familiarity, features)
+    if onnx_familiarity.shape != (len(inputs), 1):
+        return f"familiarity has shape {onnx_familiarity.shape}, expected ({len(inputs)}, 1)"
+    lowest, highest = rank_bounds(familiarity, inputs)
     lowest, highest = lowest - MEAN_ATOL, highest + MEAN_ATOL
     got = onnx_familiarity[:, 0]
     outside = ~((lowest <= got) & (got <= highest))  # a NaN is outside too
-    exact = familiarity_of(familiarity, features)[:, 0]
+    exact = familiarity_of(familiarity, inputs)[:, 0]
     print(
         f"Familiarity ({familiarity.score.name}) parity on {len(got)} images: max |onnx - "
         f"reference| = {float(np.abs(got - exact).max()):.2e} ({len(familiarity.validation)} "
@@ -147,8 +150,9 @@ def parity_failure(
 
 def add_to_graph(proto: onnx.ModelProto, familiarity: Familiarity) -> None:
     """Append the familiarity head to `proto` (in place): FAMILIARITY_NAME, float32
-    [batch, 1], computed from the FEATURES_NAME output. The score's own nodes give its
-    strangeness s [B, 1]; then
+    [batch, 1], computed from the INPUT_NAME input and the FEATURES_NAME output (each
+    score reads what it needs of them). The score's own nodes give its strangeness
+    s [B, 1]; then
 
         answer = ReduceMean(Cast(Less(s, validation)))        [B, 1]
 
@@ -162,9 +166,11 @@ def add_to_graph(proto: onnx.ModelProto, familiarity: Familiarity) -> None:
         raise ValueError(f"the graph already has {FAMILIARITY_NAME} nodes")
     if FEATURES_NAME not in {o.name for o in graph.output}:
         raise ValueError(f"the graph has no {FEATURES_NAME!r} output to compute it from")
+    if INPUT_NAME not in {i.name for i in graph.input}:
+        raise ValueError(f"the graph has no {INPUT_NAME!r} input to compute it from")
 
     nodes = Nodes(PREFIX)
-    strangeness = familiarity.score.add_nodes(nodes, FEATURES_NAME)
+    strangeness = familiarity.score.add_nodes(nodes, Inputs(INPUT_NAME, FEATURES_NAME))
     # Less(s, v): validation image v is stranger than this one.
     stranger = nodes.node(
         "Less", [strangeness, nodes.constant("validation", familiarity.validation)], "stranger"

@@ -2,8 +2,9 @@
 
 onnxconverter-common's convert_float_to_float16 on the network, with the uint8 input's
 cast and the familiarity head kept float32 (its squared distances approach float16's
-largest value); written only if it matches the float model within FLOAT16_* on the test
-split, run on onnxruntime's CPU provider. Not measured on a GPU.
+largest value, and its pixel statistics take logarithms of spreads near 0); written
+only if it matches the float model within FLOAT16_* on the test split, run on
+onnxruntime's CPU provider. Not measured on a GPU.
 """
 
 import warnings
@@ -111,10 +112,13 @@ def converted_float16(source: bytes) -> onnx.ModelProto:
     """The float16 graph of the float file `source`, with its card (`<id>-float16`).
 
     Only the network is converted: the nodes that the probabilities are computed from.
-    The rest (the familiarity head) stays float32 and reads the float32 `features`
-    output: its squared distances reach the thousands in a thousand dimensions, near
-    float16's largest value (65504), and the converter would clamp its stored validation
-    distances to 1e4. convert_float_to_float16 needs two things done around it:
+    The rest (the familiarity head, every node named under familiarity.PREFIX) is never
+    given to the converter: it stays float32 and reads the float32 `features` output and
+    the uint8 input. Its squared distances reach the thousands in a thousand dimensions,
+    near float16's largest value (65504), the converter would clamp its stored validation
+    distances to 1e4, and its pixel statistics take logarithms of spreads near 0 and
+    differences of one grey level, which float16 would move by whole ranks.
+    convert_float_to_float16 needs two things done around it:
       - `features` is an output and also the last layer's input; under keep_io_types the
         converter casts the output to float32 and leaves the layer reading that float32
         tensor beside its float16 weights (onnxruntime refuses such a graph). So the
@@ -186,7 +190,7 @@ def converted_float16(source: bytes) -> onnx.ModelProto:
             },
             {
                 "why": "computes the familiarity output only: squared Mahalanobis distances "
-                "near float16's largest value",
+                "near float16's largest value, logarithms of pixel spreads near 0",
                 "nodes": [node.name for node in head],
             },
         ],

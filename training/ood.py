@@ -5,14 +5,12 @@ the way OpenOOD measures post-hoc detectors, on what can be had without download
           classes, a few seeds each: a model trained without them, asked about them;
     far:  families of generated images that are not CIFAR-like (training/families.py).
 
-For every score in training.scores.SCORES (combinations of two included), the pixel
-statistics score (training/scores/pixels.py) alone and combined with feature scores, and
-the top probability (MSP, the baseline every paper reports): AUROC (known test images
-positive) and
-the false positive rate at 95 % recall of the known images (the share of other images
-still accepted by the threshold that accepts 95 % of the known ones), each averaged over
-the runs with its range. `python -m training ood` trains what is missing (resuming, like
-train-export), measures, and writes the table the docs show.
+For every score in training.scores.SCORES (the pixel statistics score and combinations of
+two included), and the top probability (MSP, the baseline every paper reports): AUROC
+(known test images positive) and the false positive rate at 95 % recall of the known images
+(the share of other images still accepted by the threshold that accepts 95 % of the known
+ones), each averaged over the runs with its range. `python -m training ood` trains what is
+missing (resuming, like train-export), measures, and writes the table the docs show.
 
 A score is not judged on the images it was chosen on: `choose` splits the families into a
 choosing half and a judging half, about half of every kind in each (families.split), for
@@ -36,7 +34,8 @@ from training.evaluate import known_test_images
 from training.export import keras_reference, training_features
 from training.recipe import Recipe
 from training.report import measures
-from training.scores import DEFAULT, SCORES, combined, pixels
+from training.scores import DEFAULT, SCORES
+from training.scores.base import Inputs
 from training.scores.evidence import NEAR, summarise
 from training.train import best_checkpoint, run_state, train
 
@@ -44,12 +43,6 @@ RECALL = 0.95
 # A floor that refuses at most 1 % of the known photos: what share of each family it refuses.
 FLOOR_RECALL = 0.99
 BASELINE = "msp"  # the top probability
-# Feature scores the pixel score is combined with, as `combined` combines two scores.
-PIXEL_PARTNERS = ("mahalanobis", "relative_mahalanobis", "gen", "energy", DEFAULT)
-PIXEL_SCORES = (
-    pixels.NAME,
-    *(f"{how}:{pixels.NAME},{partner}" for partner in PIXEL_PARTNERS for how in combined.HOW),
-)
 SPLIT_SEEDS = (0, 1, 2)
 
 
@@ -143,37 +136,22 @@ def measure_run(
     training = training_features(model, kept.train.images, kept.train.fine)
     outputs = {name: keras_reference(model, images) for name, images in others.items()}
     known_probabilities, known_features = keras_reference(model, photos)
-    pixel_score = pixels.fit(kept.train.images)
 
     # Known-ness per score: higher = more like the training data. Minus the raw score, not
     # the file's familiarity (its rank among the validation images: the same order, but
     # every image stranger than all validation images ties at 0), as OpenOOD measures.
+    # Each score is fitted and computed as the export fits and computes it.
     fitted = {name: fit(training) for name, fit in SCORES.items()}
-    # The pixel score and its partners each as a percentile of the training images' own
-    # scores, as `combined` makes them, to combine them on one scale.
-    quantiles = {name: combined.quantiles_of(fitted[name].strangeness(training.features))
-                 for name in PIXEL_PARTNERS}  # fmt: skip
-    quantiles[pixels.NAME] = combined.quantiles_of(pixel_score.strangeness(kept.train.images))
 
-    def knownness(
-        features: np.ndarray, probabilities: np.ndarray, images: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        strangeness = {name: f.strangeness(features) for name, f in fitted.items()}
-        strangeness[pixels.NAME] = pixel_score.strangeness(images)
-        share = {name: combined.percentile(quantiles[name], strangeness[name])
-                 for name in quantiles}  # fmt: skip
-        for partner in PIXEL_PARTNERS:
-            both = share[pixels.NAME], share[partner]
-            strangeness[f"either:{pixels.NAME},{partner}"] = np.maximum(*both)
-            strangeness[f"mean:{pixels.NAME},{partner}"] = (both[0] + both[1]) / 2
-        values = {name: -value for name, value in strangeness.items()}
+    def knownness(inputs: Inputs[np.ndarray], probabilities: np.ndarray) -> dict[str, np.ndarray]:
+        values = {name: -f.strangeness(inputs) for name, f in fitted.items()}
         values[BASELINE] = probabilities.max(axis=1)
         return values
 
-    reference = knownness(known_features, known_probabilities, photos)
+    reference = knownness(Inputs(photos, known_features), known_probabilities)
     result = {}
     for name, (probabilities, features) in outputs.items():
-        values = knownness(features, probabilities, others[name])
+        values = knownness(Inputs(others[name], features), probabilities)
         result[name] = {score: cell(reference[score], values[score]) for score in values}
     return result
 

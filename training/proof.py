@@ -23,6 +23,7 @@ from contract.modelcard import FAMILIARITY_NAME, FEATURES_NAME, INPUT_NAME, OUTP
 from contract.selfcheck import SelfCheck, Tolerance
 from training import familiarity
 from training.errors import ExportError
+from training.scores.base import Inputs
 
 REFERENCE_IMAGES = 64  # ~200 KB of images and outputs in the file; ~20 ms to run on 2 CPUs
 REFERENCE_SEED = 0
@@ -51,7 +52,8 @@ def float32_check(
     order = np.random.default_rng(REFERENCE_SEED).permutation(len(candidates))
     images = candidates[order[:REFERENCE_IMAGES]]
     outputs = run(proto, images)
-    lowest, highest = familiarity.rank_bounds(fitted, outputs[FEATURES_NAME])
+    # The score reads the images and the file's own features for them, as the graph does.
+    lowest, highest = familiarity.rank_bounds(fitted, Inputs(images, outputs[FEATURES_NAME]))
     bounds = {
         FAMILIARITY_NAME: (
             (lowest - familiarity.MEAN_ATOL).astype(np.float32)[:, None],
@@ -64,7 +66,7 @@ def float32_check(
         Tolerance(FEATURES_NAME, "max_relative", features_tolerance,
                   "the export's parity with Keras"),
         Tolerance(FAMILIARITY_NAME, "outside_bounds", 0,
-                  "the ranks float32 rounding of each image's distance allows"),
+                  "the ranks float32 rounding of each image's score allows"),
     ]  # fmt: skip
     return SelfCheck(images=images, expected=outputs, tolerances=tolerances,
                      source=where("this file"), bounds=bounds)  # fmt: skip

@@ -13,8 +13,12 @@ writes QuantizeLinear/DequantizeLinear pairs around the layers that become int8
 What is quantized and how (INT8) was chosen by measurement on a model trained on real
 photos (README, "int8 and float16"). Nodes stay float where int8 would change the
 answer or gains nothing:
-  - the familiarity head (Mahalanobis distances ranked against validation distances):
-    a rank, which rounding moves; it is a few small matmuls beside the network;
+  - the familiarity head (its score, ranked against the validation images' scores): a
+    rank, which rounding moves; it is a few small matmuls and the pixel statistics of the
+    uint8 input beside the network (logarithms of spreads near 0, differences of a grey
+    level: int8 would erase them). Kept by its names (familiarity.PREFIX) as well as by
+    being off the probabilities' path: the graph optimisation before quantization may
+    merge its Cast of the input with the network's;
   - the softmax: a uint8 probability is a step of 1/256, which ties near-equal classes
     and changes the top-1 class that the service answers;
   - the last two dense layers: the one that computes the features (the familiarity
@@ -51,7 +55,7 @@ from contract.modelcard import (
     ModelCard,
 )
 from contract.selfcheck import SelfCheck, Tolerance
-from training import proof
+from training import familiarity, proof
 from training.data import Cifar100
 from training.twins import (
     Twin,
@@ -80,8 +84,8 @@ CALIBRATION_BATCH = 100
 INT8_MAX_FAMILIARITY_DIFF = 0.05  # mean over the test split
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the layers that carry the compute
 KEPT_FLOAT = {
-    "off_path": "computes the familiarity output only (Mahalanobis distances ranked against "
-    "the validation distances): a rank, which int8 rounding moves; cheap in float",
+    "off_path": "computes the familiarity output only (its score ranked against the "
+    "validation images' scores): a rank, which int8 rounding moves; cheap in float",
     "softmax": "the probabilities: uint8 steps of 1/256 would tie near-equal classes and "
     "change the top-1 class",
     "tail": "the last dense layers: the features layer (int8 steps in the features move the "
@@ -351,7 +355,11 @@ _QUANT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 def float_nodes(graph: onnx.GraphProto, scheme: Int8Scheme) -> dict[str, str]:
     """The nodes that stay float, each with its reason (a KEPT_FLOAT key)."""
     on_path = ancestors(graph, [OUTPUT_NAME])
-    kept = {node.name: "off_path" for node in graph.node if node.name not in on_path}
+    kept = {
+        node.name: "off_path"
+        for node in graph.node
+        if node.name not in on_path or node.name.startswith(familiarity.PREFIX)
+    }
     path = [node for node in graph.node if node.name in on_path]  # graph order: topological
     if scheme.float_softmax:
         kept.update({node.name: "softmax" for node in path if node.op_type == "Softmax"})

@@ -1,7 +1,9 @@
-"""What every strangeness score is: fitted on the training images' features, computed by a
-NumPy reference in float64 and by ONNX nodes in float32, described on the model card.
+"""What every strangeness score is: fitted on the training images, computed by a NumPy
+reference in float64 and by ONNX nodes in float32, described on the model card.
 
-A score maps an image's penultimate features to one number, larger = stranger. Whatever
+A score maps an image to one number, larger = stranger. It reads what it needs of the
+image's `Inputs`: the uint8 pixels (the graph's input) and the penultimate features (the
+graph's `features` output); a score on one ignores the other. Whatever
 the score, `training.familiarity` turns it into the same calibrated answer (the share of
 validation images at least as strange), so a client reads every score the same way and a
 new score is one module: a `fit` function returning an object with the four methods of
@@ -9,26 +11,51 @@ new score is one module: a `fit` function returning an object with the four meth
 
 Scores that need the logits compute them from the features with the classifier layer's own
 kernel and bias (`logits`, `logits_node`): features -> logits is one dense layer, so every
-score is a function of the `features` output and is checked against its reference on the
-graph's own features, whatever came before.
+score is a function of the images and the `features` output, and is checked against its
+reference on the graph's own features, whatever came before.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from onnx import helper, numpy_helper
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Inputs(Generic[T]):
+    """What a score reads of a batch of images: arrays for the reference (uint8
+    [N, 32, 32, 3] images, [N, d] features), tensor names for `add_nodes`. One type for
+    both worlds, so a score's reference and its nodes name the same two things."""
+
+    images: T
+    features: T
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def take(self, index: Any) -> "Inputs[T]":
+        """The same images, indexed (arrays only)."""
+        return Inputs(self.images[index], self.features[index])
+
 
 @dataclass(frozen=True)
 class Training:
-    """What a score may be fitted on: the training images' features and labels, and the
-    classifier layer (features @ kernel + bias = logits)."""
+    """What a score may be fitted on: the training images (None where only feature scores
+    are fitted), their features and labels, and the classifier layer (features @ kernel +
+    bias = logits)."""
 
     features: np.ndarray  # [N, d]
     labels: np.ndarray  # [N]
     kernel: np.ndarray  # [d, C]
     bias: np.ndarray  # [C]
+    images: np.ndarray | None = None  # [N, 32, 32, 3] uint8
+
+    @property
+    def inputs(self) -> Inputs[np.ndarray]:
+        return Inputs(self.images, self.features)
 
 
 class Fitted(Protocol):
@@ -36,17 +63,18 @@ class Fitted(Protocol):
 
     name: str
 
-    def strangeness(self, features: np.ndarray) -> np.ndarray:
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
         """[N] float64, larger = stranger: the reference the graph is checked against."""
         ...
 
-    def rounding(self, features: np.ndarray) -> np.ndarray:
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
         """[N] how far float32 rounding in the graph can move each strangeness (a bound,
         from the magnitudes the graph's sums add up)."""
         ...
 
-    def add_nodes(self, graph: "Nodes", features: str) -> str:
-        """Append the nodes computing [batch, 1] strangeness from `features`; its name."""
+    def add_nodes(self, graph: "Nodes", inputs: Inputs[str]) -> str:
+        """Append the nodes computing [batch, 1] strangeness from the tensors `inputs`
+        names; its name."""
         ...
 
     def card(self) -> dict[str, Any]:

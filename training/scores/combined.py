@@ -7,7 +7,9 @@ that a Mahalanobis distance and an entropy are on one scale), then
 Why combine: a score on the penultimate features (Mahalanobis) and one on the classifier's
 outputs (energy, GEN) fail on different images. Features far from every training image
 (noise, text, flat colour) can still excite one class strongly; a photo of an unseen class
-has features like the training photos' but an unsure classifier.
+has features like the training photos' but an unsure classifier. The pixels' score
+(`pixels`) sees what no network output does, an image unlike any photo, and nothing of
+its content: a photo of an unseen class has a photo's pixels.
 
 The percentile is the training scores' distribution function, interpolated linearly
 between QUANTILES order statistics (not all the scores: the file would carry 45,000
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from training.scores.base import Fitted, Nodes
+from training.scores.base import Fitted, Inputs, Nodes
 
 QUANTILES = 1024
 HOW = {
@@ -44,34 +46,34 @@ class Combined:
     quantiles: tuple[np.ndarray, np.ndarray]  # each score's, float32, strictly increasing
     name: str
 
-    def strangeness(self, features: np.ndarray) -> np.ndarray:
-        return self._combine(*self._percentiles(features, 0))
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return self._combine(*self._percentiles(inputs, 0))
 
-    def rounding(self, features: np.ndarray) -> np.ndarray:
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
         """Each percentile can be any that a score within its own rounding band gets (it
         increases with the score, so the ends bound it), then rounds a little itself; the
         combination increases with both."""
-        center = self.strangeness(features)
-        low = self._combine(*self._percentiles(features, -1))
-        high = self._combine(*self._percentiles(features, 1))
+        center = self.strangeness(inputs)
+        low = self._combine(*self._percentiles(inputs, -1))
+        high = self._combine(*self._percentiles(inputs, 1))
         return np.maximum(high - center, center - low) + PERCENTILE_RTOL * (1 + np.abs(high))
 
-    def _percentiles(self, features: np.ndarray, side: int) -> list[np.ndarray]:
+    def _percentiles(self, inputs: Inputs[np.ndarray], side: int) -> list[np.ndarray]:
         """Each score's percentile, its score moved by `side` times its rounding band."""
         return [
-            percentile(quantiles, score.strangeness(features) + side * score.rounding(features))
+            percentile(quantiles, score.strangeness(inputs) + side * score.rounding(inputs))
             for score, quantiles in zip((self.first, self.second), self.quantiles, strict=True)
         ]
 
     def _combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.maximum(a, b) if self.how == "either" else (a + b) / 2
 
-    def add_nodes(self, graph: Nodes, features: str) -> str:
+    def add_nodes(self, graph: Nodes, inputs: Inputs[str]) -> str:
         shares = []
         for score, quantiles, part in zip((self.first, self.second), self.quantiles, "ab",
                                           strict=True):  # fmt: skip
             own = graph.within(f"{part}/")
-            value = score.add_nodes(own, features)
+            value = score.add_nodes(own, inputs)
             shares.append(percentile_nodes(own.within("percentile/"), value, quantiles))
         if self.how == "either":
             return graph.node("Max", shares, "either")
@@ -88,10 +90,10 @@ class Combined:
         }
 
 
-def combine(first: Fitted, second: Fitted, how: str, training_features: np.ndarray) -> Combined:
+def combine(first: Fitted, second: Fitted, how: str, training: Inputs[np.ndarray]) -> Combined:
     """The two fitted scores, with QUANTILES order statistics of their training scores."""
     return Combined(first, second, how,
-                    tuple(quantiles_of(s.strangeness(training_features)) for s in (first, second)),
+                    tuple(quantiles_of(s.strangeness(training)) for s in (first, second)),
                     f"{how}:{first.name},{second.name}")  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from training.scores.base import (
+    Inputs,
     Nodes,
     Training,
     log_sum_exp,
@@ -37,14 +38,14 @@ class Energy:
     bias: np.ndarray
     name: str = NAME
 
-    def strangeness(self, features: np.ndarray) -> np.ndarray:
-        return -log_sum_exp(logits(features, self.kernel, self.bias))
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return -log_sum_exp(logits(inputs.features, self.kernel, self.bias))
 
-    def rounding(self, features: np.ndarray) -> np.ndarray:
-        return RTOL * (logit_scale(features, self.kernel, self.bias) + 1)
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return RTOL * (logit_scale(inputs.features, self.kernel, self.bias) + 1)
 
-    def add_nodes(self, graph: Nodes, features: str) -> str:
-        lse = log_sum_exp_node(graph, logits_node(graph, features, self.kernel, self.bias),
+    def add_nodes(self, graph: Nodes, inputs: Inputs[str]) -> str:
+        lse = log_sum_exp_node(graph, logits_node(graph, inputs.features, self.kernel, self.bias),
                                "log_sum_exp")  # fmt: skip
         return graph.node("Neg", [lse], "energy")
 

@@ -7,9 +7,10 @@ import numpy as np
 from training.scores import DEFAULT
 
 NEAR = "held-out classes"
-# The README's columns: the default, the exportable score the split chose, GEN, the pixel
-# score alone and the combination the split chose among all, the top probability.
-HEADLINE = (DEFAULT, "either:mahalanobis,gen", "gen", "pixels", "mean:pixels,gen", "msp")
+# The README's columns: the default (the combination the split chose among all), the
+# default before it, the feature score the split chose, GEN, the pixel score alone, the
+# top probability.
+HEADLINE = (DEFAULT, "mean:mahalanobis,gen", "either:mahalanobis,gen", "gen", "pixels", "msp")
 FAR = "far (mean of families)"
 
 

@@ -12,7 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from training.scores.base import Nodes, Training, log_sum_exp, logit_scale, logits, logits_node
+from training.scores.base import (
+    Inputs,
+    Nodes,
+    Training,
+    log_sum_exp,
+    logit_scale,
+    logits,
+    logits_node,
+)
 
 NAME = "gen"
 GAMMA = 0.1
@@ -35,12 +43,13 @@ class Gen:
     bias: np.ndarray
     name: str = NAME
 
-    def strangeness(self, features: np.ndarray) -> np.ndarray:
-        p, q = self._probabilities(features)
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        p, q = self._probabilities(inputs.features)
         return (p**GAMMA * q**GAMMA).sum(axis=1)
 
-    def rounding(self, features: np.ndarray) -> np.ndarray:
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
         """Each term between its values at the ends of p's and 1 - p's rounding ranges."""
+        features = inputs.features
         p, q = self._probabilities(features)
         terms = p**GAMMA * q**GAMMA
         logit = 2 * RTOL * (logit_scale(features, self.kernel, self.bias) + 1)[:, None]
@@ -64,10 +73,10 @@ class Gen:
         others = np.where(top, 0, p).sum(axis=1, keepdims=True)
         return p, np.where(top, others, 1 - p)
 
-    def add_nodes(self, graph: Nodes, features: str) -> str:
+    def add_nodes(self, graph: Nodes, inputs: Inputs[str]) -> str:
         """e = exp(l - max l), S = sum e, p = e / S, and 1 - p = (S - e) / S, except where
         e > S / 2: there the sum of the other classes' e, over S."""
-        scores = logits_node(graph, features, self.kernel, self.bias)
+        scores = logits_node(graph, inputs.features, self.kernel, self.bias)
         axis = graph.constant("axis", np.array([1], np.int64))
         top_logit = graph.node("ReduceMax", [scores], "top_logit", axes=[1])
         e = graph.node("Exp", [graph.node("Sub", [scores, top_logit], "shifted")], "e")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from training.scores.base import Nodes, Training
+from training.scores.base import Inputs, Nodes, Training
 
 NAME = "mahalanobis"
 METHOD = (
@@ -154,14 +154,14 @@ class Mahalanobis:
     classes: Gaussians
     name: str = NAME
 
-    def strangeness(self, features: np.ndarray) -> np.ndarray:
-        return self.classes.nearest(features)
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return self.classes.nearest(inputs.features)
 
-    def rounding(self, features: np.ndarray) -> np.ndarray:
-        return self.classes.rounding(features)
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return self.classes.rounding(inputs.features)
 
-    def add_nodes(self, graph: Nodes, features: str) -> str:
-        return self.classes.add_nodes(graph, features, "class")
+    def add_nodes(self, graph: Nodes, inputs: Inputs[str]) -> str:
+        return self.classes.add_nodes(graph, inputs.features, "class")
 
     def card(self) -> dict[str, Any]:
         return {

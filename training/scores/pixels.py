@@ -8,13 +8,13 @@ spread. `statistics` measures that per image, `fit` fits one Gaussian to the tra
 photos' statistics (mean and Ledoit-Wolf covariance, as the Mahalanobis score fits the
 features), and the strangeness is the squared Mahalanobis distance from it.
 
-This score reads the uint8 images, not the penultimate features every score in
-`training.scores.SCORES` is a function of: it is measured by `python -m training ood`
-(alone, and combined with a feature score as `combined` combines two). `add_nodes` builds
-it as ONNX nodes on the uint8 input (float32, opset 17), checked against this reference
-by tests/test_pixels.py; the export does not add them yet (its familiarity head, parity
-gates, self-check and twins' gates all take the score as a function of the features), so
-the export cannot choose it.
+This score reads the uint8 images (`Inputs.images`), not the penultimate features: a
+network can map noise or a flat colour close to a class's features, but it cannot make
+their pixels look like a photo's. `add_nodes` builds it as ONNX nodes on the graph's
+uint8 input (float32, opset 17), checked against this reference by tests/test_pixels.py;
+`rounding` bounds how far float32 moves it, statistic by statistic, through the whitening.
+Alone it knows nothing of the classes, so the export combines it with a score on the
+classifier's outputs (`training.scores.PAIRS`), as measured by `python -m training ood`.
 """
 
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from training.scores.base import Nodes
+from training.scores.base import Inputs, Nodes, Training
 from training.scores.mahalanobis import shrunk_covariance
 
 NAME = "pixels"
@@ -48,6 +48,23 @@ STATISTICS = (
     "value entropy",
     "log mean |diagonal difference|",
 )
+# How far float32 moves each statistic (the graph against `statistics`, measured on 2,000
+# test photos, the validation photos and 200 images of each generated family): at most
+# 3.4e-6 on any statistic, apart from the three that divide by a spread. 10x that.
+STAT_ATOL = 3e-5
+# The logarithm of a standard deviation s moves by its error over EPSILON + s. The mean
+# the values are centred on is off by some d in float32, which makes the computed s
+# sqrt(s^2 + d^2): off by at most min(d, d^2 / 2s), and by at most STD_RTOL of s for the
+# sums. Measured: d at most 2.1e-6 (a flat image's s, which should be 0), the error of
+# the logarithm on images with spread at most 9.3e-6. Each 10x that.
+STD_ATOL = 2e-5
+STD_RTOL = 1e-4
+# The correlation divides by the grey variance v: its error times sqrt(v) measured at most
+# 3.0e-7. 10x that. Where v is 0 (flat), the graph's centred values are one rounded
+# constant, whose correlation with itself is 1, as the reference's flat case.
+CORRELATION_ATOL = 3e-6
+# The whitening (a Gemm) and the sum of squares: a few float32 roundings of their terms.
+SCORE_RTOL = 1e-6
 
 
 def statistics(images: np.ndarray) -> np.ndarray:
@@ -97,17 +114,28 @@ class Pixels:
     shrinkage: float
     name: str = NAME
 
-    def strangeness(self, images: np.ndarray) -> np.ndarray:
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
         """[N] float64: squared Mahalanobis distance of the images' statistics."""
-        z = (statistics(images) - self.center) @ self.whitening
+        z = (statistics(inputs.images) - self.center) @ self.whitening
         return (z**2).sum(axis=1)
+
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        """Each statistic's float32 error (`statistic_errors`) moves each whitened
+        coordinate z_j by at most b_j = sum_i e_i |W_ij| (plus the Gemm's own rounding),
+        and |z|^2 by at most sum_j 2 |z_j| b_j + b_j^2."""
+        values = statistics(inputs.images)
+        z = (values - self.center) @ self.whitening
+        terms = np.abs(values) @ np.abs(self.whitening) + np.abs(self.center @ self.whitening)
+        b = statistic_errors(inputs.images, values) @ np.abs(self.whitening)
+        b = b + SCORE_RTOL * terms
+        return (2 * np.abs(z) * b + b**2).sum(axis=1) + SCORE_RTOL * (z**2).sum(axis=1)
 
     def card(self) -> dict[str, Any]:
         return {"method": METHOD, "statistics": list(STATISTICS), "shrinkage": self.shrinkage}
 
-    def add_nodes(self, graph: Nodes, images: str) -> str:
-        """[B, 1] strangeness from the uint8 [B, 32, 32, 3] input `images`, float32."""
-        stats = statistics_nodes(graph, images)
+    def add_nodes(self, graph: Nodes, inputs: Inputs[str]) -> str:
+        """[B, 1] strangeness from the uint8 [B, 32, 32, 3] input `inputs.images`, float32."""
+        stats = statistics_nodes(graph, inputs.images)
         z = graph.node(
             "Gemm",
             [stats, graph.constant("whitening", self.whitening),
@@ -117,14 +145,36 @@ class Pixels:
         return graph.node("ReduceSumSquare", [z], "distance", axes=[1])
 
 
+def statistic_errors(images: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[N, len(STATISTICS)]: how far float32 can move each of `values` (the images'
+    `statistics`): STAT_ATOL, more for the two logarithms of a spread and the correlation,
+    which divide by one (see their constants)."""
+    errors = np.full(values.shape, STAT_ATOL)
+    for name in ("log std of differences", "log pixel std"):
+        spread = np.exp(values[:, STATISTICS.index(name)]) - EPSILON
+        centring = np.minimum(STD_ATOL, STD_ATOL**2 / np.maximum(2 * spread, 1e-300))
+        errors[:, STATISTICS.index(name)] += (centring + STD_RTOL * spread) / (EPSILON + spread)
+    grey = np.asarray(images, np.float64).mean(axis=3) / 255.0
+    variance = ((grey - grey.mean(axis=(1, 2), keepdims=True)) ** 2).mean(axis=(1, 2))
+    moved = CORRELATION_ATOL / np.sqrt(np.where(variance > 0, variance, np.inf))
+    errors[:, STATISTICS.index("neighbour correlation")] += np.minimum(moved, 2)
+    return errors
+
+
 def statistics_nodes(graph: Nodes, images: str) -> str:
     """[B, len(STATISTICS)] float32: `statistics` as ONNX nodes, in the same order. The
     thresholds sit half a grey level from any difference of two uint8 values, and the
     histogram's bin edges at least 1/255 of a bin from any value, so float32 counts the
     same pixels as the float64 reference."""
     one = 1.0 / 255.0
-    x = graph.node("Mul", [graph.node("Cast", [images], "float", to=TensorProto.FLOAT),
-                           graph.constant("scale", np.array(one))], "x")  # fmt: skip
+    # Through int32 (exact) and divided by 255: a Cast of the input to float and a Mul by
+    # 1/255 are what the network's first layer does, and graph optimisers merge identical
+    # nodes and constants (the int8 quantizer's preparation does), which would hand these
+    # statistics the network's quantized copy of the pixels. A path of its own keeps them
+    # float (and the division is the reference's, correctly rounded).
+    whole = graph.node("Cast", [images], "int32", to=TensorProto.INT32)
+    x = graph.node("Div", [graph.node("Cast", [whole], "float", to=TensorProto.FLOAT),
+                           graph.constant("full_scale", np.array(255.0))], "x")  # fmt: skip
 
     def constant(name: str, value: Any) -> str:
         return graph.constant(name, np.array(value))
@@ -261,9 +311,11 @@ def statistics_nodes(graph: Nodes, images: str) -> str:
     return graph.node("Concat", columns, "statistics", axis=1)
 
 
-def fit(images: np.ndarray) -> Pixels:
+def fit(training: Training) -> Pixels:
     """The Gaussian of the training photos' statistics."""
-    values = statistics(images)
+    if training.images is None:
+        raise ValueError("the pixel statistics score is fitted on the training images")
+    values = statistics(training.images)
     center = values.mean(axis=0)
     covariance, shrinkage, _ = shrunk_covariance(values - center)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)

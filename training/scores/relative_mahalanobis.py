@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from training.scores.base import Nodes, Training
+from training.scores.base import Inputs, Nodes, Training
 from training.scores.mahalanobis import Gaussians, gaussians
 
 NAME = "relative_mahalanobis"
@@ -34,15 +34,15 @@ class RelativeMahalanobis:
     background: Gaussians
     name: str = NAME
 
-    def strangeness(self, features: np.ndarray) -> np.ndarray:
-        return self.classes.nearest(features) - self.background.nearest(features)
+    def strangeness(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return self.classes.nearest(inputs.features) - self.background.nearest(inputs.features)
 
-    def rounding(self, features: np.ndarray) -> np.ndarray:
-        return self.classes.rounding(features) + self.background.rounding(features)
+    def rounding(self, inputs: Inputs[np.ndarray]) -> np.ndarray:
+        return self.classes.rounding(inputs.features) + self.background.rounding(inputs.features)
 
-    def add_nodes(self, graph: Nodes, features: str) -> str:
-        near = self.classes.add_nodes(graph, features, "class")
-        far = self.background.add_nodes(graph, features, "background")
+    def add_nodes(self, graph: Nodes, inputs: Inputs[str]) -> str:
+        near = self.classes.add_nodes(graph, inputs.features, "class")
+        far = self.background.add_nodes(graph, inputs.features, "background")
         return graph.node("Sub", [near, far], "relative_distance")
 
     def card(self) -> dict[str, Any]:
