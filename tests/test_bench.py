@@ -541,7 +541,7 @@ def test_markdown_puts_peers_and_int8_beside_the_service():
     # the judged one-image rows against the lower of ceiling and floor: 10 of 50 on /v2
     assert "| 20% of 50.0 (ceiling 100.0, floor 50.0) |" in markdown
     assert "| 10% of 100.0 (ceiling 100.0, floor 500.0) |" in markdown
-    assert "| float | openvino | bfloat16 | AMX | 100.0 | 128 | held | 0.1 |" in markdown
+    assert "| float | openvino | bfloat16 | AMX | 100.0 | 128 | held | 0.10 |" in markdown
     assert "the service serves float: openvino bfloat16 (AMX)" in markdown
     assert "raw tensors over gRPC 10.0 req/s" in markdown
     assert "![latency-throughput curve](published/latency-curve.png)" in markdown
