@@ -69,6 +69,25 @@ def checkerboards(count: int, rng: np.random.Generator, photos: np.ndarray) -> n
 def shapes(count: int, rng: np.random.Generator, photos: np.ndarray) -> np.ndarray:
     """One to four filled ellipses, rectangles or triangles in random colours on a flat
     background: rendered, not photographed."""
+
+    def one(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int]) -> None:
+        x0, y0, x1, y1 = box
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            draw.ellipse(box, fill=_colour(rng))
+        elif kind == 1:
+            draw.rectangle(box, fill=_colour(rng))
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=_colour(rng))
+
+    return _boxes(count, rng, one)
+
+
+def _boxes(
+    count: int, rng: np.random.Generator, draw_one: Callable[[ImageDraw.ImageDraw, tuple], None]
+) -> np.ndarray:
+    """`count` flat-coloured images, each with one to four random boxes, each drawn by
+    `draw_one(draw, box)` (which may draw more from `rng`)."""
     out = np.empty((count, SIZE, SIZE, 3), np.uint8)
     for i in range(count):
         image = Image.new("RGB", (SIZE, SIZE), _colour(rng))
@@ -76,13 +95,7 @@ def shapes(count: int, rng: np.random.Generator, photos: np.ndarray) -> np.ndarr
         for _ in range(rng.integers(1, 5)):
             x0, y0 = rng.integers(0, SIZE - 8, 2)
             x1, y1 = x0 + rng.integers(6, SIZE - x0 + 1), y0 + rng.integers(6, SIZE - y0 + 1)
-            kind = rng.integers(0, 3)
-            if kind == 0:
-                draw.ellipse((x0, y0, x1, y1), fill=_colour(rng))
-            elif kind == 1:
-                draw.rectangle((x0, y0, x1, y1), fill=_colour(rng))
-            else:
-                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=_colour(rng))
+            draw_one(draw, (x0, y0, x1, y1))
         out[i] = np.asarray(image)
     return out
 
@@ -205,20 +218,15 @@ def dot_grids(count: int, rng: np.random.Generator, photos: np.ndarray) -> np.nd
 
 def outlined_shapes(count: int, rng: np.random.Generator, photos: np.ndarray) -> np.ndarray:
     """One to four ellipse or rectangle outlines, 1 to 2 pixels wide, on a flat colour."""
-    out = np.empty((count, SIZE, SIZE, 3), np.uint8)
-    for i in range(count):
-        image = Image.new("RGB", (SIZE, SIZE), _colour(rng))
-        draw = ImageDraw.Draw(image)
-        for _ in range(rng.integers(1, 5)):
-            x0, y0 = rng.integers(0, SIZE - 8, 2)
-            x1, y1 = x0 + rng.integers(6, SIZE - x0 + 1), y0 + rng.integers(6, SIZE - y0 + 1)
-            width = int(rng.integers(1, 3))
-            if rng.random() < 0.5:
-                draw.ellipse((x0, y0, x1, y1), outline=_colour(rng), width=width)
-            else:
-                draw.rectangle((x0, y0, x1, y1), outline=_colour(rng), width=width)
-        out[i] = np.asarray(image)
-    return out
+
+    def one(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int]) -> None:
+        width = int(rng.integers(1, 3))
+        if rng.random() < 0.5:
+            draw.ellipse(box, outline=_colour(rng), width=width)
+        else:
+            draw.rectangle(box, outline=_colour(rng), width=width)
+
+    return _boxes(count, rng, one)
 
 
 def coloured_text(count: int, rng: np.random.Generator, photos: np.ndarray) -> np.ndarray:
